@@ -1,0 +1,190 @@
+"""The prediction input: every input of the hosted flux-fill-dev, its defaults and limits, and ours.
+
+This one model is the source of the API's input schema (``/openapi.json``), the CLI's flags and the
+web page's form. Unknown keys are dropped, as the hosted model does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import FieldError, InvalidInput
+
+OUTPAINT_PRESETS = (
+    "None",
+    "Zoom out 1.5x",
+    "Zoom out 2x",
+    "Make square",
+    "Left outpaint",
+    "Right outpaint",
+    "Top outpaint",
+    "Bottom outpaint",
+)
+
+Outpaint = Literal[
+    "None",
+    "Zoom out 1.5x",
+    "Zoom out 2x",
+    "Make square",
+    "Left outpaint",
+    "Right outpaint",
+    "Top outpaint",
+    "Bottom outpaint",
+]
+
+MAX_SEED = 2**63 - 1
+
+
+class PredictionInput(BaseModel):
+    """Inputs of black-forest-labs/flux-fill-dev, plus this server's optional additions."""
+
+    model_config = ConfigDict(extra="ignore", title="Input")
+
+    prompt: str = Field(
+        ...,
+        description="Text prompt for the repainted area. T5 reads its first 512 tokens.",
+        json_schema_extra={"x-order": 0},
+    )
+    image: str = Field(
+        ...,
+        description="The image to inpaint: a file (data: URI, https URL or uploaded file URL). "
+        "If it has an alpha channel and no mask is given, transparent pixels are repainted.",
+        json_schema_extra={"format": "uri", "x-order": 1},
+    )
+    mask: str | None = Field(
+        None,
+        description="A black-and-white image of the image's size: white repaints, black keeps. "
+        "Grey values are kept soft.",
+        json_schema_extra={"format": "uri", "x-order": 2},
+    )
+    num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate.")
+    num_inference_steps: int = Field(
+        28, ge=1, le=50, description="Number of denoising steps. More is slower and can be better."
+    )
+    guidance: float = Field(30, ge=0, le=100, description="Guidance for the generated image.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random seed. Output i is made from seed + i. Random when not set.",
+    )
+    megapixels: Literal["1", "0.25", "match_input"] = Field(
+        "1",
+        description="Approximate number of megapixels of the generated image; match_input keeps the "
+        "input's size (capped at 1440 px a side). Sides are floored to a multiple of 32.",
+    )
+    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Format of the output images.")
+    output_quality: int = Field(
+        80, ge=0, le=100, description="Quality when saving webp or jpg, 0 to 100. Ignored for png."
+    )
+    lora_weights: str | None = Field(
+        None,
+        description="A FLUX.1 [dev] LoRA: a name in the server's LoRA folder, an https URL to a "
+        ".safetensors file, or a Hugging Face repo id available offline.",
+    )
+    lora_scale: float = Field(
+        1,
+        ge=-1,
+        le=3,
+        description="How strongly the LoRA applies. With go_fast on, it is multiplied by 1.5.",
+    )
+    disable_safety_checker: bool = Field(False, description="Disable the safety checker for generated images.")
+    go_fast: bool = Field(
+        False,
+        description="Run faster (fp8 and compiled kernels) when the server enables it; lora_scale is "
+        "multiplied by 1.5 as on the hosted model.",
+    )
+
+    # This server's additions: the defaults keep the hosted behaviour.
+    preserve_unmasked: bool = Field(
+        False,
+        description="Paste the original pixels back outside the (grown, feathered) mask, so nothing "
+        "outside the mask changes.",
+    )
+    mask_grow: int = Field(
+        0, ge=0, le=256, description="Grow the mask by this many pixels (of the input image) before generating."
+    )
+    mask_blur: int = Field(
+        0, ge=0, le=256, description="Feather the edge of the composite by this many pixels (with preserve_unmasked)."
+    )
+    crop_to_mask: bool = Field(
+        False,
+        description="Generate only around the mask, at the megapixels budget, and stitch the result "
+        "into the full-resolution image. The output keeps the input's size.",
+    )
+    crop_margin: int = Field(
+        128,
+        ge=0,
+        le=2048,
+        description="With crop_to_mask: pixels of context kept around the mask's bounding box.",
+    )
+    outpaint: Outpaint = Field(
+        "None",
+        description="Extend the image outward: the canvas presets of FLUX.1 Fill [pro].",
+    )
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "PredictionInput":
+        if self.crop_to_mask and self.outpaint != "None":
+            raise ValueError("crop_to_mask cannot be combined with outpaint")
+        return self
+
+    def effective_lora_scale(self) -> float:
+        return self.lora_scale * 1.5 if self.go_fast else self.lora_scale
+
+
+_TYPE_NAMES = {
+    "missing": "required",
+    "greater_than_equal": "minimum",
+    "greater_than": "minimum",
+    "less_than_equal": "maximum",
+    "less_than": "maximum",
+    "literal_error": "enum",
+    "enum": "enum",
+    "int_type": "invalid_type",
+    "int_parsing": "invalid_type",
+    "int_from_float": "invalid_type",
+    "float_type": "invalid_type",
+    "float_parsing": "invalid_type",
+    "bool_type": "invalid_type",
+    "bool_parsing": "invalid_type",
+    "string_type": "invalid_type",
+}
+
+
+def _describe(field: str, err: dict[str, Any]) -> tuple[str, str]:
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    rule = _TYPE_NAMES.get(kind, "invalid")
+    if kind == "missing":
+        return rule, f"{field} is required"
+    if kind in ("greater_than_equal", "greater_than"):
+        limit = ctx.get("ge", ctx.get("gt"))
+        return rule, f"Must be greater than or equal to {limit}"
+    if kind in ("less_than_equal", "less_than"):
+        limit = ctx.get("le", ctx.get("lt"))
+        return rule, f"Must be less than or equal to {limit}"
+    if kind == "literal_error":
+        return rule, f"{field} must be one of the following: {ctx.get('expected', '')}"
+    msg = str(err.get("msg", "is invalid"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return rule, msg
+
+
+def parse_input(data: Any) -> PredictionInput:
+    """Validate raw input, raising :class:`InvalidInput` with one entry per broken rule."""
+    if not isinstance(data, dict):
+        raise InvalidInput.one("input", "invalid_type", "input must be an object")
+    try:
+        return PredictionInput.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
+            field = loc[0] if loc else "input"
+            rule, description = _describe(field, err)
+            errors.append(FieldError(field, rule, description))
+        raise InvalidInput(errors) from None
