@@ -1,0 +1,396 @@
+"""The generation, top to bottom: inputs to encoded images.
+
+``Engine.predict`` reads like a diffusers ``__call__``: load the files, pick the seed, plan the canvas
+(outpaint), size it by the megapixel rules, activate the LoRA, generate (whole image, or each masked
+region with ``crop_to_mask``), paste the original back where asked, check safety, encode. The
+denoising itself is diffusers' ``FluxFillPipeline``; the engine prepares its inputs so that:
+
+- the mask stays soft (the hosted model does not binarise it; diffusers does by default);
+- output i is made from seed + i, whatever the batch: the starting noise is drawn per output from
+  its own CPU generator, and the masked image is encoded with the VAE's mean instead of a sample,
+  so ``num_outputs=1, seed=s+i`` re-makes output i;
+- the prompt is encoded once and the masked image once, however many outputs are batched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from PIL import Image, ImageChops
+
+from . import images as imageio
+from .errors import Cancelled, FetchError, InvalidInput, SafetyError
+from .inputs import PredictionInput
+from .lora import LoraManager, LoraSettings
+from .sizing import output_size
+from .weights import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+LANCZOS = Image.Resampling.LANCZOS
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as the hosted model
+CROP_SEAM_BLUR = 8  # px of feathering at a crop region's mask edge when mask_blur is 0
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+CancelCheck = Callable[[], bool]
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class EngineSettings:
+    max_pixels: int = imageio.DEFAULT_MAX_PIXELS
+    fetch_policy: imageio.FetchPolicy = field(default_factory=imageio.FetchPolicy)
+    allow_paths: bool = False  # local file paths as image inputs (the CLI)
+    max_batch: int = 4  # outputs denoised together in one batch
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    fast_mode: bool = False  # honour go_fast with the accelerated transformer
+
+
+@dataclass
+class Output:
+    """One encoded output image."""
+
+    name: str
+    data: bytes
+    content_type: str
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass
+class Scene:
+    """The picture the model works on: the image (or outpaint canvas) and the user's mask on it."""
+
+    image: Image.Image  # RGB
+    mask: Image.Image  # L, white = repaint, at image's size
+
+
+class _Progress:
+    def __init__(self, total: int, on_step: StepCallback | None, cancelled: CancelCheck | None):
+        self.total, self.done = total, 0
+        self.on_step, self.cancelled = on_step, cancelled
+
+    def check(self) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise Cancelled()
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.on_step is not None:
+            self.on_step(self.done, self.total)
+        self.check()
+
+
+class Engine:
+    """Runs predictions on one loaded model. Not thread-safe: one worker owns it."""
+
+    def __init__(self, model: LoadedModel, settings: EngineSettings | None = None):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.model = model
+        self.settings = settings or EngineSettings()
+        pipe = self.pipeline = model.pipeline
+        # The hosted model keeps the mask soft; diffusers' FluxFillPipeline binarises it by default.
+        pipe.mask_processor = VaeImageProcessor(
+            vae_scale_factor=pipe.vae_scale_factor * 2,
+            vae_latent_channels=pipe.latent_channels,
+            do_normalize=False,
+            do_binarize=False,
+            do_convert_grayscale=True,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self.loras = LoraManager(pipe, self.settings.lora)
+        self.accelerator = None  # set by the speed options (go_fast)
+
+    # -- the prediction -------------------------------------------------------------------------
+
+    def predict(
+        self,
+        inp: PredictionInput,
+        *,
+        resolver: imageio.Resolver | None = None,
+        on_step: StepCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        log: LogFn | None = None,
+    ) -> list[Output]:
+        log = log or logger.info
+        scene = self.load_scene(inp, resolver)
+        seed = inp.seed if inp.seed is not None else random.randint(0, 2**32 - 1)
+        log(f"Using seed: {seed}")
+        seeds = [seed + i for i in range(inp.num_outputs)]
+        if self.model.demo:
+            log("Demo model: random weights, the outputs are noise shaped by the mask, not images of the prompt")
+
+        scene = self.plan_canvas(inp, scene)
+        self.loras.activate(inp.lora_weights, inp.effective_lora_scale())
+        if inp.lora_weights:
+            log(f"LoRA {inp.lora_weights} at scale {inp.effective_lora_scale():g}")
+        embeds = self.encode_prompt(inp.prompt)
+
+        if inp.crop_to_mask:
+            pictures = self.generate_regions(inp, scene, seeds, embeds, on_step, cancelled, log)
+        else:
+            pictures = self.generate_whole(inp, scene, seeds, embeds, on_step, cancelled, log)
+
+        pictures = self.check_safety(inp, pictures, log)
+        return self.encode(inp, pictures, seeds)
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def load_scene(self, inp: PredictionInput, resolver: imageio.Resolver | None) -> Scene:
+        """Decode the image and mask; with no mask, the image's alpha is the mask."""
+        read = dict(policy=self.settings.fetch_policy, resolver=resolver, allow_paths=self.settings.allow_paths)
+        raw = imageio.open_image(imageio.read_file_string(inp.image, "image", **read), "image", self.settings.max_pixels)
+        if inp.mask:
+            mask = imageio.open_image(imageio.read_file_string(inp.mask, "mask", **read), "mask", self.settings.max_pixels)
+            mask = imageio.to_mask(mask)
+            if mask.size != raw.size:
+                mask = mask.resize(raw.size, LANCZOS)
+        elif imageio.has_alpha(raw):
+            mask = imageio.mask_from_alpha(raw)
+        elif inp.outpaint != "None":
+            mask = Image.new("L", raw.size, 0)
+        else:
+            raise InvalidInput.one(
+                "mask", "required", "mask is required when the image has no transparent area to repaint"
+            )
+        return Scene(image=imageio.to_rgb(raw), mask=mask)
+
+    def plan_canvas(self, inp: PredictionInput, scene: Scene) -> Scene:
+        """Outpaint: put the image on a larger canvas whose new area (and a seam band) is masked."""
+        if inp.outpaint == "None":
+            return scene
+        from .canvas import build_outpaint_canvas, outpaint_plan, paste_mask_on_canvas
+
+        plan = outpaint_plan(scene.image.width, scene.image.height, inp.outpaint)
+        canvas, outpaint_mask = build_outpaint_canvas(scene.image, plan)
+        mask = ImageChops.lighter(paste_mask_on_canvas(scene.mask, plan), outpaint_mask)
+        return Scene(image=canvas, mask=mask)
+
+    def encode_prompt(self, prompt: str):
+        pipe = self.pipeline
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        return prompt_embeds, pooled
+
+    def generate_whole(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log) -> list[Image.Image]:
+        size = output_size(scene.image.width, scene.image.height, inp.megapixels)
+        log(f"Generating {len(seeds)} output(s) at {size[0]}x{size[1]}")
+        progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)), on_step, cancelled)
+        image = _resized(scene.image, size)
+        user_mask = _resized(scene.mask, size)
+        scale = size[0] / scene.image.width
+        grow, blur = round(inp.mask_grow * scale), round(inp.mask_blur * scale)
+        model_mask = self._grown(user_mask, grow)
+        pictures = self.denoise(inp, image, model_mask, seeds, embeds, progress)
+        if inp.preserve_unmasked:
+            from .compositing import composite
+
+            pictures = [composite(image, p, user_mask, grow, blur) for p in pictures]
+        return pictures
+
+    def generate_regions(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log) -> list[Image.Image]:
+        """crop_to_mask: generate each masked region at the megapixel budget, stitch it into the
+        full-resolution image, which keeps its size."""
+        from .compositing import composite, mask_regions, region_size_for_budget
+
+        model_mask = self._grown(scene.mask, inp.mask_grow)
+        boxes = mask_regions(model_mask, inp.crop_margin)
+        results = [scene.image.copy() for _ in seeds]
+        if not boxes:
+            log("The mask is empty: nothing to repaint")
+            return results
+        sizes = [region_size_for_budget(x1 - x0, y1 - y0, inp.megapixels) for x0, y0, x1, y1 in boxes]
+        progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)) * len(boxes), on_step, cancelled)
+        blur = inp.mask_blur or CROP_SEAM_BLUR
+        for box, size in zip(boxes, sizes):
+            x0, y0, x1, y1 = box
+            log(f"Region {x0},{y0}-{x1},{y1} generated at {size[0]}x{size[1]}")
+            region = scene.image.crop(box)
+            patches = self.denoise(inp, _resized(region, size), _resized(model_mask.crop(box), size), seeds, embeds, progress)
+            for result, patch in zip(results, patches):
+                patch = _resized(patch, region.size)
+                result.paste(composite(region, patch, scene.mask.crop(box), inp.mask_grow, blur), (x0, y0))
+        return results
+
+    def denoise(self, inp, image: Image.Image, mask: Image.Image, seeds, embeds, progress: _Progress) -> list[Image.Image]:
+        """Denoise one picture for every seed, batched by ``max_batch``, and decode.
+
+        The loop is FluxFillPipeline's own (same timesteps, shift, guidance embedding and Euler
+        steps), run on the pipeline's components so the conditioning can be given ready-made."""
+        pipe = self.pipeline
+        width, height = image.size
+        prompt_embeds, pooled = embeds
+        condition = self.masked_image_latents(image, mask, prompt_embeds.dtype)
+        pictures: list[Image.Image] = []
+        for start in range(0, len(seeds), self.settings.max_batch):
+            chunk = seeds[start : start + self.settings.max_batch]
+            progress.check()
+            latents = self.initial_noise(chunk, width, height, prompt_embeds.dtype)
+            with self._transformer_for(inp):
+                latents = self.denoising_loop(latents, condition, prompt_embeds, pooled, width, height, inp, progress)
+            pictures.extend(self.decode(latents, width, height))
+        return pictures
+
+    def denoising_loop(self, latents, condition, prompt_embeds, pooled, width, height, inp, progress: _Progress):
+        import numpy as np
+        import torch
+        from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift, retrieve_timesteps
+
+        pipe = self.pipeline
+        device = pipe._execution_device
+        n = latents.shape[0]
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its step index is per call
+        steps = inp.num_inference_steps
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        seq_len = (height // pipe.vae_scale_factor // 2) * (width // pipe.vae_scale_factor // 2)
+        mu = calculate_shift(
+            seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+        image_ids = pipe._prepare_latent_image_ids(n, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2, device, prompt_embeds.dtype)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=prompt_embeds.dtype)
+        guidance = (
+            torch.full([n], inp.guidance, device=device, dtype=torch.float32)
+            if pipe.transformer.config.guidance_embeds
+            else None
+        )
+        encoder_states = prompt_embeds.expand(n, -1, -1)
+        pooled = pooled.expand(n, -1)
+        condition = condition.expand(n, -1, -1)
+        with torch.inference_mode():
+            for t in timesteps:
+                noise_pred = pipe.transformer(
+                    hidden_states=torch.cat((latents, condition), dim=2),
+                    timestep=t.expand(n).to(latents.dtype) / 1000,
+                    guidance=guidance,
+                    pooled_projections=pooled,
+                    encoder_hidden_states=encoder_states,
+                    txt_ids=text_ids,
+                    img_ids=image_ids,
+                    return_dict=False,
+                )[0]
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                progress.advance()
+        return latents
+
+    def decode(self, latents, width: int, height: int) -> list[Image.Image]:
+        import torch
+
+        pipe = self.pipeline
+        with torch.inference_mode():
+            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+            return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+    def masked_image_latents(self, image: Image.Image, mask: Image.Image, dtype):
+        """The Fill conditioning for one picture: VAE latents of the image with the (soft) mask
+        neutralised, packed and joined with the packed mask. Encoded with the latent mean, so it
+        is the same in every batch."""
+        import torch
+
+        pipe = self.pipeline
+        device = pipe._execution_device
+        width, height = image.size
+        with torch.inference_mode():
+            init = pipe.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+            soft = pipe.mask_processor.preprocess(mask, height=height, width=width)
+            masked = (init * (1 - soft)).to(device=device, dtype=pipe.vae.dtype)
+            latents = pipe.vae.encode(masked).latent_dist.mode()
+            packed_mask, packed_latents = pipe.prepare_mask_latents(
+                soft, latents, 1, pipe.latent_channels, 1, height, width, dtype, device, None
+            )
+        return torch.cat((packed_latents, packed_mask), dim=-1)
+
+    def initial_noise(self, seeds, width: int, height: int, dtype):
+        """Packed starting noise, each output's from its own seed on a CPU generator."""
+        import torch
+
+        pipe = self.pipeline
+        c = pipe.latent_channels
+        h = 2 * (height // (pipe.vae_scale_factor * 2))
+        w = 2 * (width // (pipe.vae_scale_factor * 2))
+        noise = torch.cat(
+            [torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
+        )
+        noise = noise.to(device=pipe._execution_device, dtype=dtype)
+        return pipe._pack_latents(noise, len(seeds), c, h, w)
+
+    def check_safety(self, inp: PredictionInput, pictures: list[Image.Image], log: LogFn) -> list[Image.Image]:
+        if inp.disable_safety_checker:
+            return pictures
+        checker = self.model.safety_checker
+        if checker is None:
+            if not self.model.demo:
+                log("No safety checker is configured: outputs are not checked")
+            return pictures
+        import numpy as np
+        import torch
+
+        features = self.model.feature_extractor(pictures, return_tensors="pt").to(self.model.device)
+        arrays = np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pictures])
+        _, flagged = checker(images=arrays, clip_input=features.pixel_values.to(checker.dtype))
+        kept = [p for p, bad in zip(pictures, flagged) if not bad]
+        if len(kept) < len(pictures):
+            log(f"Safety checker dropped {len(pictures) - len(kept)} output(s)")
+        if not kept:
+            raise SafetyError(
+                "All generated images contained NSFW content. Try running it again with a different prompt."
+            )
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return kept
+
+    def encode(self, inp: PredictionInput, pictures: list[Image.Image], seeds: list[int]) -> list[Output]:
+        ext = inp.output_format
+        return [
+            Output(
+                name=f"out-{i}.{ext}",
+                data=imageio.encode_image(p, ext, inp.output_quality),
+                content_type=imageio.OUTPUT_CONTENT_TYPES[ext],
+                seed=seed,
+                width=p.width,
+                height=p.height,
+            )
+            for i, (p, seed) in enumerate(zip(pictures, seeds))
+        ]
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _calls(self, outputs: int) -> int:
+        return math.ceil(outputs / self.settings.max_batch)
+
+    def _grown(self, mask: Image.Image, px: int) -> Image.Image:
+        if px <= 0:
+            return mask
+        from .compositing import grow_mask
+
+        return grow_mask(mask, px)
+
+    def _transformer_for(self, inp: PredictionInput):
+        import contextlib
+
+        if inp.go_fast and self.settings.fast_mode and self.accelerator is not None:
+            return self.accelerator.fast()
+        return contextlib.nullcontext()
+
+
+def _resized(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return img if img.size == tuple(size) else img.resize(tuple(size), LANCZOS)
+
+
+__all__ = ["Engine", "EngineSettings", "Output", "Cancelled", "FetchError", "InvalidInput", "SafetyError"]

@@ -1,0 +1,214 @@
+"""File inputs and image outputs: decode data URIs, URLs and paths under limits; encode outputs.
+
+Every failure is a :class:`FetchError` naming the input field and saying what was wrong, so a
+prediction fails with one clear sentence and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, ImageOps
+
+from .errors import FetchError
+
+# Stops decompression bombs: the header is read first, and anything above this many pixels is
+# refused before a single pixel is decoded. 100 MP covers any camera photo.
+DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+OUTPUT_CONTENT_TYPES = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}
+_PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits for file inputs fetched over the network."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    timeout_s: float = 30.0
+    max_redirects: int = 5
+    allow_private: bool = True  # False refuses loopback, private and link-local addresses (SSRF)
+    user_agent: str = "flux-fill-server"
+
+
+# A resolver maps a file string to its bytes, or returns None to fall through to the defaults.
+Resolver = Callable[[str], "bytes | None"]
+
+
+def decode_data_uri(value: str, field: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    header, sep, payload = value.partition(",")
+    if not sep:
+        raise FetchError.one(field, "format", f"{field} is not a valid data URI (no comma)")
+    if len(payload) > max_bytes * 4 // 3 + 4:
+        raise FetchError.one(field, "size", f"{field} is larger than {max_bytes // (1024 * 1024)} MB")
+    if header.endswith(";base64"):
+        try:
+            return base64.b64decode(payload, validate=False)
+        except (binascii.Error, ValueError):
+            raise FetchError.one(field, "format", f"{field} is not valid base64") from None
+    return urllib.parse.unquote_to_bytes(payload)
+
+
+def check_host_allowed(url: str, field: str, policy: FetchPolicy) -> None:
+    """Refuse URLs that resolve to loopback, private or link-local addresses when the policy says so."""
+    if policy.allow_private:
+        return
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        raise FetchError.one(field, "fetch", f"could not resolve the host of {field}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
+            raise FetchError.one(field, "forbidden", f"{field} points to a private or loopback address, which this server refuses")
+
+
+def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
+    """GET an http(s) URL with size, time and redirect limits; each redirect hop is checked again."""
+    import httpx
+
+    current = url
+    with httpx.Client(timeout=policy.timeout_s, follow_redirects=False, headers={"user-agent": policy.user_agent}) as client:
+        for _ in range(policy.max_redirects + 1):
+            scheme = urllib.parse.urlsplit(current).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise FetchError.one(field, "format", f"{field} redirected to an unsupported scheme {scheme!r}")
+            check_host_allowed(current, field, policy)
+            try:
+                with client.stream("GET", current) as resp:
+                    if resp.is_redirect:
+                        location = resp.headers.get("location")
+                        if not location:
+                            raise FetchError.one(field, "fetch", f"{field}: redirect without a location")
+                        current = urllib.parse.urljoin(current, location)
+                        continue
+                    if resp.status_code != 200:
+                        raise FetchError.one(field, "fetch", f"could not fetch {field}: HTTP {resp.status_code}")
+                    declared = resp.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                        raise FetchError.one(field, "size", f"{field} is larger than {policy.max_bytes // (1024 * 1024)} MB")
+                    chunks, total = [], 0
+                    for chunk in resp.iter_bytes():
+                        total += len(chunk)
+                        if total > policy.max_bytes:
+                            raise FetchError.one(field, "size", f"{field} is larger than {policy.max_bytes // (1024 * 1024)} MB")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            except httpx.TimeoutException:
+                raise FetchError.one(field, "fetch", f"fetching {field} took longer than {policy.timeout_s:g} s") from None
+            except httpx.HTTPError as exc:
+                raise FetchError.one(field, "fetch", f"could not fetch {field}: {type(exc).__name__}") from None
+    raise FetchError.one(field, "fetch", f"{field}: more than {policy.max_redirects} redirects")
+
+
+def read_file_string(
+    value: str,
+    field: str,
+    *,
+    policy: FetchPolicy = FetchPolicy(),
+    resolver: Resolver | None = None,
+    allow_paths: bool = False,
+) -> bytes:
+    """The bytes behind a file input: a data URI, an http(s) URL, or (CLI only) a local path."""
+    if not isinstance(value, str) or not value.strip():
+        raise FetchError.one(field, "format", f"{field} is empty")
+    value = value.strip()
+    if resolver is not None:
+        found = resolver(value)
+        if found is not None:
+            return found
+    scheme = urllib.parse.urlsplit(value).scheme.lower() if ":" in value else ""
+    if scheme == "data":
+        return decode_data_uri(value, field, policy.max_bytes)
+    if scheme in ("http", "https"):
+        return fetch_url(value, field, policy)
+    if allow_paths and (scheme == "" or len(scheme) == 1):  # a bare path, or a Windows drive letter
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise FetchError.one(field, "format", f"{field}: no such file {value}")
+        if path.stat().st_size > policy.max_bytes:
+            raise FetchError.one(field, "size", f"{field} is larger than {policy.max_bytes // (1024 * 1024)} MB")
+        return path.read_bytes()
+    shown = scheme or "a path"
+    raise FetchError.one(field, "format", f"{field} must be a data: URI or an http(s) URL, not {shown}")
+
+
+def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes, refusing anything whose header declares more than ``max_pixels``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise FetchError.one(field, "size", f"{field} has too many pixels") from None
+    except Exception:
+        raise FetchError.one(field, "format", f"{field} is not an image this server can read") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise FetchError.one(field, "size", f"{field} is {w}x{h}, more than the {max_pixels // 1_000_000} megapixel limit")
+    if w < 1 or h < 1:
+        raise FetchError.one(field, "format", f"{field} has no pixels")
+    try:
+        with _bomb_limit(max_pixels):
+            img.load()
+    except Exception:
+        raise FetchError.one(field, "format", f"{field} could not be decoded (truncated or corrupt)") from None
+    return img
+
+
+class _bomb_limit:
+    def __init__(self, max_pixels: int):
+        self.max_pixels = max_pixels
+
+    def __enter__(self):
+        self.saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max(self.saved or 0, self.max_pixels)
+
+    def __exit__(self, *exc):
+        Image.MAX_IMAGE_PIXELS = self.saved
+
+
+def has_alpha(img: Image.Image) -> bool:
+    if img.mode in ("RGBA", "LA", "PA"):
+        return True
+    return img.mode == "P" and "transparency" in img.info
+
+
+def mask_from_alpha(img: Image.Image) -> Image.Image:
+    """Transparent = repaint (Black Forest Labs' convention): the mask is 255 - alpha."""
+    alpha = img.convert("RGBA").getchannel("A")
+    return ImageOps.invert(alpha)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with transparent areas flattened on black, the stored size kept (no EXIF rotation)."""
+    if img.mode == "RGB":
+        return img
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_mask(img: Image.Image) -> Image.Image:
+    """Greyscale mask (white = repaint). A mask with an alpha channel uses its luminance over black."""
+    return to_rgb(img).convert("L") if has_alpha(img) else img.convert("L")
+
+
+def encode_image(img: Image.Image, output_format: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    fmt = _PIL_FORMATS[output_format]
+    if fmt == "PNG":
+        img.save(buf, format=fmt)
+    else:
+        img.save(buf, format=fmt, quality=int(quality))
+    return buf.getvalue()

@@ -1,0 +1,229 @@
+"""Resolve ``--weights`` to a loaded FluxFillPipeline.
+
+Accepted, in the order they are tried:
+
+1. ``tiny``: the built-in random demo model (:mod:`inference.tiny`), saved once in the diffusers
+   layout and loaded through the same path as real weights.
+2. A folder in the diffusers layout of ``black-forest-labs/FLUX.1-Fill-dev`` (``model_index.json``
+   plus ``transformer/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``,
+   ``tokenizer_2/``, ``scheduler/``).
+3. The single file ``flux1-fill-dev.safetensors`` plus ``components``: a folder of the diffusers
+   layout that provides the text encoders, tokenizers, VAE and scheduler.
+4. A Hugging Face repo id (``owner/name``), taken from the local cache first and downloaded only
+   when the network is allowed (``HF_HUB_OFFLINE`` unset).
+
+bf16 straight onto the GPU on CUDA; float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import WeightsError
+from .tiny import ensure_tiny_weights
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+SINGLE_FILE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline and what it is."""
+
+    pipeline: object
+    source: str  # what --weights said
+    name: str  # a name for people: "FLUX.1 Fill [dev]" or "tiny demo model"
+    demo: bool
+    device: str
+    dtype: str
+    folder: Path | None = None
+    safety_checker: object | None = None
+    feature_extractor: object | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def pick_device(requested: str | None = None) -> str:
+    import torch
+
+    if requested and requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_for(device: str):
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
+
+
+def check_diffusers_folder(folder: Path, components=REQUIRED_COMPONENTS) -> None:
+    """Name everything missing from a diffusers-layout folder in one message."""
+    missing = []
+    if components is REQUIRED_COMPONENTS and not (folder / "model_index.json").is_file():
+        missing.append("model_index.json")
+    for name in components:
+        sub = folder / name
+        if not sub.is_dir():
+            missing.append(f"{name}/")
+        elif name.startswith(("tokenizer", "scheduler")):
+            if not any(sub.iterdir()):
+                missing.append(f"{name}/ (empty)")
+        elif not (sub / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+        elif not _has_weights(sub):
+            missing.append(f"{name}/*.safetensors")
+    if missing:
+        raise WeightsError(
+            f"The weights folder {folder} is incomplete: missing {', '.join(missing)}. "
+            "See weights.md for the layout."
+        )
+
+
+def resolve_repo_id(repo_id: str) -> Path:
+    """A local snapshot of a Hugging Face repo: the cache first, a download only when allowed."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - a dependency of diffusers
+        raise WeightsError("huggingface_hub is needed to resolve a repo id") from exc
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:
+        raise WeightsError(
+            f"The weights {repo_id!r} are not in the local Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__}). Download them first (see weights.md) or pass a folder."
+        ) from None
+
+
+def resolve_weights(weights: str | None, components: str | None = None) -> tuple[str, Path, bool]:
+    """Return (kind, path, demo) for a --weights value; kind is 'diffusers' or 'single_file'."""
+    if not weights or weights == "tiny":
+        return "diffusers", ensure_tiny_weights(), True
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        check_diffusers_folder(path)
+        return "diffusers", path, (path / "flux_fill_tiny.json").exists()
+    if path.suffix == ".safetensors" or path.is_file():
+        if not path.is_file():
+            raise WeightsError(f"The weights file {path} does not exist.")
+        if not components:
+            raise WeightsError(
+                f"{path.name} holds only the transformer: also pass --components, a folder with the VAE, "
+                "text encoders, tokenizers and scheduler (see weights.md)."
+            )
+        comp = Path(components).expanduser()
+        if not comp.is_dir():
+            raise WeightsError(f"The components folder {comp} does not exist.")
+        check_diffusers_folder(comp, SINGLE_FILE_COMPONENTS)
+        return "single_file", path, False
+    if _REPO_ID.match(weights) and not weights.startswith((".", "/", "~")):
+        folder = resolve_repo_id(weights)
+        check_diffusers_folder(folder)
+        return "diffusers", folder, False
+    raise WeightsError(f"The weights path {weights} does not exist (expected a folder, a .safetensors file, a repo id or 'tiny').")
+
+
+def load_model(weights: str | None = None, *, components: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load the pipeline named by ``weights`` onto ``device``; every failure is a WeightsError."""
+    import torch
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    kind, path, demo = resolve_weights(weights, components)
+    device = pick_device(device)
+    dtype = _dtype_for(device)
+    try:
+        if kind == "single_file":
+            comp = Path(components).expanduser()
+            transformer = _single_file_transformer(FluxTransformer2DModel, path, comp, dtype)
+            pipe = _from_pretrained(FluxFillPipeline, comp, dtype, device, transformer=transformer)
+            folder = comp
+        else:
+            pipe = _from_pretrained(FluxFillPipeline, path, dtype, device)
+            folder = path
+    except WeightsError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
+        raise WeightsError(f"Could not load the weights from {path}: {exc}".split("\n")[0]) from exc
+    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        raise WeightsError(f"{path} did not give a FLUX Fill transformer")
+    fill_channels = pipe.transformer.config.in_channels
+    latent = pipe.vae.config.latent_channels
+    if fill_channels != 8 * latent + 256:
+        raise WeightsError(
+            f"{path} is not a FLUX Fill model: its transformer takes {fill_channels} input channels, "
+            f"a Fill model takes {8 * latent + 256}. FLUX.1 [dev] weights are not Fill weights."
+        )
+    model = LoadedModel(
+        pipeline=pipe,
+        source=str(weights or "tiny"),
+        name="tiny demo model (random weights)" if demo else "FLUX.1 Fill [dev]",
+        demo=demo,
+        device=device,
+        dtype=str(dtype).replace("torch.", ""),
+        folder=folder,
+    )
+    _load_safety_checker(model, folder, dtype, device)
+    return model
+
+
+def _single_file_transformer(cls, path: Path, components: Path, dtype):
+    """The transformer from one checkpoint file; its config comes from ``components/transformer/``
+    when present (offline), otherwise from the Hugging Face cache of FLUX.1-Fill-dev."""
+    if (components / "transformer" / "config.json").is_file():
+        return cls.from_single_file(str(path), torch_dtype=dtype, config=str(components), subfolder="transformer")
+    return cls.from_single_file(str(path), torch_dtype=dtype, config="black-forest-labs/FLUX.1-Fill-dev", subfolder="transformer")
+
+
+def _from_pretrained(cls, folder: Path, dtype, device: str, **components):
+    kwargs = dict(dtype=dtype, **components)
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+        try:
+            with torch.cuda.device(index):
+                # Straight onto the GPU: no full copy of the weights in host memory first.
+                return cls.from_pretrained(str(folder), device_map="cuda", **kwargs)
+        except (ValueError, NotImplementedError, TypeError) as exc:
+            log.warning("loading straight to %s failed (%s); loading on the CPU and moving", device, exc)
+    pipe = cls.from_pretrained(str(folder), **kwargs)
+    return pipe.to(device)
+
+
+def _load_safety_checker(model: LoadedModel, folder: Path, dtype, device: str) -> None:
+    """An optional Stable Diffusion-style safety checker in ``safety_checker/`` + ``feature_extractor/``."""
+    sc = folder / "safety_checker"
+    fe = folder / "feature_extractor"
+    if not (sc.is_dir() and fe.is_dir()):
+        return
+    try:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        model.safety_checker = StableDiffusionSafetyChecker.from_pretrained(str(sc), torch_dtype=dtype).to(device)
+        model.feature_extractor = CLIPImageProcessor.from_pretrained(str(fe))
+    except Exception as exc:
+        raise WeightsError(f"The safety checker in {sc} could not be loaded: {exc}".split("\n")[0]) from exc
+
+
+def describe(model: LoadedModel) -> dict:
+    return {"model": model.name, "weights": model.source, "demo": model.demo, "device": model.device, "dtype": model.dtype}
+
+
+def weights_manifest(folder: Path) -> str:
+    return json.dumps(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
