@@ -168,10 +168,24 @@ def _describe(field: str, err: dict[str, Any]) -> tuple[str, str]:
         return rule, f"Must be less than or equal to {limit}"
     if kind == "literal_error":
         return rule, f"{field} must be one of the following: {ctx.get('expected', '')}"
+    if kind == "extra_forbidden":
+        return "additional_property_not_allowed", "Additional property is not allowed"
     msg = str(err.get("msg", "is invalid"))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     return rule, msg
+
+
+def describe_errors(errors: list[dict[str, Any]], prefix: str = "") -> list[FieldError]:
+    """Turn pydantic error dicts (locations relative to the input) into FieldErrors."""
+    out = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
+        name = loc[0] if loc else ""
+        field = f"{prefix}{name}" if name else (prefix.rstrip(".") or "input")
+        rule, description = _describe(name or field, err)
+        out.append(FieldError(field, rule, description))
+    return out
 
 
 def parse_input(data: Any) -> PredictionInput:
@@ -181,10 +195,4 @@ def parse_input(data: Any) -> PredictionInput:
     try:
         return PredictionInput.model_validate(data)
     except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
-            field = loc[0] if loc else "input"
-            rule, description = _describe(field, err)
-            errors.append(FieldError(field, rule, description))
-        raise InvalidInput(errors) from None
+        raise InvalidInput(describe_errors(exc.errors())) from None

@@ -1,0 +1,102 @@
+"""`flux-fill predict`: one prediction offline, without a server, with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from .errors import InvalidInput, WeightsError
+from .inputs import PredictionInput, parse_input
+
+FILE_INPUTS = ("image", "mask")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per input of the model, from the input model itself."""
+    for name, info in PredictionInput.model_fields.items():
+        annotation = info.annotation
+        args = typing.get_args(annotation)
+        kwargs: dict = {"help": info.description, "dest": f"input_{name}", "default": None}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif int in args or annotation is int:
+            kwargs["type"] = int
+        elif float in args or annotation is float:
+            kwargs["type"] = float
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="Run one prediction offline and write the images to a folder.")
+    add_input_arguments(p)
+    p.add_argument("-o", "--output", default=".", help="Folder for out-<i>.<ext> (default: here).")
+    p.add_argument("--weights", default="tiny", help="Weights: folder, .safetensors file, repo id, or 'tiny'.")
+    p.add_argument("--components", default=None, help="With a single-file --weights: the other components.")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when there is one).")
+    p.add_argument("--lora-dir", default=None, help="Folder of named LoRAs.")
+    p.set_defaults(func=predict)
+
+
+def predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engine import Engine, EngineSettings
+    from .lora import LoraSettings
+    from .tiny import default_tiny_dir
+    from .weights import load_model
+
+    raw = {k[len("input_"):]: v for k, v in vars(args).items() if k.startswith("input_") and v is not None}
+    try:
+        inp = parse_input(raw)
+    except InvalidInput as exc:
+        for e in exc.errors:
+            print(f"error: {_flag(e.field) if e.field in PredictionInput.model_fields else e.field}: {e.description}", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.weights, components=args.components, device=args.device)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if model.demo:
+        print("Demo model: tiny FLUX Fill with random weights; outputs are noise. Pass --weights for the real model.", file=sys.stderr)
+    lora = LoraSettings(folder=Path(args.lora_dir) if args.lora_dir else None,
+                        cache_dir=default_tiny_dir().parent / "loras", allow_paths=True)
+    engine = Engine(model, EngineSettings(allow_paths=True, lora=lora))
+    bar = tqdm(total=None, unit="step", file=sys.stderr)
+
+    def on_step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        outputs = engine.predict(inp, on_step=on_step, log=lambda line: bar.write(line, file=sys.stderr))
+    except InvalidInput as exc:
+        bar.close()
+        for e in exc.errors:
+            print(f"error: {e.field}: {e.description}", file=sys.stderr)
+        return 2
+    bar.close()
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    for out in outputs:
+        (folder / out.name).write_bytes(out.data)
+        print(folder / out.name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(prog="flux-fill predict")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_predict_parser(sub)
+    args = parser.parse_args(["predict", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)

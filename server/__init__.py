@@ -1,0 +1,1 @@
+"""The HTTP server: Replicate's predictions contract in front of the engine."""

@@ -1,0 +1,240 @@
+"""create_app(settings): routes, middleware, errors, and the lifespan that loads the engine once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference import __version__
+from inference.inputs import describe_errors
+
+from .auth import Auth
+from .events import Hub
+from .files import FileStore
+from .metrics import ServerMetrics
+from .predictions import PredictionService
+from .protocol import ApiError, InvalidField, Problem, validation_failed
+from .routes import files as files_routes
+from .routes import predictions as prediction_routes
+from .routes import system as system_routes
+from .routes import ui as ui_routes
+from .settings import Settings
+from .state import AppState
+from .store import Store
+
+log = logging.getLogger("flux_fill.server")
+PROBLEM = "application/problem+json"
+JANITOR_S = 60.0
+SHUTDOWN_GRACE_S = 20.0
+
+
+def problem_response(problem: Problem, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(problem.model_dump(mode="json", exclude_none=True), status_code=problem.status,
+                        media_type=PROBLEM, headers=headers)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit (413) before they are read into memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = Problem(title="Payload Too Large", detail=f"The request body is larger than {self.limit // (1024 * 1024)} MB.", status=413)
+        if declared and declared.isdigit() and int(declared) > self.limit:
+            return await problem_response(too_big)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await problem_response(too_big)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _request_validation(exc: RequestValidationError) -> ApiError:
+    fields = []
+    for err in exc.errors():
+        loc = [p for p in err.get("loc", ()) if not isinstance(p, int)]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        if loc and loc[0] == "input":
+            prefix, rest = "input.", loc[1:]
+        else:
+            prefix, rest = "", loc
+        err = dict(err, loc=tuple(rest))
+        if err.get("type") == "json_invalid" or (not rest and not prefix):
+            fields.append(InvalidField(type="format", field="body", description="the body must be a JSON object"))
+            continue
+        for fe in describe_errors([err], prefix):
+            fields.append(InvalidField(type=fe.type, field=fe.field, description=fe.description))
+    return validation_failed(fields)
+
+
+def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
+    """The ASGI app. ``load_model(weights, components, device)`` can be swapped for tests."""
+    settings = settings or Settings()
+    if load_model is None:
+        from inference.weights import load_model
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from .webhooks import WebhookSender, new_secret
+
+        data = settings.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        store = Store(data / "flux-fill.sqlite3")
+        files = FileStore(data, store, settings.file_expiry_hours)
+        hub = Hub()
+        hub.bind(asyncio.get_running_loop())
+        service = PredictionService(settings, store, files, hub)
+        secret = store.setting("webhook_secret", new_secret)
+        state = AppState(settings=settings, store=store, files=files, hub=hub, service=service,
+                         auth=Auth(settings.api_tokens, settings.rate_limit_per_minute), metrics=ServerMetrics(),
+                         webhook_secret=secret)
+        app.state.flux = state
+        service.recover()
+        sender = WebhookSender(secret, allow_private=not settings.block_private_urls)
+        await sender.start()
+        state.webhooks = service.webhooks = sender
+
+        def on_event(prediction_id: str, event: str) -> None:
+            row = store.get_prediction(prediction_id)
+            if row and row.get("webhook"):
+                sender.notify(prediction_id, row["webhook"], row.get("webhook_events"), event,
+                              lambda: service.snapshot(prediction_id))
+            if event == "completed" and row and row.get("predict_time") is not None:
+                state.metrics.predict_time.observe(row["predict_time"])
+
+        hub.listeners.append(on_event)
+        loader = threading.Thread(target=_setup, args=(state, load_model), name="model-loader", daemon=True)
+        loader.start()
+        janitor = asyncio.create_task(_janitor(service))
+        try:
+            yield
+        finally:
+            janitor.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, _stop_workers, state)
+            await sender.close()
+            store.close()
+
+    app = FastAPI(
+        title="flux-fill-server",
+        version=__version__,
+        description="Replicate's predictions API for black-forest-labs/flux-fill-dev, served locally.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError):
+        return problem_response(exc.problem, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError):
+        err = _request_validation(exc)
+        return problem_response(err.problem)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return problem_response(Problem(detail="The requested resource could not be found.", status=404))
+        return problem_response(Problem(detail=str(exc.detail), status=exc.status_code), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return problem_response(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500))
+
+    for router in (prediction_routes.router, prediction_routes.stream_router, files_routes.router,
+                   files_routes.outputs_router, system_routes.router, system_routes.public_router, ui_routes.router):
+        app.include_router(router)
+        if settings.prefix:
+            app.include_router(router, prefix=settings.prefix, include_in_schema=False)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _setup(state: AppState, load_model) -> None:
+    """Load one engine per device, then start its worker. Runs beside the event loop."""
+    from inference.engine import Engine, EngineSettings
+    from inference.images import FetchPolicy
+    from inference.lora import LoraSettings
+
+    from .worker import Worker
+
+    settings = state.settings
+    policy = FetchPolicy(timeout_s=settings.fetch_timeout_s, max_redirects=settings.fetch_max_redirects,
+                         allow_private=not settings.block_private_urls)
+    devices = settings.gpus or [None]
+    try:
+        for device in devices:
+            model = load_model(settings.weights, components=settings.components, device=device)
+            engine = Engine(model, EngineSettings(
+                max_pixels=settings.max_image_pixels,
+                fetch_policy=policy,
+                max_batch=settings.max_batch,
+                fast_mode=settings.fast_mode,
+                lora=LoraSettings(folder=settings.lora_dir, cache_dir=settings.data_dir / "loras",
+                                  allow_paths=settings.allow_lora_paths, fetch_policy=policy),
+            ))
+            state.models.append(model)
+            state.workers.append(Worker(engine, state.service, model.device))
+            if model.demo:
+                log.warning("=" * 72)
+                log.warning("DEMO MODEL: tiny FLUX Fill with random weights. Outputs are noise, not images.")
+                log.warning("Pass --weights (see weights.md) to serve FLUX.1 Fill [dev].")
+                log.warning("=" * 72)
+            else:
+                log.info("loaded %s from %s on %s", model.name, model.source, model.device)
+    except Exception as exc:
+        state.phase = "SETUP_FAILED"
+        state.setup_error = str(exc)
+        log.error("setup failed: %s", exc, exc_info=not exc.__class__.__name__ == "WeightsError")
+        return
+    for worker in state.workers:
+        worker.start()
+    state.phase = "READY"
+    log.info("ready: %d worker(s)", len(state.workers))
+
+
+def _stop_workers(state: AppState) -> None:
+    """Finish the running prediction if it ends within the grace time, otherwise re-queue it."""
+    for worker in state.workers:
+        worker.stop()
+    for worker in state.workers:
+        worker.join(timeout=SHUTDOWN_GRACE_S)
+        if worker.is_alive() and worker.current:
+            state.service.requeue_requested.add(worker.current)
+            worker.join(timeout=10)
+
+
+async def _janitor(service: PredictionService) -> None:
+    while True:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, service.expire)
+        except Exception:
+            log.exception("cleaning expired outputs failed")
+        await asyncio.sleep(JANITOR_S)

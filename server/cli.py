@@ -1,0 +1,64 @@
+"""The `flux-fill` command: `serve` (the API server) and `predict` (one prediction offline)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+
+from inference.cli import add_predict_parser
+
+FLAG_NAMES = {"api_tokens": "--api-token", "gpus": "--gpus"}
+
+
+def add_serve_parser(sub) -> None:
+    from .settings import Settings
+
+    p = sub.add_parser("serve", help="Serve Replicate's predictions API for flux-fill-dev.",
+                       description="Every option can also be set as FLUX_FILL_<NAME> in the environment.")
+    for name, info in Settings.model_fields.items():
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS, "help": info.description}
+        annotation = info.annotation
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif name == "api_tokens":
+            kwargs["action"] = "append"
+        elif name == "gpus":
+            kwargs["type"] = lambda v: [x.strip() for x in v.split(",") if x.strip()]
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        p.add_argument(flag, **kwargs)
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    settings = Settings(**given)
+    settings.check_exposure()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    shown = settings.public_url or f"http://{settings.host}:{settings.port}{settings.prefix}"
+    logging.getLogger("flux_fill.server").info("serving on %s (web page at %s/)", shown, shown)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flux-fill", description="FLUX.1 Fill [dev] with Replicate's API, locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    add_predict_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Fan-out of prediction events from worker threads to the event loop.
+
+The worker publishes ``start``, ``logs``, ``output`` and ``completed`` for a prediction; streams,
+``Prefer: wait`` requests and the webhook sender listen. The database stays the record: an event
+only says "look again".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Callable
+
+Listener = Callable[[str, str], None]  # (prediction_id, event)
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queues: dict[str, set[asyncio.Queue]] = defaultdict(set)
+        self.listeners: list[Listener] = []
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def publish(self, prediction_id: str, event: str) -> None:
+        """Thread-safe: hand the event to the loop."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._dispatch, prediction_id, event)
+        except RuntimeError:  # the loop is shutting down
+            pass
+
+    def _dispatch(self, prediction_id: str, event: str) -> None:
+        for queue in list(self.queues.get(prediction_id, ())):
+            queue.put_nowait(event)
+        for listener in self.listeners:
+            listener(prediction_id, event)
+
+    def subscribe(self, prediction_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[prediction_id].add(queue)
+        return queue
+
+    def unsubscribe(self, prediction_id: str, queue: asyncio.Queue) -> None:
+        subs = self.queues.get(prediction_id)
+        if subs is not None:
+            subs.discard(queue)
+            if not subs:
+                self.queues.pop(prediction_id, None)

@@ -1,0 +1,283 @@
+"""The prediction service: create, read, list, cancel, and the one function that moves a status.
+
+Every status change goes through :meth:`PredictionService.transition`, which persists it and then
+publishes the event; routes, the worker and the webhook sender never write statuses themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlencode
+
+from .events import Hub
+from .files import FileStore, new_id
+from .protocol import (
+    MODEL_REF,
+    ApiError,
+    Metrics,
+    Prediction,
+    PredictionPage,
+    PredictionRequest,
+    PredictionUrls,
+    Status,
+)
+from .settings import Settings
+from .store import Store, now
+
+log = logging.getLogger(__name__)
+PAGE_SIZE = 100
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_iso(value: str) -> float:
+    text = value.strip().replace("Z", "+00:00")
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+class PredictionService:
+    def __init__(self, settings: Settings, store: Store, files: FileStore, hub: Hub):
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.hub = hub
+        self.cancel_requested: set[str] = set()
+        self.requeue_requested: set[str] = set()
+        self.work_available = threading.Condition()
+        self.webhooks = None  # a WebhookSender, set by the app
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def base_for(self, row: dict[str, Any], request_base: str | None = None) -> str:
+        return (self.settings.public_url or request_base or row.get("base_url") or "").rstrip("/")
+
+    def output_strings(self, row: dict[str, Any]) -> list[str] | None:
+        names = row.get("output")
+        if names is None or row.get("data_removed"):
+            return None
+        public = self.settings.public_url
+        if public and public.startswith("https:"):
+            base = public.rstrip("/")
+            return [f"{base}/outputs/{row['id']}/{row['output_token']}/{name}" for name in names]
+        uris = [self.files.data_uri(row["id"], name) for name in names]
+        return [u for u in uris if u is not None]
+
+    def render(self, row: dict[str, Any], request_base: str | None = None) -> Prediction:
+        base = self.base_for(row, request_base)
+        pid = row["id"]
+        status = Status(row["status"])
+        metrics = None
+        if status.terminal and row.get("completed_at"):
+            metrics = Metrics(
+                predict_time=round(row["predict_time"], 6) if row.get("predict_time") is not None else None,
+                total_time=round(row["completed_at"] - row["created_at"], 6),
+            )
+        return Prediction(
+            id=pid,
+            model=MODEL_REF,
+            version=row["version"],
+            input=row["input"],
+            logs=row.get("logs") or "",
+            output=self.output_strings(row),
+            data_removed=bool(row.get("data_removed")),
+            error=row.get("error"),
+            status=status,
+            created_at=iso(row["created_at"]),
+            started_at=iso(row.get("started_at")),
+            completed_at=iso(row.get("completed_at")),
+            urls=PredictionUrls(
+                get=f"{base}/v1/predictions/{pid}",
+                cancel=f"{base}/v1/predictions/{pid}/cancel",
+                web=f"{base}/?prediction={pid}",
+                stream=f"{base}/v1/predictions/{pid}/stream",
+            ),
+            metrics=metrics,
+        )
+
+    def snapshot(self, prediction_id: str) -> dict[str, Any]:
+        row = self.store.get_prediction(prediction_id)
+        return self.render(row).model_dump(mode="json") if row else {}
+
+    # -- create / read ------------------------------------------------------------------------
+
+    def create(self, request: PredictionRequest, version: str, request_base: str, owner: str | None) -> dict[str, Any]:
+        queued = self.store.count_queued()
+        if queued >= self.settings.max_queue:
+            retry = max(1, int(queued * self._seconds_per_prediction()))
+            raise ApiError(429, f"The queue is full ({queued} predictions waiting). Try again later.",
+                           "Too Many Requests", headers={"Retry-After": str(min(retry, 600))})
+        webhook = request.webhook or request.webhook_completed
+        events = request.webhook_events_filter
+        if request.webhook is None and request.webhook_completed is not None:
+            events = ["completed"]
+        pid = new_id()
+        self.store.insert_prediction(
+            id=pid,
+            status=Status.STARTING.value,
+            version=version,
+            input=request.input.model_dump(mode="json"),
+            logs="",
+            created_at=now(),
+            webhook=webhook,
+            webhook_events=list(events) if events is not None else None,
+            base_url=request_base,
+            output_token=secrets.token_urlsafe(24),
+            owner=owner,
+        )
+        with self.work_available:
+            self.work_available.notify()
+        return self.store.get_prediction(pid)
+
+    def _seconds_per_prediction(self) -> float:
+        return 10.0
+
+    def get(self, prediction_id: str) -> dict[str, Any] | None:
+        return self.store.get_prediction(prediction_id)
+
+    def page(self, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
+             created_before: str | None) -> PredictionPage:
+        before = after = None
+        if cursor:
+            try:
+                direction, seq = base64.urlsafe_b64decode(cursor.encode() + b"==").decode().split(":", 1)
+                before, after = (int(seq), None) if direction == "b" else (None, int(seq))
+            except Exception:
+                raise ApiError(400, "The cursor is not valid.", "Bad Request") from None
+        try:
+            ca = parse_iso(created_after) if created_after else None
+            cb = parse_iso(created_before) if created_before else None
+        except ValueError:
+            raise ApiError(400, "created_after and created_before must be ISO 8601 dates.", "Bad Request") from None
+        rows = self.store.list_predictions(limit=PAGE_SIZE + 1, before_seq=before, after_seq=after,
+                                           created_after=ca, created_before=cb)
+        has_more = len(rows) > PAGE_SIZE
+        if after is not None:  # the page just newer than the cursor; rows are newest first
+            rows = rows[1:] if has_more else rows
+            older, newer = bool(rows), has_more
+        else:
+            rows = rows[:PAGE_SIZE]
+            older, newer = has_more, before is not None and bool(rows)
+
+        def link(direction: str, row: dict[str, Any]) -> str:
+            token = base64.urlsafe_b64encode(f"{direction}:{row['seq']}".encode()).decode().rstrip("=")
+            query = {"cursor": token}
+            if created_after:
+                query["created_after"] = created_after
+            if created_before:
+                query["created_before"] = created_before
+            return f"{list_url}?{urlencode(query)}"
+
+        return PredictionPage(
+            next=link("b", rows[-1]) if older else None,
+            previous=link("a", rows[0]) if newer else None,
+            results=[self.render(r, request_base) for r in rows],
+        )
+
+    async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
+        """Wait until the prediction is terminal or ``timeout`` seconds pass; return its row."""
+        queue = self.hub.subscribe(prediction_id)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                row = self.store.get_prediction(prediction_id)
+                if row is None or Status(row["status"]).terminal:
+                    return row
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return row
+                try:
+                    await asyncio.wait_for(queue.get(), timeout=left)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.hub.unsubscribe(prediction_id, queue)
+
+    # -- cancel -------------------------------------------------------------------------------
+
+    def cancel(self, prediction_id: str) -> dict[str, Any] | None:
+        row = self.store.get_prediction(prediction_id)
+        if row is None:
+            return None
+        status = Status(row["status"])
+        if status == Status.STARTING:
+            if self.transition(prediction_id, Status.CANCELED, only_if=(Status.STARTING,)):
+                return self.store.get_prediction(prediction_id)
+            status = Status(self.store.get_prediction(prediction_id)["status"])
+        if status == Status.PROCESSING:
+            self.cancel_requested.add(prediction_id)
+        return self.store.get_prediction(prediction_id)
+
+    # -- the lifecycle ------------------------------------------------------------------------
+
+    def transition(self, prediction_id: str, status: Status, *, only_if: tuple[Status, ...] | None = None,
+                   **fields: Any) -> bool:
+        """Move a prediction to ``status`` (persisted first), then tell listeners."""
+        if status.terminal:
+            fields.setdefault("completed_at", now())
+        changed = self.store.update_prediction(
+            prediction_id,
+            only_if_status=tuple(s.value for s in only_if) if only_if else None,
+            status=status.value,
+            **fields,
+        )
+        if not changed:
+            return False
+        if status.terminal:
+            self.cancel_requested.discard(prediction_id)
+            if fields.get("output"):
+                self.hub.publish(prediction_id, "output")
+            self.hub.publish(prediction_id, "completed")
+        elif status == Status.PROCESSING:
+            self.hub.publish(prediction_id, "start")
+        return True
+
+    def append_logs(self, prediction_id: str, logs: str) -> None:
+        self.store.update_prediction(prediction_id, logs=logs)
+        self.hub.publish(prediction_id, "logs")
+
+    def recover(self) -> list[str]:
+        """At startup: re-queue what was running when the server stopped."""
+        ids = self.store.requeue_interrupted()
+        for pid in ids:
+            log.warning("prediction %s was interrupted by a restart; it runs again", pid)
+        return ids
+
+    def expire(self) -> int:
+        """Delete outputs past the retention time and uploads past their expiry."""
+        removed = 0
+        if self.settings.retention_hours > 0:
+            cutoff = now() - self.settings.retention_hours * 3600
+            for row in self.store.expired_predictions(cutoff):
+                self.files.remove_outputs(row["id"])
+                self.store.update_prediction(row["id"], data_removed=1, output=None)
+                removed += 1
+        for f in self.store.expired_files(now()):
+            self.files.delete_upload(f["id"])
+        return removed
+
+
+def decode_metadata(raw: str | None) -> dict:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ApiError(422, "metadata must be a JSON object", "Input validation failed") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "metadata must be a JSON object", "Input validation failed")
+    return value

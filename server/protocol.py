@@ -1,0 +1,174 @@
+"""Replicate's wire format, as pydantic models: requests, responses and problem+json errors."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from inference.inputs import PredictionInput
+
+MODEL_OWNER = "black-forest-labs"
+MODEL_NAME = "flux-fill-dev"
+MODEL_REF = f"{MODEL_OWNER}/{MODEL_NAME}"
+WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+
+
+class Status(str, enum.Enum):
+    """The prediction lifecycle. ``starting`` -> ``processing`` -> one of the terminal states."""
+
+    STARTING = "starting"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)
+
+
+class PredictionRequest(BaseModel):
+    """Body of the create routes. Unknown top-level keys are refused; unknown input keys dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: PredictionInput = Field(..., description="The model's input.")
+    version: str | None = Field(None, description="Model version: owner/name, owner/name:id or a bare id (POST /v1/predictions).")
+    webhook: str | None = Field(None, description="URL to POST the prediction to on the events below.")
+    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = Field(
+        None, description="Events that trigger the webhook; all when absent."
+    )
+    webhook_completed: str | None = Field(None, description="Legacy: a webhook called on completion only.")
+    stream: bool | None = Field(None, description="Accepted for compatibility; urls.stream is always served.")
+
+
+class PredictionUrls(BaseModel):
+    get: str
+    cancel: str
+    web: str
+    stream: str
+
+
+class Metrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    predict_time: float | None = None
+    total_time: float | None = None
+
+
+class Prediction(BaseModel):
+    """A prediction as GET /v1/predictions/{id} returns it."""
+
+    id: str
+    model: str = MODEL_REF
+    version: str = "hidden"
+    input: dict[str, Any]
+    logs: str = ""
+    output: list[str] | None = None
+    data_removed: bool = False
+    error: str | None = None
+    status: Status
+    created_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    urls: PredictionUrls
+    metrics: Metrics | None = None
+
+
+class PredictionPage(BaseModel):
+    next: str | None
+    previous: str | None
+    results: list[Prediction]
+
+
+class FileChecksums(BaseModel):
+    sha256: str
+    md5: str
+
+
+class FileUrls(BaseModel):
+    get: str
+
+
+class FileObject(BaseModel):
+    id: str
+    name: str
+    content_type: str
+    size: int
+    etag: str
+    checksums: FileChecksums
+    metadata: dict[str, Any]
+    created_at: str
+    expires_at: str | None
+    urls: FileUrls
+
+
+class FilePage(BaseModel):
+    next: str | None
+    previous: str | None
+    results: list[FileObject]
+
+
+class ModelVersion(BaseModel):
+    id: str
+    created_at: str
+    cog_version: str
+    openapi_schema: dict[str, Any]
+
+
+class WebhookSecret(BaseModel):
+    key: str
+
+
+class Health(BaseModel):
+    status: Literal["STARTING", "READY", "BUSY", "SETUP_FAILED"]
+    model: str | None = None
+    demo: bool = False
+    weights: str | None = None
+    devices: list[str] = []
+    queue_depth: int = 0
+    setup_error: str | None = None
+    version: str
+
+
+class InvalidField(BaseModel):
+    type: str
+    field: str
+    description: str
+
+
+class Problem(BaseModel):
+    """application/problem+json."""
+
+    model_config = ConfigDict(extra="allow")
+
+    title: str | None = None
+    detail: str
+    status: int
+    invalid_fields: list[InvalidField] | None = None
+
+
+class ApiError(Exception):
+    """An error answered as problem+json; routes raise it, one handler renders it."""
+
+    def __init__(self, status: int, detail: str, title: str | None = None, *, headers: dict[str, str] | None = None,
+                 invalid_fields: list[InvalidField] | None = None):
+        super().__init__(detail)
+        self.problem = Problem(title=title, detail=detail, status=status, invalid_fields=invalid_fields)
+        self.headers = headers or {}
+
+
+def not_found() -> ApiError:
+    return ApiError(404, "The requested resource could not be found.")
+
+
+def unauthenticated() -> ApiError:
+    return ApiError(401, "You did not pass a valid authentication token", "Unauthenticated",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def validation_failed(fields: list[InvalidField]) -> ApiError:
+    detail = "\n".join(f"- {f.field}: {f.description}" for f in fields)
+    return ApiError(422, detail, "Input validation failed", invalid_fields=fields)

@@ -1,0 +1,99 @@
+"""The files API: upload, get, list, delete; and prediction outputs served by unguessable URL."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import tempfile
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse
+
+from ..files import content_type_for
+from ..predictions import decode_metadata, iso
+from ..protocol import ApiError, FileChecksums, FileObject, FilePage, FileUrls, InvalidField, not_found, validation_failed
+from ..state import AppState, get_state, require_auth
+
+router = APIRouter(tags=["files"])
+outputs_router = APIRouter(tags=["outputs"])
+
+
+def render_file(row: dict, base: str) -> FileObject:
+    return FileObject(
+        id=row["id"],
+        name=row["name"],
+        content_type=row["content_type"],
+        size=row["size"],
+        etag=row["sha256"][:32],
+        checksums=FileChecksums(sha256=row["sha256"], md5=row["md5"]),
+        metadata=row["metadata"],
+        created_at=iso(row["created_at"]),
+        expires_at=iso(row["expires_at"]),
+        urls=FileUrls(get=f"{base}/v1/files/{row['id']}"),
+    )
+
+
+@router.post("/v1/files", status_code=201, response_model=FileObject, summary="Upload a file")
+async def upload(request: Request, _=Depends(require_auth), state: AppState = Depends(get_state)):
+    limit = state.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise ApiError(413, f"The file is larger than the {limit // (1024 * 1024)} MB limit.", "Payload Too Large")
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=1024 * 1024)
+    except Exception:
+        raise validation_failed([InvalidField(type="format", field="content", description="the body must be multipart/form-data")]) from None
+    upload = form.get("content")
+    if upload is None or isinstance(upload, str):
+        raise validation_failed([InvalidField(type="required", field="content", description="content is required")])
+    name = form.get("filename") or upload.filename or "file"
+    name = os.path.basename(str(name))[:255] or "file"
+    metadata = decode_metadata(form.get("metadata") if isinstance(form.get("metadata"), str) else None)
+    content_type = form.get("type") if isinstance(form.get("type"), str) else upload.content_type
+    fd, tmp = tempfile.mkstemp(dir=state.files.tmp)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := await upload.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"The file is larger than the {limit // (1024 * 1024)} MB limit.", "Payload Too Large")
+                out.write(chunk)
+        row = state.files.save_upload(tmp, name, content_type, metadata)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        await form.close()
+    return render_file(row, state.api_base(request))
+
+
+@router.get("/v1/files", response_model=FilePage, summary="List uploaded files")
+async def list_files(request: Request, _=Depends(require_auth), state: AppState = Depends(get_state)):
+    base = state.api_base(request)
+    return FilePage(next=None, previous=None, results=[render_file(r, base) for r in state.store.list_files()])
+
+
+@router.get("/v1/files/{file_id}", response_model=FileObject, summary="Get a file's metadata")
+async def get_file(file_id: str, request: Request, _=Depends(require_auth), state: AppState = Depends(get_state)):
+    row = state.store.get_file(file_id)
+    if row is None:
+        raise not_found()
+    return render_file(row, state.api_base(request))
+
+
+@router.delete("/v1/files/{file_id}", status_code=204, summary="Delete a file")
+async def delete_file(file_id: str, _=Depends(require_auth), state: AppState = Depends(get_state)):
+    if not state.files.delete_upload(file_id):
+        raise not_found()
+    return Response(status_code=204)
+
+
+@outputs_router.get("/outputs/{prediction_id}/{token}/{name}", summary="An output image (no auth; unguessable URL)")
+async def get_output(prediction_id: str, token: str, name: str, state: AppState = Depends(get_state)):
+    row = state.service.get(prediction_id)
+    if row is None or row.get("data_removed") or not hmac.compare_digest(token.encode(), row["output_token"].encode()):
+        raise not_found()
+    path = state.files.output_path(prediction_id, name)
+    if path is None or name not in (row.get("output") or []):
+        raise not_found()
+    return FileResponse(path, media_type=content_type_for(name), headers={"Cache-Control": "private, max-age=3600"})

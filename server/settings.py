@@ -1,0 +1,71 @@
+"""Every option of the server, from flags and environment (``FLUX_FILL_*``). Read only here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class Settings(BaseSettings):
+    """flux-fill serve options. Each is also read from FLUX_FILL_<NAME> (lists comma-separated)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_FILL_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(5000, description="Port to bind.")
+    weights: str = Field("tiny", description="Weights: a diffusers folder, a .safetensors file (with --components), a repo id, or 'tiny' (the demo model).")
+    components: str | None = Field(None, description="With a single-file --weights: folder with VAE, text encoders, tokenizers, scheduler.")
+    gpus: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Devices to run on, one worker each (e.g. cuda:0,cuda:1). Default: the first GPU, else the CPU.")
+    data_dir: Path = Field(Path("./data"), description="Where the SQLite database, uploads and outputs live.")
+    api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API tokens. None: no auth, loopback only.")
+    allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without any API token.")
+    prefix: str = Field("", description="Also serve every route under this prefix, e.g. /replicate.")
+    public_url: str | None = Field(None, description="Base URL clients reach the server at; https here makes outputs URLs instead of data URIs.")
+    lora_dir: Path | None = Field(None, description="Folder of named LoRAs (.safetensors).")
+    allow_lora_paths: bool = Field(False, description="Accept local file paths as lora_weights.")
+    fast_mode: bool = Field(False, description="Honour go_fast: fp8 and compiled kernels on the GPU.")
+    compile: bool = Field(False, description="Compile the transformer blocks at startup (GPU).")
+    max_queue: int = Field(100, ge=1, description="Predictions waiting at once; more are refused with 429.")
+    retention_hours: float = Field(24.0, ge=0, description="Hours outputs are kept; 0 keeps them forever.")
+    file_expiry_hours: float = Field(24.0, gt=0, description="Hours an uploaded file is kept.")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, description="Largest upload to /v1/files.")
+    max_body_bytes: int = Field(96 * 1024 * 1024, description="Largest request body (data URIs included).")
+    max_image_pixels: int = Field(100_000_000, description="Largest image accepted, in pixels (decompression bombs).")
+    fetch_timeout_s: float = Field(30.0, description="Time limit to fetch an input URL.")
+    fetch_max_redirects: int = Field(5, description="Redirects followed when fetching an input URL.")
+    block_private_urls: bool = Field(False, description="Refuse input and webhook URLs that point to private or loopback addresses (SSRF).")
+    max_batch: int = Field(4, ge=1, le=4, description="Outputs denoised together in one batch.")
+    rate_limit_per_minute: int = Field(0, ge=0, description="Creates per token per minute; 0 is unlimited.")
+    log_level: str = Field("info")
+
+    @field_validator("gpus", "api_tokens", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith("/"):
+            value = "/" + value
+        return value
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+    def check_exposure(self) -> None:
+        """Refuse to serve a non-loopback address with no token unless told to explicitly."""
+        if not self.api_tokens and not self.loopback_only and not self.allow_unauthenticated:
+            raise SystemExit(
+                f"Refusing to serve {self.host} without an API token: anyone on the network could use it. "
+                "Pass --api-token (or FLUX_FILL_API_TOKENS), or --allow-unauthenticated to accept the risk."
+            )

@@ -1,0 +1,155 @@
+"""The worker: the one thread that owns a GPU. It takes queued predictions, runs them, records them.
+
+One worker per device; each has its own Engine. The HTTP side never waits on the GPU: it writes a
+row, notifies ``work_available`` and reads rows back. A failure in one prediction fails that
+prediction with a clear error and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+
+from tqdm import tqdm
+
+from inference.engine import Engine
+from inference.errors import Cancelled, InvalidInput, LoraError, SafetyError
+from inference.inputs import parse_input
+
+from .protocol import Status
+from .predictions import PredictionService
+from .store import now
+
+log = logging.getLogger(__name__)
+LOG_FLUSH_S = 0.5  # persist logs (and tell listeners) at most this often while running
+MIN_FREE_BYTES = 64 * 1024 * 1024  # below this much free disk, predictions fail cleanly
+
+
+class Requeued(Exception):
+    """The server is stopping: the running prediction goes back to the queue."""
+
+
+class LogBuffer:
+    """A prediction's logs: appended by the engine, persisted and published at most every 0.5 s."""
+
+    def __init__(self, service: PredictionService, prediction_id: str, initial: str):
+        self.service, self.id = service, prediction_id
+        self.text = initial
+        self.last_flush = 0.0
+        self.started = time.monotonic()
+
+    def line(self, message: str) -> None:
+        self.text += message.rstrip("\n") + "\n"
+        self.flush(force=False)
+
+    def progress(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self.started
+        self.line(tqdm.format_meter(done, total, elapsed, ncols=80))
+
+    def flush(self, force: bool = True) -> None:
+        t = time.monotonic()
+        if force or t - self.last_flush >= LOG_FLUSH_S:
+            self.last_flush = t
+            self.service.append_logs(self.id, self.text)
+
+
+class Worker(threading.Thread):
+    def __init__(self, engine: Engine, service: PredictionService, device: str):
+        super().__init__(name=f"worker-{device}", daemon=True)
+        self.engine = engine
+        self.service = service
+        self.device = device
+        self.stopping = threading.Event()
+        self.current: str | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.service.work_available:
+            self.service.work_available.notify_all()
+
+    def run(self) -> None:
+        cond = self.service.work_available
+        while not self.stopping.is_set():
+            row = self.service.store.claim_next(now())
+            if row is None:
+                with cond:
+                    # Woken by a create; the timeout only covers a notification missed in between.
+                    cond.wait(timeout=5.0)
+                continue
+            self.process(row)
+
+    def process(self, row: dict) -> None:
+        pid = row["id"]
+        service = self.service
+        self.current = pid
+        service.hub.publish(pid, "start")
+        logs = LogBuffer(service, pid, row.get("logs") or "")
+        started = time.monotonic()
+
+        def cancelled() -> bool:
+            if pid in service.requeue_requested:
+                raise Requeued()
+            return pid in service.cancel_requested
+
+        try:
+            if service.files.free_bytes() < MIN_FREE_BYTES:
+                raise OSError("the server's disk is full")
+            inp = parse_input(row["input"])
+            outputs = self.engine.predict(
+                inp,
+                resolver=service.files.resolve,
+                on_step=logs.progress,
+                cancelled=cancelled,
+                log=logs.line,
+            )
+            names = service.files.write_outputs(pid, outputs)
+            logs.flush()
+            service.transition(pid, Status.SUCCEEDED, only_if=(Status.PROCESSING,), output=names,
+                               predict_time=time.monotonic() - started, logs=logs.text)
+        except Requeued:
+            logs.line("The server is stopping; this prediction goes back to the queue.")
+            service.store.update_prediction(pid, status=Status.STARTING.value, started_at=None, logs=logs.text)
+            service.requeue_requested.discard(pid)
+        except Cancelled:
+            logs.line("Prediction canceled.")
+            service.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,), logs=logs.text,
+                               predict_time=time.monotonic() - started)
+        except Exception as exc:  # one prediction's failure never stops the worker
+            error = describe_failure(exc)
+            if not isinstance(exc, (InvalidInput, SafetyError)):
+                log.error("prediction %s failed:\n%s", pid, traceback.format_exc())
+            logs.line(f"Error: {error}")
+            service.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error, logs=logs.text,
+                               predict_time=time.monotonic() - started)
+            free_gpu_memory()
+        finally:
+            self.current = None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One clear sentence for the prediction's ``error``; the traceback stays in the server log."""
+    if isinstance(exc, InvalidInput):
+        return "; ".join(f"{e.field}: {e.description}" if not e.description.startswith(e.field) else e.description
+                         for e in exc.errors)
+    if isinstance(exc, SafetyError):
+        return str(exc)
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return "The GPU ran out of memory for this prediction. Try fewer outputs or fewer megapixels."
+    if isinstance(exc, OSError) and "disk is full" in str(exc):
+        return "The server's disk is full; this prediction could not be saved."
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+        return "The server's disk is full; this prediction could not be saved."
+    return f"Internal error while generating ({name}). The server log has the details."
+
+
+def free_gpu_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
