@@ -1,0 +1,359 @@
+"""Webhook delivery: signing, throttling, ordering and retries, as Replicate does it.
+
+The app owns one `WebhookSender`. The server calls `notify(...)` on each prediction event; the
+sender keeps one ordered channel per prediction, served by its own short-lived asyncio task:
+
+- `start` and `completed` are always sent (when the prediction's events filter lists them);
+- `output` and `logs` are throttled per prediction: a send at most every `throttle_s`; a burst is
+  coalesced into one trailing send whose body is taken at send time, so it carries the newest state.
+  Once `completed` is queued no `output`/`logs` send follows: the final body carries everything;
+- only `completed` is retried, on a connection error, a timeout or any non-2xx answer (a 3xx
+  included: redirects are never followed), with exponential backoff for about `retry_for_s`, under
+  one `webhook-id`. The other events are tried once;
+- a semaphore bounds the POSTs in flight and each POST has a total deadline of `timeout_s`, so a
+  slow or dead receiver holds one slot for at most that long and never stalls other predictions.
+
+Bodies are signed with the Standard Webhooks scheme (https://www.standardwebhooks.com), which the
+official clients validate: `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import secrets
+import socket
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+EVENTS = ("start", "output", "logs", "completed")
+_PROGRESS = frozenset({"output", "logs"})  # the throttled events
+_SECRET_PREFIX = "whsec_"
+
+
+def new_secret() -> str:
+    """A fresh signing secret: "whsec_" + base64 of 32 random bytes."""
+    return _SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks signature header value ("v1,<base64 digest>") of one delivery."""
+    key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX))
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+class _Refused(Exception):
+    """The URL must never be posted to (bad scheme, or a non-public address): drop, don't retry."""
+
+
+@dataclasses.dataclass
+class _Job:
+    event: str
+    url: str
+    snapshot: Callable[[], dict]
+
+
+@dataclasses.dataclass
+class _Channel:
+    """The pending deliveries of one prediction, sent in order by at most one task."""
+
+    jobs: collections.deque = dataclasses.field(default_factory=collections.deque)
+    pending_progress: _Job | None = None  # an output/logs job not yet sent: later ones merge into it
+    completed: bool = False  # "completed" was queued: no more events for this prediction
+    last_progress: float = -math.inf  # loop time of the last output/logs send
+    # Set once completed is queued or the sender closes: cuts a throttle wait short.
+    cut_short: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
+class WebhookSender:
+    """Delivers prediction webhooks in the background.
+
+    secret: the signing secret ("whsec_..."); never logged.
+    allow_private: when False, refuse URLs whose host resolves to a loopback, private, link-local
+        or otherwise non-public address (the delivery is logged and dropped).
+    timeout_s: total time allowed for one POST, connect to answer.
+    throttle_s: the least time between two output/logs sends of one prediction.
+    retry_for_s: how long a failing "completed" delivery keeps being retried.
+    user_agent: the user-agent header of every POST.
+    backoff_base_s: the first retry delay; each next one doubles (1, 2, 4, 8, ... s by default).
+    max_concurrency: the most POSTs in flight at once, all predictions together.
+    """
+
+    def __init__(
+        self,
+        secret: str,
+        *,
+        allow_private: bool = True,
+        timeout_s: float = 10.0,
+        throttle_s: float = 0.5,
+        retry_for_s: float = 60.0,
+        user_agent: str = "flux-fill-server",
+        backoff_base_s: float = 1.0,
+        max_concurrency: int = 16,
+    ) -> None:
+        self._secret = secret
+        self._allow_private = allow_private
+        self._timeout_s = timeout_s
+        self._throttle_s = throttle_s
+        self._retry_for_s = retry_for_s
+        self._user_agent = user_agent
+        self._backoff_base_s = backoff_base_s
+        self._max_concurrency = max_concurrency
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._channels: dict[str, _Channel] = {}
+        self._closing = False
+        self.stats = {"delivered": 0, "failed": 0, "retried": 0, "dropped": 0}
+
+    async def start(self) -> None:
+        """Open the HTTP client; call inside the running event loop (the app's lifespan)."""
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self._max_concurrency)
+        # trust_env=False: a proxy from the environment would bypass the private-address check.
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            trust_env=False,
+            timeout=self._timeout_s,
+            limits=httpx.Limits(max_connections=self._max_concurrency),
+        )
+
+    async def close(self, drain_s: float = 5.0) -> None:
+        """Stop taking events; give queued start/completed deliveries up to drain_s, then cancel."""
+        self._closing = True
+        for channel in self._channels.values():
+            channel.cut_short.set()
+        tasks = [c.task for c in self._channels.values() if c.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=drain_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                logger.warning("webhooks: gave up on %d predictions' deliveries at shutdown", len(pending))
+        self._channels.clear()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def notify(
+        self,
+        prediction_id: str,
+        url: str,
+        events_filter: list[str] | None,
+        event: str,
+        snapshot: Callable[[], dict],
+    ) -> None:
+        """Queue the webhook for one prediction event; never blocks, never raises.
+
+        events_filter: the events the prediction asked for; None means all of them.
+        snapshot: returns the prediction as GET /v1/predictions/{id} shows it; called at send time.
+        Meant for the event loop thread; a call from another thread is handed over to the loop.
+        """
+        try:
+            if self._loop is None or self._client is None or self._closing:
+                if events_filter is None or event in events_filter:
+                    logger.warning("webhooks: %s event of %s dropped: sender not running", event, prediction_id)
+                    self.stats["dropped"] += 1
+                return
+            try:
+                on_loop = asyncio.get_running_loop() is self._loop
+            except RuntimeError:
+                on_loop = False
+            args = (prediction_id, url, events_filter, event, snapshot)
+            if on_loop:
+                self._enqueue(*args)
+            else:
+                self._loop.call_soon_threadsafe(self._enqueue_logged, *args)
+        except Exception:  # the caller is the prediction lifecycle: a webhook must never break it
+            logger.exception("webhooks: %s event of %s not queued", event, prediction_id)
+
+    # -- queueing (event loop thread) ------------------------------------------------------------
+
+    def _enqueue_logged(self, *args) -> None:
+        try:
+            self._enqueue(*args)
+        except Exception:
+            logger.exception("webhooks: event not queued")
+
+    def _enqueue(self, prediction_id, url, events_filter, event, snapshot) -> None:
+        if event not in EVENTS:
+            logger.warning("webhooks: unknown event %r for %s ignored", event, prediction_id)
+            return
+        wanted = events_filter is None or event in events_filter
+        if self._closing:
+            self.stats["dropped"] += wanted
+            return
+        channel = self._channels.get(prediction_id)
+        if channel is None:
+            if not wanted:
+                return
+            channel = self._channels[prediction_id] = _Channel()
+        if channel.completed:
+            return  # nothing follows completed, whether it was sent or filtered out
+        job = _Job(event, url, snapshot)
+        if event == "completed":
+            channel.completed = True  # even when filtered out: no events follow the end
+            if wanted:  # the final body carries everything: pending output/logs sends are moot
+                channel.cut_short.set()
+                channel.jobs = collections.deque(j for j in channel.jobs if j.event not in _PROGRESS)
+                channel.pending_progress = None
+                channel.jobs.append(job)
+            # else a pending output/logs send still goes out, after its throttle: it has the last state
+        elif not wanted:
+            return
+        elif event in _PROGRESS and channel.pending_progress is not None:
+            channel.pending_progress.url = url  # coalesced: the queued send will snapshot the newest state
+            channel.pending_progress.snapshot = snapshot
+            return
+        else:
+            if event in _PROGRESS:
+                channel.pending_progress = job
+            channel.jobs.append(job)
+        if channel.task is None:
+            if channel.jobs:
+                channel.task = asyncio.create_task(self._serve(prediction_id, channel))
+            elif channel.completed:
+                del self._channels[prediction_id]
+
+    # -- sending (one task per prediction with pending deliveries) -------------------------------
+
+    async def _serve(self, prediction_id: str, channel: _Channel) -> None:
+        """Send the channel's jobs in order until none are left."""
+        job = None
+        try:
+            while channel.jobs:
+                job = channel.jobs.popleft()
+                if job.event in _PROGRESS:
+                    if not await self._throttle(channel):
+                        continue  # completed was queued, or the sender is closing
+                    channel.pending_progress = None  # later events make a new send
+                    channel.last_progress = asyncio.get_running_loop().time()
+                try:
+                    await self._deliver(prediction_id, job)
+                except Exception:
+                    logger.exception("webhooks: %s delivery of %s crashed", job.event, prediction_id)
+                job = None
+        except asyncio.CancelledError:
+            self.stats["dropped"] += len(channel.jobs) + (job is not None)
+            raise
+        finally:
+            channel.task = None
+            if channel.completed and not channel.jobs:
+                self._channels.pop(prediction_id, None)
+
+    async def _throttle(self, channel: _Channel) -> bool:
+        """Wait until an output/logs send is allowed; False if it must not be sent at all."""
+        wait = channel.last_progress + self._throttle_s - asyncio.get_running_loop().time()
+        if wait > 0 and not channel.cut_short.is_set():
+            try:
+                await asyncio.wait_for(channel.cut_short.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+        return not channel.cut_short.is_set()
+
+    async def _deliver(self, prediction_id: str, job: _Job) -> None:
+        """POST one event; retry a failing "completed" with backoff, under one webhook-id."""
+        try:
+            body = json.dumps(job.snapshot(), separators=(",", ":")).encode()
+        except Exception:  # snapshot() is the caller's code
+            logger.exception("webhooks: %s event of %s dropped: no snapshot", job.event, prediction_id)
+            self.stats["dropped"] += 1
+            return
+        loop = asyncio.get_running_loop()
+        msg_id = "msg_" + secrets.token_hex(16)
+        deadline = loop.time() + self._retry_for_s
+        delay = self._backoff_base_s
+        where = _host_of(job.url)  # the URL itself may carry a token: log only the host
+        while True:
+            try:
+                failure = await self._attempt(job.url, msg_id, body)
+            except _Refused as refusal:
+                logger.warning("webhooks: %s event of %s to %s refused: %s", job.event, prediction_id, where, refusal)
+                self.stats["dropped"] += 1
+                return
+            if failure is None:
+                logger.debug("webhooks: %s event of %s delivered to %s", job.event, prediction_id, where)
+                self.stats["delivered"] += 1
+                return
+            remaining = deadline - loop.time()
+            if job.event != "completed" or remaining <= 0:
+                logger.warning("webhooks: %s event of %s to %s failed: %s", job.event, prediction_id, where, failure)
+                self.stats["failed"] += 1
+                return
+            pause = min(delay, remaining)
+            delay *= 2
+            logger.info("webhooks: %s event of %s to %s failed (%s); retrying in %.1f s",
+                        job.event, prediction_id, where, failure, pause)
+            self.stats["retried"] += 1
+            await asyncio.sleep(pause)
+
+    async def _attempt(self, url: str, msg_id: str, body: bytes) -> str | None:
+        """POST once: None on a 2xx, else why it failed. Raises _Refused for a forbidden URL."""
+        try:
+            await asyncio.wait_for(self._check_destination(url), self._timeout_s)
+        except (OSError, asyncio.TimeoutError) as error:  # DNS trouble may pass: a failure, not a refusal
+            return f"cannot resolve host ({type(error).__name__})"
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": self._user_agent,
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self._secret, msg_id, timestamp, body),
+        }
+        async with self._slots:
+            try:
+                status = await asyncio.wait_for(self._post(url, headers, body), self._timeout_s)
+            except asyncio.TimeoutError:
+                return f"no answer within {self._timeout_s:g} s"
+            except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
+                return type(error).__name__
+        return None if 200 <= status < 300 else f"HTTP {status}"
+
+    async def _post(self, url: str, headers: dict, body: bytes) -> int:
+        # Streamed so that a receiver's (possibly huge) answer body is never read.
+        async with self._client.stream("POST", url, content=body, headers=headers) as response:
+            return response.status_code
+
+    async def _check_destination(self, url: str) -> None:
+        """Raise _Refused unless url is http(s) and, without allow_private, every address is public."""
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port
+        except ValueError as error:
+            raise _Refused(f"malformed URL ({error})") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise _Refused("not an http(s) URL")
+        if self._allow_private:
+            return
+        port = port or (443 if parts.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            address = ipaddress.ip_address(sockaddr[0].split("%")[0])
+            if address.version == 6 and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if not address.is_global or address.is_multicast:
+                raise _Refused(f"{host} resolves to the non-public address {address}")
+
+
+def _host_of(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"
