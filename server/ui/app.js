@@ -1,0 +1,602 @@
+// The mask-painting page: open an image, paint a mask, run flux-fill-dev through the public API.
+
+import { Api, ApiError, TERMINAL, parseProgress, parseSeed } from "./api.js";
+import { MaskEditor, MIN_BRUSH, MAX_BRUSH } from "./editor.js";
+import { PredictionForm } from "./form.js";
+import { HistoryList, statusLabel } from "./history.js";
+import { fetchImage, outputSize, readImage } from "./images.js";
+import { renderOutputs } from "./results.js";
+
+const $ = (selector) => document.querySelector(selector);
+const POLL_MS = 500;
+
+const api = new Api();
+const form = new PredictionForm($("#predict-form"));
+const editor = new MaskEditor({
+  stage: $("#stage"),
+  imageCanvas: $("#image-canvas"),
+  maskCanvas: $("#mask-canvas"),
+  cursor: $("#brush-cursor"),
+});
+
+/** The image being edited: what is sent as `image`, and a name for the page. */
+let source = null;
+
+// --- token -----------------------------------------------------------------------------------
+
+const tokenInput = $("#token-input");
+tokenInput.value = api.token;
+tokenInput.addEventListener("input", () => {
+  api.token = tokenInput.value.trim();
+  $("#token-form").classList.remove("invalid", "attention");
+  $("#token-message").textContent = "";
+});
+$("#token-form").addEventListener("submit", (e) => e.preventDefault());
+$("#token-toggle").addEventListener("click", (e) => {
+  const show = tokenInput.type === "password";
+  tokenInput.type = show ? "text" : "password";
+  e.currentTarget.textContent = show ? "Hide" : "Show";
+  e.currentTarget.setAttribute("aria-pressed", String(show));
+  e.currentTarget.setAttribute("aria-label", show ? "Hide token" : "Show token");
+});
+
+function askForToken(message) {
+  const box = $("#token-form");
+  box.classList.add("invalid", "attention");
+  $("#token-message").textContent = message;
+  tokenInput.focus();
+  box.scrollIntoView({ block: "nearest" });
+}
+
+// --- toast -----------------------------------------------------------------------------------
+
+let toastTimer = null;
+function toast(message) {
+  const t = $("#toast");
+  t.textContent = message;
+  t.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { t.hidden = true; }, 3500);
+}
+
+// --- the editor ------------------------------------------------------------------------------
+
+const stageWrap = $("#stage-wrap");
+
+function fitStage() {
+  if (!editor.hasImage) return;
+  const style = getComputedStyle(stageWrap);
+  const availW = stageWrap.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const availH = Math.max(240, Math.min(window.innerHeight * 0.66, 900));
+  const scale = Math.min(availW / editor.width, availH / editor.height, 8);
+  const stage = $("#stage");
+  stage.style.width = `${Math.max(1, Math.floor(editor.width * scale))}px`;
+  stage.style.height = `${Math.max(1, Math.floor(editor.height * scale))}px`;
+  stage.classList.toggle("pixelated", scale >= 2);
+}
+new ResizeObserver(fitStage).observe(stageWrap);
+window.addEventListener("resize", fitStage);
+
+function describeImage() {
+  const info = $("#image-info");
+  if (!editor.hasImage) {
+    info.textContent = "No image loaded.";
+    return;
+  }
+  const coverage = editor.coverage();
+  const mask = coverage > 0 ? `mask covers ${(coverage * 100).toFixed(coverage < 0.01 ? 2 : 1)}%` : "no mask painted yet";
+  const size = outputSize(editor.width, editor.height, form.control("megapixels").value);
+  info.textContent = `${source?.name || "image"} · ${editor.width}×${editor.height} px · ${mask}`;
+  $("#size-preview").textContent =
+    form.control("outpaint").value === "None" && !form.control("crop_to_mask").checked
+      ? `Generates at ${size.width}×${size.height}.`
+      : "";
+}
+
+function updateTools() {
+  $("#undo").disabled = !editor.canUndo;
+  $("#redo").disabled = !editor.canRedo;
+  for (const id of ["#clear-mask", "#invert-mask"]) $(id).disabled = !editor.hasImage;
+  $("#tool-brush").setAttribute("aria-pressed", String(editor.tool === "brush"));
+  $("#tool-eraser").setAttribute("aria-pressed", String(editor.tool === "eraser"));
+  $("#brush-size").value = editor.brushSize;
+  $("#brush-size-value").textContent = editor.brushSize;
+}
+
+editor.addEventListener("change", (e) => {
+  updateTools();
+  if (e.detail === "mask" || e.detail === "all") {
+    describeImage();
+    form.clearError("mask");
+  }
+});
+
+async function openImage(blob, name, { keepForm = true } = {}) {
+  if (!blob || !blob.type.startsWith("image/")) {
+    toast("That file is not an image.");
+    return false;
+  }
+  let read;
+  try {
+    read = await readImage(blob);
+  } catch {
+    toast("This image could not be read by the browser.");
+    return false;
+  }
+  source = { name: name || "pasted image", dataUri: read.dataUri, reencoded: read.reencoded };
+  const transparent = editor.setImage(read.bitmap);
+  $("#dropzone").hidden = true;
+  $("#stage").hidden = false;
+  form.clearError("image");
+  fitStage();
+  describeImage();
+  if (transparent) toast("Transparent pixels were added to the mask.");
+  if (!keepForm) form.reset();
+  return true;
+}
+
+$("#image-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  if (file) await openImage(file, file.name);
+  e.target.value = "";
+});
+
+$("#mask-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  e.target.value = "";
+  if (!file) return;
+  if (!editor.hasImage) {
+    toast("Open an image before loading a mask.");
+    return;
+  }
+  try {
+    editor.loadMask(await createImageBitmap(file));
+  } catch {
+    toast("This mask could not be read by the browser.");
+  }
+});
+
+// Drag and drop anywhere on the editor card; paste anywhere on the page.
+const editorCard = $(".editor");
+let dragDepth = 0;
+editorCard.addEventListener("dragenter", (e) => {
+  if (![...e.dataTransfer.types].includes("Files")) return;
+  e.preventDefault();
+  dragDepth += 1;
+  editorCard.classList.add("dragging");
+});
+editorCard.addEventListener("dragover", (e) => {
+  if ([...e.dataTransfer.types].includes("Files")) e.preventDefault();
+});
+editorCard.addEventListener("dragleave", () => {
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (!dragDepth) editorCard.classList.remove("dragging");
+});
+editorCard.addEventListener("drop", async (e) => {
+  e.preventDefault();
+  dragDepth = 0;
+  editorCard.classList.remove("dragging");
+  const file = [...e.dataTransfer.files].find((f) => f.type.startsWith("image/"));
+  if (file) await openImage(file, file.name);
+  else toast("Drop an image file.");
+});
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => e.preventDefault());
+
+document.addEventListener("paste", async (e) => {
+  const item = [...(e.clipboardData?.items || [])].find((i) => i.kind === "file" && i.type.startsWith("image/"));
+  if (!item) return; // plain text pastes into fields as usual
+  e.preventDefault();
+  const file = item.getAsFile();
+  await openImage(file, file.name && file.name !== "image.png" ? file.name : "pasted image");
+});
+
+$("#tool-brush").addEventListener("click", () => editor.setTool("brush"));
+$("#tool-eraser").addEventListener("click", () => editor.setTool("eraser"));
+$("#brush-size").addEventListener("input", (e) => editor.setBrushSize(Number(e.target.value)));
+$("#undo").addEventListener("click", () => editor.undo());
+$("#redo").addEventListener("click", () => editor.redo());
+$("#clear-mask").addEventListener("click", () => editor.clear());
+$("#invert-mask").addEventListener("click", () => editor.invert());
+for (const radio of document.querySelectorAll('input[name="view"]')) {
+  radio.addEventListener("change", () => { $("#stage").dataset.view = radio.value; });
+}
+$("#stage").dataset.view = "overlay";
+editor.setTool("brush");
+editor.setBrushSize(40);
+
+function isTextField(target) {
+  return target instanceof HTMLElement &&
+    (target.isContentEditable || target.matches("textarea, select, input:not([type=range]):not([type=checkbox]):not([type=radio]):not([type=button])"));
+}
+
+document.addEventListener("keydown", (e) => {
+  const mod = e.ctrlKey || e.metaKey;
+  if (mod && e.key === "Enter") {
+    e.preventDefault();
+    form.form.requestSubmit();
+    return;
+  }
+  if (isTextField(e.target)) return;
+  const key = e.key.toLowerCase();
+  if (mod && key === "z") {
+    e.preventDefault();
+    if (e.shiftKey) editor.redo(); else editor.undo();
+  } else if (mod && key === "y") {
+    e.preventDefault();
+    editor.redo();
+  } else if (!mod && !e.altKey) {
+    const size = editor.brushSize;
+    const step = Math.max(1, Math.round(size * 0.15));
+    if (e.key === "[") editor.setBrushSize(Math.max(MIN_BRUSH, size - step));
+    else if (e.key === "]") editor.setBrushSize(Math.min(MAX_BRUSH, size + step));
+    else if (key === "b") editor.setTool("brush");
+    else if (key === "e") editor.setTool("eraser");
+  }
+});
+
+// --- the form --------------------------------------------------------------------------------
+
+form.form.addEventListener("input", (e) => {
+  if (e.target.name) form.clearError(e.target.name);
+  if (["megapixels", "outpaint", "crop_to_mask"].includes(e.target.name)) describeImage();
+});
+form.form.addEventListener("change", (e) => {
+  if (["megapixels", "outpaint", "crop_to_mask"].includes(e.target.name)) describeImage();
+});
+$("#seed-clear").addEventListener("click", () => {
+  const seed = form.control("seed");
+  seed.value = "";
+  seed.dispatchEvent(new Event("input", { bubbles: true }));
+});
+$("#reset-form").addEventListener("click", () => form.reset());
+
+function showFormError(message) {
+  const box = $("#form-error");
+  box.replaceChildren();
+  if (!message) {
+    box.hidden = true;
+    return;
+  }
+  if (typeof message === "string") box.textContent = message;
+  else box.append(message);
+  box.hidden = false;
+}
+
+let retryTimer = null;
+function queueFull(seconds) {
+  const generate = $("#generate");
+  clearInterval(retryTimer);
+  let left = Number.parseInt(seconds, 10);
+  if (!Number.isFinite(left) || left <= 0) {
+    showFormError("The queue is full. Try again in a moment.");
+    return;
+  }
+  const tick = () => {
+    if (left <= 0) {
+      clearInterval(retryTimer);
+      generate.disabled = Boolean(tracked && !TERMINAL.has(tracked.status));
+      showFormError("The queue had no room. You can try again now.");
+      return;
+    }
+    showFormError(`The queue is full. Retry after ${left} second${left === 1 ? "" : "s"}.`);
+    left -= 1;
+  };
+  generate.disabled = true;
+  tick();
+  retryTimer = setInterval(tick, 1000);
+}
+
+/** Show an API error where it belongs: fields, the token box, or the form's alert. */
+function showApiError(err) {
+  if (!(err instanceof ApiError)) {
+    showFormError(`Something went wrong: ${err.message}`);
+    return;
+  }
+  if (err.status === 401) {
+    askForToken(err.body?.detail || "The server needs an API token.");
+    showFormError("The server needs a valid API token: enter it at the top of the page.");
+  } else if (err.status === 429) {
+    queueFull(err.retryAfter);
+  } else if (err.status === 422 && err.invalidFields.length) {
+    form.showErrors(err.invalidFields);
+    const list = document.createElement("div");
+    const title = document.createElement("strong");
+    title.textContent = err.body?.title || "Input validation failed";
+    list.append(title);
+    const ul = document.createElement("ul");
+    for (const { field, description } of err.invalidFields) {
+      const li = document.createElement("li");
+      li.textContent = `${field}: ${description}`;
+      ul.append(li);
+    }
+    list.append(ul);
+    showFormError(list);
+  } else {
+    showFormError(err.message);
+  }
+}
+
+form.form.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  clearInterval(retryTimer);
+  showFormError(null);
+  form.clearErrors();
+  const input = form.read();
+  if (editor.hasImage) {
+    input.image = source.dataUri;
+    const mask = editor.exportMask();
+    if (mask) input.mask = mask;
+  }
+  const generate = $("#generate");
+  generate.disabled = true;
+  generate.classList.add("busy");
+  let prediction;
+  try {
+    prediction = await api.createPrediction(input);
+  } catch (err) {
+    generate.disabled = false;
+    generate.classList.remove("busy");
+    showApiError(err);
+    return;
+  }
+  generate.classList.remove("busy");
+  historyList.upsert(prediction);
+  historyList.select(prediction.id);
+  track(prediction, source?.dataUri);
+});
+
+// --- the current prediction ------------------------------------------------------------------
+
+/** What the page follows now: {id, status, before, es, timer, streamLogs, outputsKey}. */
+let tracked = null;
+
+function stopTracking() {
+  if (!tracked) return;
+  tracked.es?.close();
+  clearTimeout(tracked.timer);
+  tracked.stopped = true;
+}
+
+function cleanLogs(logs) {
+  // tqdm redraws its bar with \r: keep the last drawing of each line.
+  return (logs || "").split("\n").map((line) => line.split("\r").filter(Boolean).pop() || "").join("\n");
+}
+
+function showProgress(prediction, logs) {
+  const bar = $("#progress");
+  const fill = $("#progress-fill");
+  const text = $("#progress-text");
+  const status = prediction.status;
+  const progress = parseProgress(logs);
+  bar.classList.toggle("indeterminate", false);
+  let fraction = 0;
+  let message = "";
+  if (status === "starting") {
+    bar.classList.add("indeterminate");
+    message = "Waiting in the queue…";
+  } else if (status === "processing") {
+    if (progress) {
+      fraction = progress.fraction;
+      message = `Step ${progress.current} of ${progress.total}`;
+    } else {
+      bar.classList.add("indeterminate");
+      message = "Running…";
+    }
+  } else if (status === "succeeded") {
+    fraction = 1;
+    const t = prediction.metrics?.predict_time;
+    message = t !== undefined ? `Done in ${Number(t).toFixed(1)} s.` : "Done.";
+  } else if (status === "failed") {
+    fraction = progress ? progress.fraction : 0;
+    message = "Failed.";
+  } else if (status === "canceled") {
+    fraction = progress ? progress.fraction : 0;
+    message = "Canceled.";
+  }
+  fill.style.width = `${Math.round(fraction * 100)}%`;
+  bar.setAttribute("aria-valuenow", String(Math.round(fraction * 100)));
+  bar.dataset.status = status;
+  text.textContent = message;
+
+  // The same, small, under the Generate button: the result card can be below the fold.
+  const mini = $("#mini-progress");
+  mini.hidden = false;
+  mini.dataset.status = status;
+  const miniBar = mini.querySelector(".progress");
+  miniBar.className = `${bar.className} progress-thin`;
+  miniBar.dataset.status = status;
+  $("#mini-progress-fill").style.width = fill.style.width;
+  $("#mini-progress-text").textContent = status === "succeeded" ? `${message} See the result ↓` : message;
+}
+
+function render(prediction) {
+  const card = $("#run-card");
+  card.hidden = false;
+  card.dataset.status = prediction.status;
+  const badge = $("#run-status");
+  badge.textContent = statusLabel(prediction.status);
+  badge.dataset.status = prediction.status;
+  $("#run-id").textContent = prediction.id;
+
+  // The stream can be ahead of the last poll; the polled logs are the record.
+  const streamed = tracked && tracked.id === prediction.id ? tracked.streamLogs : "";
+  const polled = prediction.logs || "";
+  const logs = streamed.length > polled.length ? streamed : polled;
+  $("#run-logs").textContent = cleanLogs(polled || streamed);
+  showProgress(prediction, logs);
+
+  const error = $("#run-error");
+  error.hidden = prediction.status !== "failed";
+  error.textContent = prediction.status === "failed" ? (prediction.error || "The prediction failed.") : "";
+
+  const outputs = Array.isArray(prediction.output) ? prediction.output : [];
+  const key = outputs.join("|").length + ":" + outputs.length + ":" + prediction.id;
+  if (!tracked || tracked.outputsKey !== key) {
+    renderOutputs($("#outputs"), {
+      outputs,
+      before: tracked?.before,
+      format: prediction.input?.output_format,
+      onEdit: editOutput,
+    });
+    if (tracked) tracked.outputsKey = key;
+  }
+
+  const meta = $("#run-meta");
+  meta.replaceChildren();
+  const seed = prediction.input?.seed ?? parseSeed(logs);
+  if (seed !== null && seed !== undefined) {
+    const span = document.createElement("span");
+    span.textContent = `Seed ${seed}`;
+    const reuse = document.createElement("button");
+    reuse.type = "button";
+    reuse.className = "btn btn-ghost btn-small";
+    reuse.textContent = "Reuse seed";
+    reuse.addEventListener("click", () => {
+      const field = form.control("seed");
+      field.value = String(seed);
+      field.dispatchEvent(new Event("input", { bubbles: true }));
+      toast(`Seed set to ${seed}.`);
+    });
+    meta.append(span, reuse);
+  }
+
+  const active = !TERMINAL.has(prediction.status);
+  $("#cancel").hidden = !active;
+  $("#generate").disabled = active;
+}
+
+function track(prediction, before) {
+  stopTracking();
+  tracked = { id: prediction.id, status: prediction.status, before, streamLogs: "", outputsKey: null };
+  const mine = tracked;
+  render(prediction);
+  if (TERMINAL.has(prediction.status)) return;
+
+  const stream = prediction.urls?.stream;
+  if (stream && "EventSource" in window) {
+    const es = new EventSource(stream);
+    mine.es = es;
+    es.addEventListener("logs", (e) => {
+      mine.streamLogs += e.data.endsWith("\n") || e.data.endsWith("\r") ? e.data : `${e.data}\n`;
+      if (!mine.stopped) showProgress({ status: "processing" }, mine.streamLogs);
+    });
+    es.addEventListener("done", () => { es.close(); poll(0); });
+    es.addEventListener("error", () => { es.close(); }); // polling carries on
+  }
+
+  async function poll(delay = POLL_MS) {
+    clearTimeout(mine.timer);
+    mine.timer = setTimeout(async () => {
+      if (mine.stopped) return;
+      try {
+        const latest = await api.getPrediction(mine.id);
+        if (mine.stopped) return;
+        mine.status = latest.status;
+        render(latest);
+        historyList.upsert(latest);
+        if (TERMINAL.has(latest.status)) {
+          mine.es?.close();
+          historyList.load();
+          return;
+        }
+      } catch (err) {
+        if (err instanceof ApiError && err.status === 401) {
+          askForToken("The server needs an API token to follow this prediction.");
+        }
+      }
+      poll();
+    }, delay);
+  }
+  poll();
+}
+
+$("#cancel").addEventListener("click", async () => {
+  if (!tracked) return;
+  const button = $("#cancel");
+  button.disabled = true;
+  try {
+    const prediction = await api.cancelPrediction(tracked.id);
+    render(prediction);
+    historyList.upsert(prediction);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) askForToken("The server needs an API token.");
+    else toast(`Could not cancel: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
+});
+
+async function editOutput(output) {
+  try {
+    const blob = await fetchImage(output);
+    if (blob) await openImage(blob, "result");
+    $(".editor").scrollIntoView({ behavior: "smooth", block: "start" });
+  } catch (err) {
+    toast(`Could not open the result: ${err.message}`);
+  }
+}
+
+// --- history ---------------------------------------------------------------------------------
+
+async function reopen(id) {
+  let prediction;
+  try {
+    prediction = await api.getPrediction(id);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) askForToken("The server needs an API token.");
+    else toast(`Could not open this prediction: ${err.message}`);
+    return;
+  }
+  historyList.select(id);
+  showFormError(null);
+  form.clearErrors();
+  form.write(prediction.input || {});
+
+  const image = prediction.input?.image;
+  let before = null;
+  try {
+    const blob = typeof image === "string" ? await fetchImage(image) : null;
+    if (blob && await openImage(blob, `input of ${id.slice(0, 8)}`)) {
+      before = source.dataUri;
+      const mask = prediction.input?.mask;
+      const maskBlob = typeof mask === "string" ? await fetchImage(mask) : null;
+      if (maskBlob) editor.loadMask(await createImageBitmap(maskBlob));
+    } else {
+      toast("The input image of this prediction cannot be shown here.");
+    }
+  } catch {
+    toast("The input image of this prediction is no longer available.");
+  }
+  track(prediction, before);
+  $("#run-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+const historyList = new HistoryList({
+  api,
+  list: $("#history-list"),
+  empty: $("#history-empty"),
+  more: $("#history-more"),
+  onOpen: reopen,
+  onError: (err) => {
+    if (err instanceof ApiError && err.status === 401) askForToken("Enter the API token to see the history.");
+  },
+});
+$("#history-refresh").addEventListener("click", () => historyList.load());
+
+// --- start -----------------------------------------------------------------------------------
+
+api.health().then((health) => {
+  if (!health) return;
+  if (health.demo) $("#demo-banner").hidden = false;
+  if (health.model) {
+    $("#model-name").textContent = String(health.model);
+    $("#model-line").hidden = false;
+  }
+});
+historyList.load();
+updateTools();
+// urls.web links here with ?prediction=<id>.
+const linked = new URLSearchParams(window.location.search).get("prediction");
+if (linked) reopen(linked);
+document.body.dataset.ready = "true";

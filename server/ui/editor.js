@@ -1,0 +1,310 @@
+// The mask editor: an image and a mask painted over it, both at the image's natural size.
+//
+// The mask lives in the alpha channel of `maskCanvas` (painted in one tint colour so it can be
+// shown as an overlay); it is exported as an opaque greyscale PNG where white means "repaint".
+// Undo keeps, per edit, only the rectangle of the mask that the edit touched.
+
+const MASK_TINT = [255, 45, 120];
+const UNDO_LIMIT = 60;
+const UNDO_BYTES = 320 * 1024 * 1024;
+
+export const MIN_BRUSH = 2;
+export const MAX_BRUSH = 300;
+
+export function decodeImage(blob) {
+  // Browsers apply EXIF orientation when decoding; callers re-encode such files (see app.js) so
+  // the pixels sent match the pixels painted on.
+  return createImageBitmap(blob);
+}
+
+function makeCanvas(width, height, readback = false) {
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d", readback ? { willReadFrequently: true } : undefined);
+  return { canvas, ctx };
+}
+
+export class MaskEditor extends EventTarget {
+  constructor({ stage, imageCanvas, maskCanvas, cursor }) {
+    super();
+    this.stage = stage;
+    this.imageCanvas = imageCanvas;
+    this.maskCanvas = maskCanvas;
+    this.cursor = cursor;
+    this.imageCtx = imageCanvas.getContext("2d");
+    this.maskCtx = null;
+    this.width = 0;
+    this.height = 0;
+    this.bitmap = null;
+    this.tool = "brush";
+    this.brushSize = 40; // in screen pixels, so it looks the same whatever the image's size
+    this.undoStack = [];
+    this.redoStack = [];
+    this.stroke = null;
+    this.backup = null;
+    this._bindPointer();
+  }
+
+  get hasImage() {
+    return this.width > 0;
+  }
+
+  /** Show `bitmap` and start a new mask; transparent pixels pre-fill it. Returns true if they did. */
+  setImage(bitmap) {
+    this.bitmap = bitmap;
+    this.width = bitmap.width;
+    this.height = bitmap.height;
+    for (const c of [this.imageCanvas, this.maskCanvas]) {
+      c.width = this.width;
+      c.height = this.height;
+    }
+    this.imageCtx = this.imageCanvas.getContext("2d");
+    this.maskCtx = this.maskCanvas.getContext("2d", { willReadFrequently: true });
+    this.imageCtx.drawImage(bitmap, 0, 0);
+    this.backup = makeCanvas(this.width, this.height, true);
+    this.undoStack = [];
+    this.redoStack = [];
+
+    // Black Forest Labs' convention: transparent = repaint.
+    const probe = makeCanvas(this.width, this.height, true);
+    probe.ctx.drawImage(bitmap, 0, 0);
+    const pixels = probe.ctx.getImageData(0, 0, this.width, this.height).data;
+    let transparent = false;
+    for (let i = 3; i < pixels.length; i += 4) {
+      if (pixels[i] < 255) { transparent = true; break; }
+    }
+    if (transparent) {
+      const mask = this.maskCtx.createImageData(this.width, this.height);
+      const out = mask.data;
+      for (let i = 0; i < out.length; i += 4) {
+        out[i] = MASK_TINT[0]; out[i + 1] = MASK_TINT[1]; out[i + 2] = MASK_TINT[2];
+        out[i + 3] = 255 - pixels[i + 3];
+      }
+      this.maskCtx.putImageData(mask, 0, 0);
+    }
+    this._changed();
+    return transparent;
+  }
+
+  /** Replace the mask with a greyscale image (any size; scaled to the image's). */
+  loadMask(bitmap) {
+    if (!this.hasImage) return;
+    this._editWhole(() => {
+      const { ctx } = makeCanvas(this.width, this.height, true);
+      ctx.fillStyle = "#000";
+      ctx.fillRect(0, 0, this.width, this.height);
+      ctx.drawImage(bitmap, 0, 0, this.width, this.height);
+      const src = ctx.getImageData(0, 0, this.width, this.height).data;
+      const mask = this.maskCtx.createImageData(this.width, this.height);
+      const out = mask.data;
+      for (let i = 0; i < out.length; i += 4) {
+        out[i] = MASK_TINT[0]; out[i + 1] = MASK_TINT[1]; out[i + 2] = MASK_TINT[2];
+        out[i + 3] = Math.round(0.299 * src[i] + 0.587 * src[i + 1] + 0.114 * src[i + 2]);
+      }
+      this.maskCtx.putImageData(mask, 0, 0);
+    });
+  }
+
+  clear() {
+    if (!this.hasImage) return;
+    this._editWhole(() => this.maskCtx.clearRect(0, 0, this.width, this.height));
+  }
+
+  invert() {
+    if (!this.hasImage) return;
+    this._editWhole(() => {
+      const mask = this.maskCtx.getImageData(0, 0, this.width, this.height);
+      const out = mask.data;
+      for (let i = 0; i < out.length; i += 4) {
+        out[i] = MASK_TINT[0]; out[i + 1] = MASK_TINT[1]; out[i + 2] = MASK_TINT[2];
+        out[i + 3] = 255 - out[i + 3];
+      }
+      this.maskCtx.putImageData(mask, 0, 0);
+    });
+  }
+
+  undo() { this._step(this.undoStack, this.redoStack, "before"); }
+  redo() { this._step(this.redoStack, this.undoStack, "after"); }
+  get canUndo() { return this.undoStack.length > 0; }
+  get canRedo() { return this.redoStack.length > 0; }
+
+  setTool(tool) {
+    this.tool = tool;
+    this.stage.dataset.tool = tool;
+    this._changed("tool");
+  }
+
+  setBrushSize(size) {
+    this.brushSize = Math.max(MIN_BRUSH, Math.min(MAX_BRUSH, Math.round(size)));
+    this._sizeCursor();
+    this._changed("brush");
+  }
+
+  /** The mask as an opaque black/white PNG data URI at the image's size, or null if it is empty. */
+  exportMask() {
+    if (!this.hasImage) return null;
+    const src = this.maskCtx.getImageData(0, 0, this.width, this.height).data;
+    const { canvas, ctx } = makeCanvas(this.width, this.height, true);
+    const img = ctx.createImageData(this.width, this.height);
+    const out = img.data;
+    let any = false;
+    for (let i = 0; i < out.length; i += 4) {
+      const a = src[i + 3];
+      if (a) any = true;
+      out[i] = out[i + 1] = out[i + 2] = a;
+      out[i + 3] = 255;
+    }
+    if (!any) return null;
+    ctx.putImageData(img, 0, 0);
+    return canvas.toDataURL("image/png");
+  }
+
+  /** The share of the image that the mask covers, 0..1 (soft pixels count by their value). */
+  coverage() {
+    if (!this.hasImage) return 0;
+    const src = this.maskCtx.getImageData(0, 0, this.width, this.height).data;
+    let sum = 0;
+    for (let i = 3; i < src.length; i += 4) sum += src[i];
+    return sum / (255 * this.width * this.height);
+  }
+
+  /** Image pixels per CSS pixel of the canvas as displayed. */
+  scale() {
+    const rect = this.maskCanvas.getBoundingClientRect();
+    return rect.width ? this.width / rect.width : 1;
+  }
+
+  // --- painting -----------------------------------------------------------------------------
+
+  _bindPointer() {
+    const c = this.maskCanvas;
+    c.addEventListener("pointerdown", (e) => this._down(e));
+    c.addEventListener("pointermove", (e) => this._move(e));
+    c.addEventListener("pointerup", (e) => this._up(e));
+    c.addEventListener("pointercancel", (e) => this._up(e));
+    c.addEventListener("pointerenter", (e) => this._hover(e));
+    c.addEventListener("pointerleave", () => { this.cursor.hidden = true; });
+    c.addEventListener("contextmenu", (e) => e.preventDefault());
+  }
+
+  _point(e) {
+    const rect = this.maskCanvas.getBoundingClientRect();
+    return {
+      x: ((e.clientX - rect.left) / rect.width) * this.width,
+      y: ((e.clientY - rect.top) / rect.height) * this.height,
+    };
+  }
+
+  _hover(e) {
+    if (e.pointerType === "touch") { this.cursor.hidden = true; return; }
+    const rect = this.stage.getBoundingClientRect();
+    this.cursor.hidden = false;
+    this.cursor.style.left = `${e.clientX - rect.left}px`;
+    this.cursor.style.top = `${e.clientY - rect.top}px`;
+  }
+
+  _sizeCursor() {
+    this.cursor.style.width = this.cursor.style.height = `${this.brushSize}px`;
+  }
+
+  _down(e) {
+    if (!this.hasImage || (e.pointerType === "mouse" && e.button !== 0)) return;
+    e.preventDefault();
+    this.maskCanvas.setPointerCapture(e.pointerId);
+    this.backup.ctx.clearRect(0, 0, this.width, this.height);
+    this.backup.ctx.drawImage(this.maskCanvas, 0, 0);
+    const p = this._point(e);
+    const width = this.brushSize * this.scale();
+    this.stroke = { id: e.pointerId, last: p, width, box: [p.x, p.y, p.x, p.y] };
+    this._segment(p, p);
+  }
+
+  _move(e) {
+    this._hover(e);
+    if (!this.stroke || e.pointerId !== this.stroke.id) return;
+    const events = e.getCoalescedEvents ? e.getCoalescedEvents() : [e];
+    for (const ev of events.length ? events : [e]) {
+      const p = this._point(ev);
+      this._segment(this.stroke.last, p);
+      this.stroke.last = p;
+    }
+  }
+
+  _up(e) {
+    if (!this.stroke || e.pointerId !== this.stroke.id) return;
+    const { box, width } = this.stroke;
+    this.stroke = null;
+    const pad = width / 2 + 2;
+    const x0 = Math.max(0, Math.floor(box[0] - pad));
+    const y0 = Math.max(0, Math.floor(box[1] - pad));
+    const x1 = Math.min(this.width, Math.ceil(box[2] + pad));
+    const y1 = Math.min(this.height, Math.ceil(box[3] + pad));
+    if (x1 <= x0 || y1 <= y0) return;
+    const w = x1 - x0;
+    const h = y1 - y0;
+    this._push({
+      x: x0, y: y0,
+      before: this.backup.ctx.getImageData(x0, y0, w, h),
+      after: this.maskCtx.getImageData(x0, y0, w, h),
+    });
+    this._changed("mask");
+  }
+
+  _segment(a, b) {
+    const ctx = this.maskCtx;
+    const s = this.stroke;
+    ctx.save();
+    ctx.globalCompositeOperation = this.tool === "eraser" ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = `rgb(${MASK_TINT.join(",")})`;
+    ctx.lineWidth = s.width;
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    if (a.x === b.x && a.y === b.y) {
+      ctx.arc(a.x, a.y, s.width / 2, 0, Math.PI * 2);
+      ctx.fill();
+    } else {
+      ctx.moveTo(a.x, a.y);
+      ctx.lineTo(b.x, b.y);
+      ctx.stroke();
+    }
+    ctx.restore();
+    s.box[0] = Math.min(s.box[0], b.x);
+    s.box[1] = Math.min(s.box[1], b.y);
+    s.box[2] = Math.max(s.box[2], b.x);
+    s.box[3] = Math.max(s.box[3], b.y);
+  }
+
+  // --- history ------------------------------------------------------------------------------
+
+  _editWhole(fn) {
+    const before = this.maskCtx.getImageData(0, 0, this.width, this.height);
+    fn();
+    const after = this.maskCtx.getImageData(0, 0, this.width, this.height);
+    this._push({ x: 0, y: 0, before, after });
+    this._changed("mask");
+  }
+
+  _push(entry) {
+    this.undoStack.push(entry);
+    this.redoStack = [];
+    const bytes = (e) => e.before.data.length * 2;
+    let total = this.undoStack.reduce((n, e) => n + bytes(e), 0);
+    while (this.undoStack.length > UNDO_LIMIT || (total > UNDO_BYTES && this.undoStack.length > 1)) {
+      total -= bytes(this.undoStack.shift());
+    }
+  }
+
+  _step(from, to, which) {
+    const entry = from.pop();
+    if (!entry) return;
+    this.maskCtx.putImageData(entry[which], entry.x, entry.y);
+    to.push(entry);
+    this._changed("mask");
+  }
+
+  _changed(what = "all") {
+    this.dispatchEvent(new CustomEvent("change", { detail: what }));
+  }
+}
