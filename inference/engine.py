@@ -205,14 +205,15 @@ class Engine:
         from .compositing import composite, mask_regions, region_size_for_budget
 
         model_mask = self._grown(scene.mask, inp.mask_grow)
-        boxes = mask_regions(model_mask, inp.crop_margin)
+        blur = inp.mask_blur or CROP_SEAM_BLUR
+        # The context margin always holds the feathered band, so the pasted region has no visible edge.
+        boxes = mask_regions(model_mask, max(inp.crop_margin, blur + 8))
         results = [scene.image.copy() for _ in seeds]
         if not boxes:
             log("The mask is empty: nothing to repaint")
             return results
         sizes = [region_size_for_budget(x1 - x0, y1 - y0, inp.megapixels) for x0, y0, x1, y1 in boxes]
         progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)) * len(boxes), on_step, cancelled)
-        blur = inp.mask_blur or CROP_SEAM_BLUR
         for box, size in zip(boxes, sizes):
             x0, y0, x1, y1 = box
             log(f"Region {x0},{y0}-{x1},{y1} generated at {size[0]}x{size[1]}")

@@ -15,7 +15,7 @@ import traceback
 from tqdm import tqdm
 
 from inference.engine import Engine
-from inference.errors import Cancelled, InvalidInput, LoraError, SafetyError
+from inference.errors import Cancelled, InvalidInput, SafetyError
 from inference.inputs import parse_input
 
 from .protocol import Status

@@ -1,0 +1,122 @@
+"""Small builders shared by the tests: images, data URIs, a live server process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    if mode == "RGBA":
+        arr[..., 3] = 255
+    return Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode)
+
+
+def box_mask(width: int, height: int, box: tuple[int, int, int, int], value: int = 255) -> Image.Image:
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(value, box)
+    return mask
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(img: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+def decode_data_uri(uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    """A real `flux-fill serve` process on loopback."""
+
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> "LiveServer":
+        self.port = self.port or free_port()
+        self.log_path = self.data_dir.parent / f"server-{self.port}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+               *self.args]
+        self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log_path, "ab"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                status = httpx.get(f"{self.url}/health", timeout=2).json()["status"]
+                if status in ("READY", "BUSY"):
+                    return self
+                if status == "SETUP_FAILED":
+                    raise RuntimeError(f"server setup failed:\n{self.log()}")
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 40) -> int | None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode if self.process else None
+
+
+def fast_input(img: Image.Image, mask: Image.Image | None = None, **extra) -> dict:
+    """An input that runs in a fraction of a second on the tiny model."""
+    inp = {"prompt": "a red cat", "image": data_uri(img), "megapixels": "match_input", "num_inference_steps": 2,
+           "output_format": "png"}
+    if mask is not None:
+        inp["mask"] = data_uri(mask)
+    inp.update(extra)
+    return inp
