@@ -44,6 +44,11 @@ def check_model(owner: str, name: str) -> None:
         raise not_found()
 
 
+def known_model(owner: str, name: str) -> None:
+    """A dependency: an unknown model is 404 before its body is validated."""
+    check_model(owner, name)
+
+
 def version_from(value: str | None) -> str:
     """The prediction's ``version`` field from the body's: "hidden" for a model ref, else the id."""
     if not value:
@@ -86,8 +91,7 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
              summary="Create a prediction for the model")
 async def create_for_model(owner: str, name: str, body: PredictionRequest, request: Request,
                            prefer: str | None = Header(None), caller=Depends(require_auth),
-                           state: AppState = Depends(get_state)):
-    check_model(owner, name)
+                           _model=Depends(known_model), state: AppState = Depends(get_state)):
     return await create(state, request, body, "hidden", caller, prefer)
 
 

@@ -1,0 +1,304 @@
+"""The contract, driven by the official replicate client against a live server on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import pytest
+import replicate
+from PIL import Image
+from replicate.exceptions import ModelError, ReplicateError
+
+from tests.conftest import TOKEN
+from tests.helpers import box_mask, data_uri, decode_data_uri, fast_input, noise_image, png_bytes
+
+MODEL = "black-forest-labs/flux-fill-dev"
+
+
+@pytest.fixture(scope="module")
+def client(auth_server):
+    return replicate.Client(base_url=f"{auth_server.url}/replicate", api_token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    return noise_image(64, 64, seed=11), box_mask(64, 64, (8, 8, 40, 40))
+
+
+def test_run_returns_file_objects_with_the_image_bytes(client, picture):
+    img, mask = picture
+    out = client.run(MODEL, input=fast_input(img, mask, num_outputs=2, seed=5))
+    assert len(out) == 2
+    for item in out:
+        data = item.read()
+        assert Image.open(io.BytesIO(data)).size == (64, 64)
+    assert out[0].read() != out[1].read()
+
+
+def test_run_with_file_handles_uploads_through_files_api(client, picture, auth_server):
+    img, mask = picture
+    inp = fast_input(img, seed=5)
+    inp["image"] = io.BytesIO(png_bytes(img))
+    inp["mask"] = io.BytesIO(png_bytes(mask))
+    out = client.run(MODEL, input=inp)
+    same = client.run(MODEL, input=fast_input(img, mask, seed=5))
+    assert out[0].read() == same[0].read()
+    files = httpx.get(f"{auth_server.url}/v1/files", headers={"Authorization": f"Bearer {TOKEN}"}).json()["results"]
+    assert len(files) >= 2 and files[0]["urls"]["get"].startswith(auth_server.url)
+
+
+def test_create_wait_and_prediction_shape(client, picture):
+    img, mask = picture
+    p = client.predictions.create(model=MODEL, input=fast_input(img, mask, seed=1))
+    assert p.status == "starting" and p.version == "hidden" and len(p.id) == 26
+    p.wait()
+    assert p.status == "succeeded"
+    assert "Using seed: 1" in p.logs and "2/2" in p.logs
+    assert p.output[0].startswith("data:image/png;base64,")
+    assert p.metrics["predict_time"] > 0 and p.metrics["total_time"] >= p.metrics["predict_time"]
+    assert p.input["num_inference_steps"] == 2 and p.input["guidance"] == 30  # defaults filled
+    assert set(p.urls) == {"get", "cancel", "web", "stream"}
+    assert p.urls["get"].endswith(f"/replicate/v1/predictions/{p.id}")
+    assert p.completed_at.endswith("Z") and p.created_at <= p.started_at <= p.completed_at
+
+
+def test_version_refs_work(client, picture):
+    img, mask = picture
+    out = client.run(f"{MODEL}:abc123", input=fast_input(img, mask, seed=2))
+    assert len(out) == 1
+    p = client.predictions.create(version="abc123", input=fast_input(img, mask, seed=2))
+    assert p.version == "abc123"
+    p = client.deployments.predictions.create("acme/fill", input=fast_input(img, mask, seed=2))
+    p.wait()
+    assert p.status == "succeeded"
+
+
+def test_cancel_a_running_prediction(client, picture):
+    img, mask = picture
+    p = client.predictions.create(model=MODEL, input=fast_input(img, mask, num_inference_steps=50, megapixels="1",
+                                                                num_outputs=4))
+    deadline = time.monotonic() + 30
+    while p.status == "starting" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        p.reload()
+    p.cancel()
+    p.wait()
+    assert p.status == "canceled"
+    assert p.output is None and p.completed_at
+
+
+def test_cancel_a_queued_prediction_answers_the_full_prediction(auth_server, picture):
+    img, mask = picture
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"input": fast_input(img, mask, num_inference_steps=50, megapixels="1", num_outputs=4)}
+    first = httpx.post(f"{auth_server.url}/v1/models/{MODEL}/predictions", json=body, headers=headers).json()
+    second = httpx.post(f"{auth_server.url}/v1/models/{MODEL}/predictions", json=body, headers=headers).json()
+    answer = httpx.post(second["urls"]["cancel"].replace("/replicate", ""), headers=headers)
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "canceled" and answer.json()["id"] == second["id"]
+    httpx.post(f"{auth_server.url}/v1/predictions/{first['id']}/cancel", headers=headers)
+
+
+def test_list_is_paged_newest_first_with_absolute_urls(client, auth_server, picture):
+    img, mask = picture
+    ids = [client.predictions.create(model=MODEL, input=fast_input(img, mask, seed=i)).id for i in range(3)]
+    page = client.predictions.list()
+    listed = [p.id for p in page.results]
+    assert listed[:3] == ids[::-1]
+    raw = httpx.get(f"{auth_server.url}/replicate/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert set(raw) == {"next", "previous", "results"}
+    assert raw["next"] is None or raw["next"].startswith(f"{auth_server.url}/replicate/v1/predictions?cursor=")
+
+
+def test_list_pages_follow_cursors(server_factory, picture):
+    server = server_factory("--max-queue", "500")
+    img, mask = picture
+    body = {"input": fast_input(img, mask, num_inference_steps=1)}
+    made = [httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", json=body).json()["id"] for _ in range(105)]
+    c = replicate.Client(base_url=server.url, api_token="unused")
+    first = c.predictions.list()
+    assert len(first.results) == 100 and first.next
+    second = c.predictions.list(first.next)
+    assert [p.id for p in first.results + second.results] == made[::-1]
+    assert second.next is None and second.previous
+    back = c.predictions.list(second.previous)
+    assert [p.id for p in back.results] == [p.id for p in first.results]
+    after = httpx.get(f"{server.url}/v1/predictions", params={"created_after": "2999-01-01T00:00:00Z"}).json()
+    assert after["results"] == []
+
+
+def test_wrong_token_is_401_problem(auth_server):
+    bad = replicate.Client(base_url=f"{auth_server.url}/replicate", api_token="wrong")
+    with pytest.raises(ReplicateError) as err:
+        bad.predictions.list()
+    assert err.value.status == 401
+    r = httpx.get(f"{auth_server.url}/v1/predictions", headers={"Authorization": "Token wrong"})
+    assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json")
+    assert r.json() == {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token",
+                        "status": 401}
+    assert httpx.get(f"{auth_server.url}/v1/predictions", headers={"Authorization": f"Token {TOKEN}"}).status_code == 200
+    assert httpx.get(f"{auth_server.url}/health").status_code == 200
+
+
+def test_missing_prompt_is_422_with_invalid_fields(client, auth_server, picture):
+    img, mask = picture
+    inp = fast_input(img, mask)
+    del inp["prompt"]
+    with pytest.raises(ReplicateError) as err:
+        client.run(MODEL, input=inp)
+    assert err.value.status == 422 and "input.prompt: prompt is required" in err.value.detail
+    r = httpx.post(f"{auth_server.url}/v1/models/{MODEL}/predictions", headers={"Authorization": f"Bearer {TOKEN}"},
+                   json={"input": {**inp, "num_outputs": 9, "unknown_key": 1}, "extra": True})
+    body = r.json()
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+    assert body["title"] == "Input validation failed"
+    fields = {(f["field"], f["type"]) for f in body["invalid_fields"]}
+    assert fields == {("input.prompt", "required"), ("input.num_outputs", "maximum"),
+                      ("extra", "additional_property_not_allowed")}
+    assert body["detail"].count("\n") == 2 and body["detail"].startswith("- ")
+
+
+def test_unknown_model_and_prediction_are_404(auth_server):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(f"{auth_server.url}/v1/models/acme/other/predictions", json={"input": {}}, headers=headers)
+    assert r.status_code == 404 and r.json() == {"detail": "The requested resource could not be found.", "status": 404}
+    assert httpx.get(f"{auth_server.url}/v1/predictions/nope", headers=headers).status_code == 404
+
+
+def test_prefer_wait_semantics(auth_server, picture):
+    img, mask = picture
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"{auth_server.url}/v1/models/{MODEL}/predictions"
+    done = httpx.post(url, json={"input": fast_input(img, mask)}, headers={**headers, "Prefer": "wait=30"}, timeout=40)
+    assert done.status_code == 201 and done.json()["status"] == "succeeded"
+    assert done.headers["Preference-Applied"] == "wait=30"
+    slow_input = fast_input(img, mask, num_inference_steps=50, megapixels="1", num_outputs=4)
+    started = time.monotonic()
+    pending = httpx.post(url, json={"input": slow_input}, headers={**headers, "Prefer": "wait=2"}, timeout=10)
+    assert time.monotonic() - started < 2.5
+    assert pending.json()["status"] == "starting" and pending.json()["output"] is None
+    plain = httpx.post(url, json={"input": fast_input(img, mask)}, headers=headers)
+    assert plain.json()["status"] == "starting" and "Preference-Applied" not in plain.headers
+    httpx.post(f"{auth_server.url}/v1/predictions/{pending.json()['id']}/cancel", headers=headers)
+
+
+def test_stream_events(client, picture):
+    img, mask = picture
+    events = list(client.stream(MODEL, input=fast_input(img, mask, seed=3)))
+    kinds = [e.event.value for e in events]
+    outputs = [e.data for e in events if e.event.value == "output"]
+    assert len(outputs) == 1  # the client turns the data: URI into a file object
+    assert Image.open(io.BytesIO(outputs[0].read())).size == (64, 64)
+    assert kinds[-1] == "done" and "logs" in kinds
+    assert any(e.event.value == "logs" and "Using seed: 3" in e.data for e in events)
+
+
+def test_stream_of_a_failed_prediction_has_error_then_done(auth_server, picture):
+    img, _ = picture
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    p = httpx.post(f"{auth_server.url}/v1/models/{MODEL}/predictions", headers={**headers, "Prefer": "wait=20"},
+                   json={"input": fast_input(img, None)}, timeout=30).json()
+    assert p["status"] == "failed" and "mask is required" in p["error"]
+    text = httpx.get(p["urls"]["stream"], timeout=10).text  # no auth, as the JS client fetches it
+    names = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+    assert names[-2:] == ["error", "done"]
+    assert text.count("\nid: ") + text.startswith("id: ") >= len(names)
+
+
+def test_failed_prediction_raises_model_error(client, picture):
+    img, _ = picture
+    with pytest.raises(ModelError, match="mask is required"):
+        client.run(MODEL, input=fast_input(img, None))
+
+
+def test_webhooks_are_signed_and_verify_with_the_client(server_factory, picture):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    server = server_factory()
+    c = replicate.Client(base_url=server.url, api_token="x")
+    img, mask = picture
+    p = c.predictions.create(model=MODEL, input=fast_input(img, mask, seed=8),
+                             webhook=f"http://127.0.0.1:{hook.server_address[1]}/hook",
+                             webhook_events_filter=["start", "completed"])
+    p.wait()
+    deadline = time.monotonic() + 10
+    while len(received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    hook.shutdown()
+    secret = c.webhooks.default.secret()
+    assert secret.key.startswith("whsec_")
+    statuses = []
+    for headers, body in received:
+        lowered = {k.lower(): v for k, v in headers.items()}
+        replicate.webhook.Webhooks.validate(headers=lowered, body=body.decode(), secret=secret)  # raises if invalid
+        statuses.append(json.loads(body)["status"])
+    assert statuses[0] == "processing" and statuses[-1] == "succeeded" and len(statuses) == 2
+
+
+def test_https_public_url_makes_output_urls(server_factory, picture):
+    server = server_factory("--public-url", "https://fill.example.test")
+    img, mask = picture
+    p = httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", headers={"Prefer": "wait=20"},
+                   json={"input": fast_input(img, mask)}, timeout=30).json()
+    url = p["output"][0]
+    assert url.startswith("https://fill.example.test/outputs/") and url.endswith("/out-0.png")
+    local = url.replace("https://fill.example.test", server.url)
+    got = httpx.get(local)  # no auth, no redirect
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(got.content)).size == (64, 64)
+    assert httpx.get(local.replace("/out-0.png", "/out-1.png")).status_code == 404
+    assert httpx.get(local.split("/outputs/")[0] + "/outputs/" + p["id"] + "/wrongtoken/out-0.png").status_code == 404
+    assert p["urls"]["get"] == f"https://fill.example.test/v1/predictions/{p['id']}"
+
+
+def test_version_lookup_schema_and_health(auth_server, live_server):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    v = httpx.get(f"{auth_server.url}/v1/models/{MODEL}/versions/abc", headers=headers).json()
+    schema = v["openapi_schema"]["components"]["schemas"]["Input"]
+    assert schema["properties"]["num_outputs"]["maximum"] == 4 and "prompt" in schema["required"]
+    api = httpx.get(f"{live_server.url}/openapi.json").json()
+    assert "PredictionInput" in json.dumps(api) and "outpaint" in json.dumps(api)
+    health = httpx.get(f"{live_server.url}/health").json()
+    assert health["status"] in ("READY", "BUSY") and health["demo"] is True and "demo" in health["model"]
+    metrics = httpx.get(f"{live_server.url}/metrics").text
+    assert "flux_fill_queue_depth" in metrics and 'flux_fill_predictions{status="succeeded"}' in metrics
+
+
+def test_queue_full_is_429_with_retry_after(server_factory, picture):
+    server = server_factory("--max-queue", "2")
+    img, mask = picture
+    body = {"input": fast_input(img, mask, num_inference_steps=50, megapixels="1", num_outputs=4)}
+    codes = [httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", json=body) for _ in range(5)]
+    assert [r.status_code for r in codes].count(429) >= 2
+    refused = next(r for r in codes if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.headers["content-type"].startswith("application/problem+json")
+
+
+def test_non_loopback_without_token_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--data-dir",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "without an API token" in r.stderr
