@@ -71,7 +71,7 @@ def _has_weights(folder: Path) -> bool:
 def check_diffusers_folder(folder: Path, components=REQUIRED_COMPONENTS) -> None:
     """Name everything missing from a diffusers-layout folder in one message."""
     missing = []
-    if components is REQUIRED_COMPONENTS and not (folder / "model_index.json").is_file():
+    if not (folder / "model_index.json").is_file():
         missing.append("model_index.json")
     for name in components:
         sub = folder / name
@@ -149,7 +149,7 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
     try:
         if kind == "single_file":
             comp = Path(components).expanduser()
-            transformer = _single_file_transformer(FluxTransformer2DModel, path, comp, dtype)
+            transformer = _single_file_transformer(FluxTransformer2DModel, path, comp, dtype).to(device)
             pipe = _from_pretrained(FluxFillPipeline, comp, dtype, device, transformer=transformer)
             folder = comp
         else:

@@ -31,7 +31,7 @@ from .store import Store
 
 log = logging.getLogger("flux_fill.server")
 PROBLEM = "application/problem+json"
-JANITOR_S = 60.0
+JANITOR_S = 15.0
 SHUTDOWN_GRACE_S = 20.0
 
 
