@@ -57,6 +57,7 @@ def test_create_wait_and_prediction_shape(client, picture):
     p.wait()
     assert p.status == "succeeded"
     assert "Using seed: 1" in p.logs and "2/2" in p.logs
+    assert p.progress is not None and (p.progress.current, p.progress.total) == (2, 2)  # the client parses tqdm lines
     assert p.output[0].startswith("data:image/png;base64,")
     assert p.metrics["predict_time"] > 0 and p.metrics["total_time"] >= p.metrics["predict_time"]
     assert p.input["num_inference_steps"] == 2 and p.input["guidance"] == 30  # defaults filled
