@@ -86,7 +86,8 @@ function describeImage() {
   const coverage = editor.coverage();
   const mask = coverage > 0 ? `mask covers ${(coverage * 100).toFixed(coverage < 0.01 ? 2 : 1)}%` : "no mask painted yet";
   const size = outputSize(editor.width, editor.height, form.control("megapixels").value);
-  info.textContent = `${source?.name || "image"} · ${editor.width}×${editor.height} px · ${mask}`;
+  const converted = source?.reencoded ? " (sent as PNG)" : "";
+  info.textContent = `${source?.name || "image"}${converted} · ${editor.width}×${editor.height} px · ${mask}`;
   $("#size-preview").textContent =
     form.control("outpaint").value === "None" && !form.control("crop_to_mask").checked
       ? `Generates at ${size.width}×${size.height}.`
@@ -111,7 +112,7 @@ editor.addEventListener("change", (e) => {
   }
 });
 
-async function openImage(blob, name, { keepForm = true } = {}) {
+async function openImage(blob, name) {
   if (!blob || !blob.type.startsWith("image/")) {
     toast("That file is not an image.");
     return false;
@@ -131,7 +132,6 @@ async function openImage(blob, name, { keepForm = true } = {}) {
   fitStage();
   describeImage();
   if (transparent) toast("Transparent pixels were added to the mask.");
-  if (!keepForm) form.reset();
   return true;
 }
 
@@ -207,7 +207,8 @@ editor.setBrushSize(40);
 
 function isTextField(target) {
   return target instanceof HTMLElement &&
-    (target.isContentEditable || target.matches("textarea, select, input:not([type=range]):not([type=checkbox]):not([type=radio]):not([type=button])"));
+    (target.isContentEditable ||
+      target.matches("textarea, select, input:not([type=range], [type=checkbox], [type=radio], [type=button], [type=file])"));
 }
 
 document.addEventListener("keydown", (e) => {
@@ -264,22 +265,25 @@ function showFormError(message) {
 }
 
 let retryTimer = null;
-function queueFull(seconds) {
+/** A 429: the queue is full (or the caller's rate limit is spent); count down Retry-After. */
+function tooManyRequests(detail, seconds) {
   const generate = $("#generate");
+  const reason = detail || "The queue is full.";
   clearInterval(retryTimer);
   let left = Number.parseInt(seconds, 10);
   if (!Number.isFinite(left) || left <= 0) {
-    showFormError("The queue is full. Try again in a moment.");
+    showFormError(`${reason} Try again in a moment.`);
     return;
   }
   const tick = () => {
     if (left <= 0) {
       clearInterval(retryTimer);
       generate.disabled = Boolean(tracked && !TERMINAL.has(tracked.status));
-      showFormError("The queue had no room. You can try again now.");
+      showFormError(null);
+      toast("You can try again now.");
       return;
     }
-    showFormError(`The queue is full. Retry after ${left} second${left === 1 ? "" : "s"}.`);
+    showFormError(`${reason} Retry after ${left} second${left === 1 ? "" : "s"}.`);
     left -= 1;
   };
   generate.disabled = true;
@@ -297,7 +301,7 @@ function showApiError(err) {
     askForToken(err.body?.detail || "The server needs an API token.");
     showFormError("The server needs a valid API token: enter it at the top of the page.");
   } else if (err.status === 429) {
-    queueFull(err.retryAfter);
+    tooManyRequests(err.body?.detail, err.retryAfter);
   } else if (err.status === 422 && err.invalidFields.length) {
     form.showErrors(err.invalidFields);
     const list = document.createElement("div");
@@ -307,7 +311,8 @@ function showApiError(err) {
     const ul = document.createElement("ul");
     for (const { field, description } of err.invalidFields) {
       const li = document.createElement("li");
-      li.textContent = `${field}: ${description}`;
+      // Errors about the input as a whole (field "input") read best without a name.
+      li.textContent = field && field !== "input" && field !== "body" ? `${field}: ${description}` : description;
       ul.append(li);
     }
     list.append(ul);
@@ -407,10 +412,14 @@ function showProgress(prediction, logs) {
   miniBar.className = `${bar.className} progress-thin`;
   miniBar.dataset.status = status;
   $("#mini-progress-fill").style.width = fill.style.width;
-  $("#mini-progress-text").textContent = status === "succeeded" ? `${message} See the result ↓` : message;
+  let summary = message;
+  if (status === "succeeded") summary = `${message} See the result ↓`;
+  else if (status === "failed" && prediction.error) summary = `Failed: ${prediction.error}`;
+  $("#mini-progress-text").textContent = summary;
 }
 
 function render(prediction) {
+  if (tracked && tracked.id === prediction.id) tracked.status = prediction.status;
   const card = $("#run-card");
   card.hidden = false;
   card.dataset.status = prediction.status;
@@ -478,8 +487,9 @@ function track(prediction, before) {
     const es = new EventSource(stream);
     mine.es = es;
     es.addEventListener("logs", (e) => {
-      mine.streamLogs += e.data.endsWith("\n") || e.data.endsWith("\r") ? e.data : `${e.data}\n`;
-      if (!mine.stopped) showProgress({ status: "processing" }, mine.streamLogs);
+      mine.streamLogs += e.data;
+      // A late event must not paint over a finished prediction's "Done" or "Canceled".
+      if (!mine.stopped && !TERMINAL.has(mine.status)) showProgress({ status: "processing" }, mine.streamLogs);
     });
     es.addEventListener("done", () => { es.close(); poll(0); });
     es.addEventListener("error", () => { es.close(); }); // polling carries on

@@ -211,6 +211,9 @@ export class MaskEditor extends EventTarget {
   _down(e) {
     if (!this.hasImage || (e.pointerType === "mouse" && e.button !== 0)) return;
     e.preventDefault();
+    // preventDefault keeps focus where it was (say, the prompt): move it off, so the keyboard
+    // shortcuts that follow (Ctrl+Z) act on the mask and not on a text field.
+    if (document.activeElement instanceof HTMLElement) document.activeElement.blur();
     this.maskCanvas.setPointerCapture(e.pointerId);
     this.backup.ctx.clearRect(0, 0, this.width, this.height);
     this.backup.ctx.drawImage(this.maskCanvas, 0, 0);

@@ -115,8 +115,9 @@ export class PredictionForm {
   }
 
   clearError(name) {
-    this.form.querySelector(`[data-field="${CSS.escape(name)}"]`)?.classList.remove("invalid");
-    const slot = this.form.querySelector(`[data-error-for="${CSS.escape(name)}"]`);
+    // image and mask live outside the form, in the editor.
+    document.querySelector(`[data-field="${CSS.escape(name)}"]`)?.classList.remove("invalid");
+    const slot = document.querySelector(`[data-error-for="${CSS.escape(name)}"]`);
     if (slot) slot.textContent = "";
     this.control(name)?.removeAttribute("aria-invalid");
   }
