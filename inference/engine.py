@@ -383,10 +383,12 @@ class Engine:
         return grow_mask(mask, px)
 
     def _transformer_for(self, inp: PredictionInput):
+        """The speed options' context around one denoising loop (see inference.accel)."""
         import contextlib
 
-        if inp.go_fast and self.settings.fast_mode and self.accelerator is not None:
-            return self.accelerator.fast()
+        if self.accelerator is not None:
+            go_fast = inp.go_fast and self.settings.fast_mode
+            return self.accelerator.run(go_fast=go_fast, lora_active=bool(inp.lora_weights))
         return contextlib.nullcontext()
 
 

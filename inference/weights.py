@@ -11,6 +11,8 @@ Accepted, in the order they are tried:
    layout that provides the text encoders, tokenizers, VAE and scheduler.
 4. A Hugging Face repo id (``owner/name``), taken from the local cache first and downloaded only
    when the network is allowed (``HF_HUB_OFFLINE`` unset).
+5. ``random-real``: FLUX.1 Fill [dev]'s architecture at full size with random weights, built in
+   memory on the device (for benchmarks; :mod:`inference.random_real`).
 
 bf16 straight onto the GPU on CUDA; float32 on CPU.
 """
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 SINGLE_FILE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+RANDOM_REAL = "random-real"  # the real architecture with random weights, for benchmarks (inference.random_real)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -138,22 +141,33 @@ def resolve_weights(weights: str | None, components: str | None = None) -> tuple
     raise WeightsError(f"The weights path {weights} does not exist (expected a folder, a .safetensors file, a repo id or 'tiny').")
 
 
-def load_model(weights: str | None = None, *, components: str | None = None, device: str | None = None) -> LoadedModel:
-    """Load the pipeline named by ``weights`` onto ``device``; every failure is a WeightsError."""
+def load_model(weights: str | None = None, *, components: str | None = None, device: str | None = None,
+               offload: bool = False) -> LoadedModel:
+    """Load the pipeline named by ``weights`` onto ``device``; every failure is a WeightsError.
+
+    ``offload``: keep the weights in host memory (in the GPU's dtype) for a CPU-offload memory mode,
+    which then moves each model to ``device`` while it runs (inference.accel)."""
     import torch
     from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
-    kind, path, demo = resolve_weights(weights, components)
     device = pick_device(device)
     dtype = _dtype_for(device)
+    place = "cpu" if offload else device
+    if weights == RANDOM_REAL:
+        from .random_real import build_random_real_pipeline
+
+        pipe = build_random_real_pipeline(place, dtype)
+        return LoadedModel(pipeline=pipe, source=RANDOM_REAL, name="FLUX.1 Fill [dev] architecture, random weights",
+                           demo=True, device=device, dtype=str(dtype).replace("torch.", ""))
+    kind, path, demo = resolve_weights(weights, components)
     try:
         if kind == "single_file":
             comp = Path(components).expanduser()
-            transformer = _single_file_transformer(FluxTransformer2DModel, path, comp, dtype).to(device)
-            pipe = _from_pretrained(FluxFillPipeline, comp, dtype, device, transformer=transformer)
+            transformer = _single_file_transformer(FluxTransformer2DModel, path, comp, dtype).to(place)
+            pipe = _from_pretrained(FluxFillPipeline, comp, dtype, place, transformer=transformer)
             folder = comp
         else:
-            pipe = _from_pretrained(FluxFillPipeline, path, dtype, device)
+            pipe = _from_pretrained(FluxFillPipeline, path, dtype, place)
             folder = path
     except WeightsError:
         raise

@@ -179,6 +179,7 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
 
 def _setup(state: AppState, load_model) -> None:
     """Load one engine per device, then start its worker. Runs beside the event loop."""
+    from inference import accel
     from inference.engine import Engine, EngineSettings
     from inference.images import FetchPolicy
     from inference.lora import LoraSettings
@@ -191,7 +192,13 @@ def _setup(state: AppState, load_model) -> None:
     devices = settings.gpus or [None]
     try:
         for device in devices:
-            model = load_model(settings.weights, components=settings.components, device=device)
+            # Offloading keeps the weights in host memory: load them there, not straight onto the GPU.
+            offload = {"offload": True} if settings.memory_mode != "default" else {}
+            model = load_model(settings.weights, components=settings.components, device=device, **offload)
+            speed = accel.apply(model, accel.AccelOptions(
+                compile=settings.compile, fast_mode=settings.fast_mode, memory_mode=settings.memory_mode,
+                step_cache=settings.step_cache, attention_backend=settings.attention_backend,
+                cache_dir=settings.data_dir / "compile-cache"))
             engine = Engine(model, EngineSettings(
                 max_pixels=settings.max_image_pixels,
                 fetch_policy=policy,
@@ -200,6 +207,10 @@ def _setup(state: AppState, load_model) -> None:
                 lora=LoraSettings(folder=settings.lora_dir, cache_dir=settings.data_dir / "loras",
                                   allow_paths=settings.allow_lora_paths, fetch_policy=policy),
             ))
+            engine.accelerator = speed
+            speed.warm_up(engine)
+            model.extras["speed"] = speed.describe()
+            log.info("speed on %s: %s", model.device, model.extras["speed"])
             state.models.append(model)
             state.workers.append(Worker(engine, state.service, model.device))
             if model.demo:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,8 +29,11 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="Base URL clients reach the server at; https here makes outputs URLs instead of data URIs.")
     lora_dir: Path | None = Field(None, description="Folder of named LoRAs (.safetensors).")
     allow_lora_paths: bool = Field(False, description="Accept local file paths as lora_weights.")
-    fast_mode: bool = Field(False, description="Honour go_fast: fp8 and compiled kernels on the GPU.")
-    compile: bool = Field(False, description="Compile the transformer blocks at startup (GPU).")
+    fast_mode: bool = Field(False, description="Honour go_fast: fp8 (torchao) on the GPU; a second transformer when memory allows, else every request runs fp8. Use with --compile.")
+    compile: bool = Field(False, description="Compile the transformer blocks at startup (cache in <data-dir>/compile-cache) and warm up the common sizes.")
+    memory_mode: Literal["default", "offload", "sequential-offload"] = Field("default", description="default: everything on the GPU; offload: each model on the GPU only while it runs; sequential-offload: layer by layer (slowest, least memory).")
+    step_cache: float = Field(0.0, ge=0, description="First-block step cache threshold (e.g. 0.05): skip the other blocks when a step changes little; 0 is off.")
+    attention_backend: str = Field("default", description="diffusers attention backend name (e.g. _flash_3); default: PyTorch SDPA's choice (cuDNN on an H100).")
     max_queue: int = Field(100, ge=1, description="Predictions waiting at once; more are refused with 429.")
     retention_hours: float = Field(24.0, ge=0, description="Hours outputs are kept; 0 keeps them forever.")
     file_expiry_hours: float = Field(24.0, gt=0, description="Hours an uploaded file is kept.")

@@ -1,0 +1,393 @@
+"""Speed options applied to a loaded pipeline, chosen by the server's settings.
+
+``apply(model, options)`` returns an :class:`Accelerator`; the engine asks it for a context around
+every denoising loop (``Accelerator.run(go_fast)``), which swaps in the fast transformer for
+``go_fast`` requests and scopes the step cache to one loop. With every option off (the default) it
+changes nothing: the outputs are the plain engine's, bit for bit.
+
+The options, and why each is built the way it is (figures from ``GPU-NOTES.md``, one H100):
+
+- ``compile``: ``block.compile(fullgraph=True)`` on each of the 19 double and 38 single transformer
+  blocks, not the whole model. Identical blocks share one graph, so the transformer compiles in
+  about 22 s (a whole-model ``max-autotune`` compile did not finish in 10 minutes); a 1 MP step goes
+  from 0.184 to 0.133 s. Inductor's FX-graph cache and Triton's kernel cache live in
+  ``<data-dir>/compile-cache`` so a restart reuses them. Shapes: the text is always 512 tokens; the
+  image token count and the batch vary with the request. ``dynamic=None`` (PyTorch's automatic
+  dynamic shapes) compiles the first shape statically and, on the first recompile for a new shape,
+  marks the changed dimensions dynamic, so arbitrary ``match_input`` sizes do not recompile forever;
+  ``dynamic=False`` would give each size its own static graph (slightly faster kernels) but
+  recompile for every aspect ratio until the recompile limit sends the block back to eager.
+  ``mark_dynamic`` up front would make even the 1 MP square dynamic. The warm-up runs the common
+  shapes (1 MP and 0.25 MP squares, batch 1, 2 steps) at startup so the first request does not pay
+  for compiling.
+- attention backend: PyTorch's SDPA picks cuDNN on an H100, which measured fastest (0.186 s a step
+  against 0.208 flash, 0.249 efficient), so the default is left alone; ``attention_backend`` hands
+  any other name to diffusers' ``set_attention_backend`` (e.g. ``_flash_3`` where installed).
+- ``fast_mode`` (``go_fast``): fp8 row-wise weights and activations from torchao
+  (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``) on the linear layers of the
+  transformer blocks. When the GPU has room for both, a second transformer is made that shares every
+  non-linear parameter with the bf16 one (only the fp8 weights are new, about 12 GB) and is used for
+  ``go_fast`` requests; otherwise the transformer is quantised in place and every request runs fast.
+  Eager fp8 is slower than bf16 on an H100 (0.300 vs 0.184 s a step): the gain needs the activation
+  quantisation fused into the producing op, i.e. ``--compile`` as well. A LoRA is applied to the
+  bf16 transformer only, so a ``go_fast`` request with a LoRA runs the bf16 transformer.
+- ``step_cache``: diffusers' First Block Cache: when the first block's residual changes by less than
+  the threshold (relative mean) from the last computed step, the other blocks are skipped and their
+  cached residual reused. 0 turns it off. Its check reads a value back from the GPU each step, which
+  breaks a compiled graph, so with ``compile`` the blocks are compiled without ``fullgraph``.
+- ``memory_mode``: ``offload`` moves each model to the GPU only while it runs (diffusers'
+  ``enable_model_cpu_offload``), ``sequential-offload`` streams every layer (much slower, least
+  memory). The engine calls ``pipe.transformer(...)``, ``pipe.vae.encode/decode`` and
+  ``pipe.encode_prompt`` directly; accelerate's hooks sit on the modules' ``forward``, so they still
+  apply, and ``pipe._execution_device`` reads the GPU from those hooks. The weights are then loaded
+  on the CPU (in bf16) instead of straight onto the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MEMORY_MODES = ("default", "offload", "sequential-offload")
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+WARMUP_SIZES = ((1024, 1024), (512, 512))  # the 1 MP and 0.25 MP squares
+WARMUP_STEPS = 2
+# What a 1 MP, 4-output step needs beyond the weights, kept free when deciding on a second transformer.
+FAST_COPY_HEADROOM_BYTES = 12 * 1024**3
+RECOMPILE_LIMIT = 32  # per block: room for the sizes a server meets before going dynamic
+
+
+class AccelError(ValueError):
+    """A speed option that cannot be used here, said in one sentence."""
+
+
+@dataclass
+class AccelOptions:
+    """The speed options, from the server's settings (every one off by default)."""
+
+    compile: bool = False
+    fast_mode: bool = False
+    memory_mode: str = "default"  # one of MEMORY_MODES
+    step_cache: float = 0.0  # First Block Cache threshold; 0 is off
+    attention_backend: str = "default"  # "default": PyTorch SDPA's own choice
+    cache_dir: Path | None = None  # persistent compile caches
+    warmup: bool = True
+    warmup_sizes: tuple = WARMUP_SIZES
+
+
+@dataclass
+class Accelerator:
+    """What was applied to one pipeline, and the per-loop context the engine enters."""
+
+    pipeline: object
+    options: AccelOptions
+    device: str
+    applied: list[str] = field(default_factory=list)  # what is on, for people
+    notes: list[str] = field(default_factory=list)  # what was asked and not done, and why
+    fast_transformer: object | None = None  # the separate fp8 transformer, when there is one
+    all_fast: bool = False  # the transformer itself was quantised: every request runs fast
+    fast_unavailable: str | None = None  # why go_fast runs the normal path
+    step_cache_on: bool = False
+    compiled: bool = False
+    _fast_notice_logged: bool = False
+
+    # -- per request ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def run(self, go_fast: bool = False, lora_active: bool = False):
+        """The context of one denoising loop: the fast transformer for go_fast, the step cache's scope."""
+        with contextlib.ExitStack() as stack:
+            if go_fast:
+                stack.enter_context(self.fast(lora_active=lora_active))
+            if self.step_cache_on:
+                transformer = self.pipeline.transformer
+                stack.enter_context(transformer.cache_context("cond"))
+                stack.callback(transformer._reset_stateful_cache)
+            yield
+
+    @contextlib.contextmanager
+    def fast(self, lora_active: bool = False):
+        """Swap in the fp8 transformer for the duration; a no-op (logged once) when there is none."""
+        pipe = self.pipeline
+        if self.fast_transformer is None or lora_active:
+            if not self.all_fast:
+                reason = "a LoRA is active, and LoRAs apply to the bf16 transformer" if lora_active else self.fast_unavailable
+                if lora_active or not self._fast_notice_logged:
+                    log.info("go_fast runs the normal path: %s", reason or "fast mode is off")
+                    self._fast_notice_logged = self._fast_notice_logged or not lora_active
+            yield
+            return
+        normal = pipe.transformer
+        pipe.transformer = self.fast_transformer
+        try:
+            yield
+        finally:
+            pipe.transformer = normal
+
+    def describe(self) -> dict:
+        """For /health and the logs: what is on and what was refused."""
+        fast = "off"
+        if self.all_fast:
+            fast = "fp8 in place (every request runs fast)"
+        elif self.fast_transformer is not None:
+            fast = "fp8 transformer for go_fast requests"
+        elif self.options.fast_mode:
+            fast = f"unavailable ({self.fast_unavailable})"
+        return {
+            "compile": self.compiled,
+            "fast_mode": fast,
+            "memory_mode": self.options.memory_mode,
+            "step_cache": self.options.step_cache if self.step_cache_on else 0.0,
+            "attention_backend": self.options.attention_backend,
+            "applied": list(self.applied),
+            "notes": list(self.notes),
+        }
+
+    # -- startup ----------------------------------------------------------------------------------
+
+    def warm_up(self, engine) -> float:
+        """Run the common shapes once so compiling happens now, not on the first request."""
+        if not (self.options.warmup and (self.options.compile or self.fast_transformer is not None or self.all_fast)):
+            return 0.0
+        import base64
+
+        from PIL import Image
+
+        from .images import encode_image
+        from .inputs import parse_input
+
+        started = time.monotonic()
+        variants = [False] + ([True] if self.fast_transformer is not None else [])
+        for width, height in self.options.warmup_sizes:
+            image = Image.new("RGB", (width, height), (128, 128, 128))
+            mask = Image.new("L", (width, height), 0)
+            mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+
+            def uri(img):
+                return "data:image/png;base64," + base64.b64encode(encode_image(img, "png", 100)).decode()
+
+            for go_fast in variants:
+                inp = parse_input({"prompt": "warm-up", "image": uri(image), "mask": uri(mask), "seed": 0,
+                                   "megapixels": "match_input", "num_inference_steps": WARMUP_STEPS,
+                                   "output_format": "png", "disable_safety_checker": True, "go_fast": go_fast})
+                t = time.monotonic()
+                engine.predict(inp, log=lambda _m: None)
+                log.info("warm-up %dx%d%s: %.1f s", width, height, " go_fast" if go_fast else "", time.monotonic() - t)
+        elapsed = time.monotonic() - started
+        self.applied.append(f"warm-up {elapsed:.1f} s")
+        return elapsed
+
+
+def apply(model, options: AccelOptions | None = None) -> Accelerator:
+    """Apply the speed options to ``model.pipeline`` (in this order: memory mode, attention backend,
+    fp8, step cache, compile) and return the Accelerator the engine uses."""
+    options = options or AccelOptions()
+    accel = Accelerator(pipeline=model.pipeline, options=options, device=str(model.device))
+    cuda = accel.device.startswith("cuda")
+    _memory_mode(accel, cuda)
+    _attention_backend(accel)
+    _fast_mode(accel, cuda)
+    _step_cache(accel)
+    if options.compile:
+        _compile(accel)
+    for line in accel.notes:
+        log.warning("speed: %s", line)
+    log.info("speed options: %s", ", ".join(accel.applied) or "none (eager, as loaded)")
+    return accel
+
+
+# -- the options, one function each ----------------------------------------------------------------
+
+
+def _memory_mode(accel: Accelerator, cuda: bool) -> None:
+    mode = accel.options.memory_mode
+    if mode not in MEMORY_MODES:
+        raise AccelError(f"memory mode {mode!r} is not one of {', '.join(MEMORY_MODES)}")
+    if mode == "default":
+        return
+    if not cuda:
+        raise AccelError(f"--memory-mode {mode} offloads to a GPU, and this server runs on {accel.device}; "
+                         "use --memory-mode default on the CPU")
+    pipe = accel.pipeline
+    index = _device_index(accel.device)
+    if mode == "offload":
+        pipe.enable_model_cpu_offload(gpu_id=index)
+        accel.applied.append(f"model CPU offload to cuda:{index}")
+    else:
+        pipe.enable_sequential_cpu_offload(gpu_id=index)
+        accel.applied.append(f"sequential CPU offload to cuda:{index}")
+    if str(pipe._execution_device) != f"cuda:{index}":  # the engine puts its tensors there
+        raise AccelError(f"after offloading, the pipeline runs on {pipe._execution_device}, not cuda:{index}")
+
+
+def _attention_backend(accel: Accelerator) -> None:
+    name = accel.options.attention_backend
+    if not name or name == "default":
+        return
+    transformer = accel.pipeline.transformer
+    if not hasattr(transformer, "set_attention_backend"):
+        accel.notes.append(f"attention backend {name} asked for, but this diffusers has no set_attention_backend")
+        return
+    try:
+        transformer.set_attention_backend(name)
+    except Exception as exc:  # an unknown name, or its kernels are not installed
+        raise AccelError(f"attention backend {name!r} cannot be used here: {exc}".split("\n")[0]) from exc
+    accel.applied.append(f"attention {name}")
+
+
+def _fast_mode(accel: Accelerator, cuda: bool) -> None:
+    if not accel.options.fast_mode:
+        accel.fast_unavailable = "the server was started without --fast-mode"
+        return
+    why = _fp8_unavailable(accel, cuda)
+    if why:
+        accel.fast_unavailable = why
+        accel.notes.append(f"--fast-mode: {why}; go_fast requests run the normal path")
+        return
+    pipe = accel.pipeline
+    transformer = pipe.transformer
+    fp8_bytes = sum(m.weight.numel() for m in _block_linears(transformer))
+    free = _free_gpu_bytes(accel.device)
+    if free >= fp8_bytes + FAST_COPY_HEADROOM_BYTES:
+        accel.fast_transformer = _quantised_copy(transformer)
+        accel.applied.append(f"fp8 transformer for go_fast ({fp8_bytes / 1024**3:.1f} GiB beside the bf16 one)")
+    else:
+        _quantise(transformer)
+        accel.all_fast = True
+        accel.applied.append(f"fp8 in place: {free / 1024**3:.1f} GiB free is too little for a second "
+                             f"transformer ({fp8_bytes / 1024**3:.1f} GiB), so every request runs fp8")
+    if not accel.options.compile:
+        accel.notes.append("fp8 without --compile is slower than bf16 on an H100 (the activation quantisation "
+                           "is not fused); pass --compile with --fast-mode")
+
+
+def _fp8_unavailable(accel: Accelerator, cuda: bool) -> str | None:
+    if not cuda:
+        return f"fp8 needs a CUDA GPU and this server runs on {accel.device}"
+    if accel.options.memory_mode != "default":
+        return f"fp8 is not combined with --memory-mode {accel.options.memory_mode}"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(_device_index(accel.device))
+    if (major, minor) < (8, 9):
+        return f"fp8 matmuls need compute capability 8.9 or newer (Ada, Hopper); this GPU is {major}.{minor}"
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow  # noqa: F401
+    except ImportError:
+        return "torchao is not installed (pip install 'flux-fill-server[gpu]')"
+    return None
+
+
+def _block_linears(transformer):
+    import torch
+
+    for name in BLOCK_LISTS:
+        for block in getattr(transformer, name, []):
+            for module in block.modules():
+                if isinstance(module, torch.nn.Linear):
+                    yield module
+
+
+def _quantise(module) -> None:
+    """fp8 row-wise weights and dynamic activations on the linears of the transformer blocks only
+    (the embedders and the output projection stay bf16: they are small and sensitive)."""
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    block_linears = {id(m) for m in _block_linears(module)}
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and id(m) in block_linears)
+
+
+def _quantised_copy(transformer):
+    """A second transformer sharing every parameter and buffer with ``transformer``, then quantised:
+    quantize_ gives the copy's linears new fp8 weights and leaves the shared bf16 ones alone, so the
+    copy costs only its fp8 weights (no transient second bf16 transformer)."""
+    memo = {id(t): t for t in list(transformer.parameters()) + list(transformer.buffers())}
+    fast = copy.deepcopy(transformer, memo)
+    _quantise(fast)
+    return fast
+
+
+def _step_cache(accel: Accelerator) -> None:
+    threshold = accel.options.step_cache
+    if not threshold:
+        return
+    if threshold < 0:
+        raise AccelError("--step-cache is a threshold >= 0 (0 turns it off)")
+    try:
+        from diffusers.hooks import FirstBlockCacheConfig
+    except ImportError:
+        accel.notes.append("--step-cache: this diffusers has no FirstBlockCacheConfig; the cache is off")
+        return
+    for transformer in _transformers(accel):
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    accel.step_cache_on = True
+    accel.applied.append(f"first-block step cache, threshold {threshold:g}")
+
+
+def _compile(accel: Accelerator) -> None:
+    import torch
+
+    if accel.options.memory_mode == "sequential-offload":
+        accel.notes.append("--compile is not combined with sequential offload (its per-layer hooks break the graphs)")
+        return
+    configure_compile_cache(accel.options.cache_dir)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # The step cache reads a GPU value in the block hooks: a graph break, so no fullgraph then.
+    fullgraph = not accel.step_cache_on
+    blocks = 0
+    for transformer in _transformers(accel):
+        for name in BLOCK_LISTS:
+            for block in getattr(transformer, name, []):
+                block.compile(fullgraph=fullgraph, dynamic=None)
+                blocks += 1
+    accel.compiled = True
+    accel.applied.append(f"compile ({blocks} blocks, fullgraph={fullgraph}, cache {accel.options.cache_dir})")
+
+
+def configure_compile_cache(cache_dir: Path | None) -> None:
+    """Inductor's FX-graph cache and Triton's kernels in ``cache_dir``, kept across restarts. Both
+    read their folder from the environment when they first compile, so it is set before."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    if cache_dir is None:
+        return
+    cache_dir = Path(cache_dir)
+    (cache_dir / "triton").mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _transformers(accel: Accelerator):
+    yield accel.pipeline.transformer
+    if accel.fast_transformer is not None:
+        yield accel.fast_transformer
+
+
+def _device_index(device: str) -> int:
+    import torch
+
+    return int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+
+
+def _free_gpu_bytes(device: str) -> int:
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(_device_index(device))
+    return free
+
+
+__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "apply", "configure_compile_cache"]
