@@ -108,6 +108,10 @@ def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
                 raise FetchError.one(field, "fetch", f"fetching {field} took longer than {policy.timeout_s:g} s") from None
             except httpx.HTTPError as exc:
                 raise FetchError.one(field, "fetch", f"could not fetch {field}: {type(exc).__name__}") from None
+            except FetchError:
+                raise
+            except (httpx.InvalidURL, ValueError, OverflowError) as exc:  # e.g. host 999.999.999.999, port 99999
+                raise FetchError.one(field, "format", f"{field} is not a URL this server can fetch ({type(exc).__name__})") from None
     raise FetchError.one(field, "fetch", f"{field}: more than {policy.max_redirects} redirects")
 
 
@@ -127,7 +131,10 @@ def read_file_string(
         found = resolver(value)
         if found is not None:
             return found
-    scheme = urllib.parse.urlsplit(value).scheme.lower() if ":" in value else ""
+    try:
+        scheme = urllib.parse.urlsplit(value).scheme.lower() if ":" in value else ""
+    except ValueError:  # e.g. "http://[::1:1/": an unclosed IPv6 host
+        raise FetchError.one(field, "format", f"{field} is not a valid URL") from None
     if scheme == "data":
         return decode_data_uri(value, field, policy.max_bytes)
     if scheme in ("http", "https"):

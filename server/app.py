@@ -17,7 +17,7 @@ from inference.inputs import describe_errors
 
 from .auth import Auth
 from .events import Hub
-from .files import FileStore
+from .files import FileStore, describe_bytes
 from .metrics import ServerMetrics
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, validation_failed
@@ -51,23 +51,36 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        too_big = Problem(title="Payload Too Large", detail=f"The request body is larger than {self.limit // (1024 * 1024)} MB.", status=413)
+        too_big = Problem(title="Payload Too Large", detail=f"The request body is larger than {describe_bytes(self.limit)}.", status=413)
         if declared and declared.isdigit() and int(declared) > self.limit:
             return await problem_response(too_big)(scope, receive, send)
-        seen = 0
+        seen, exceeded, answered = 0, False, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    exceeded = True
                     raise _TooLarge()
             return message
 
+        async def guarded(message):
+            # A chunked body (no Content-Length) goes over the limit inside the app, which turns the
+            # error into its own answer (FastAPI: 400 "error parsing the body"): drop it, answer 413.
+            nonlocal answered
+            if exceeded:
+                return
+            answered = True
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+            await self.app(scope, limited, guarded)
+        except Exception:  # _TooLarge, or whatever the app made of it
+            if not exceeded:
+                raise
+        if exceeded and not answered:
             await problem_response(too_big)(scope, receive, send)
 
 

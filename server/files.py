@@ -137,3 +137,11 @@ class FileStore:
 
 def content_type_for(name: str) -> str:
     return OUTPUT_CONTENT_TYPES.get(name.rsplit(".", 1)[-1], "application/octet-stream")
+
+
+def describe_bytes(n: int) -> str:
+    """A size limit for an error message: "64 MB", "48 KB" (never "0 MB" for a small limit)."""
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"

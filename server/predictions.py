@@ -28,6 +28,8 @@ from .protocol import (
     PredictionRequest,
     PredictionUrls,
     Status,
+    lone_surrogate_at,
+    not_unicode,
 )
 from .settings import Settings
 from .store import Store, now
@@ -155,7 +157,10 @@ class PredictionService:
         if cursor:
             try:
                 direction, seq = base64.urlsafe_b64decode(cursor.encode() + b"==").decode().split(":", 1)
-                before, after = (int(seq), None) if direction == "b" else (None, int(seq))
+                seq = int(seq)
+                if direction not in ("a", "b") or not 0 <= seq < 2**63:  # SQLite integers are 64-bit
+                    raise ValueError(cursor)
+                before, after = (seq, None) if direction == "b" else (None, seq)
             except Exception:
                 raise ApiError(400, "The cursor is not valid.", "Bad Request") from None
         try:
@@ -276,8 +281,11 @@ def decode_metadata(raw: str | None) -> dict:
         return {}
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ApiError(422, "metadata must be a JSON object", "Input validation failed") from None
     if not isinstance(value, dict):
         raise ApiError(422, "metadata must be a JSON object", "Input validation failed")
+    bad = lone_surrogate_at(value, "metadata")
+    if bad:
+        raise not_unicode(bad)
     return value

@@ -172,3 +172,29 @@ def unauthenticated() -> ApiError:
 def validation_failed(fields: list[InvalidField]) -> ApiError:
     detail = "\n".join(f"- {f.field}: {f.description}" for f in fields)
     return ApiError(422, detail, "Input validation failed", invalid_fields=fields)
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """The field of the first string holding a lone surrogate, or None. JSON's "\\ud800" escape
+    decodes to one; such a string can be neither stored nor answered as UTF-8, so it is refused."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_at(key, path) or lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found = lone_surrogate_at(item, path)
+            if found:
+                return found
+    return None
+
+
+def not_unicode(field: str) -> ApiError:
+    return validation_failed([InvalidField(type="format", field=field,
+                                           description=f"{field} is not valid Unicode text (it holds a lone surrogate)")])

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     block_private_urls: bool = Field(False, description="Refuse input and webhook URLs that point to private or loopback addresses (SSRF).")
     max_batch: int = Field(4, ge=1, le=4, description="Outputs denoised together in one batch.")
     rate_limit_per_minute: int = Field(0, ge=0, description="Creates per token per minute; 0 is unlimited.")
+    min_free_disk_mb: int = Field(64, ge=0, description="Below this much free disk (MB) new predictions fail cleanly instead of half-writing outputs.")
     log_level: str = Field("info")
 
     @field_validator("gpus", "api_tokens", mode="before")

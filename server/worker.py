@@ -24,7 +24,6 @@ from .store import now
 
 log = logging.getLogger(__name__)
 LOG_FLUSH_S = 0.5  # persist logs (and tell listeners) at most this often while running
-MIN_FREE_BYTES = 64 * 1024 * 1024  # below this much free disk, predictions fail cleanly
 
 
 class Requeued(Exception):
@@ -94,7 +93,7 @@ class Worker(threading.Thread):
             return pid in service.cancel_requested
 
         try:
-            if service.files.free_bytes() < MIN_FREE_BYTES:
+            if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
             inp = parse_input(row["input"])
             outputs = self.engine.predict(

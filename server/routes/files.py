@@ -9,7 +9,7 @@ import tempfile
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 
-from ..files import content_type_for
+from ..files import content_type_for, describe_bytes
 from ..predictions import decode_metadata, iso
 from ..protocol import ApiError, FileChecksums, FileObject, FilePage, FileUrls, InvalidField, not_found, validation_failed
 from ..state import AppState, get_state, require_auth
@@ -38,7 +38,7 @@ async def upload(request: Request, _=Depends(require_auth), state: AppState = De
     limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise ApiError(413, f"The file is larger than the {limit // (1024 * 1024)} MB limit.", "Payload Too Large")
+        raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=1024 * 1024)
     except Exception:
@@ -57,7 +57,7 @@ async def upload(request: Request, _=Depends(require_auth), state: AppState = De
             while chunk := await upload.read(1 << 20):
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, f"The file is larger than the {limit // (1024 * 1024)} MB limit.", "Payload Too Large")
+                    raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
                 out.write(chunk)
         row = state.files.save_upload(tmp, name, content_type, metadata)
     finally:

@@ -17,7 +17,9 @@ from ..protocol import (
     PredictionPage,
     PredictionRequest,
     Status,
+    lone_surrogate_at,
     not_found,
+    not_unicode,
     validation_failed,
 )
 from ..state import AppState, get_state, require_auth
@@ -65,6 +67,9 @@ def version_from(value: str | None) -> str:
 
 async def create(state: AppState, request: Request, body: PredictionRequest, version: str, owner: str | None,
                  prefer: str | None) -> JSONResponse:
+    bad = lone_surrogate_at(body.model_dump(exclude_none=True))
+    if bad:
+        raise not_unicode(bad)
     state.auth.charge(owner)
     if state.phase == "SETUP_FAILED":
         raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
