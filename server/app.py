@@ -228,7 +228,7 @@ def _setup(state: AppState, load_model) -> None:
             state.workers.append(Worker(engine, state.service, model.device))
             if model.demo:
                 log.warning("=" * 72)
-                log.warning("DEMO MODEL: tiny FLUX Fill with random weights. Outputs are noise, not images.")
+                log.warning("DEMO MODEL: %s. Outputs are noise, not images.", model.name)
                 log.warning("Pass --weights (see weights.md) to serve FLUX.1 Fill [dev].")
                 log.warning("=" * 72)
             else:

@@ -130,6 +130,7 @@ class Health(BaseModel):
     devices: list[str] = []
     queue_depth: int = 0
     setup_error: str | None = None
+    speed: dict | None = None  # the speed options in force on the first device
     version: str
 
 

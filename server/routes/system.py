@@ -48,6 +48,7 @@ async def health(state: AppState = Depends(get_state)):
         devices=[m.device for m in state.models],
         queue_depth=state.store.count_queued(),
         setup_error=state.setup_error,
+        speed=model.extras.get("speed") if model else None,
         version=__version__,
     )
 
