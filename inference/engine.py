@@ -104,6 +104,9 @@ class Engine:
             do_convert_grayscale=True,
         )
         pipe.set_progress_bar_config(disable=True)
+        # diffusers and transformers would copy the truncated part of long prompts into the server log.
+        for name in ("diffusers.pipelines.flux.pipeline_flux_fill", "transformers.tokenization_utils_base"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.loras = LoraManager(pipe, self.settings.lora)
         self.accelerator = None  # set by the speed options (go_fast)
 
@@ -130,7 +133,7 @@ class Engine:
         self.loras.activate(inp.lora_weights, inp.effective_lora_scale())
         if inp.lora_weights:
             log(f"LoRA {inp.lora_weights} at scale {inp.effective_lora_scale():g}")
-        embeds = self.encode_prompt(inp.prompt)
+        embeds = self.encode_prompt(inp.prompt, log)
 
         if inp.crop_to_mask:
             pictures = self.generate_regions(inp, scene, seeds, embeds, on_step, cancelled, log)
@@ -172,8 +175,14 @@ class Engine:
         mask = ImageChops.lighter(paste_mask_on_canvas(scene.mask, plan), outpaint_mask)
         return Scene(image=canvas, mask=mask)
 
-    def encode_prompt(self, prompt: str):
+    def encode_prompt(self, prompt: str, log: LogFn | None = None):
+        """T5 reads the first 512 tokens and CLIP the first 77, as on the hosted model. A longer
+        prompt is said once in the prediction's logs, not copied into the server's."""
         pipe = self.pipeline
+        if log is not None:
+            t5_tokens = len(pipe.tokenizer_2(prompt, truncation=False).input_ids)
+            if t5_tokens > MAX_SEQUENCE_LENGTH:
+                log(f"The prompt is {t5_tokens} T5 tokens long; only the first {MAX_SEQUENCE_LENGTH} are used")
         prompt_embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompt,
             prompt_2=None,

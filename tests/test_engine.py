@@ -175,3 +175,11 @@ def test_defaults_are_the_hosted_ones():
             inp.output_quality, inp.lora_scale, inp.disable_safety_checker, inp.go_fast) == (
         1, 28, 30, "1", "webp", 80, 1, False, False)
     assert not inp.preserve_unmasked and not inp.crop_to_mask and inp.outpaint == "None"
+
+
+def test_long_prompt_is_truncated_and_said_in_the_logs(engine, picture):
+    img, mask = picture
+    lines = []
+    outs = engine.predict(parse_input(fast_input(img, mask, seed=1, prompt="a red cat " * 400)), log=lines.append)
+    assert len(outs) == 1
+    assert any("only the first 512 are used" in line for line in lines)
