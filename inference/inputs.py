@@ -6,22 +6,11 @@ web page's form. Unknown keys are dropped, as the hosted model does.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import FieldError, InvalidInput
-
-OUTPAINT_PRESETS = (
-    "None",
-    "Zoom out 1.5x",
-    "Zoom out 2x",
-    "Make square",
-    "Left outpaint",
-    "Right outpaint",
-    "Top outpaint",
-    "Bottom outpaint",
-)
 
 Outpaint = Literal[
     "None",
@@ -33,6 +22,8 @@ Outpaint = Literal[
     "Top outpaint",
     "Bottom outpaint",
 ]
+
+OUTPAINT_PRESETS: tuple[str, ...] = get_args(Outpaint)
 
 MAX_SEED = 2**63 - 1
 
