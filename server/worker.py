@@ -71,13 +71,21 @@ class Worker(threading.Thread):
     def run(self) -> None:
         cond = self.service.work_available
         while not self.stopping.is_set():
-            row = self.service.store.claim_next(now())
+            try:
+                row = self.service.store.claim_next(now())
+            except Exception:  # e.g. the database is locked or its disk is gone: keep the worker alive
+                log.exception("could not take the next prediction; trying again")
+                self.stopping.wait(1.0)
+                continue
             if row is None:
                 with cond:
                     # Woken by a create; the timeout only covers a notification missed in between.
                     cond.wait(timeout=5.0)
                 continue
-            self.process(row)
+            try:
+                self.process(row)
+            except Exception:  # recording the outcome failed; the row is re-queued at the next start
+                log.exception("could not record the outcome of prediction %s", row["id"])
 
     def process(self, row: dict) -> None:
         pid = row["id"]
