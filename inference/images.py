@@ -58,19 +58,46 @@ def decode_data_uri(value: str, field: str, max_bytes: int = DEFAULT_MAX_BYTES) 
     return urllib.parse.unquote_to_bytes(payload)
 
 
-def check_host_allowed(url: str, field: str, policy: FetchPolicy) -> None:
-    """Refuse URLs that resolve to loopback, private or link-local addresses when the policy says so."""
+def check_host_allowed(url: str, field: str, policy: FetchPolicy) -> str | None:
+    """Refuse URLs that resolve to loopback, private or link-local addresses when the policy says so.
+
+    Returns the checked address the request must connect to (None when every address is allowed):
+    connecting to it, rather than resolving the name again, leaves no gap for a DNS answer that
+    changes between the check and the connection (DNS rebinding)."""
     if policy.allow_private:
-        return
+        return None
     host = urllib.parse.urlsplit(url).hostname or ""
     try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError):
         raise FetchError.one(field, "fetch", f"could not resolve the host of {field}") from None
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
+        addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not is_public(addr):
             raise FetchError.one(field, "forbidden", f"{field} points to a private or loopback address, which this server refuses")
+    if not infos:
+        raise FetchError.one(field, "fetch", f"could not resolve the host of {field}")
+    return infos[0][4][0]
+
+
+def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
+                or addr.is_multicast or addr.is_unspecified)
+
+
+def _pinned_request(url: str, address: str | None) -> tuple[object, dict, dict]:
+    """The URL, headers and extensions that send a request for ``url`` to ``address``, keeping the
+    Host header, TLS server name and certificate check of the original host."""
+    import httpx
+
+    target = httpx.URL(url)
+    if address is None:
+        return target, {}, {}
+    headers = {"host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return target.copy_with(host=address), headers, extensions
 
 
 def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
@@ -83,9 +110,9 @@ def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
             scheme = urllib.parse.urlsplit(current).scheme.lower()
             if scheme not in ("http", "https"):
                 raise FetchError.one(field, "format", f"{field} redirected to an unsupported scheme {scheme!r}")
-            check_host_allowed(current, field, policy)
             try:
-                with client.stream("GET", current) as resp:
+                target, pin_headers, extensions = _pinned_request(current, check_host_allowed(current, field, policy))
+                with client.stream("GET", target, headers=pin_headers, extensions=extensions) as resp:
                     if resp.is_redirect:
                         location = resp.headers.get("location")
                         if not location:

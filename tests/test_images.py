@@ -119,3 +119,27 @@ def test_url_fetch_with_limits(http_server):
         read_file_string(f"{base}/missing", "image")
     with pytest.raises(FetchError, match="private or loopback"):
         read_file_string(f"{base}/ok.png", "image", policy=FetchPolicy(allow_private=False))
+
+
+def test_private_check_pins_the_checked_address(http_server, monkeypatch):
+    """With private addresses refused, the request goes to the address that was checked: a name whose
+    second DNS answer differs (DNS rebinding) cannot slip another address in between."""
+    import socket
+
+    import inference.images as images
+
+    base, routes = http_server
+    port = base.rsplit(":", 1)[1]
+    routes["/ok.png"] = (200, {}, b"pinned")
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.1", "127.0.0.2", "127.0.0.2"])  # the first answer is checked; later ones differ
+
+    def rebinding(host, *args, **kwargs):
+        if host == "rebind.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(images, "is_public", lambda addr: str(addr) == "127.0.0.1")  # stand-in for a public address
+    got = read_file_string(f"http://rebind.test:{port}/ok.png", "image", policy=FetchPolicy(allow_private=False))
+    assert got == b"pinned"
