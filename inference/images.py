@@ -87,7 +87,7 @@ def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
                 or addr.is_multicast or addr.is_unspecified)
 
 
-def _pinned_request(url: str, address: str | None) -> tuple[object, dict, dict]:
+def pinned_request(url: str, address: str | None) -> tuple[object, dict, dict]:
     """The URL, headers and extensions that send a request for ``url`` to ``address``, keeping the
     Host header, TLS server name and certificate check of the original host."""
     import httpx
@@ -111,7 +111,7 @@ def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
             if scheme not in ("http", "https"):
                 raise FetchError.one(field, "format", f"{field} redirected to an unsupported scheme {scheme!r}")
             try:
-                target, pin_headers, extensions = _pinned_request(current, check_host_allowed(current, field, policy))
+                target, pin_headers, extensions = pinned_request(current, check_host_allowed(current, field, policy))
                 with client.stream("GET", target, headers=pin_headers, extensions=extensions) as resp:
                     if resp.is_redirect:
                         location = resp.headers.get("location")

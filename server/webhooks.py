@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from inference.images import pinned_request
+
 logger = logging.getLogger(__name__)
 
 EVENTS = ("start", "output", "logs", "completed")
@@ -306,7 +308,7 @@ class WebhookSender:
     async def _attempt(self, url: str, msg_id: str, body: bytes) -> str | None:
         """POST once: None on a 2xx, else why it failed. Raises _Refused for a forbidden URL."""
         try:
-            await asyncio.wait_for(self._check_destination(url), self._timeout_s)
+            address = await asyncio.wait_for(self._check_destination(url), self._timeout_s)
         except (OSError, asyncio.TimeoutError) as error:  # DNS trouble may pass: a failure, not a refusal
             return f"cannot resolve host ({type(error).__name__})"
         timestamp = int(time.time())
@@ -319,20 +321,24 @@ class WebhookSender:
         }
         async with self._slots:
             try:
-                status = await asyncio.wait_for(self._post(url, headers, body), self._timeout_s)
+                status = await asyncio.wait_for(self._post(url, headers, body, address), self._timeout_s)
             except asyncio.TimeoutError:
                 return f"no answer within {self._timeout_s:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
                 return type(error).__name__
         return None if 200 <= status < 300 else f"HTTP {status}"
 
-    async def _post(self, url: str, headers: dict, body: bytes) -> int:
-        # Streamed so that a receiver's (possibly huge) answer body is never read.
-        async with self._client.stream("POST", url, content=body, headers=headers) as response:
+    async def _post(self, url: str, headers: dict, body: bytes, address: str | None = None) -> int:
+        # Sent to the address that was checked (no DNS rebinding gap). Streamed so that a
+        # receiver's (possibly huge) answer body is never read.
+        target, pin_headers, extensions = pinned_request(url, address)
+        async with self._client.stream("POST", target, content=body, headers={**headers, **pin_headers},
+                                       extensions=extensions) as response:
             return response.status_code
 
-    async def _check_destination(self, url: str) -> None:
-        """Raise _Refused unless url is http(s) and, without allow_private, every address is public."""
+    async def _check_destination(self, url: str) -> str | None:
+        """Raise _Refused unless url is http(s) and, without allow_private, every address is public;
+        then return the checked address to connect to (None when any address is allowed)."""
         try:
             parts = urlsplit(url)
             host, port = parts.hostname, parts.port
@@ -350,6 +356,9 @@ class WebhookSender:
                 address = address.ipv4_mapped
             if not address.is_global or address.is_multicast:
                 raise _Refused(f"{host} resolves to the non-public address {address}")
+        if not infos:
+            raise OSError("no address")
+        return infos[0][4][0]
 
 
 def _host_of(url: str) -> str:
