@@ -238,7 +238,6 @@ class Engine:
 
         The loop is FluxFillPipeline's own (same timesteps, shift, guidance embedding and Euler
         steps), run on the pipeline's components so the conditioning can be given ready-made."""
-        pipe = self.pipeline
         width, height = image.size
         prompt_embeds, pooled = embeds
         condition = self.masked_image_latents(image, mask, prompt_embeds.dtype)
@@ -350,7 +349,6 @@ class Engine:
                 log("No safety checker is configured: outputs are not checked")
             return pictures
         import numpy as np
-        import torch
 
         features = self.model.feature_extractor(pictures, return_tensors="pt").to(self.model.device)
         arrays = np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pictures])
@@ -362,7 +360,6 @@ class Engine:
             raise SafetyError(
                 "All generated images contained NSFW content. Try running it again with a different prompt."
             )
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return kept
 
     def encode(self, inp: PredictionInput, pictures: list[Image.Image], seeds: list[int]) -> list[Output]:

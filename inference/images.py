@@ -81,10 +81,10 @@ def check_host_allowed(url: str, field: str, policy: FetchPolicy) -> str | None:
 
 
 def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address: not loopback, private, link-local, shared or reserved."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
-                or addr.is_multicast or addr.is_unspecified)
+    return addr.is_global and not addr.is_multicast
 
 
 def pinned_request(url: str, address: str | None) -> tuple[object, dict, dict]:

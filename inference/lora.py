@@ -27,11 +27,11 @@ from pathlib import Path
 
 from .errors import LoraError
 from .images import FetchPolicy, fetch_url
+from .weights import REPO_ID
 
 log = logging.getLogger(__name__)
 
 FIELD = "lora_weights"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NAME = re.compile(r"^[\w.-]+$")
 _TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "lora_te1_", "lora_te2_")
 
@@ -65,7 +65,7 @@ def resolve(value: str, settings: LoraSettings) -> Path:
         if not path.is_file():
             raise _bad(f"no LoRA file at {value}")
         return path
-    if _REPO_ID.match(value):
+    if REPO_ID.match(value):
         return _from_hf_cache(value)
     if settings.folder is not None:
         raise _bad(f"no LoRA named {value!r} in the server's LoRA folder")

@@ -19,7 +19,6 @@ bf16 straight onto the GPU on CUDA; float32 on CPU.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "
 SINGLE_FILE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 RANDOM_REAL = "random-real"  # the real architecture with random weights, for benchmarks (inference.random_real)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -134,7 +133,7 @@ def resolve_weights(weights: str | None, components: str | None = None) -> tuple
             raise WeightsError(f"The components folder {comp} does not exist.")
         check_diffusers_folder(comp, SINGLE_FILE_COMPONENTS)
         return "single_file", path, False
-    if _REPO_ID.match(weights) and not weights.startswith((".", "/", "~")):
+    if REPO_ID.match(weights) and not weights.startswith((".", "/", "~")):
         folder = resolve_repo_id(weights)
         check_diffusers_folder(folder)
         return "diffusers", folder, False
@@ -234,10 +233,3 @@ def _load_safety_checker(model: LoadedModel, folder: Path, dtype, device: str) -
     except Exception as exc:
         raise WeightsError(f"The safety checker in {sc} could not be loaded: {exc}".split("\n")[0]) from exc
 
-
-def describe(model: LoadedModel) -> dict:
-    return {"model": model.name, "weights": model.source, "demo": model.demo, "device": model.device, "dtype": model.dtype}
-
-
-def weights_manifest(folder: Path) -> str:
-    return json.dumps(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))

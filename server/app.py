@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
         state.webhooks = service.webhooks = sender
 
         def on_event(prediction_id: str, event: str) -> None:
-            row = store.get_prediction(prediction_id)
+            row = store.get_delivery(prediction_id)
             if row and row.get("webhook"):
                 sender.notify(prediction_id, row["webhook"], row.get("webhook_events"), event,
                               lambda: service.snapshot(prediction_id))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import typing
 
 from inference.cli import add_predict_parser
 

@@ -36,6 +36,7 @@ from .store import Store, now
 
 log = logging.getLogger(__name__)
 PAGE_SIZE = 100
+SECONDS_PER_PREDICTION = 10.0  # a rough figure for Retry-After when the queue is full
 
 
 def iso(ts: float | None) -> str | None:
@@ -120,7 +121,7 @@ class PredictionService:
     def create(self, request: PredictionRequest, version: str, request_base: str, owner: str | None) -> dict[str, Any]:
         queued = self.store.count_queued()
         if queued >= self.settings.max_queue:
-            retry = max(1, int(queued * self._seconds_per_prediction()))
+            retry = max(1, int(queued * SECONDS_PER_PREDICTION))
             raise ApiError(429, f"The queue is full ({queued} predictions waiting). Try again later.",
                            "Too Many Requests", headers={"Retry-After": str(min(retry, 600))})
         webhook = request.webhook or request.webhook_completed
@@ -144,9 +145,6 @@ class PredictionService:
         with self.work_available:
             self.work_available.notify()
         return self.store.get_prediction(pid)
-
-    def _seconds_per_prediction(self) -> float:
-        return 10.0
 
     def get(self, prediction_id: str) -> dict[str, Any] | None:
         return self.store.get_prediction(prediction_id)

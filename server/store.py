@@ -57,12 +57,6 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 _JSON_COLUMNS = ("input", "output", "webhook_events")
-PREDICTION_COLUMNS = (
-    "id", "status", "version", "input", "logs", "output", "error", "created_at", "started_at", "completed_at",
-    "predict_time", "webhook", "webhook_events", "base_url", "data_removed", "output_token", "attempts", "owner",
-)
-
-
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
     if row is None:
         return None
@@ -119,6 +113,12 @@ class Store:
 
     def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         return _row(self._exec("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone())
+
+    def get_delivery(self, prediction_id: str) -> dict[str, Any] | None:
+        """What each event needs (webhook, its filter, predict time) without the large input and logs."""
+        row = self._exec("SELECT webhook, webhook_events, predict_time FROM predictions WHERE id = ?",
+                         (prediction_id,)).fetchone()
+        return _row(row)
 
     def update_prediction(self, prediction_id: str, *, only_if_status: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """Update fields; with ``only_if_status``, only while the status is one of those. True if a row changed."""

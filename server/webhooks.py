@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from inference.images import pinned_request
+from inference.images import is_public, pinned_request
 
 logger = logging.getLogger(__name__)
 
@@ -352,9 +352,7 @@ class WebhookSender:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         for *_, sockaddr in infos:
             address = ipaddress.ip_address(sockaddr[0].split("%")[0])
-            if address.version == 6 and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            if not address.is_global or address.is_multicast:
+            if not is_public(address):
                 raise _Refused(f"{host} resolves to the non-public address {address}")
         if not infos:
             raise OSError("no address")

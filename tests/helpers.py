@@ -45,10 +45,6 @@ def data_uri(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
 
 
-def decode_data_uri(uri: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from PIL import Image
 from replicate.exceptions import ModelError, ReplicateError
 
 from tests.conftest import TOKEN
-from tests.helpers import box_mask, data_uri, decode_data_uri, fast_input, noise_image, png_bytes
+from tests.helpers import box_mask, fast_input, noise_image, png_bytes
 
 MODEL = "black-forest-labs/flux-fill-dev"
 

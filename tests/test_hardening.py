@@ -11,24 +11,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
-import io
 import json
 import os
 import re
 import secrets
-import shutil
-import socket
 import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import TOKEN
-from tests.helpers import LiveServer, box_mask, data_uri, fast_input, free_port, noise_image, png_bytes
+from tests.helpers import LiveServer, box_mask, fast_input, free_port, noise_image, png_bytes
 
 MODEL_PATH = "/v1/models/black-forest-labs/flux-fill-dev/predictions"
 TERMINAL = ("succeeded", "failed", "canceled")
