@@ -8,8 +8,10 @@ changes nothing: the outputs are the plain engine's, bit for bit.
 The options, and why each is built the way it is (figures from ``GPU-NOTES.md``, one H100):
 
 - ``compile``: ``block.compile(fullgraph=True)`` on each of the 19 double and 38 single transformer
-  blocks, not the whole model. Identical blocks share one graph, so the transformer compiles in
-  about 22 s (a whole-model ``max-autotune`` compile did not finish in 10 minutes); a 1 MP step goes
+  blocks, not the whole model. On by default with a CUDA GPU (``None`` means that: on for CUDA,
+  off on the CPU), where a compile error for some shape falls back to eager for that call instead of
+  failing the prediction; ``True`` compiles on any device and lets errors surface. Identical blocks
+  share one graph, so the transformer compiles in about 22 s (a whole-model ``max-autotune`` compile did not finish in 10 minutes); a 1 MP step goes
   from 0.184 to 0.133 s. Inductor's FX-graph cache and Triton's kernel cache live in
   ``<data-dir>/compile-cache`` so a restart reuses them. Shapes: the text is always 512 tokens; the
   image token count and the batch vary with the request. ``dynamic=None`` (PyTorch's automatic
@@ -35,9 +37,16 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   the threshold (relative mean) from the last computed step, the other blocks are skipped and their
   cached residual reused. 0 turns it off. Its check reads a value back from the GPU each step, which
   breaks a compiled graph, so with ``compile`` the blocks are compiled without ``fullgraph``.
-- ``memory_mode``: ``offload`` moves each model to the GPU only while it runs (diffusers'
-  ``enable_model_cpu_offload``), ``sequential-offload`` streams every layer (much slower, least
-  memory). The engine calls ``pipe.transformer(...)``, ``pipe.vae.encode/decode`` and
+- ``memory_mode``: for cards smaller than the 34 GB the bf16 weights take.
+  ``fp8`` (24 GB cards): the transformer's block linears and the T5 encoder's linears hold fp8
+  weights (about 12 + 4.7 GB), everything stays on the GPU. The transformer is quantised one block at
+  a time on the way to the GPU, so the bf16 transformer is never on the card whole. Its fp8 is
+  torchao's row-wise dynamic fp8 (weights and activations) on compute capability 8.9+, else fp8
+  weights dequantised per matmul; T5 always gets the weight-only kind. LoRAs still apply (peft adds
+  its layers beside the fp8 linears). ``fp8-offload`` (16 GB cards): the same fp8 weights, each model
+  on the GPU only while it runs. ``offload`` (32 GB cards): bf16, each model on the GPU only while it
+  runs (diffusers' ``enable_model_cpu_offload``); ``sequential-offload`` streams every layer (much
+  slower, least memory). The engine calls ``pipe.transformer(...)``, ``pipe.vae.encode/decode`` and
   ``pipe.encode_prompt`` directly; accelerate's hooks sit on the modules' ``forward``, so they still
   apply, and ``pipe._execution_device`` reads the GPU from those hooks. The weights are then loaded
   on the CPU (in bf16) instead of straight onto the GPU.
@@ -55,7 +64,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MEMORY_MODES = ("default", "offload", "sequential-offload")
+MEMORY_MODES = ("default", "fp8", "fp8-offload", "offload", "sequential-offload")
+FP8_MEMORY_MODES = ("fp8", "fp8-offload")
+OFFLOAD_MODES = {"fp8-offload": "model", "offload": "model", "sequential-offload": "sequential"}
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 WARMUP_SIZES = ((1024, 1024), (512, 512))  # the 1 MP and 0.25 MP squares
 WARMUP_STEPS = 2
@@ -72,7 +83,8 @@ class AccelError(ValueError):
 class AccelOptions:
     """The speed options, from the server's settings (every one off by default)."""
 
-    compile: bool = False
+    compile: bool | None = None  # None: on with a CUDA GPU, off on the CPU
+    compile_backend: object = "inductor"
     fast_mode: bool = False
     memory_mode: str = "default"  # one of MEMORY_MODES
     step_cache: float = 0.0  # First Block Cache threshold; 0 is off
@@ -154,7 +166,7 @@ class Accelerator:
 
     def warm_up(self, engine) -> float:
         """Run the common shapes once so compiling happens now, not on the first request."""
-        if not (self.options.warmup and (self.options.compile or self.fast_transformer is not None or self.all_fast)):
+        if not (self.options.warmup and (self.compiled or self.fast_transformer is not None or self.all_fast)):
             return 0.0
         import base64
 
@@ -195,12 +207,18 @@ def apply(model, options: AccelOptions | None = None) -> Accelerator:
     _attention_backend(accel)
     _fast_mode(accel, cuda)
     _step_cache(accel)
-    if options.compile:
+    if options.compile or (options.compile is None and cuda):
         _compile(accel)
     for line in accel.notes:
         log.warning("speed: %s", line)
     log.info("speed options: %s", ", ".join(accel.applied) or "none (eager, as loaded)")
     return accel
+
+
+def loads_in_host_memory(memory_mode: str) -> bool:
+    """Whether the weights are first loaded into host memory (the memory modes place them on the GPU
+    themselves) rather than straight onto the GPU."""
+    return memory_mode != "default"
 
 
 # -- the options, one function each ----------------------------------------------------------------
@@ -212,12 +230,17 @@ def _memory_mode(accel: Accelerator, cuda: bool) -> None:
         raise AccelError(f"memory mode {mode!r} is not one of {', '.join(MEMORY_MODES)}")
     if mode == "default":
         return
-    if not cuda:
+    if mode in OFFLOAD_MODES and not cuda:
         raise AccelError(f"--memory-mode {mode} offloads to a GPU, and this server runs on {accel.device}; "
-                         "use --memory-mode default on the CPU")
+                         "use --memory-mode default (or fp8, which saves host memory) on the CPU")
     pipe = accel.pipeline
+    if mode in FP8_MEMORY_MODES:
+        _fp8_weights(accel, cuda)
+    if mode == "fp8":
+        pipe.to(accel.device)  # what is still in host memory: the embedders, CLIP, the VAE
+        return
     index = _device_index(accel.device)
-    if mode == "offload":
+    if OFFLOAD_MODES[mode] == "model":
         pipe.enable_model_cpu_offload(gpu_id=index)
         accel.applied.append(f"model CPU offload to cuda:{index}")
     else:
@@ -225,6 +248,60 @@ def _memory_mode(accel: Accelerator, cuda: bool) -> None:
         accel.applied.append(f"sequential CPU offload to cuda:{index}")
     if str(pipe._execution_device) != f"cuda:{index}":  # the engine puts its tensors there
         raise AccelError(f"after offloading, the pipeline runs on {pipe._execution_device}, not cuda:{index}")
+
+
+def _fp8_weights(accel: Accelerator, cuda: bool) -> None:
+    """fp8 weights for the transformer blocks and the T5 encoder, quantised one block at a time on
+    ``accel.device`` so the bf16 model is never on the GPU whole."""
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig
+    except ImportError as exc:
+        raise AccelError(f"--memory-mode {accel.options.memory_mode} needs torchao "
+                         "(pip install 'flux-fill-server[gpu]')") from exc
+    pipe = accel.pipeline
+    dynamic = cuda and _fp8_matmuls(accel.device)
+    config = _fp8_dynamic_config() if dynamic else Float8WeightOnlyConfig()
+    started = time.monotonic()
+    before = _linear_bytes(pipe.transformer) + _linear_bytes(pipe.text_encoder_2)
+    for name in BLOCK_LISTS:
+        for block in getattr(pipe.transformer, name, []):
+            quantise_blockwise(block, accel.device, config)
+    t5_blocks = getattr(getattr(pipe.text_encoder_2, "encoder", None), "block", [])
+    for block in t5_blocks:
+        quantise_blockwise(block, accel.device, Float8WeightOnlyConfig())
+    after = _linear_bytes(pipe.transformer) + _linear_bytes(pipe.text_encoder_2)
+    kind = "row-wise fp8 weights and activations" if dynamic else "fp8 weights"
+    accel.applied.append(f"{kind} in the transformer, fp8 weights in T5 ({_size(before)} -> {_size(after)}, "
+                         f"{time.monotonic() - started:.1f} s)")
+    if cuda:
+        _empty_cuda_cache()
+
+
+def quantise_blockwise(block, device: str, config) -> None:
+    """Move one block to ``device`` and give its linear layers fp8 weights there."""
+    import torch
+    from torchao.quantization import quantize_
+
+    block.to(device)
+    quantize_(block, config, filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear))
+
+
+def _linear_bytes(module) -> int:
+    """The bytes of the linear layers' weights, fp8 ones counted at a byte an element (scales aside)."""
+    import torch
+
+    return sum(m.weight.numel() * (1 if _is_fp8(m.weight) else m.weight.element_size())
+               for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def _is_fp8(weight) -> bool:
+    """torchao's quantised weights are tensor subclasses (Float8Tensor, or AffineQuantizedTensor before it)."""
+    return getattr(weight, "qdata", None) is not None or "Float8" in type(weight).__name__ or \
+        "Quantized" in type(weight).__name__
 
 
 def _attention_backend(accel: Accelerator) -> None:
@@ -263,27 +340,41 @@ def _fast_mode(accel: Accelerator, cuda: bool) -> None:
         accel.all_fast = True
         accel.applied.append(f"fp8 in place: {free / 1024**3:.1f} GiB free is too little for a second "
                              f"transformer ({fp8_bytes / 1024**3:.1f} GiB), so every request runs fp8")
-    if not accel.options.compile:
-        accel.notes.append("fp8 without --compile is slower than bf16 on an H100 (the activation quantisation "
-                           "is not fused); pass --compile with --fast-mode")
+    if accel.options.compile is False:
+        accel.notes.append("fp8 without compiling is slower than bf16 on an H100 (the activation quantisation "
+                           "is not fused); leave compiling on with --fast-mode")
 
 
 def _fp8_unavailable(accel: Accelerator, cuda: bool) -> str | None:
     if not cuda:
         return f"fp8 needs a CUDA GPU and this server runs on {accel.device}"
+    if accel.options.memory_mode in FP8_MEMORY_MODES:
+        return f"the transformer already has fp8 weights (--memory-mode {accel.options.memory_mode})"
     if accel.options.memory_mode != "default":
         return f"fp8 is not combined with --memory-mode {accel.options.memory_mode}"
-    import torch
+    if not _fp8_matmuls(accel.device):
+        import torch
 
-    major, minor = torch.cuda.get_device_capability(_device_index(accel.device))
-    if (major, minor) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(_device_index(accel.device))
         return f"fp8 matmuls need compute capability 8.9 or newer (Ada, Hopper); this GPU is {major}.{minor}"
     try:
-        import torchao  # noqa: F401
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow  # noqa: F401
+        _fp8_dynamic_config()
     except ImportError:
         return "torchao is not installed (pip install 'flux-fill-server[gpu]')"
     return None
+
+
+def _fp8_matmuls(device: str) -> bool:
+    """Whether the GPU multiplies in fp8 (compute capability 8.9+: Ada, Hopper and newer)."""
+    import torch
+
+    return torch.cuda.get_device_capability(_device_index(device)) >= (8, 9)
+
+
+def _fp8_dynamic_config():
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
 def _block_linears(transformer):
@@ -296,24 +387,24 @@ def _block_linears(transformer):
                     yield module
 
 
-def _quantise(module) -> None:
-    """fp8 row-wise weights and dynamic activations on the linears of the transformer blocks only
-    (the embedders and the output projection stay bf16: they are small and sensitive)."""
+def _quantise(module, config=None) -> None:
+    """fp8 on the linears of the transformer blocks only (the embedders and the output projection
+    stay bf16: they are small and sensitive). ``config``: torchao's; row-wise dynamic fp8 if none."""
     import torch
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import quantize_
 
     block_linears = {id(m) for m in _block_linears(module)}
-    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    quantize_(module, config or _fp8_dynamic_config(),
               filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and id(m) in block_linears)
 
 
-def _quantised_copy(transformer):
+def _quantised_copy(transformer, config=None):
     """A second transformer sharing every parameter and buffer with ``transformer``, then quantised:
     quantize_ gives the copy's linears new fp8 weights and leaves the shared bf16 ones alone, so the
     copy costs only its fp8 weights (no transient second bf16 transformer)."""
     memo = {id(t): t for t in list(transformer.parameters()) + list(transformer.buffers())}
     fast = copy.deepcopy(transformer, memo)
-    _quantise(fast)
+    _quantise(fast, config)
     return fast
 
 
@@ -337,21 +428,42 @@ def _step_cache(accel: Accelerator) -> None:
 def _compile(accel: Accelerator) -> None:
     import torch
 
+    explicit = accel.options.compile is True
     if accel.options.memory_mode == "sequential-offload":
-        accel.notes.append("--compile is not combined with sequential offload (its per-layer hooks break the graphs)")
+        accel.notes.append("compiling is not combined with sequential offload (its per-layer hooks break the graphs)")
         return
     configure_compile_cache(accel.options.cache_dir)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    # The step cache reads a GPU value in the block hooks: a graph break, so no fullgraph then.
-    fullgraph = not accel.step_cache_on
+    # The default: a shape that fails to compile runs eager (logged) rather than failing its prediction.
+    torch._dynamo.config.suppress_errors = not explicit
+    # The step cache reads a GPU value in the block hooks: a graph break, so no fullgraph then. By
+    # default no fullgraph either: it would turn any compile error into an exception (the block has no
+    # graph breaks, so it still compiles whole).
+    fullgraph = explicit and not accel.step_cache_on
+    transformers = list(_transformers(accel))
+    if not explicit and _has_fp8(accel.pipeline.transformer):
+        transformers = []
+        accel.notes.append("the fp8 transformer is not compiled by default (compiling fp8 blocks was measured "
+                           "to take minutes); pass --compile to compile it")
+    elif not explicit and accel.fast_transformer is not None:
+        transformers = transformers[:1]
+        accel.notes.append("the go_fast fp8 transformer is not compiled by default (compiling fp8 blocks was "
+                           "measured to take minutes); pass --compile to compile it too")
     blocks = 0
-    for transformer in _transformers(accel):
+    for transformer in transformers:
         for name in BLOCK_LISTS:
             for block in getattr(transformer, name, []):
-                block.compile(fullgraph=fullgraph, dynamic=None)
+                block.compile(fullgraph=fullgraph, dynamic=None, backend=accel.options.compile_backend)
                 blocks += 1
+    if not blocks:
+        return
     accel.compiled = True
-    accel.applied.append(f"compile ({blocks} blocks, fullgraph={fullgraph}, cache {accel.options.cache_dir})")
+    how = "--compile" if explicit else "default on a GPU"
+    accel.applied.append(f"compile ({how}: {blocks} blocks, fullgraph={fullgraph}, cache {accel.options.cache_dir})")
+
+
+def _has_fp8(transformer) -> bool:
+    return any(_is_fp8(m.weight) for m in _block_linears(transformer))
 
 
 def configure_compile_cache(cache_dir: Path | None) -> None:
@@ -383,6 +495,12 @@ def _device_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
 
 
+def _empty_cuda_cache() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
+
+
 def _free_gpu_bytes(device: str) -> int:
     import torch
 
@@ -390,4 +508,5 @@ def _free_gpu_bytes(device: str) -> int:
     return free
 
 
-__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "apply", "configure_compile_cache"]
+__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "apply", "configure_compile_cache",
+           "loads_in_host_memory", "quantise_blockwise"]

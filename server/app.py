@@ -205,8 +205,8 @@ def _setup(state: AppState, load_model) -> None:
     devices = settings.gpus or [None]
     try:
         for device in devices:
-            # Offloading keeps the weights in host memory: load them there, not straight onto the GPU.
-            offload = {"offload": True} if settings.memory_mode != "default" else {}
+            # The memory modes place the weights on the GPU themselves (fp8 block by block, or offloaded).
+            offload = {"offload": True} if accel.loads_in_host_memory(settings.memory_mode) else {}
             model = load_model(settings.weights, components=settings.components, device=device, **offload)
             speed = accel.apply(model, accel.AccelOptions(
                 compile=settings.compile, fast_mode=settings.fast_mode, memory_mode=settings.memory_mode,

@@ -20,7 +20,7 @@ def add_serve_parser(sub) -> None:
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         kwargs: dict = {"dest": name, "default": argparse.SUPPRESS, "help": info.description}
         annotation = info.annotation
-        if annotation is bool:
+        if annotation is bool or annotation == (bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif name == "api_tokens":
             kwargs["action"] = "append"

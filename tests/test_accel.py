@@ -1,5 +1,6 @@
 """The speed options on the CPU with the tiny model: what runs here, what is refused, and that the
-default changes nothing. The GPU-only parts (fp8, offload, real timings) are in bench/bench.py."""
+default changes nothing. fp8 runs here as torchao's weight-only fp8 (the row-wise fp8 matmuls need
+a GPU of compute capability 8.9+); offloading and real timings are in bench/bench.py on a GPU."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_compile_runs_and_matches_eager(tiny_dir, tmp_path, eager):
     assert np.abs(compiled - eager).max() <= 2  # float reassociation: at most a level or two in 8-bit
     assert (tmp_path / "compile-cache" / "inductor").is_dir()  # the persistent cache is where we said
     described = engine.accelerator.describe()
-    assert described["compile"] is True and any("compile (2 blocks" in a for a in described["applied"])
+    assert described["compile"] is True and any("compile (--compile: 2 blocks" in a for a in described["applied"])
 
 
 def test_go_fast_on_cpu_runs_the_normal_path_and_says_so(tiny_dir, eager, caplog):
@@ -73,14 +74,14 @@ def test_go_fast_on_cpu_runs_the_normal_path_and_says_so(tiny_dir, eager, caplog
     assert engine.accelerator.describe()["fast_mode"].startswith("unavailable (fp8 needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("mode", ["offload", "sequential-offload"])
+@pytest.mark.parametrize("mode", ["offload", "fp8-offload", "sequential-offload"])
 def test_memory_modes_are_refused_on_cpu(tiny_dir, mode):
     with pytest.raises(accel.AccelError, match=f"--memory-mode {mode} offloads to a GPU"):
         _engine(tiny_dir, accel.AccelOptions(memory_mode=mode))
 
 
 def test_unknown_memory_mode_is_refused(tiny_dir):
-    with pytest.raises(accel.AccelError, match="not one of default, offload, sequential-offload"):
+    with pytest.raises(accel.AccelError, match="not one of default, fp8, fp8-offload, offload, sequential-offload"):
         _engine(tiny_dir, accel.AccelOptions(memory_mode="swap"))
 
 
@@ -114,8 +115,10 @@ def test_server_settings_carry_the_options(tmp_path):
 
     from server.settings import Settings
 
+    assert Settings().compile is None  # on with a CUDA GPU, off on the CPU
     s = Settings(compile=True, fast_mode=True, memory_mode="offload", step_cache=0.05, data_dir=tmp_path)
     assert (s.compile, s.fast_mode, s.memory_mode, s.step_cache) == (True, True, "offload", 0.05)
+    assert Settings(memory_mode="fp8").memory_mode == "fp8"
     with pytest.raises(ValidationError):
         Settings(memory_mode="swap")
     with pytest.raises(ValidationError):
@@ -132,3 +135,125 @@ def test_random_real_is_the_real_architecture():
     from inference.random_real import transformer_parameter_count
 
     assert 11.8e9 < transformer_parameter_count() < 12.0e9  # FLUX.1's 11.9 B, counted on the meta device
+
+
+def test_random_real_is_built_in_the_asked_dtype_without_a_float32_copy():
+    import torch
+
+    from inference.random_real import build_random_real_pipeline
+
+    pipe = build_random_real_pipeline("meta", torch.bfloat16)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.bfloat16}, name
+    assert torch.get_default_dtype() == torch.float32  # put back after building
+
+
+# -- compiling by default on a GPU: a shape that fails to compile runs eager --------------------------
+
+
+def _failing_backend(graph_module, example_inputs):
+    raise RuntimeError("this compiler cannot build the graph")
+
+
+def test_default_compile_falls_back_to_eager_when_compiling_fails(tiny_dir, eager):
+    """What a GPU server does by default (compile is None there), made to fail to compile: the
+    predictions run eager and match; an explicit --compile lets the same failure surface."""
+    engine = _engine(tiny_dir, accel.AccelOptions())
+    speed = engine.accelerator
+    speed.options.compile_backend = _failing_backend
+    accel._compile(speed)  # as apply() does on CUDA when compile is None
+    assert speed.compiled and "default on a GPU" in speed.applied[0]
+    np.testing.assert_array_equal(_image(engine), eager)
+
+    import torch
+
+    torch._dynamo.reset()  # forget that those frames were given up on
+    explicit = _engine(tiny_dir, accel.AccelOptions(compile=True, compile_backend=_failing_backend,
+                                                    warmup_sizes=((64, 64),)))
+    assert "--compile" in explicit.accelerator.applied[0]
+    with pytest.raises(Exception, match="cannot build the graph"):
+        explicit.accelerator.warm_up(explicit)
+
+
+# -- fp8 weights (the 24 GB and 16 GB modes) -----------------------------------------------------------
+
+
+def _linears(module):
+    import torch
+
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_fp8_memory_mode_quantises_blocks_and_t5_and_stays_close(tiny_dir, eager):
+    engine = _engine(tiny_dir, accel.AccelOptions(memory_mode="fp8"))
+    pipe = engine.pipeline
+    block_linears = _linears(pipe.transformer.transformer_blocks) + _linears(pipe.transformer.single_transformer_blocks)
+    assert block_linears and all(accel._is_fp8(m.weight) for m in block_linears)
+    assert not accel._is_fp8(pipe.transformer.proj_out.weight)  # the output projection stays as loaded
+    assert all(accel._is_fp8(m.weight) for m in _linears(pipe.text_encoder_2.encoder.block))
+    assert not any(accel._is_fp8(m.weight) for m in _linears(pipe.text_encoder))  # CLIP is small: left alone
+    assert engine.accelerator.applied[0].startswith("fp8 weights in the transformer, fp8 weights in T5 (")
+    elements = sum(m.weight.numel() for m in block_linears)
+    assert accel._linear_bytes(pipe.transformer.transformer_blocks) + \
+        accel._linear_bytes(pipe.transformer.single_transformer_blocks) == elements  # a byte each, was 4
+    image = _image(engine)
+    relative = np.abs(image - eager).mean() / np.abs(eager).mean()
+    assert 0 < relative < 0.03, relative
+    described = engine.accelerator.describe()
+    assert described["memory_mode"] == "fp8" and described["compile"] is False
+    # go_fast has nothing more to give: said, and the image is the fp8 one
+    assert _image(engine, go_fast=True).tolist() == image.tolist()
+
+
+def test_loras_apply_on_fp8_weights_and_leave_nothing_behind(tiny_dir, tmp_path):
+    from inference.engine import EngineSettings
+    from inference.lora import LoraSettings
+    from inference.weights import load_model
+    from tests.lora_files import diffusers_lora
+
+    model = load_model(str(tiny_dir), device="cpu")
+    engine = Engine(model, EngineSettings(lora=LoraSettings(allow_paths=True)))
+    engine.accelerator = accel.apply(model, accel.AccelOptions(memory_mode="fp8"))
+    lora = str(diffusers_lora(model.pipeline.transformer, tmp_path / "style.safetensors"))
+    plain = _image(engine)
+    styled = _image(engine, lora_weights=lora, lora_scale=1.0)
+    assert np.abs(styled - plain).mean() > 1  # the LoRA changes the picture
+    np.testing.assert_array_equal(_image(engine, lora_weights=lora, lora_scale=0.0), plain)
+    np.testing.assert_array_equal(_image(engine), plain)  # and is gone after
+
+
+def test_go_fast_transformer_shares_everything_but_its_fp8_linears(tiny_dir, eager):
+    """The second transformer of --fast-mode, built as on a GPU (with the weight-only fp8 config here):
+    it shares every bf16 parameter, only its block linears are new, and the normal one is untouched."""
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    engine = _engine(tiny_dir, accel.AccelOptions())
+    speed = engine.accelerator
+    engine.settings.fast_mode = True
+    normal = engine.pipeline.transformer
+    fast = accel._quantised_copy(normal, Float8WeightOnlyConfig())
+    speed.fast_transformer = fast
+    fast_linears = {id(m) for m in accel._block_linears(fast)}
+    shared = {id(p) for p in normal.parameters()} & {id(p) for p in fast.parameters()}
+    assert len(shared) == len(list(normal.parameters())) - len(fast_linears)  # all but the fp8 weights
+    assert not any(accel._is_fp8(m.weight) for m in accel._block_linears(normal))
+    assert all(accel._is_fp8(m.weight) for m in accel._block_linears(fast))
+
+    fast_image = _image(engine, go_fast=True)
+    relative = np.abs(fast_image - eager).mean() / np.abs(eager).mean()
+    assert 0 < relative < 0.03, relative
+    np.testing.assert_array_equal(_image(engine), eager)  # the normal path is the bf16 one, as before
+    assert engine.pipeline.transformer is normal
+
+
+def test_server_runs_the_fp8_memory_mode(server_factory):
+    import httpx
+
+    from tests.helpers import fast_input
+
+    server = server_factory("--memory-mode", "fp8")
+    speed = httpx.get(f"{server.url}/health").json()["speed"]
+    assert speed["memory_mode"] == "fp8" and speed["applied"][0].startswith("fp8 weights in the transformer")
+    r = httpx.post(f"{server.url}/v1/models/black-forest-labs/flux-fill-dev/predictions", headers={"Prefer": "wait"},
+                   json={"input": fast_input(noise_image(64, 64), box_mask(64, 64, (8, 8, 40, 40)))}, timeout=120)
+    assert r.json()["status"] == "succeeded", r.text
