@@ -2,20 +2,24 @@
 
     python bench/bench.py                          # a GPU: --weights random-real, every mode
     python bench/bench.py --weights /models/fill   # the real weights
-    python bench/bench.py --modes baseline,default,compile --cases 1mp,1mp-x4
+    python bench/bench.py --modes baseline,eager,default --cases 1mp,1mp-x4
     python bench/bench.py --cpu                    # no GPU: the server's overhead, tiny model
 
 On a GPU, each mode is a fresh ``flux-fill serve`` process (one at a time, so they never share the
 GPU) timed from the request to the image bytes with ``Prefer: wait``; ``baseline`` is diffusers'
-``FluxFillPipeline.__call__`` in a process of its own. Modes: baseline, default, compile, fast
-(``--fast-mode --compile``, requests with ``go_fast``), step-cache (``--step-cache``), offload
-(``--memory-mode offload``). Cases: 1mp (1024x1024, 1 output), 1mp-x4 (4 outputs), 1440 (1440x1440),
-0.25mp (512x512); 28 steps each. Reported per mode: cold start (process start to READY, model load,
-compile and warm-up included), first-request latency (1 MP, 1 output), each case's median seconds,
-seconds per step, images per minute, the server's peak GPU memory (``/metrics``), and for fast and
-step-cache the relative error against default on the same input and seed (mean |a-b| / mean |b| of
-the decoded 8-bit pixels; with random weights the pictures are noise, so take it from real weights).
-Ratios against the baseline come last.
+``FluxFillPipeline.__call__`` in a process of its own. Modes: baseline, eager (``--no-compile``),
+default (the server as started with no options: compiled blocks on a GPU), fast (``--fast-mode
+--compile``, requests with ``go_fast``), step-cache (``--step-cache``), fp8 and fp8-offload (the 24 GB
+and 16 GB memory modes), offload (``--memory-mode offload``). Cases: 1mp (1024x1024, 1 output), 1mp-x4
+(4 outputs), 1440 (1440x1440), 0.25mp (512x512); 28 steps each. Reported per mode: cold start
+(process start to READY, model load, compile and warm-up included), first-request latency (1 MP, 1
+output), each case's median seconds, seconds per step, images per minute, the server's overhead (the
+end-to-end time over the prediction's own ``metrics.predict_time``), the server's peak GPU memory
+(``/metrics``), and for every mode but default the relative error against default on the same input
+and seed (mean |a-b| / mean |b| of the decoded 8-bit pixels; with random weights the pictures are
+noise, so take it from real weights). Ratios against the baseline come last.
+
+``--device cpu`` runs the same GPU report on the CPU (a smoke test of this script with the tiny model).
 
 On the CPU it measures what the server adds: the same prediction run by the pipeline directly, by
 ``Engine.predict`` and through HTTP, on the tiny model.
@@ -49,10 +53,12 @@ CASES = {  # name: (input side, megapixels, outputs)
     "0.25mp": (512, "0.25", 1),
 }
 MODES = {  # name: (server flags, go_fast)
+    "eager": (["--no-compile"], False),
     "default": ([], False),
-    "compile": (["--compile"], False),
     "fast": (["--fast-mode", "--compile"], True),
     "step-cache": (["--step-cache", "0.08"], False),
+    "fp8": (["--memory-mode", "fp8"], False),
+    "fp8-offload": (["--memory-mode", "fp8-offload"], False),
     "offload": (["--memory-mode", "offload"], False),
 }
 
@@ -102,7 +108,7 @@ def relative_error(a, b) -> float:
 
 
 class Server:
-    def __init__(self, weights: str, flags: list[str], workdir: Path, timeout: float):
+    def __init__(self, weights: str, flags: list[str], workdir: Path, timeout: float, device: str | None = None):
         import socket
 
         with socket.socket() as s:
@@ -112,6 +118,8 @@ class Server:
         self.log_path = workdir / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--weights", weights,
                "--data-dir", str(workdir / f"data-{self.port}"), "--log-level", "warning", *flags]
+        if device:
+            cmd += ["--gpus", device]
         started = time.monotonic()
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -124,19 +132,22 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
             try:
-                status = httpx.get(self.url + "/health", timeout=2).json()["status"]
-                if status == "READY":
+                health = httpx.get(self.url + "/health", timeout=2).json()
+                if health["status"] == "READY":
                     return time.monotonic() - started
-                if status == "SETUP_FAILED":
-                    raise RuntimeError(f"server setup failed:\n{self.log_path.read_text()[-3000:]}")
+                if health["status"] == "SETUP_FAILED":
+                    self.stop()
+                    raise RuntimeError(f"server setup failed: {health.get('setup_error')}\n"
+                                       f"{self.log_path.read_text()[-3000:]}")
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.log_path.read_text()[-3000:]}")
 
-    def predict(self, inp: dict) -> tuple[float, list]:
-        """Seconds from sending the request to holding the image bytes, and the outputs."""
+    def predict(self, inp: dict) -> tuple[float, list, float]:
+        """Seconds from sending the request to holding the image bytes, the outputs, and the
+        prediction's own time (``metrics.predict_time``: the engine's work, as the server measured it)."""
         import httpx
 
         t = time.monotonic()
@@ -150,7 +161,14 @@ class Server:
         images = [base64.b64decode(o.split(",", 1)[1]) for o in body["output"]]  # the bytes, in hand
         elapsed = time.monotonic() - t
         assert images and all(images)
-        return elapsed, body["output"]
+        return elapsed, body["output"], body["metrics"]["predict_time"]
+
+    def speed(self) -> str:
+        """What the server says it applied (``/health``), for the report."""
+        import httpx
+
+        speed = httpx.get(self.url + "/health", timeout=10).json().get("speed") or {}
+        return "; ".join(speed.get("applied") or ["eager, as loaded"])
 
     def peak_gpu_bytes(self) -> float | None:
         import httpx
@@ -180,40 +198,47 @@ def run_gpu(args) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-"))
     cases = [c for c in args.cases.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m != "baseline" and m not in MODES] + [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown mode or case: {', '.join(unknown)}")
     results: dict[str, dict] = {}
-    references: dict[str, object] = {}
+    images: dict[str, object] = {}
     for mode in modes:
         print(f"# {mode} ...", flush=True)
         try:
-            results[mode] = baseline(args, cases) if mode == "baseline" else server_mode(args, mode, cases, workdir, references)
+            results[mode] = baseline(args, cases) if mode == "baseline" else server_mode(args, mode, cases, workdir, images)
         except Exception as exc:  # one broken mode does not hide the others' figures
             print(f"# {mode} failed: {exc}".splitlines()[0], flush=True)
             results[mode] = {"error": str(exc).splitlines()[0]}
+    for mode, image in images.items():  # each mode's lossless 1 MP output against default's
+        if mode != "default" and "default" in images:
+            results[mode]["rel_error"] = relative_error(image, images["default"])
     print_gpu_report(args, results, cases)
     return 0
 
 
-def server_mode(args, mode: str, cases, workdir: Path, references: dict) -> dict:
+def server_mode(args, mode: str, cases, workdir: Path, images: dict) -> dict:
     flags, go_fast = MODES[mode]
     if mode == "step-cache":
         flags = ["--step-cache", str(args.step_cache)]
-    server = Server(args.weights, flags, workdir, args.start_timeout)
-    out = {"cold_start": server.cold_start, "cases": {}}
+    server = Server(args.weights, flags, workdir, args.start_timeout, args.device)
+    out = {"cold_start": server.cold_start, "cases": {}, "overhead": {}}
     try:
-        first, _ = server.predict(request_input(*CASES["1mp"][:2], 1, args.steps, go_fast))
+        first, _, _ = server.predict(request_input(*CASES["1mp"][:2], 1, args.steps, go_fast))
         out["first_request"] = first
         for case in cases:
             side, mp, n = CASES[case]
             inp = request_input(side, mp, n, args.steps, go_fast)
             server.predict(inp)  # this size's own first run (compiling a new shape) is not timed
-            out["cases"][case] = median([server.predict(inp)[0] for _ in range(args.repeats)])
+            runs = [server.predict(inp) for _ in range(args.repeats)]
+            out["cases"][case] = median([r[0] for r in runs])
+            # What the server adds: the end-to-end time over the engine's own, in percent.
+            out["overhead"][case] = 100 * median([(r[0] - r[2]) / r[2] for r in runs])
         # The error check: one lossless 1 MP output, compared with default's for the same input and seed.
-        _, outputs = server.predict(request_input(*CASES["1mp"][:2], 1, args.steps, go_fast, fmt="png"))
-        image = decode_output(outputs[0])
-        references[mode] = image
-        if mode != "default" and "default" in references:
-            out["error"] = relative_error(image, references["default"])
+        _, outputs, _ = server.predict(request_input(*CASES["1mp"][:2], 1, args.steps, go_fast, fmt="png"))
+        images[mode] = decode_output(outputs[0])
         out["peak"] = server.peak_gpu_bytes()
+        out["speed"] = server.speed()
     finally:
         server.stop()
     return out
@@ -222,7 +247,7 @@ def server_mode(args, mode: str, cases, workdir: Path, references: dict) -> dict
 def baseline(args, cases) -> dict:
     """diffusers' FluxFillPipeline.__call__, eager bf16, in a process of its own."""
     cmd = [sys.executable, __file__, "--baseline-worker", "--weights", args.weights, "--cases", ",".join(cases),
-           "--repeats", str(args.repeats), "--steps", str(args.steps)]
+           "--repeats", str(args.repeats), "--steps", str(args.steps), "--device", args.device]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.start_timeout + 3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -240,7 +265,8 @@ def baseline_worker(args) -> int:
     from inference.weights import load_model
 
     started = time.monotonic()
-    pipe = load_model(args.weights, device="cuda").pipeline
+    cuda = args.device.startswith("cuda")
+    pipe = load_model(args.weights, device=args.device).pipeline
     pipe.set_progress_bar_config(disable=True)
     out = {"cold_start": time.monotonic() - started, "cases": {}}
 
@@ -256,7 +282,8 @@ def baseline_worker(args) -> int:
                       generator=torch.Generator("cpu").manual_seed(42)).images
         for image in images:  # the product encodes too: keep the comparison fair
             image.save(io.BytesIO(), format="WEBP", quality=80)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         assert all(isinstance(i, Image.Image) for i in images)
         return time.monotonic() - t
 
@@ -264,33 +291,35 @@ def baseline_worker(args) -> int:
     for case in [c for c in args.cases.split(",") if c]:
         call(*CASES[case])
         out["cases"][case] = median([call(*CASES[case]) for _ in range(args.repeats)])
-    out["peak"] = torch.cuda.max_memory_allocated()
+    out["peak"] = torch.cuda.max_memory_allocated() if cuda else None
     print(json.dumps(out), flush=True)
     return 0
 
 
 def print_gpu_report(args, results: dict, cases) -> None:
     print()
-    print(f"weights {args.weights}, {args.steps} steps, median of {args.repeats}")
-    header = f"{'mode':<11} {'case':<7} {'seconds':>8} {'s/step':>7} {'img/min':>8}"
+    print(f"weights {args.weights} on {args.device}, {args.steps} steps, median of {args.repeats}")
+    header = f"{'mode':<12} {'case':<7} {'seconds':>8} {'s/step':>7} {'img/min':>8} {'overhead':>9}"
     print(header)
     print("-" * len(header))
     for mode, r in results.items():
-        if "error" in r and "cases" not in r:
-            print(f"{mode:<11} failed: {r['error']}")
+        if "cases" not in r:
+            print(f"{mode:<12} failed: {r['error']}")
             continue
         for case in cases:
-            s = r["cases"].get(case)
+            s = r["cases"][case]
             n = CASES[case][2]
-            print(f"{mode:<11} {case:<7} {s:8.2f} {s / args.steps:7.3f} {60 * n / s:8.1f}")
+            overhead = r.get("overhead", {}).get(case)
+            shown = f"{overhead:8.1f}%" if overhead is not None else f"{'':>9}"
+            print(f"{mode:<12} {case:<7} {s:8.2f} {s / args.steps:7.3f} {60 * n / s:8.1f} {shown}")
     print()
-    print(f"{'mode':<11} {'cold start s':>12} {'first req s':>11} {'peak GiB':>9} {'rel. error':>10}")
+    print(f"{'mode':<12} {'cold start s':>12} {'first req s':>11} {'peak GiB':>9} {'rel. error':>10}  applied")
     for mode, r in results.items():
         if "cases" not in r:
             continue
         peak = f"{r['peak'] / 1024**3:9.1f}" if r.get("peak") else f"{'?':>9}"
-        err = f"{r['error']:10.4f}" if isinstance(r.get("error"), float) else f"{'':>10}"
-        print(f"{mode:<11} {r['cold_start']:12.1f} {r['first_request']:11.2f} {peak} {err}")
+        err = f"{r['rel_error']:10.4f}" if isinstance(r.get("rel_error"), float) else f"{'':>10}"
+        print(f"{mode:<12} {r['cold_start']:12.1f} {r['first_request']:11.2f} {peak} {err}  {r.get('speed', '')}")
     print()
     base = results.get("baseline", {}).get("cases")
     ref = "baseline" if base else "default"
@@ -379,6 +408,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="random-real", help="weights for the server and the baseline "
                    "(default random-real: the real architecture with random weights, built on the GPU; tiny on --cpu)")
     p.add_argument("--cpu", action="store_true", help="measure the server's overhead on the CPU (the default without a GPU)")
+    p.add_argument("--device", default=None, help="the GPU report's device (default cuda; cpu runs it on the CPU "
+                   "as a smoke test of this script, with --weights of the tiny model)")
     p.add_argument("--modes", default="baseline," + ",".join(MODES), help="GPU: comma-separated modes (default: %(default)s)")
     p.add_argument("--cases", default=",".join(CASES), help="GPU: comma-separated cases (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help=f"steps a prediction (GPU {STEPS}, CPU 4)")
@@ -393,8 +424,12 @@ def main(argv=None) -> int:
         return baseline_worker(args)
     import torch
 
+    if args.device:  # the GPU report, on the device named
+        args.steps = args.steps or STEPS
+        return run_gpu(args)
     cpu = args.cpu or not torch.cuda.is_available()
     args.steps = args.steps or (4 if cpu else STEPS)
+    args.device = "cuda"
     if cpu:
         if not args.cpu:
             print("# no GPU: measuring the server's overhead on the CPU")
