@@ -147,6 +147,8 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
     ``offload``: keep the weights in host memory (in the GPU's dtype) for a CPU-offload memory mode,
     which then moves each model to ``device`` while it runs (inference.accel)."""
     import torch
+
+    quiet_library_noise()
     from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
     device = pick_device(device)
@@ -192,6 +194,18 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
     )
     _load_safety_checker(model, folder, dtype, device)
     return model
+
+
+def quiet_library_noise() -> None:
+    """Warnings the libraries print on import that say nothing about this server's work: diffusers
+    on torchao's serialised tensors (never loaded here), a torch deprecation that torchao triggers,
+    and, without a GPU, torchao's CUDA kernels that cannot load."""
+    import torch
+
+    for name in ("diffusers.quantizers.torchao.torchao_quantizer", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if not torch.cuda.is_available():
+        logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def _single_file_transformer(cls, path: Path, components: Path, dtype):

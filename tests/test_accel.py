@@ -49,7 +49,7 @@ def test_default_options_change_nothing(tiny_dir, eager):
 
 @pytest.mark.slow
 def test_compile_runs_and_matches_eager(tiny_dir, tmp_path, eager):
-    options = accel.AccelOptions(compile=True, cache_dir=tmp_path / "compile-cache", warmup_sizes=((64, 64),))
+    options = accel.AccelOptions(compile=True, cache_dir=tmp_path / "compile-cache", warmup_shapes=((64, 64, 1),))
     engine = _engine(tiny_dir, options)
     assert engine.accelerator.compiled
     assert engine.accelerator.warm_up(engine) > 0
@@ -169,7 +169,7 @@ def test_default_compile_falls_back_to_eager_when_compiling_fails(tiny_dir, eage
 
     torch._dynamo.reset()  # forget that those frames were given up on
     explicit = _engine(tiny_dir, accel.AccelOptions(compile=True, compile_backend=_failing_backend,
-                                                    warmup_sizes=((64, 64),)))
+                                                    warmup_shapes=((64, 64, 1),)))
     assert "--compile" in explicit.accelerator.applied[0]
     with pytest.raises(Exception, match="cannot build the graph"):
         explicit.accelerator.warm_up(explicit)
