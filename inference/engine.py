@@ -271,6 +271,9 @@ class Engine:
             scheduler.config.get("max_shift", 1.15),
         )
         timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+        # The first step would otherwise find its index by searching the timesteps on the device
+        # (a nonzero() and an item(): a host-device sync); the loop always starts at 0.
+        scheduler.set_begin_index(0)
         image_ids = pipe._prepare_latent_image_ids(n, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2, device, prompt_embeds.dtype)
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=prompt_embeds.dtype)
         guidance = (

@@ -183,3 +183,68 @@ def test_long_prompt_is_truncated_and_said_in_the_logs(engine, picture):
     outs = engine.predict(parse_input(fast_input(img, mask, seed=1, prompt="a red cat " * 400)), log=lines.append)
     assert len(outs) == 1
     assert any("only the first 512 are used" in line for line in lines)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_the_denoising_loop_is_diffusers_own(tiny_model, picture, outputs, monkeypatch):
+    """Given the same conditioning, noise and prompt embeddings, our loop and FluxFillPipeline.__call__
+    give the same latents, bit for bit (timesteps, shift, guidance and Euler steps are diffusers').
+    (__call__ preprocesses ``image`` even when given ready-made ``masked_image_latents``, while its
+    input check refuses the two together: the check is set aside here.)"""
+    import torch
+
+    from inference.engine import _Progress
+
+    engine = Engine(tiny_model)
+    img, mask = picture
+    inp = parse_input(fast_input(img, mask, num_inference_steps=5, guidance=12.5))
+    prompt_embeds, pooled = engine.encode_prompt(inp.prompt)
+    condition = engine.masked_image_latents(img, mask, prompt_embeds.dtype)
+    noise = engine.initial_noise(list(range(7, 7 + outputs)), 64, 64, prompt_embeds.dtype)
+    ours = engine.denoising_loop(noise.clone(), condition, prompt_embeds, pooled, 64, 64, inp,
+                                 _Progress(5, None, None))
+    monkeypatch.setattr(engine.pipeline, "check_inputs", lambda *a, **k: None)
+    theirs = engine.pipeline(
+        image=img, prompt_embeds=prompt_embeds.expand(outputs, -1, -1), pooled_prompt_embeds=pooled.expand(outputs, -1),
+        masked_image_latents=condition.expand(outputs, -1, -1), latents=noise.clone(), height=64, width=64,
+        num_inference_steps=5, guidance_scale=12.5, output_type="latent",
+    ).images
+    assert torch.equal(ours, theirs)
+
+
+def test_the_denoising_loop_asks_the_device_for_nothing(tiny_model, picture):
+    """No host-device sync between the first step and the last (item(), nonzero(), bool() of a tensor
+    and the like would each stall a GPU's queue); on the CPU the calls themselves are counted."""
+    import collections
+
+    from torch.overrides import TorchFunctionMode
+
+    syncing = {"item", "tolist", "nonzero", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"}
+
+    class Spy(TorchFunctionMode):
+        active = False
+        calls: collections.Counter = collections.Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if self.active and getattr(func, "__name__", "") in syncing:
+                self.calls[func.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    engine = Engine(tiny_model)
+    spy = Spy()
+    transformer = engine.pipeline.transformer
+    handle = transformer.register_forward_pre_hook(lambda *_: setattr(spy, "active", True))
+    loop = engine.denoising_loop
+
+    def watched(*args, **kwargs):
+        with spy:
+            latents = loop(*args, **kwargs)
+        spy.active = False
+        return latents
+
+    engine.denoising_loop = watched
+    try:
+        run(engine, *picture, num_inference_steps=4, seed=1)
+    finally:
+        handle.remove()
+    assert spy.calls == collections.Counter(), spy.calls
