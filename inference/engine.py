@@ -9,7 +9,9 @@ denoising itself is diffusers' ``FluxFillPipeline``; the engine prepares its inp
 - output i is made from seed + i, whatever the batch: the starting noise is drawn per output from
   its own CPU generator, and the masked image is encoded with the VAE's mean instead of a sample,
   so ``num_outputs=1, seed=s+i`` re-makes output i;
-- the prompt is encoded once and the masked image once, however many outputs are batched.
+- the prompt is encoded once and the masked image once, however many outputs are batched, and the
+  last few prompts' embeddings are kept (T5-XXL is 9.5 GB: with offloading, a repeated prompt does
+  not move it to the GPU again).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 LANCZOS = Image.Resampling.LANCZOS
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as the hosted model
 CROP_SEAM_BLUR = 8  # px of feathering at a crop region's mask edge when mask_blur is 0
+PROMPT_CACHE_SIZE = 16  # prompts whose embeddings are kept (about 4 MB each on the device in bf16)
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 CancelCheck = Callable[[], bool]
@@ -109,6 +113,7 @@ class Engine:
             logging.getLogger(name).setLevel(logging.ERROR)
         self.loras = LoraManager(pipe, self.settings.lora)
         self.accelerator = None  # set by the speed options (go_fast)
+        self._prompts: OrderedDict[str, tuple] = OrderedDict()  # prompt -> (embeddings, pooled), LRU
 
     # -- the prediction -------------------------------------------------------------------------
 
@@ -183,6 +188,10 @@ class Engine:
             t5_tokens = len(pipe.tokenizer_2(prompt, truncation=False).input_ids)
             if t5_tokens > MAX_SEQUENCE_LENGTH:
                 log(f"The prompt is {t5_tokens} T5 tokens long; only the first {MAX_SEQUENCE_LENGTH} are used")
+        cached = self._prompts.get(prompt)
+        if cached is not None:
+            self._prompts.move_to_end(prompt)
+            return cached
         prompt_embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompt,
             prompt_2=None,
@@ -190,6 +199,11 @@ class Engine:
             num_images_per_prompt=1,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
+        # LoRAs touch the transformer only (their text-encoder parts are dropped), so the
+        # embeddings depend on the prompt alone.
+        self._prompts[prompt] = (prompt_embeds, pooled)
+        while len(self._prompts) > PROMPT_CACHE_SIZE:
+            self._prompts.popitem(last=False)
         return prompt_embeds, pooled
 
     def generate_whole(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log) -> list[Image.Image]:

@@ -248,3 +248,27 @@ def test_the_denoising_loop_asks_the_device_for_nothing(tiny_model, picture):
     finally:
         handle.remove()
     assert spy.calls == collections.Counter(), spy.calls
+
+
+def test_a_repeated_prompt_is_not_encoded_again(tiny_model, picture, monkeypatch):
+    from inference import engine as engine_module
+
+    engine = Engine(tiny_model)
+    runs = {"t5": 0}
+    handle = engine.pipeline.text_encoder_2.register_forward_pre_hook(lambda *_: runs.__setitem__("t5", runs["t5"] + 1))
+    try:
+        first = run(engine, *picture, seed=4, prompt="a blue door")
+        assert runs["t5"] == 1
+        again = run(engine, *picture, seed=4, prompt="a blue door")
+        assert runs["t5"] == 1  # from the cache
+        assert [o.data for o in again] == [o.data for o in first]
+        run(engine, *picture, seed=4, prompt="a green door")
+        assert runs["t5"] == 2
+        monkeypatch.setattr(engine_module, "PROMPT_CACHE_SIZE", 2)
+        for prompt in ("one", "two", "three"):
+            run(engine, *picture, seed=4, prompt=prompt)
+        assert list(engine._prompts) == ["two", "three"]  # the oldest went first
+    finally:
+        handle.remove()
+    fresh = run(Engine(tiny_model), *picture, seed=4, prompt="a blue door")
+    assert [o.data for o in fresh] == [o.data for o in first]
