@@ -257,3 +257,28 @@ def test_server_runs_the_fp8_memory_mode(server_factory):
     r = httpx.post(f"{server.url}/v1/models/black-forest-labs/flux-fill-dev/predictions", headers={"Prefer": "wait"},
                    json={"input": fast_input(noise_image(64, 64), box_mask(64, 64, (8, 8, 40, 40)))}, timeout=120)
     assert r.json()["status"] == "succeeded", r.text
+
+
+@pytest.mark.parametrize("free_gib, separate", [(64, True), (4, False)])
+def test_fast_mode_makes_a_second_transformer_only_when_the_gpu_has_room(tiny_dir, eager, monkeypatch,
+                                                                       free_gib, separate):
+    """--fast-mode's choice on a GPU, with the GPU's answers stood in for (free memory, fp8 support)
+    and weight-only fp8 in place of the row-wise kind the CPU lacks."""
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    monkeypatch.setattr(accel, "_fp8_unavailable", lambda _accel, _cuda: None)
+    monkeypatch.setattr(accel, "_fp8_dynamic_config", Float8WeightOnlyConfig)
+    monkeypatch.setattr(accel, "_free_gpu_bytes", lambda _device: free_gib * 1024**3)
+    engine = _engine(tiny_dir, accel.AccelOptions(fast_mode=True, compile=False))
+    speed = engine.accelerator
+    assert (speed.fast_transformer is not None) == separate and speed.all_fast == (not separate)
+    assert any("slower than bf16" in n for n in speed.notes)  # fp8 without compiling is said to be slow
+    fast_image, normal_image = _image(engine, go_fast=True), _image(engine)
+    if separate:
+        assert speed.describe()["fast_mode"] == "fp8 transformer for go_fast requests"
+        np.testing.assert_array_equal(normal_image, eager)
+        assert np.abs(fast_image - eager).mean() > 0
+    else:
+        assert speed.describe()["fast_mode"] == "fp8 in place (every request runs fast)"
+        np.testing.assert_array_equal(normal_image, fast_image)
+        assert np.abs(normal_image - eager).mean() > 0
