@@ -2,26 +2,30 @@
 
 ``apply(model, options)`` returns an :class:`Accelerator`; the engine asks it for a context around
 every denoising loop (``Accelerator.run(go_fast)``), which swaps in the fast transformer for
-``go_fast`` requests and scopes the step cache to one loop. With every option off (the default) it
-changes nothing: the outputs are the plain engine's, bit for bit.
+``go_fast`` requests and scopes the step cache to one loop. On the CPU the defaults change nothing:
+the outputs are the plain engine's, bit for bit. On a GPU the default compiles the blocks, which
+changes results only by float reassociation (a level in 8 bits here and there).
 
 The options, and why each is built the way it is (figures from ``GPU-NOTES.md``, one H100):
 
-- ``compile``: ``block.compile(fullgraph=True)`` on each of the 19 double and 38 single transformer
-  blocks, not the whole model. On by default with a CUDA GPU (``None`` means that: on for CUDA,
-  off on the CPU), where a compile error for some shape falls back to eager for that call instead of
-  failing the prediction; ``True`` compiles on any device and lets errors surface. Identical blocks
-  share one graph, so the transformer compiles in about 22 s (a whole-model ``max-autotune`` compile did not finish in 10 minutes); a 1 MP step goes
-  from 0.184 to 0.133 s. Inductor's FX-graph cache and Triton's kernel cache live in
-  ``<data-dir>/compile-cache`` so a restart reuses them. Shapes: the text is always 512 tokens; the
-  image token count and the batch vary with the request. ``dynamic=None`` (PyTorch's automatic
-  dynamic shapes) compiles the first shape statically and, on the first recompile for a new shape,
-  marks the changed dimensions dynamic, so arbitrary ``match_input`` sizes do not recompile forever;
-  ``dynamic=False`` would give each size its own static graph (slightly faster kernels) but
-  recompile for every aspect ratio until the recompile limit sends the block back to eager.
-  ``mark_dynamic`` up front would make even the 1 MP square dynamic. The warm-up runs the common
-  shapes (1 MP and 0.25 MP squares, then 0.25 MP with two outputs; 2 steps each) at startup so no
-  request pays for compiling.
+- ``compile``: ``block.compile()`` on each of the 19 double and 38 single transformer blocks, not
+  the whole model. On by default with a CUDA GPU (``None`` means that: on for CUDA, off on the
+  CPU); then a shape that fails to compile falls back to eager for that call instead of failing the
+  prediction (``suppress_errors``, and no ``fullgraph``, which would turn any error into an
+  exception; the blocks have no graph breaks, so they still compile whole). ``True`` compiles on
+  any device with ``fullgraph=True`` and lets errors surface. The default leaves fp8 transformers
+  eager (compiling an fp8 block was measured to take minutes); ``True`` compiles them too.
+  Identical blocks share one graph, so the transformer compiles in about 22 s (a whole-model
+  ``max-autotune`` compile did not finish in 10 minutes); a 1 MP step goes from 0.184 to 0.133 s.
+  Inductor's FX-graph cache and Triton's kernel cache live in ``<data-dir>/compile-cache`` so a
+  restart reuses them. Shapes: the text is always 512 tokens; the image token count and the batch
+  vary with the request. ``dynamic=None`` (PyTorch's automatic dynamic shapes) compiles the first
+  shape statically and, on the first recompile for a new shape, marks the changed dimensions
+  dynamic, so arbitrary ``match_input`` sizes do not recompile forever; ``dynamic=False`` would give
+  each size its own static graph (slightly faster kernels) but recompile for every aspect ratio
+  until the recompile limit sends the block back to eager. ``mark_dynamic`` up front would make
+  even the 1 MP square dynamic. The warm-up runs the common shapes (1 MP and 0.25 MP squares, then
+  0.25 MP with two outputs; 2 steps each) at startup so no request pays for compiling.
 - attention backend: PyTorch's SDPA picks cuDNN on an H100, which measured fastest (0.186 s a step
   against 0.208 flash, 0.249 efficient), so the default is left alone; ``attention_backend`` hands
   any other name to diffusers' ``set_attention_backend`` (e.g. ``_flash_3`` where installed).
@@ -31,8 +35,8 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   non-linear parameter with the bf16 one (only the fp8 weights are new, about 12 GB) and is used for
   ``go_fast`` requests; otherwise the transformer is quantised in place and every request runs fast.
   Eager fp8 is slower than bf16 on an H100 (0.300 vs 0.184 s a step): the gain needs the activation
-  quantisation fused into the producing op, i.e. ``--compile`` as well. A LoRA is applied to the
-  bf16 transformer only, so a ``go_fast`` request with a LoRA runs the bf16 transformer.
+  quantisation fused into the producing op, i.e. an explicit ``--compile`` as well. A LoRA is
+  applied to the bf16 transformer only, so a ``go_fast`` request with a LoRA runs the bf16 one.
 - ``step_cache``: diffusers' First Block Cache: when the first block's residual changes by less than
   the threshold (relative mean) from the last computed step, the other blocks are skipped and their
   cached residual reused. 0 turns it off. Its check reads a value back from the GPU each step, which

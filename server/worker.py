@@ -71,17 +71,21 @@ class Worker(threading.Thread):
     def run(self) -> None:
         cond = self.service.work_available
         while not self.stopping.is_set():
-            try:
-                row = self.service.store.claim_next(now())
-            except Exception:  # e.g. the database is locked or its disk is gone: keep the worker alive
-                log.exception("could not take the next prediction; trying again")
-                self.stopping.wait(1.0)
-                continue
-            if row is None:
-                with cond:
-                    # Woken by a create; the timeout only covers a notification missed in between.
-                    cond.wait(timeout=5.0)
-                continue
+            # Looking for work and going to sleep happen under the condition's lock, which a create
+            # takes to notify after writing its row: a create is either found now or wakes the wait,
+            # never lost in between.
+            with cond:
+                if self.stopping.is_set():
+                    break
+                try:
+                    row = self.service.store.claim_next(now())
+                except Exception:  # e.g. the database is locked or its disk is gone: keep the worker alive
+                    log.exception("could not take the next prediction; trying again")
+                    cond.wait(timeout=1.0)
+                    continue
+                if row is None:
+                    cond.wait(timeout=5.0)  # the timeout only re-checks; creates and stop() notify
+                    continue
             try:
                 self.process(row)
             except Exception:  # recording the outcome failed; the row is re-queued at the next start

@@ -1,0 +1,48 @@
+"""The worker's loop, on the tiny engine and a real SQLite file, without HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from server.events import Hub
+from server.files import FileStore
+from server.predictions import PredictionService
+from server.protocol import PredictionRequest
+from server.settings import Settings
+from server.store import Store
+from server.worker import Worker
+from tests.helpers import box_mask, fast_input, noise_image
+
+
+def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
+    """A prediction created just after the worker found the queue empty, before it went to sleep,
+    still starts at once: the create's notification is not sent to nobody (which would leave it
+    waiting for the worker's next 5 s re-check)."""
+    store = Store(tmp_path / "flux-fill.sqlite3")
+    service = PredictionService(Settings(data_dir=tmp_path), store, FileStore(tmp_path, store, 24), Hub())
+    request = PredictionRequest(input=fast_input(noise_image(64, 64), box_mask(64, 64, (8, 8, 40, 40))))
+    created: list[str] = []
+    found_empty = store.claim_next
+
+    def claim_next(at):
+        row = found_empty(at)
+        if row is None and not created:  # the create lands in the gap between looking and sleeping
+            creator = threading.Thread(
+                target=lambda: created.append(service.create(request, "hidden", "http://test", None)["id"]))
+            creator.start()
+            creator.join(0.5)
+        return row
+
+    store.claim_next = claim_next
+    worker = Worker(engine, service, "cpu")
+    started = time.monotonic()
+    worker.start()
+    try:
+        while not (created and store.get_prediction(created[0])["status"] == "succeeded"):
+            assert time.monotonic() - started < 4.0, "the worker slept through the create"
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+        worker.join(10)
+    assert not worker.is_alive()
