@@ -45,8 +45,9 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   ``fp8`` (24 GB cards): the transformer's block linears and the T5 encoder's linears hold fp8
   weights (about 12 + 4.7 GB), everything stays on the GPU. The transformer is quantised one block at
   a time on the way to the GPU, so the bf16 transformer is never on the card whole. Its fp8 is
-  torchao's row-wise dynamic fp8 (weights and activations) on compute capability 8.9+, else fp8
-  weights dequantised per matmul; T5 always gets the weight-only kind. LoRAs still apply (peft adds
+  weights dequantised per matmul (close to bf16 speed); with an explicit ``--compile`` on compute
+  capability 8.9+, torchao's row-wise dynamic fp8 of weights and activations, whose activation
+  quantisation the compiler fuses. T5 always gets the weight-only kind. LoRAs still apply (peft adds
   its layers beside the fp8 linears). ``fp8-offload`` (16 GB cards): the same fp8 weights, each model
   on the GPU only while it runs. ``offload`` (32 GB cards): bf16, each model on the GPU only while it
   runs (diffusers' ``enable_model_cpu_offload``); ``sequential-offload`` streams every layer (much
@@ -267,16 +268,21 @@ def _fp8_weights(accel: Accelerator, cuda: bool) -> None:
         raise AccelError(f"--memory-mode {accel.options.memory_mode} needs torchao "
                          "(pip install 'flux-fill-server[gpu]')") from exc
     pipe = accel.pipeline
-    dynamic = cuda and _fp8_matmuls(accel.device)
+    # Row-wise dynamic fp8 only when its activation quantisation gets fused (an explicit --compile):
+    # eager, it measured 1.6x slower than bf16, while fp8 weights dequantised per matmul run close to bf16.
+    dynamic = cuda and accel.options.compile is True and _fp8_matmuls(accel.device)
     config = _fp8_dynamic_config() if dynamic else Float8WeightOnlyConfig()
     started = time.monotonic()
     before = _linear_bytes(pipe.transformer) + _linear_bytes(pipe.text_encoder_2)
+    # Offloading: each quantised block goes back to host memory at once, so a 16 GB card never holds
+    # more than one block beside what is already there.
+    home = "cpu" if accel.options.memory_mode in OFFLOAD_MODES else None
     for name in BLOCK_LISTS:
         for block in getattr(pipe.transformer, name, []):
-            quantise_blockwise(block, accel.device, config)
+            quantise_blockwise(block, accel.device, config, home)
     t5_blocks = getattr(getattr(pipe.text_encoder_2, "encoder", None), "block", [])
     for block in t5_blocks:
-        quantise_blockwise(block, accel.device, Float8WeightOnlyConfig())
+        quantise_blockwise(block, accel.device, Float8WeightOnlyConfig(), home)
     after = _linear_bytes(pipe.transformer) + _linear_bytes(pipe.text_encoder_2)
     kind = "row-wise fp8 weights and activations" if dynamic else "fp8 weights"
     accel.applied.append(f"{kind} in the transformer, fp8 weights in T5 ({_size(before)} -> {_size(after)}, "
@@ -285,13 +291,16 @@ def _fp8_weights(accel: Accelerator, cuda: bool) -> None:
         _empty_cuda_cache()
 
 
-def quantise_blockwise(block, device: str, config) -> None:
-    """Move one block to ``device`` and give its linear layers fp8 weights there."""
+def quantise_blockwise(block, device: str, config, home: str | None = None) -> None:
+    """Move one block to ``device``, give its linear layers fp8 weights there, and move it to
+    ``home`` after, when given."""
     import torch
     from torchao.quantization import quantize_
 
     block.to(device)
     quantize_(block, config, filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear))
+    if home is not None:
+        block.to(home)
 
 
 def _linear_bytes(module) -> int:
