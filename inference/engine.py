@@ -12,6 +12,13 @@ denoising itself is diffusers' ``FluxFillPipeline``; the engine prepares its inp
 - the prompt is encoded once and the masked image once, however many outputs are batched, and the
   last few prompts' embeddings are kept (T5-XXL is 9.5 GB: with offloading, a repeated prompt does
   not move it to the GPU again).
+
+Nothing here builds an autograd graph: the weights are loaded with ``requires_grad`` off, and every
+stage that runs a model (prompt encoding, VAE, denoising, safety checker) runs under
+``torch.inference_mode()``; a cached embedding holds its values only. A LoRA is applied for one
+prediction and the base model is back, bit for bit, when the prediction ends or fails
+(:mod:`inference.lora`). A prediction whose latents or pixels are not finite fails: a broken
+checkpoint never returns a black image as a success.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Callable
 from PIL import Image, ImageChops
 
 from . import images as imageio
-from .errors import Cancelled, FetchError, InvalidInput, SafetyError
+from .errors import Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
 from .inputs import PredictionInput
 from .lora import LoraManager, LoraSettings
 from .sizing import output_size
@@ -38,6 +45,9 @@ LANCZOS = Image.Resampling.LANCZOS
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as the hosted model
 CROP_SEAM_BLUR = 8  # px of feathering at a crop region's mask edge when mask_blur is 0
 PROMPT_CACHE_SIZE = 16  # prompts whose embeddings are kept (about 4 MB each on the device in bf16)
+# The tokenizers read at most this many characters of a prompt: far more than T5's 512 tokens of any
+# text (a T5 token averages 3 to 4 characters), so a prompt of megabytes costs milliseconds, not minutes.
+PROMPT_CHARS = 16_384
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 CancelCheck = Callable[[], bool]
@@ -71,7 +81,11 @@ class Scene:
     """The picture the model works on: the image (or outpaint canvas) and the user's mask on it."""
 
     image: Image.Image  # RGB
-    mask: Image.Image  # L, white = repaint, at image's size
+    mask: Image.Image  # L, white = repaint; at its stored size, which may differ from the image's
+
+    def mask_at(self, size: tuple[int, int]) -> Image.Image:
+        """The mask at ``size``, resized once from what the user sent (as the hosted model does)."""
+        return _resized(self.mask, size)
 
 
 class _Progress:
@@ -109,7 +123,10 @@ class Engine:
         )
         pipe.set_progress_bar_config(disable=True)
         # diffusers and transformers would copy the truncated part of long prompts into the server log.
-        for name in ("diffusers.pipelines.flux.pipeline_flux_fill", "transformers.tokenization_utils_base"):
+        # The safety checker's own warning says a black image is returned; here a flagged output is
+        # dropped, and check_safety says so in the prediction's logs.
+        for name in ("diffusers.pipelines.flux.pipeline_flux_fill", "transformers.tokenization_utils_base",
+                     "diffusers.pipelines.stable_diffusion.safety_checker"):
             logging.getLogger(name).setLevel(logging.ERROR)
         self.loras = LoraManager(pipe, self.settings.lora)
         self.accelerator = None  # set by the speed options (go_fast)
@@ -126,8 +143,12 @@ class Engine:
         cancelled: CancelCheck | None = None,
         log: LogFn | None = None,
     ) -> list[Output]:
+        import torch
+
         log = log or logger.info
+        stop = _Progress(0, None, cancelled)
         scene = self.load_scene(inp, resolver)
+        stop.check()
         seed = inp.seed if inp.seed is not None else random.randint(0, 2**32 - 1)
         log(f"Using seed: {seed}")
         seeds = [seed + i for i in range(inp.num_outputs)]
@@ -135,18 +156,20 @@ class Engine:
             log("Demo model: random weights, the outputs are noise shaped by the mask, not images of the prompt")
 
         scene = self.plan_canvas(inp, scene)
-        self.loras.activate(inp.lora_weights, inp.effective_lora_scale())
-        if inp.lora_weights:
-            log(f"LoRA {inp.lora_weights} at scale {inp.effective_lora_scale():g}")
-        embeds = self.encode_prompt(inp.prompt, log)
-
-        if inp.crop_to_mask:
-            pictures = self.generate_regions(inp, scene, seeds, embeds, on_step, cancelled, log)
-        else:
-            pictures = self.generate_whole(inp, scene, seeds, embeds, on_step, cancelled, log)
-
-        pictures = self.check_safety(inp, pictures, log)
-        return self.encode(inp, pictures, seeds)
+        with self.loras.applied(inp.lora_weights, inp.effective_lora_scale()):
+            if inp.lora_weights:
+                log(f"LoRA {inp.lora_weights} at scale {inp.effective_lora_scale():g}")
+            stop.check()
+            with torch.inference_mode():
+                embeds = self.encode_prompt(inp.prompt, log)
+                stop.check()
+                if inp.crop_to_mask:
+                    pictures = self.generate_regions(inp, scene, seeds, embeds, on_step, cancelled, log)
+                else:
+                    pictures = self.generate_whole(inp, scene, seeds, embeds, on_step, cancelled, log)
+                kept = self.check_safety(inp, pictures, seeds, log)
+        stop.check()
+        return self.encode(inp, kept, seeds)
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -156,9 +179,7 @@ class Engine:
         raw = imageio.open_image(imageio.read_file_string(inp.image, "image", **read), "image", self.settings.max_pixels)
         if inp.mask:
             mask = imageio.open_image(imageio.read_file_string(inp.mask, "mask", **read), "mask", self.settings.max_pixels)
-            mask = imageio.to_mask(mask)
-            if mask.size != raw.size:
-                mask = mask.resize(raw.size, LANCZOS)
+            mask = imageio.to_mask(mask)  # kept at its own size: resized once, to the size it is used at
         elif imageio.has_alpha(raw):
             mask = imageio.mask_from_alpha(raw)
         elif inp.outpaint != "None":
@@ -177,17 +198,22 @@ class Engine:
 
         plan = outpaint_plan(scene.image.width, scene.image.height, inp.outpaint)
         canvas, outpaint_mask = build_outpaint_canvas(scene.image, plan)
-        mask = ImageChops.lighter(paste_mask_on_canvas(scene.mask, plan), outpaint_mask)
+        mask = ImageChops.lighter(paste_mask_on_canvas(scene.mask_at(scene.image.size), plan), outpaint_mask)
         return Scene(image=canvas, mask=mask)
 
     def encode_prompt(self, prompt: str, log: LogFn | None = None):
-        """T5 reads the first 512 tokens and CLIP the first 77, as on the hosted model. A longer
-        prompt is said once in the prediction's logs, not copied into the server's."""
+        """T5 reads the first 512 tokens and CLIP the first 77, as on the hosted model. Only the first
+        ``PROMPT_CHARS`` characters are tokenised (cut at a word boundary, which keeps those tokens
+        as they are in the whole prompt). A longer prompt is said once in the prediction's logs, not
+        copied into the server's. Run under ``torch.inference_mode()`` (``predict`` does): the
+        cached embeddings then hold no autograd graph."""
         pipe = self.pipeline
+        prompt, cut = bounded_prompt(prompt)
         if log is not None:
             t5_tokens = len(pipe.tokenizer_2(prompt, truncation=False).input_ids)
-            if t5_tokens > MAX_SEQUENCE_LENGTH:
-                log(f"The prompt is {t5_tokens} T5 tokens long; only the first {MAX_SEQUENCE_LENGTH} are used")
+            if t5_tokens > MAX_SEQUENCE_LENGTH or cut:
+                more = " more than" if cut else ""
+                log(f"The prompt is{more} {t5_tokens} T5 tokens long; only the first {MAX_SEQUENCE_LENGTH} are used")
         cached = self._prompts.get(prompt)
         if cached is not None:
             self._prompts.move_to_end(prompt)
@@ -211,7 +237,7 @@ class Engine:
         log(f"Generating {len(seeds)} output(s) at {size[0]}x{size[1]}")
         progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)), on_step, cancelled)
         image = _resized(scene.image, size)
-        user_mask = _resized(scene.mask, size)
+        user_mask = scene.mask_at(size)
         scale = size[0] / scene.image.width
         grow, blur = round(inp.mask_grow * scale), round(inp.mask_blur * scale)
         model_mask = self._grown(user_mask, grow)
@@ -227,7 +253,8 @@ class Engine:
         full-resolution image, which keeps its size."""
         from .compositing import composite, mask_regions, region_size_for_budget
 
-        model_mask = self._grown(scene.mask, inp.mask_grow)
+        full_mask = scene.mask_at(scene.image.size)
+        model_mask = self._grown(full_mask, inp.mask_grow)
         blur = inp.mask_blur or CROP_SEAM_BLUR
         # The context margin always holds the feathered band, so the pasted region has no visible edge.
         boxes = mask_regions(model_mask, max(inp.crop_margin, blur + 8))
@@ -244,7 +271,7 @@ class Engine:
             patches = self.denoise(inp, _resized(region, size), _resized(model_mask.crop(box), size), seeds, embeds, progress)
             for result, patch in zip(results, patches):
                 patch = _resized(patch, region.size)
-                result.paste(composite(region, patch, scene.mask.crop(box), inp.mask_grow, blur), (x0, y0))
+                result.paste(composite(region, patch, full_mask.crop(box), inp.mask_grow, blur), (x0, y0))
         return results
 
     def denoise(self, inp, image: Image.Image, mask: Image.Image, seeds, embeds, progress: _Progress) -> list[Image.Image]:
@@ -262,6 +289,7 @@ class Engine:
             latents = self.initial_noise(chunk, width, height, prompt_embeds.dtype)
             with self._transformer_for(inp):
                 latents = self.denoising_loop(latents, condition, prompt_embeds, pooled, width, height, inp, progress)
+            _check_finite(latents, "denoising")
             pictures.extend(self.decode(latents, width, height))
         return pictures
 
@@ -322,6 +350,7 @@ class Engine:
             latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
             latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
             decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+            _check_finite(decoded, "decoding the latents to pixels")
             return pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def masked_image_latents(self, image: Image.Image, mask: Image.Image, dtype):
@@ -357,29 +386,35 @@ class Engine:
         noise = noise.to(device=pipe._execution_device, dtype=dtype)
         return pipe._pack_latents(noise, len(seeds), c, h, w)
 
-    def check_safety(self, inp: PredictionInput, pictures: list[Image.Image], log: LogFn) -> list[Image.Image]:
+    def check_safety(self, inp: PredictionInput, pictures: list[Image.Image], seeds: list[int],
+                     log: LogFn) -> list[Image.Image | None]:
+        """Each output checked; a flagged one becomes None, so the others keep their index and seed
+        (out-1 stays out-1, made from seed + 1), as the hosted model leaves a gap. All flagged: fails."""
         if inp.disable_safety_checker:
-            return pictures
+            return list(pictures)
         checker = self.model.safety_checker
         if checker is None:
             if not self.model.demo:
                 log("No safety checker is configured: outputs are not checked")
-            return pictures
+            return list(pictures)
         import numpy as np
 
         features = self.model.feature_extractor(pictures, return_tensors="pt").to(self.model.device)
         arrays = np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pictures])
         _, flagged = checker(images=arrays, clip_input=features.pixel_values.to(checker.dtype))
-        kept = [p for p, bad in zip(pictures, flagged) if not bad]
-        if len(kept) < len(pictures):
-            log(f"Safety checker dropped {len(pictures) - len(kept)} output(s)")
-        if not kept:
+        kept: list[Image.Image | None] = []
+        for i, (picture, bad, seed) in enumerate(zip(pictures, flagged, seeds)):
+            if bad:
+                log(f"The safety checker flagged output {i} (seed {seed}); it is left out of the results")
+            kept.append(None if bad else picture)
+        if all(p is None for p in kept):
             raise SafetyError(
                 "All generated images contained NSFW content. Try running it again with a different prompt."
             )
         return kept
 
-    def encode(self, inp: PredictionInput, pictures: list[Image.Image], seeds: list[int]) -> list[Output]:
+    def encode(self, inp: PredictionInput, pictures: list[Image.Image | None], seeds: list[int]) -> list[Output]:
+        """Encode each kept picture as out-<i>.<format>, i its index among the outputs asked for."""
         ext = inp.output_format
         return [
             Output(
@@ -391,6 +426,7 @@ class Engine:
                 height=p.height,
             )
             for i, (p, seed) in enumerate(zip(pictures, seeds))
+            if p is not None
         ]
 
     # -- helpers --------------------------------------------------------------------------------
@@ -419,4 +455,25 @@ def _resized(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img if img.size == tuple(size) else img.resize(tuple(size), LANCZOS)
 
 
-__all__ = ["Engine", "EngineSettings", "Output", "Cancelled", "FetchError", "InvalidInput", "SafetyError"]
+def bounded_prompt(prompt: str) -> tuple[str, bool]:
+    """The part of ``prompt`` the tokenizers read, and whether it was cut: the first ``PROMPT_CHARS``
+    characters, cut back to the last whitespace so no word is split (a split word could tokenise
+    differently)."""
+    if len(prompt) <= PROMPT_CHARS:
+        return prompt, False
+    head = prompt[:PROMPT_CHARS]
+    space = max(head.rfind(c) for c in " \n\t")
+    return (head[:space] if space > PROMPT_CHARS // 2 else head), True
+
+
+def _check_finite(tensor, stage: str) -> None:
+    """A NaN or an infinity would come out as a black or garbled image: fail the prediction instead,
+    naming the stage. One reduction and one read back to the host, once per batch."""
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteOutput(stage)
+
+
+__all__ = ["Engine", "EngineSettings", "Output", "Cancelled", "FetchError", "InvalidInput", "NonFiniteOutput",
+           "SafetyError"]

@@ -45,3 +45,14 @@ class Cancelled(Exception):
 
 class SafetyError(RuntimeError):
     """Every output was flagged by the safety checker."""
+
+
+class NonFiniteOutput(RuntimeError):
+    """The model produced NaN or infinite values: no image is made from them."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        super().__init__(
+            f"The model produced NaN or infinite values while {stage}, so no image was made. The weights are "
+            "broken or were loaded wrongly (the server log says which weights are loaded)."
+        )

@@ -223,18 +223,14 @@ def mask_from_alpha(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with transparent areas flattened on black, the stored size kept (no EXIF rotation)."""
-    if img.mode == "RGB":
-        return img
-    if has_alpha(img):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    """The stored RGB, the stored size kept (no EXIF rotation). An alpha channel is dropped, not
+    flattened: the hosted model reads the stored colours, and here the alpha only makes the mask
+    when no mask is given."""
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def to_mask(img: Image.Image) -> Image.Image:
-    """Greyscale mask (white = repaint). A mask with an alpha channel uses its luminance over black."""
+    """Greyscale mask (white = repaint): the luminance of the stored colours, an alpha channel ignored."""
     return to_rgb(img).convert("L") if has_alpha(img) else img.convert("L")
 
 

@@ -15,7 +15,7 @@ import traceback
 from tqdm import tqdm
 
 from inference.engine import Engine
-from inference.errors import Cancelled, InvalidInput, SafetyError
+from inference.errors import Cancelled, InvalidInput, NonFiniteOutput, SafetyError
 from inference.inputs import parse_input
 
 from .protocol import Status
@@ -144,7 +144,7 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, InvalidInput):
         return "; ".join(f"{e.field}: {e.description}" if not e.description.startswith(e.field) else e.description
                          for e in exc.errors)
-    if isinstance(exc, SafetyError):
+    if isinstance(exc, (SafetyError, NonFiniteOutput)):
         return str(exc)
     name = type(exc).__name__
     if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
