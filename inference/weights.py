@@ -7,14 +7,19 @@ Accepted, in the order they are tried:
 2. A folder in the diffusers layout of ``black-forest-labs/FLUX.1-Fill-dev`` (``model_index.json``
    plus ``transformer/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``,
    ``tokenizer_2/``, ``scheduler/``).
-3. The single file ``flux1-fill-dev.safetensors`` plus ``components``: a folder of the diffusers
-   layout that provides the text encoders, tokenizers, VAE and scheduler.
+3. A single transformer file (``flux1-fill-dev.safetensors`` in BFL's layout, bare or under
+   ``model.diffusion_model.``; fp8; ComfyUI's scaled fp8; or a ``.gguf``: :mod:`inference.checkpoints`)
+   plus ``components``: a folder of the diffusers layout that provides the text encoders, tokenizers,
+   VAE and scheduler.
 4. A Hugging Face repo id (``owner/name``), taken from the local cache first and downloaded only
    when the network is allowed (``HF_HUB_OFFLINE`` unset).
 5. ``random-real``: FLUX.1 Fill [dev]'s architecture at full size with random weights, built in
    memory on the device (for benchmarks; :mod:`inference.random_real`).
 
-bf16 straight onto the GPU on CUDA; float32 on CPU.
+bf16 straight onto the GPU on CUDA; float32 on CPU. Weights that are not FLUX.1 Fill (FLUX.1 [dev],
+[schnell], Canny, Depth) are refused from their config or header, before anything is loaded. Every
+model comes back frozen: ``eval()`` and ``requires_grad`` off on every parameter, so no forward pass
+can build an autograd graph.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import checkpoints
 from .errors import WeightsError
 from .tiny import ensure_tiny_weights
 
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 SINGLE_FILE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
 RANDOM_REAL = "random-real"  # the real architecture with random weights, for benchmarks (inference.random_real)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -120,7 +127,7 @@ def resolve_weights(weights: str | None, components: str | None = None) -> tuple
     if path.is_dir():
         check_diffusers_folder(path)
         return "diffusers", path, (path / "flux_fill_tiny.json").exists()
-    if path.suffix == ".safetensors" or path.is_file():
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
         if not path.is_file():
             raise WeightsError(f"The weights file {path} does not exist.")
         if not components:
@@ -137,7 +144,7 @@ def resolve_weights(weights: str | None, components: str | None = None) -> tuple
         folder = resolve_repo_id(weights)
         check_diffusers_folder(folder)
         return "diffusers", folder, False
-    raise WeightsError(f"The weights path {weights} does not exist (expected a folder, a .safetensors file, a repo id or 'tiny').")
+    raise WeightsError(f"The weights path {weights} does not exist (expected a folder, a .safetensors or .gguf file, a repo id or 'tiny').")
 
 
 def load_model(weights: str | None = None, *, components: str | None = None, device: str | None = None,
@@ -149,7 +156,7 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
     import torch
 
     quiet_library_noise()
-    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+    from diffusers import FluxFillPipeline
 
     device = pick_device(device)
     dtype = _dtype_for(device)
@@ -161,13 +168,21 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
         return LoadedModel(pipeline=pipe, source=RANDOM_REAL, name="FLUX.1 Fill [dev] architecture, random weights",
                            demo=True, device=device, dtype=str(dtype).replace("torch.", ""))
     kind, path, demo = resolve_weights(weights, components)
+    extras = {}
     try:
         if kind == "single_file":
             comp = Path(components).expanduser()
-            transformer = _single_file_transformer(FluxTransformer2DModel, path, comp, dtype).to(place)
+            info = checkpoints.inspect(path)
+            checkpoints.require_fill(path, info.in_channels, _latent_channels(comp), info.guidance)
+            config = checkpoints.transformer_config(info, comp)
+            transformer = checkpoints.load_transformer(info, config, dtype).to(place)
             pipe = _from_pretrained(FluxFillPipeline, comp, dtype, place, transformer=transformer)
             folder = comp
+            extras["checkpoint"] = info.describe()
         else:
+            transformer_config = _read_config(path / "transformer" / "config.json")
+            checkpoints.require_fill(path, transformer_config.get("in_channels"), _latent_channels(path),
+                                     bool(transformer_config.get("guidance_embeds", True)))
             pipe = _from_pretrained(FluxFillPipeline, path, dtype, place)
             folder = path
     except WeightsError:
@@ -176,13 +191,7 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
         raise WeightsError(f"Could not load the weights from {path}: {exc}".split("\n")[0]) from exc
     if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
         raise WeightsError(f"{path} did not give a FLUX Fill transformer")
-    fill_channels = pipe.transformer.config.in_channels
-    latent = pipe.vae.config.latent_channels
-    if fill_channels != 8 * latent + 256:
-        raise WeightsError(
-            f"{path} is not a FLUX Fill model: its transformer takes {fill_channels} input channels, "
-            f"a Fill model takes {8 * latent + 256}. FLUX.1 [dev] weights are not Fill weights."
-        )
+    freeze(pipe)
     model = LoadedModel(
         pipeline=pipe,
         source=str(weights or "tiny"),
@@ -191,9 +200,34 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
         device=device,
         dtype=str(dtype).replace("torch.", ""),
         folder=folder,
+        extras=extras,
     )
     _load_safety_checker(model, folder, dtype, device)
     return model
+
+
+def freeze(pipe) -> None:
+    """Every model of the pipeline in eval mode with ``requires_grad`` off. Weights loaded with
+    ``from_pretrained`` come trainable; a forward pass outside ``torch.inference_mode()`` would then keep
+    its activations for a backward pass that never comes (gigabytes a prompt in T5-XXL)."""
+    import torch
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+
+
+def _read_config(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path} is not a readable config ({type(exc).__name__}).") from None
+
+
+def _latent_channels(folder: Path) -> int:
+    return int(_read_config(folder / "vae" / "config.json").get("latent_channels", 16))
 
 
 def quiet_library_noise() -> None:
@@ -206,14 +240,6 @@ def quiet_library_noise() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     if not torch.cuda.is_available():
         logging.getLogger("torchao").setLevel(logging.ERROR)
-
-
-def _single_file_transformer(cls, path: Path, components: Path, dtype):
-    """The transformer from one checkpoint file; its config comes from ``components/transformer/``
-    when present (offline), otherwise from the Hugging Face cache of FLUX.1-Fill-dev."""
-    if (components / "transformer" / "config.json").is_file():
-        return cls.from_single_file(str(path), torch_dtype=dtype, config=str(components), subfolder="transformer")
-    return cls.from_single_file(str(path), torch_dtype=dtype, config="black-forest-labs/FLUX.1-Fill-dev", subfolder="transformer")
 
 
 def _from_pretrained(cls, folder: Path, dtype, device: str, **components):
@@ -243,6 +269,7 @@ def _load_safety_checker(model: LoadedModel, folder: Path, dtype, device: str) -
         from transformers import CLIPImageProcessor
 
         model.safety_checker = StableDiffusionSafetyChecker.from_pretrained(str(sc), torch_dtype=dtype).to(device)
+        model.safety_checker.eval().requires_grad_(False)
         model.feature_extractor = CLIPImageProcessor.from_pretrained(str(fe))
     except Exception as exc:
         raise WeightsError(f"The safety checker in {sc} could not be loaded: {exc}".split("\n")[0]) from exc

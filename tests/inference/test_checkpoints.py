@@ -1,0 +1,190 @@
+"""Single-file checkpoints as users have them, each made here in its exact on-disk layout at FLUX.1's
+real width: BFL's layout (bare and under ``model.diffusion_model.``), plain fp8, ComfyUI's scaled fp8,
+GGUF. Each is checked against a reference built from the file's own values by diffusers' converter,
+and every one loads offline from a components folder with no transformer config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from inference import accel, checkpoints
+from inference.errors import WeightsError
+from inference.weights import load_model
+from tests.checkpoint_files import save_bfl, save_comfy_scaled_fp8, save_fp8, save_gguf, to_bfl
+from tests.inference.conftest import REAL_WIDTH_CONFIG, forward, random_transformer, transformer_inputs
+
+INPUTS = transformer_inputs(REAL_WIDTH_CONFIG)
+
+
+def diffusers_names(bfl: dict) -> dict:
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    return convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+
+
+def model_from(state: dict, config=REAL_WIDTH_CONFIG):
+    """A float32 transformer holding exactly ``state`` (diffusers' names)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def file_values(path, prefix="model.diffusion_model."):
+    """What a (scaled) fp8 file means: each weight's fp8 values times its scale, BFL names."""
+    raw = load_file(str(path))
+    values = {}
+    for key, value in raw.items():
+        if not key.startswith(prefix) or key.endswith((".scale_weight", ".scale_input")):
+            continue
+        name = key[len(prefix):]
+        scale = raw.get(f"{key[: -len('.weight')]}.scale_weight") if key.endswith(".weight") else None
+        values[name] = value.float() * (scale.float() if scale is not None else 1.0)
+    return values
+
+
+def same_values(ours, reference):
+    """Equal but for float32 rounding: an fp8 layer dequantises its weight and multiplies with matmul +
+    bias, the reference with F.linear, whose kernels sum in another order."""
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def no_grad_anywhere(pipe) -> bool:
+    return not any(p.requires_grad for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                   for p in m.parameters())
+
+
+def test_the_bfl_writer_is_the_inverse_of_diffusers_converter(real_width_transformer):
+    state = real_width_transformer.state_dict()
+    back = diffusers_names(to_bfl(state))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_a_bfl_single_file_loads_offline_with_its_config_read_off_the_file(real_width_transformer, components,
+                                                                          tmp_path, prefix):
+    assert not (components / "transformer").exists()  # nothing to read a config from but the file
+    path = save_bfl(real_width_transformer, tmp_path / "flux1-fill-dev.safetensors", prefix=prefix, dtype=torch.float32)
+    model = load_model(str(path), components=str(components), device="cpu")
+    transformer = model.pipeline.transformer
+    for key, value in REAL_WIDTH_CONFIG.items():
+        assert tuple(getattr(transformer.config, key)) == value if key == "axes_dims_rope" else \
+            getattr(transformer.config, key) == value, key
+    state, source = transformer.state_dict(), real_width_transformer.state_dict()
+    assert set(state) == set(source) and all(torch.equal(state[k], source[k]) for k in source)
+    assert no_grad_anywhere(model.pipeline) and not transformer.training
+    assert model.extras["checkpoint"] == "safetensors, BFL layout"
+
+
+def test_an_fp8_file_stays_fp8_and_computes_what_the_file_holds(real_width_transformer, components, tmp_path):
+    path = save_fp8(real_width_transformer, tmp_path / "flux1-fill-dev-fp8.safetensors")
+    model = load_model(str(path), components=str(components), device="cpu")
+    transformer = model.pipeline.transformer
+    linears = list(accel._block_linears(transformer))
+    assert linears and all(accel._is_fp8(m.weight) and m.weight.qdata.dtype == torch.float8_e4m3fn for m in linears)
+    elements = sum(m.weight.numel() for m in linears)
+    assert accel._linear_bytes(transformer) < 1.1 * elements + 64 * 1024**2  # a byte an element, no wide copy
+    reference = model_from(diffusers_names(file_values(path)))
+    same_values(forward(transformer, INPUTS), forward(reference, INPUTS))
+    assert no_grad_anywhere(model.pipeline)
+    assert model.extras["checkpoint"] == "fp8, BFL layout"
+
+
+def test_the_fp8_memory_mode_keeps_an_fp8_files_weights(real_width_transformer, components, tmp_path):
+    """The 24 GB mode finds the transformer already in fp8: its weights stay the file's own (not
+    quantised a second time) and only T5 is quantised."""
+    path = save_fp8(real_width_transformer, tmp_path / "fp8.safetensors")
+    model = load_model(str(path), components=str(components), device="cpu")
+    transformer = model.pipeline.transformer
+    before = {id(m): m.weight.qdata.clone() for m in accel._block_linears(transformer)}
+    speed = accel.apply(model, accel.AccelOptions(memory_mode="fp8", compile=False))
+    after = {id(m): m.weight.qdata for m in accel._block_linears(transformer)}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
+    assert all(accel._is_fp8(m.weight) for m in model.pipeline.text_encoder_2.modules()
+               if isinstance(m, torch.nn.Linear))
+    assert any("the checkpoint's fp8 weights" in line for line in speed.applied), speed.applied
+
+
+def test_comfyui_scaled_fp8_applies_its_scales(real_width_transformer, components, tmp_path):
+    path = save_comfy_scaled_fp8(real_width_transformer, tmp_path / "flux1-fill-dev-fp8-scaled.safetensors")
+    model = load_model(str(path), components=str(components), device="cpu")
+    transformer = model.pipeline.transformer
+    assert all(accel._is_fp8(m.weight) for m in accel._block_linears(transformer))
+    reference = model_from(diffusers_names(file_values(path)))
+    ours = forward(transformer, INPUTS)
+    assert torch.isfinite(ours).all()
+    same_values(ours, forward(reference, INPUTS))
+    # Read without its scales the file means something else entirely.
+    unscaled = {k: (v.float() if v.dtype == torch.float8_e4m3fn else v.float()) for k, v in
+                {k[len("model.diffusion_model."):]: v for k, v in load_file(str(path)).items()
+                 if k.startswith("model.diffusion_model.") and not k.endswith(("scale_weight", "scale_input"))}.items()}
+    wrong = forward(model_from(diffusers_names(unscaled)), INPUTS)
+    assert not torch.allclose(wrong, ours, atol=1e-2)
+    assert model.extras["checkpoint"] == "ComfyUI scaled fp8, BFL layout"
+
+
+def test_a_gguf_file_loads_through_diffusers_gguf_quantizer(real_width_transformer, components, tmp_path):
+    pytest.importorskip("gguf")
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    quantised = {"double_blocks.0.img_attn.qkv.weight": "Q8_0", "single_blocks.0.linear2.weight": "Q4_0",
+                 "img_in.weight": "Q8_0"}
+    values = save_gguf(real_width_transformer, tmp_path / "flux1-fill-dev-Q8_0.gguf", quantised)
+    model = load_model(str(tmp_path / "flux1-fill-dev-Q8_0.gguf"), components=str(components), device="cpu")
+    transformer = model.pipeline.transformer
+    kept = [name for name, p in transformer.named_parameters() if isinstance(p, GGUFParameter)]
+    assert "transformer_blocks.0.attn.to_q.weight" in kept and "single_transformer_blocks.0.proj_out.weight" in kept
+    reference = model_from(diffusers_names(values))
+    same_values(forward(transformer, INPUTS), forward(reference, INPUTS))
+    assert no_grad_anywhere(model.pipeline)
+    assert model.extras["checkpoint"] == "GGUF, BFL layout"
+
+
+def test_gguf_without_the_package_names_the_extra(tmp_path, components, monkeypatch):
+    path = tmp_path / "flux1-fill-dev-Q4_K.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(WeightsError, match=r"pip install 'flux-fill-server\[gguf\]'"):
+        load_model(str(path), components=str(components), device="cpu")
+
+
+@pytest.mark.parametrize(("guidance", "name"), [(True, "FLUX.1 [dev]"), (False, "FLUX.1 [schnell]")])
+def test_a_flux_dev_single_file_is_refused_by_name_before_loading(tmp_path, components, monkeypatch, guidance, name):
+    from inference.tiny import TRANSFORMER_CONFIG
+
+    dev = random_transformer({**TRANSFORMER_CONFIG, "in_channels": 16, "guidance_embeds": guidance})
+    path = save_bfl(dev, tmp_path / "flux1-dev.safetensors")
+    monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("the tensors were read"))
+    with pytest.raises(WeightsError) as err:
+        load_model(str(path), components=str(components), device="cpu")
+    assert f"is {name}, not FLUX.1 Fill [dev]" in str(err.value) and "16 input channels" in str(err.value)
+
+
+def test_a_flux_dev_folder_is_refused_before_loading(tmp_path, tiny_dir, monkeypatch):
+    from diffusers import FluxFillPipeline
+
+    folder = tmp_path / "FLUX.1-dev"
+    shutil.copytree(tiny_dir, folder)
+    config_path = folder / "transformer" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "in_channels": 16}))
+    monkeypatch.setattr(FluxFillPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    with pytest.raises(WeightsError, match=r"is FLUX\.1 \[dev\], not FLUX\.1 Fill \[dev\]"):
+        load_model(str(folder), device="cpu")
+
+
+def test_the_variant_is_read_from_the_header_alone(tmp_path, real_width_transformer):
+    path = save_bfl(real_width_transformer, tmp_path / "fill.safetensors", prefix="model.diffusion_model.")
+    info = checkpoints.inspect(path)
+    assert info.prefix == "model.diffusion_model." and info.layout == "bfl" and info.in_channels == 288
+    assert checkpoints.variant_name(384, 16, True) is None  # the real FLUX.1 Fill [dev]
+    assert checkpoints.variant_name(64, 16, True) == "FLUX.1 [dev]"
+    assert checkpoints.variant_name(128, 16, True) == "FLUX.1 Canny [dev] or FLUX.1 Depth [dev]"
