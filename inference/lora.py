@@ -1,4 +1,4 @@
-"""Resolve, load, scale and cache FLUX.1 [dev] LoRAs on the Fill transformer.
+"""Resolve, read, apply and cache FLUX.1 [dev] LoRAs on the Fill transformer, one prediction at a time.
 
 ``lora_weights`` may be:
 
@@ -8,21 +8,38 @@
 - an ``https`` URL to a ``.safetensors`` file, downloaded once into the cache folder;
 - a Hugging Face repo id (``owner/name``) already in the local Hugging Face cache.
 
-The diffusers, Kohya and XLabs formats are read by diffusers' own converters. Text-encoder keys are
-dropped: the hosted model applies only the transformer part to Fill.
+**Formats.** A file is read exactly as ``FluxFillPipeline.load_lora_weights`` reads it: diffusers'
+own reader recognises the format (diffusers/peft, Kohya, ComfyUI, XLabs, BFL Control), converts the
+names and takes the alpha, from ``.alpha`` keys or from the file's ``lora_adapter_metadata`` (what
+diffusers' training scripts write). One format it does not recognise is read too: BFL module names
+with peft's ``lora_A``/``lora_B`` (``double_blocks.0.img_attn.qkv.lora_A.weight``, bare or under
+``diffusion_model.``), which is the ComfyUI layout with other suffixes; it is renamed to that layout
+and read by the same reader. Text-encoder parts are dropped: the hosted model applies only the
+transformer part to Fill. A file that no reader recognises, or that was made for a model of another
+size, fails its prediction with one sentence naming the file and the reason; nothing is loaded.
 
-Loaded adapters stay cached (least recently used first out). A prediction without a LoRA runs with
-every adapter disabled, which computes exactly what the base model computes.
+**A LoRA never outlives its prediction.** Adapters are peft layers beside the base weights; with
+every adapter disabled the transformer computes exactly what the base computes. Some LoRAs also
+carry tensors that diffusers writes straight into the transformer (the ``norm_q``/``norm_k``
+weights of BFL's Canny and Depth LoRAs): those are kept with the adapter and written in for the
+prediction that asks for the LoRA only; the base values go back when it ends or fails. A LoRA that
+would widen a layer of the transformer (diffusers replaces the layer) is refused: Fill's
+``x_embedder`` takes 384 channels, more than any FLUX.1 LoRA's, so only a LoRA for another model
+could ask for it. A load that fails part way leaves no adapter, no cache entry and the base values.
+
+Loaded adapters stay cached (least recently used first out, ``max_loaded`` at most).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import threading
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LoraError
@@ -33,7 +50,19 @@ log = logging.getLogger(__name__)
 
 FIELD = "lora_weights"
 _NAME = re.compile(r"^[\w.-]+$")
-_TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "lora_te1_", "lora_te2_")
+# What diffusers' converters name the parts of a FLUX.1 LoRA.
+TRANSFORMER_PREFIX = "transformer."
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+# The tensors diffusers loads straight into the transformer (FluxLoraLoaderMixin's supported norm keys).
+DIRECT_KEYS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+# BFL's module names with peft's lora_A/lora_B suffixes, bare or under diffusion_model.
+_BFL_LORA_KEY = re.compile(
+    r"^(?:diffusion_model\.)?(?:double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)"
+    r"\..*\.(?:lora_A|lora_B)\.weight$"
+)
+# Layers whose input a FLUX.1 [dev] LoRA may cover only in part: Fill's x_embedder reads the noisy
+# latents (the 64 channels FLUX.1 [dev] has) followed by the conditioning; diffusers zero-pads the rest.
+PADDED_INPUTS = ("x_embedder",)
 
 
 @dataclass
@@ -47,6 +76,9 @@ class LoraSettings:
 
 def _bad(description: str) -> LoraError:
     return LoraError.one(FIELD, "lora", description)
+
+
+# -- finding the file ------------------------------------------------------------------------------
 
 
 def resolve(value: str, settings: LoraSettings) -> Path:
@@ -100,66 +132,313 @@ def _from_hf_cache(repo_id: str) -> Path:
     return files[0]
 
 
-def read_state_dict(path: Path) -> dict:
-    """The LoRA's tensors, text-encoder keys dropped."""
-    from safetensors.torch import load_file
+# -- reading it ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraFile:
+    """A LoRA as diffusers reads it: transformer keys in diffusers' names, the alphas and the metadata."""
+
+    path: Path
+    state: dict  # "transformer.<module>.lora_A.weight" ... and any direct tensors ("...norm_q.weight")
+    alphas: dict | None
+    metadata: dict | None
+
+    @property
+    def direct_keys(self) -> list[str]:
+        """Transformer tensors the file sets directly, without the ``transformer.`` prefix."""
+        return sorted(k[len(TRANSFORMER_PREFIX):] for k in self.state
+                      if "lora" not in k and any(part in k for part in DIRECT_KEYS))
+
+
+def file_keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file, read from its header alone."""
+    from safetensors import safe_open
 
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
     except Exception:
         raise _bad(f"{path.name} is not a readable .safetensors file") from None
-    kept = {k: v for k, v in state.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
-    if not kept:
-        raise _bad(f"{path.name} holds no transformer weights")
-    return kept
+
+
+def is_bfl_lora_a_b(keys) -> bool:
+    """BFL module names with lora_A/lora_B suffixes, a layout diffusers does not recognise by itself."""
+    lora_keys = [k for k in keys if ".lora_" in k]
+    return bool(lora_keys) and all(_BFL_LORA_KEY.match(k) for k in lora_keys)
+
+
+def bfl_a_b_to_comfyui(state: dict) -> dict:
+    """Rename BFL lora_A/lora_B keys to the ComfyUI layout (diffusion_model.<name>.lora_down/lora_up),
+    which diffusers' reader converts, alphas included."""
+    renamed = {}
+    for key, value in state.items():
+        key = key if key.startswith("diffusion_model.") else f"diffusion_model.{key}"
+        key = key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")
+        renamed[key] = value
+    return renamed
+
+
+def read_lora(path: Path) -> LoraFile:
+    """Read ``path`` as ``FluxFillPipeline.load_lora_weights`` would, text-encoder parts dropped."""
+    from diffusers import FluxFillPipeline
+
+    keys = file_keys(path)
+    try:
+        if is_bfl_lora_a_b(keys):
+            from safetensors.torch import load_file
+
+            source = bfl_a_b_to_comfyui(load_file(str(path)))
+        else:
+            source = str(path)
+        state, alphas, metadata = FluxFillPipeline.lora_state_dict(
+            source, return_alphas=True, return_lora_metadata=True, use_safetensors=True)
+    except LoraError:
+        raise
+    except Exception as exc:
+        log.info("diffusers could not read the LoRA %s: %s", path, exc)
+        example = next((k for k in keys if "lora" in k), keys[0] if keys else "none")
+        raise _bad(f"{path.name} is not a FLUX.1 LoRA this server can read: its keys (e.g. {example}) "
+                   "are in no format diffusers recognises") from None
+    state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    if alphas is not None:
+        alphas = {k: v for k, v in alphas.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    transformer_keys = [k for k in state if k.startswith(TRANSFORMER_PREFIX)]
+    if not transformer_keys:
+        example = next(iter(keys), "none")
+        raise _bad(f"{path.name} holds no FLUX.1 transformer LoRA this server can read (keys like {example})")
+    return LoraFile(path=path, state=state, alphas=alphas, metadata=metadata)
+
+
+def check_fits(lora: LoraFile, transformer) -> None:
+    """Refuse a LoRA made for another model before anything is loaded: every layer it names must be
+    the transformer's, with the same number of features (Fill's x_embedder may be covered in part)."""
+    modules = dict(transformer.named_modules())
+    tensors = {name.replace(".base_layer", ""): t for name, t in transformer.state_dict(keep_vars=True).items()
+               if "lora_" not in name}
+    unknown, mismatched = [], []
+    for key, value in lora.state.items():
+        if not key.startswith(TRANSFORMER_PREFIX):
+            continue
+        name = key[len(TRANSFORMER_PREFIX):]
+        if ".lora_A." in name or ".lora_B." in name:
+            module_name = name.split(".lora_")[0]
+            module = modules.get(module_name)
+            module = getattr(module, "base_layer", module)  # a layer that already has adapters
+            if module is None or not hasattr(module, "in_features"):
+                unknown.append(module_name)
+                continue
+            if ".lora_A." in name and value.ndim == 2:
+                ok = value.shape[1] == module.in_features or (
+                    module_name in PADDED_INPUTS and value.shape[1] < module.in_features)
+                if not ok:
+                    mismatched.append((module_name, "input", value.shape[1], module.in_features))
+            if ".lora_B." in name and value.ndim == 2 and value.shape[0] != module.out_features:
+                mismatched.append((module_name, "output", value.shape[0], module.out_features))
+        else:
+            target = tensors.get(name)
+            if target is None:
+                unknown.append(name)
+            elif tuple(target.shape) != tuple(value.shape):
+                mismatched.append((name, "", tuple(value.shape), tuple(target.shape)))
+    where = lora.path.name
+    if unknown:
+        raise _bad(f"{where} was made for another model: its layer {sorted(unknown)[0]} is not in FLUX.1 Fill "
+                   f"[dev]'s transformer ({len(set(unknown))} such layers)")
+    if mismatched:
+        module, kind, theirs, ours = mismatched[0]
+        if kind:
+            raise _bad(f"{where} was made for a model of another size: its {module} has {theirs} {kind} "
+                       f"features where this model's has {ours}")
+        raise _bad(f"{where} was made for a model of another size: its {module} is {theirs} where this "
+                   f"model's is {ours}")
+
+
+# -- applying it -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path
+    direct: dict = field(default_factory=dict)  # transformer key -> the LoRA's value, set per prediction
 
 
 class LoraManager:
-    """Keeps LoRA adapters loaded on one pipeline and activates one per prediction."""
+    """Keeps LoRA adapters loaded on one pipeline and applies one for the length of a prediction."""
 
     def __init__(self, pipeline, settings: LoraSettings):
         self.pipeline = pipeline
         self.settings = settings
-        self.loaded: OrderedDict[str, str] = OrderedDict()  # file key -> adapter name
-        self.lock = threading.Lock()
+        self.loaded: OrderedDict[str, Adapter] = OrderedDict()  # file key -> adapter
+        self.base: dict = {}  # transformer key -> the base value, for every key an adapter sets directly
+        self.lock = threading.RLock()
+        self._adapters_on = False
+
+    @property
+    def transformer(self):
+        return self.pipeline.transformer
 
     def _key(self, path: Path) -> str:
         stat = path.stat()
         return f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
 
+    @contextlib.contextmanager
+    def applied(self, lora_weights: str | None, scale: float):
+        """The LoRA at ``scale`` (or none) for the length of the block; the base model after it."""
+        with self.lock:
+            try:
+                if lora_weights:
+                    yield self._activate(lora_weights, scale)
+                else:
+                    self._restore()
+                    yield None
+            finally:
+                self._restore()
+
     def activate(self, lora_weights: str | None, scale: float) -> str | None:
-        """Enable the LoRA at ``scale`` (or none), loading it if needed; returns the adapter name."""
+        """Enable the LoRA at ``scale`` (or restore the base) until the next call; ``applied`` is the
+        scoped form predictions use."""
         with self.lock:
             if not lora_weights:
-                if self.loaded:
-                    self.pipeline.disable_lora()
+                self._restore()
                 return None
-            path = resolve(lora_weights, self.settings)
-            key = self._key(path)
-            name = self.loaded.get(key)
-            if name is None:
-                name = self._load(path, key)
-            else:
-                self.loaded.move_to_end(key)
-            self.pipeline.enable_lora()
-            self.pipeline.set_adapters([name], adapter_weights=[float(scale)])
-            return name
+            return self._activate(lora_weights, scale)
 
-    def _load(self, path: Path, key: str) -> str:
+    def _activate(self, lora_weights: str, scale: float) -> str:
+        import torch
+
+        path = resolve(lora_weights, self.settings)
+        key = self._key(path)
+        self._restore()  # loading and activating start from the base model
+        adapter = self.loaded.get(key)
+        if adapter is None:
+            adapter = self._load(path, key)
+        else:
+            self.loaded.move_to_end(key)
+        self.pipeline.enable_lora()
+        self.pipeline.set_adapters([adapter.name], adapter_weights=[float(scale)])
+        self._adapters_on = True
+        if adapter.direct:
+            params = self._tensors()
+            with torch.no_grad():
+                for name, value in adapter.direct.items():
+                    params[name].copy_(value)
+        return adapter.name
+
+    def _restore(self) -> None:
+        """Every adapter off and every directly set tensor back to its base value."""
+        import torch
+
+        if self._adapters_on:
+            self.pipeline.disable_lora()
+            self._adapters_on = False
+        if self.base:
+            params = self._tensors()
+            with torch.no_grad():
+                for name, value in self.base.items():
+                    params[name].copy_(value)
+
+    def clear(self) -> None:
+        """Remove every cached adapter; the base model stays."""
+        with self.lock:
+            self._restore()
+            names = [adapter.name for adapter in self.loaded.values()]
+            self.loaded.clear()
+            self.base.clear()
+            if names:
+                self.pipeline.delete_adapters(names)
+
+    def _tensors(self) -> dict:
+        """The transformer's parameters and buffers by their base names (peft's ``.base_layer`` removed)."""
+        out = {}
+        for name, tensor in list(self.transformer.named_parameters()) + list(self.transformer.named_buffers()):
+            if "lora_" not in name:
+                out[name.replace(".base_layer", "")] = tensor
+        return out
+
+    def _load(self, path: Path, key: str) -> Adapter:
+        import torch
+
+        lora = read_lora(path)
+        check_fits(lora, self.transformer)
         while len(self.loaded) >= self.settings.max_loaded:
             _, old = self.loaded.popitem(last=False)
-            self.pipeline.delete_adapters([old])
+            self.pipeline.delete_adapters([old.name])
+            self._forget_direct(old)
         name = "lora_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-        state = read_state_dict(path)
+        tensors = self._tensors()
+        direct = lora.direct_keys
+        snapshot = {k: tensors[k].detach().clone() for k in direct if k not in self.base}
+        versions = {k: (id(t), t._version) for k, t in tensors.items()}
+        adapter = Adapter(name=name, path=path)
         try:
-            self.pipeline.load_lora_weights(state, adapter_name=name)
+            with torch.no_grad(), _reading_as(self.pipeline, lora), warnings.catch_warnings():
+                # peft warns on every adapter after the first; keeping several is what the cache is for.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipeline.load_lora_weights(dict(lora.state), adapter_name=name)
+            if name not in (getattr(self.transformer, "peft_config", None) or {}):
+                raise _bad(f"{path.name} holds no LoRA layer this server can apply to FLUX.1 Fill [dev]")
+            after = self._tensors()
+            touched = {k for k, t in after.items() if versions.get(k) != (id(t), t._version)}
+            if touched - set(direct):
+                raise RuntimeError(f"loading {path.name} changed base tensors it does not declare: "
+                                   f"{sorted(touched - set(direct))[:3]}")
+            adapter.direct = {k: after[k].detach().clone() for k in direct}
         except Exception as exc:
+            self._undo_load(name, snapshot)
+            if isinstance(exc, LoraError):
+                raise
             log.exception("could not load LoRA %s", path)
-            try:
-                self.pipeline.delete_adapters([name])
-            except Exception:
-                pass
             raise _bad(f"{path.name} is not a FLUX.1 LoRA this server can apply ({type(exc).__name__})") from None
-        self.loaded[key] = name
-        log.info("loaded LoRA %s as %s", path.name, name)
-        return name
+        self.base.update(snapshot)
+        # diffusers keeps its own copy of the overwritten norms for unload_lora_weights; the base values
+        # are restored here, after every prediction.
+        self.transformer._transformer_norm_layers = None
+        self.transformer.requires_grad_(False)  # peft makes adapter weights trainable
+        self.loaded[key] = adapter
+        self._restore_direct(snapshot)
+        log.info("loaded LoRA %s as %s%s", path.name, name,
+                 f" ({len(direct)} tensors set directly per prediction)" if direct else "")
+        return adapter
+
+    def _undo_load(self, name: str, snapshot: dict) -> None:
+        """A failed load: no adapter left, every tensor the load may have written back to its base value."""
+        try:
+            if name in (getattr(self.transformer, "peft_config", None) or {}):
+                self.pipeline.delete_adapters([name])
+        except Exception:
+            log.exception("could not remove the partly loaded adapter %s", name)
+        self._restore_direct({**snapshot, **self.base})
+        self._adapters_on = True  # disable whatever peft left enabled at the next restore
+        self._restore()
+
+    def _restore_direct(self, values: dict) -> None:
+        import torch
+
+        if not values:
+            return
+        tensors = self._tensors()
+        with torch.no_grad():
+            for name, value in values.items():
+                tensors[name].copy_(value)
+
+    def _forget_direct(self, old: Adapter) -> None:
+        """Base values no cached adapter sets any more are not kept."""
+        still = {k for a in self.loaded.values() for k in a.direct}
+        for name in list(old.direct):
+            if name not in still:
+                self.base.pop(name, None)
+
+
+@contextlib.contextmanager
+def _reading_as(pipeline, lora: LoraFile):
+    """``load_lora_weights`` reads its file through ``lora_state_dict``; give it what ``read_lora``
+    read (text-encoder parts dropped, alphas and metadata kept) so everything else it does, from
+    naming the adapter's layers to the alphas' scaling, is diffusers' own."""
+    alphas = dict(lora.alphas) if lora.alphas is not None else None
+    pipeline.lora_state_dict = lambda *_args, **_kwargs: (dict(lora.state), alphas, lora.metadata)
+    try:
+        yield
+    finally:
+        del pipeline.lora_state_dict

@@ -1,0 +1,262 @@
+"""LoRAs: read exactly as diffusers' FluxFillPipeline.load_lora_weights reads them, and never outliving
+their prediction.
+
+The formats are compared with diffusers' own loading at FLUX.1's real width (its converters split
+the fused layers at 3072), each on a transformer of its own, so nothing ours does can leak into the
+reference. The lifecycle (norms, A then B, failed loads, refusals) runs on the tiny model, through
+the engine, and checks the transformer's every tensor bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from inference.engine import Engine, EngineSettings
+from inference.errors import LoraError
+from inference.inputs import parse_input
+from inference.lora import LoraManager, LoraSettings
+from tests.helpers import box_mask, fast_input, noise_image
+from tests.inference.conftest import REAL_WIDTH_CONFIG, forward, transformer_inputs
+from tests.lora_files import (bfl_a_b_lora, comfyui_lora, diffusers_lora, kohya_full_lora, peft_lora, xlabs_lora)
+
+INPUTS = transformer_inputs(REAL_WIDTH_CONFIG)
+SCALE = 0.7
+
+
+def make_pipeline(tiny_model, transformer):
+    """A FluxFillPipeline of the tiny components around ``transformer``, with its own text encoders
+    (a reference load may put a LoRA on CLIP)."""
+    from diffusers import FluxFillPipeline
+
+    pipe = tiny_model.pipeline
+    return FluxFillPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=copy.deepcopy(pipe.text_encoder),
+                            tokenizer=pipe.tokenizer, text_encoder_2=copy.deepcopy(pipe.text_encoder_2),
+                            tokenizer_2=pipe.tokenizer_2, transformer=transformer)
+
+
+def snapshot(transformer) -> dict:
+    """Every base tensor, by its base name (peft's base_layer removed)."""
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in transformer.state_dict().items()
+            if "lora_" not in k}
+
+
+def assert_same_tensors(transformer, before: dict):
+    after = snapshot(transformer)
+    assert set(after) == set(before)
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert not changed, f"changed: {changed[:5]}"
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_model, real_width_transformer):
+    return make_pipeline(tiny_model, copy.deepcopy(real_width_transformer))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, real_width_transformer):
+    return make_pipeline(tiny_model, copy.deepcopy(real_width_transformer))
+
+
+@pytest.fixture(scope="module")
+def base_output(real_width_transformer):
+    return forward(real_width_transformer, INPUTS)
+
+
+def ours_with(pipe, path, scale=SCALE):
+    manager = LoraManager(pipe, LoraSettings(allow_paths=True))
+    with manager.applied(str(path), scale):
+        out = forward(pipe.transformer, INPUTS)
+    return out, manager
+
+
+def reference_with(pipe, path, scale=SCALE):
+    pipe.load_lora_weights(str(path), adapter_name="reference")
+    pipe.set_adapters(["reference"], adapter_weights=[scale])
+    try:
+        return forward(pipe.transformer, INPUTS)
+    finally:
+        pipe.unload_lora_weights()
+
+
+FORMATS = {
+    # name: (writer of the file we load, writer of the file diffusers loads as the reference: the same
+    # tensors, without the text-encoder part Fill ignores, or in a layout diffusers recognises)
+    "diffusers/peft": (lambda t, p: peft_lora(t, p), None),
+    "peft, alpha in the metadata": (lambda t, p: peft_lora(t, p, rank=4, alpha=16.0), None),
+    "kohya, double and single blocks": (lambda t, p: kohya_full_lora(t, p),
+                                        lambda t, p: kohya_full_lora(t, p, text_encoder=False)),
+    "comfyui": (lambda t, p: comfyui_lora(t, p), lambda t, p: comfyui_lora(t, p, text_encoder=False)),
+    "xlabs": (lambda t, p: xlabs_lora(t, p, rank=4), None),
+    "bfl lora_A/lora_B under diffusion_model.": (lambda t, p: bfl_a_b_lora(t, p, prefix="diffusion_model."),
+                                                 lambda t, p: comfyui_lora(t, p, text_encoder=False)),
+    "bfl lora_A/lora_B bare": (lambda t, p: bfl_a_b_lora(t, p, prefix=""),
+                               lambda t, p: comfyui_lora(t, p, text_encoder=False)),
+    "bfl lora_A/lora_B without alpha": (lambda t, p: bfl_a_b_lora(t, p, alpha=None),
+                                        lambda t, p: comfyui_lora(t, p, alpha=4.0, text_encoder=False)),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_each_format_gives_what_diffusers_gives(fmt, ours, reference, base_output, tmp_path,
+                                                 real_width_transformer):
+    write, write_reference = FORMATS[fmt]
+    path = write(real_width_transformer, tmp_path / "lora.safetensors")
+    reference_path = write_reference(real_width_transformer, tmp_path / "ref.safetensors") if write_reference else path
+    before = snapshot(ours.transformer)
+    out, manager = ours_with(ours, path)
+    try:
+        expected = reference_with(reference, reference_path)
+        assert torch.equal(out, expected), f"{fmt}: {(out - expected).abs().max()}"
+        assert not torch.equal(out, base_output)
+        assert torch.equal(forward(ours.transformer, INPUTS), base_output)  # the base after the prediction
+        assert_same_tensors(ours.transformer, before)
+        assert not any(p.requires_grad for p in ours.transformer.parameters())
+    finally:
+        manager.clear()
+
+
+def test_the_alpha_in_the_metadata_is_not_dropped(ours, reference, tmp_path, real_width_transformer):
+    """diffusers' training scripts store alpha only in the file's metadata: alpha 16 at rank 4 is
+    4 times the LoRA's update of the same file read without it."""
+    with_alpha = peft_lora(real_width_transformer, tmp_path / "alpha16.safetensors", rank=4, alpha=16.0)
+    without = peft_lora(real_width_transformer, tmp_path / "plain.safetensors", rank=4)
+    a, manager_a = ours_with(ours, with_alpha, scale=0.25)
+    b, manager_b = ours_with(ours, without, scale=1.0)
+    manager_a.clear(), manager_b.clear()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # scale 0.25 x (16 / 4) = 1
+
+
+def test_a_lora_for_another_width_is_refused_in_words(ours, tmp_path, real_width_transformer):
+    path = peft_lora(real_width_transformer, tmp_path / "flux-lite.safetensors", fan_in=2048, modules=("to_q",))
+    before = snapshot(ours.transformer)
+    manager = LoraManager(ours, LoraSettings(allow_paths=True))
+    with pytest.raises(LoraError) as err:
+        with manager.applied(str(path), 1.0):
+            pass
+    message = str(err.value)
+    assert "flux-lite.safetensors was made for a model of another size" in message
+    assert "2048 input features where this model's has 3072" in message
+    assert not manager.loaded and not getattr(ours.transformer, "peft_config", None)
+    assert_same_tensors(ours.transformer, before)
+
+
+# -- the lifecycle, through the engine on the tiny model -------------------------------------------
+
+
+@pytest.fixture
+def lora_engine(tiny_model, tmp_path):
+    engine = Engine(tiny_model, EngineSettings(lora=LoraSettings(folder=tmp_path)))
+    yield engine
+    engine.loras.clear()
+    assert not getattr(tiny_model.pipeline.transformer, "peft_config", None)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return noise_image(64, 64, seed=3), box_mask(64, 64, (16, 16, 48, 48))
+
+
+def predict(engine, scene, **kw):
+    img, mask = scene
+    return engine.predict(parse_input(fast_input(img, mask, seed=4, **kw)))[0].data
+
+
+def test_a_lora_with_norms_never_outlives_its_prediction(lora_engine, scene, tmp_path):
+    transformer = lora_engine.pipeline.transformer
+    peft_lora(transformer, tmp_path / "canny.safetensors", norms=True)
+    peft_lora(transformer, tmp_path / "canny-lora-only.safetensors", norms=False)
+    before = snapshot(transformer)
+    base = predict(lora_engine, scene)
+    with_norms = predict(lora_engine, scene, lora_weights="canny")
+    assert_same_tensors(transformer, before)
+    after = predict(lora_engine, scene)
+    assert after == base and with_norms != base
+    # The norms were in force during the prediction: the same LoRA without them gives another image.
+    assert predict(lora_engine, scene, lora_weights="canny-lora-only") != with_norms
+    assert predict(lora_engine, scene, lora_weights="canny") == with_norms  # from the cache, norms again
+    assert predict(lora_engine, scene) == base
+    assert_same_tensors(transformer, before)
+
+
+def test_a_then_b_equals_b_alone(lora_engine, scene, tmp_path):
+    transformer = lora_engine.pipeline.transformer
+    peft_lora(transformer, tmp_path / "a.safetensors", norms=True, seed=11)
+    diffusers_lora(transformer, tmp_path / "b.safetensors", seed=12)
+    b_alone = predict(lora_engine, scene, lora_weights="b", lora_scale=0.8)
+    lora_engine.loras.clear()
+    predict(lora_engine, scene, lora_weights="a")
+    assert predict(lora_engine, scene, lora_weights="b", lora_scale=0.8) == b_alone
+
+
+def test_a_failed_load_leaves_the_base_and_the_cache_clean(lora_engine, scene, tmp_path, monkeypatch):
+    """The load fails after the adapter was injected and the norms were written into the transformer."""
+    from diffusers import FluxFillPipeline
+
+    transformer = lora_engine.pipeline.transformer
+    peft_lora(transformer, tmp_path / "broken.safetensors", norms=True)
+    before = snapshot(transformer)
+    base = predict(lora_engine, scene)
+    load_norms = FluxFillPipeline._load_norm_into_transformer.__func__
+
+    def fails_after_writing(cls, state_dict, transformer, **kw):
+        load_norms(cls, state_dict, transformer, **kw)
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(FluxFillPipeline, "_load_norm_into_transformer", classmethod(fails_after_writing))
+    with pytest.raises(LoraError, match="broken.safetensors is not a FLUX.1 LoRA this server can apply"):
+        predict(lora_engine, scene, lora_weights="broken")
+    monkeypatch.undo()
+    assert not lora_engine.loras.loaded and not lora_engine.loras.base
+    assert not getattr(transformer, "peft_config", None)
+    assert_same_tensors(transformer, before)
+    assert predict(lora_engine, scene) == base
+
+
+@pytest.mark.parametrize(("keys", "reason"), [
+    ({"transformer.down_blocks.0.attentions.0.to_q.lora_A.weight": (4, 8),
+      "transformer.down_blocks.0.attentions.0.to_q.lora_B.weight": (8, 4)},
+     "was made for another model: its layer down_blocks.0.attentions.0.to_q is not in FLUX.1 Fill [dev]"),
+    ({"foo.bar": (2, 2)}, "holds no FLUX.1 transformer LoRA"),
+    ({"transformer.x_embedder.lora_A.weight": (4, 512), "transformer.x_embedder.lora_B.weight": (32, 4)},
+     "its x_embedder has 512 input features where this model's has 288"),
+])
+def test_a_file_no_reader_fits_is_refused_naming_the_file(lora_engine, scene, tmp_path, keys, reason):
+    save_file({k: torch.randn(*shape) for k, shape in keys.items()}, str(tmp_path / "odd.safetensors"))
+    before = snapshot(lora_engine.pipeline.transformer)
+    with pytest.raises(LoraError) as err:
+        predict(lora_engine, scene, lora_weights="odd")
+    assert "odd.safetensors" in str(err.value) and reason in str(err.value)
+    assert err.value.errors[0].field == "lora_weights"
+    assert not lora_engine.loras.loaded
+    assert_same_tensors(lora_engine.pipeline.transformer, before)
+
+
+def test_a_cached_adapter_is_evicted_least_recently_used_first(tiny_model, scene, tmp_path):
+    engine = Engine(tiny_model, EngineSettings(lora=LoraSettings(folder=tmp_path, max_loaded=2)))
+    transformer = engine.pipeline.transformer
+    try:
+        for i, norms in enumerate((True, False, False)):
+            peft_lora(transformer, tmp_path / f"l{i}.safetensors", seed=20 + i, norms=norms)
+        first = predict(engine, scene, lora_weights="l0")
+        predict(engine, scene, lora_weights="l1")
+        predict(engine, scene, lora_weights="l2")  # l0 goes, and with it the base norms kept for it
+        assert [a.path.name for a in engine.loras.loaded.values()] == ["l1.safetensors", "l2.safetensors"]
+        assert not engine.loras.base
+        assert set(transformer.peft_config) == {a.name for a in engine.loras.loaded.values()}
+        assert predict(engine, scene, lora_weights="l0") == first  # loaded again, the same
+    finally:
+        engine.loras.clear()
+
+
+def test_the_lora_file_metadata_is_what_diffusers_training_writes(tmp_path, tiny_model):
+    """The writer above stores the alpha where diffusers' training scripts do."""
+    from safetensors import safe_open
+
+    path = peft_lora(tiny_model.pipeline.transformer, tmp_path / "meta.safetensors", alpha=16.0)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.lora_alpha"] == 16.0 and metadata["transformer.r"] == 4
