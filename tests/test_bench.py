@@ -54,3 +54,30 @@ def test_gpu_report_runs_on_the_cpu(tiny_dir):
     ratios = [line for line in out.splitlines() if line.startswith("ratio ")]
     assert [r.split()[1] for r in ratios] == ["eager", "default", "step-cache", "fp8"]
     assert all(" vs baseline (speed-up): 0.25mp " in r for r in ratios)
+
+
+def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
+    """bench/gpu_check.py, the one command a GPU session runs, on the CPU with the tiny model: every
+    section it can run here reports figures, the CUDA-only ones say why they did not run."""
+    import json
+
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--weights", str(tiny_dir),
+                           "--out", str(report_path), "--prompts", "18"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    sections = report["sections"]
+    assert list(sections) == ["build", "baseline", "eager", "step_cache", "compiled", "memory_flat", "memory_modes",
+                              "fp8_compiled"]
+    for name in ("build", "baseline", "eager", "step_cache", "compiled", "memory_flat"):
+        assert "error" not in sections[name] and "skipped" not in sections[name], sections[name]
+    for name in ("baseline", "eager", "step_cache", "compiled"):
+        assert sections[name]["e2e_s"] > 0 and sections[name]["step_s"] > 0
+    assert sections["compiled"]["rel_error_vs_eager"] < 0.01 and sections["compiled"]["speedup_vs_eager"] > 0
+    assert sections["step_cache"]["threshold"] == 0.08
+    flat = sections["memory_flat"]
+    assert flat["flat"] and flat["embeddings_with_a_graph"] == 0 and flat["cache_entries"] == flat["cache_limit"]
+    assert sections["memory_modes"] == {"skipped": "needs a CUDA GPU"}
+    assert sections["fp8_compiled"] == {"skipped": "needs a CUDA GPU"}
+    assert f"report: {report_path}" in proc.stdout

@@ -1,0 +1,451 @@
+"""The GPU check: everything only a GPU can show, in one command, within 8 minutes on an H100/H200.
+
+    python bench/gpu_check.py --out gpu-report.json          # a CUDA machine: random-real, every section
+    python bench/gpu_check.py --device cpu --out smoke.json   # the same code on the CPU (tiny model)
+
+One process, one JSON report (also printed as a table). FLUX.1 Fill [dev]'s architecture is built
+once on the GPU with random weights (``--weights random-real``; the time a step takes does not depend
+on the weights' values), then each section runs on it in an order that needs no second build:
+
+1. ``build``: random-real made on the device; seconds and GPU memory.
+2. ``baseline``: plain diffusers, ``FluxFillPipeline.__call__``, bf16 eager: end to end and per step.
+3. ``eager``: this server's engine, nothing compiled: end to end, per step, ratio to the baseline.
+4. ``step_cache``: the first-block step cache (``--step-cache``): speed and relative error against eager.
+5. ``compiled``: the default on a GPU (blocks compiled, common shapes warmed up): compile time, speed,
+   ratios to eager and the baseline, relative error against eager.
+6. ``memory_flat``: GPU memory allocated before and after 20 predictions with 20 new prompts; it
+   may grow by the prompt cache's own entries (16 at most), nothing more.
+7. ``memory_modes``: each memory mode's peak (``torch.cuda.max_memory_allocated`` over a 1 MP
+   prediction, and over loading): default, offload, fp8-offload, fp8, in that order (the weights go
+   to host memory once; fp8 can follow fp8-offload, not the other way round).
+8. ``fp8_compiled``: fp8 with an explicit ``--compile`` (row-wise fp8 activations fused by the compiler)
+   in a child process with what is left of the time budget, since compiling fp8 blocks has been
+   measured to take minutes.
+
+A section that fails records its error and the others go on; a section the budget cannot fit says so.
+Relative error: mean |a - b| / mean |b| of the decoded 8-bit pixels, same input and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench import data_uri, picture, relative_error  # noqa: E402  (bench/bench.py, the HTTP benchmark)
+
+PROMPT = "a red armchair in a sunlit room"
+GIB = 1024**3
+
+
+class Check:
+    """The run's settings, its deadline and the report it fills in."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cuda = args.device.startswith("cuda")
+        self.started = time.monotonic()
+        self.deadline = self.started + args.budget_s
+        self.report: dict = {"device": args.device, "weights": args.weights, "budget_s": args.budget_s,
+                             "side": args.side, "steps": args.steps, "sections": {}}
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def section(self, name: str, fn, *, needs_s: float = 0.0, needs_cuda: bool = False):
+        """Run one section, recording its figures, or its error, or why it did not run."""
+        why = "needs a CUDA GPU" if needs_cuda and not self.cuda else (
+            f"{self.left():.0f} s of the budget left, the section needs about {needs_s:.0f} s"
+            if self.left() < needs_s else None)
+        if why:
+            self.report["sections"][name] = {"skipped": why}
+            print(f"[{time.monotonic() - self.started:6.1f} s] {name}: skipped, {why}", flush=True)
+            return None
+        started = time.monotonic()
+        try:
+            result = fn()
+        except Exception as exc:  # one section's failure is a figure too; the others still run
+            result = {"error": f"{type(exc).__name__}: {exc}".split("\n")[0], "traceback": traceback.format_exc()}
+        result = dict(result or {})
+        result["section_s"] = round(time.monotonic() - started, 2)
+        self.report["sections"][name] = result
+        print(f"[{time.monotonic() - self.started:6.1f} s] {name}: "
+              f"{json.dumps({k: v for k, v in result.items() if k != 'traceback'})}", flush=True)
+        return result
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def reset_peak(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gib(value: float | None) -> float | None:
+    return None if value is None else round(value / GIB, 2)
+
+
+def peak(cuda: bool) -> float | None:
+    if not cuda:
+        return None
+    import torch
+
+    return gib(torch.cuda.max_memory_allocated())
+
+
+def allocated(cuda: bool) -> float | None:
+    if not cuda:
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+def engine_input(check: Check, *, prompt: str = PROMPT, steps: int | None = None, side: int | None = None):
+    from inference.inputs import parse_input
+
+    side = side or check.args.side
+    img, mask = picture(side)
+    return parse_input({"prompt": prompt, "image": data_uri(img), "mask": data_uri(mask), "seed": 42,
+                        "megapixels": "match_input", "num_inference_steps": steps or check.args.steps,
+                        "guidance": 30, "output_format": "png", "disable_safety_checker": True})
+
+
+def timed_engine_run(check: Check, engine, inp) -> dict:
+    """End to end through Engine.predict, each step's time (the GPU synchronised at each step), pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    stamps = []
+
+    def on_step(_done, _total):
+        sync(check.cuda)
+        stamps.append(time.perf_counter())
+
+    sync(check.cuda)
+    t = time.perf_counter()
+    out = engine.predict(inp, on_step=on_step, log=lambda _m: None)[0]
+    total = time.perf_counter() - t
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    pixels = np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB"), dtype=np.float32)
+    return {"e2e_s": round(total, 3), "step_s": round(statistics.median(steps), 4) if steps else None,
+            "pixels": pixels}
+
+
+def figures(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "pixels"}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+# -- the sections ----------------------------------------------------------------------------------
+
+
+def build(check: Check, state: dict) -> dict:
+    from inference.weights import load_model
+
+    reset_peak(check.cuda)
+    t = time.perf_counter()
+    state["model"] = load_model(check.args.weights, device=check.args.device)
+    sync(check.cuda)
+    return {"seconds": round(time.perf_counter() - t, 1), "name": state["model"].name,
+            "dtype": state["model"].dtype, "peak_gib": peak(check.cuda)}
+
+
+def baseline(check: Check, state: dict) -> dict:
+    """diffusers' own __call__ on the same components: one short warm-up, then the timed run."""
+    import numpy as np
+
+    pipe = state["model"].pipeline
+    pipe.set_progress_bar_config(disable=True)
+    img, mask = picture(check.args.side)
+    stamps = []
+
+    def on_step(_pipe, _i, _t, kwargs):
+        sync(check.cuda)
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    def call(steps):
+        import torch
+
+        return pipe(prompt=PROMPT, image=img, mask_image=mask, height=check.args.side, width=check.args.side,
+                    num_inference_steps=steps, guidance_scale=30, max_sequence_length=512,
+                    generator=torch.Generator("cpu").manual_seed(42), callback_on_step_end=on_step).images[0]
+
+    call(2)
+    stamps.clear()
+    sync(check.cuda)
+    t = time.perf_counter()
+    image = call(check.args.steps)
+    total = time.perf_counter() - t
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    state["baseline_pixels"] = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return {"e2e_s": round(total, 3), "step_s": round(statistics.median(steps), 4) if steps else None}
+
+
+def eager(check: Check, state: dict) -> dict:
+    from inference import accel
+    from inference.engine import Engine
+
+    model = state["model"]
+    engine = state["engine"] = Engine(model)
+    engine.accelerator = accel.apply(model, accel.AccelOptions(compile=False))
+    timed_engine_run(check, engine, engine_input(check, steps=2))  # the same warm-up the baseline had
+    run = timed_engine_run(check, engine, engine_input(check))
+    state["eager"] = run
+    base = check.report["sections"].get("baseline", {})
+    return {**figures(run), "speedup_vs_baseline": ratio(base.get("e2e_s"), run["e2e_s"]),
+            "step_speedup_vs_baseline": ratio(base.get("step_s"), run["step_s"])}
+
+
+def step_cache(check: Check, state: dict) -> dict:
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    engine, transformer = state["engine"], state["engine"].pipeline.transformer
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=check.args.step_cache))
+    accelerator = engine.accelerator
+    accelerator.step_cache_on = True  # the engine scopes the cache to each denoising loop
+    try:
+        run = timed_engine_run(check, engine, engine_input(check))
+    finally:
+        accelerator.step_cache_on = False
+        transformer.disable_cache()
+    return {**figures(run), "threshold": check.args.step_cache,
+            "speedup_vs_eager": ratio(state["eager"]["e2e_s"], run["e2e_s"]),
+            "rel_error_vs_eager": round(relative_error(run["pixels"], state["eager"]["pixels"]), 5)}
+
+
+def compiled(check: Check, state: dict) -> dict:
+    from inference import accel
+
+    engine, model = state["engine"], state["model"]
+    # On the CPU (the smoke test) the blocks go through dynamo to its "eager" backend: the same path, no
+    # minutes of C++ compiling.
+    options = accel.AccelOptions(compile=None if check.cuda else True,
+                                 compile_backend="inductor" if check.cuda else "eager",
+                                 warmup_shapes=((check.args.side, check.args.side, 1),
+                                                (check.args.side // 2, check.args.side // 2, 1)))
+    t = time.perf_counter()
+    engine.accelerator = accel.apply(model, options)
+    warm = engine.accelerator.warm_up(engine)
+    compile_s = time.perf_counter() - t
+    run = timed_engine_run(check, engine, engine_input(check))
+    base = check.report["sections"].get("baseline", {})
+    return {**figures(run), "compile_and_warmup_s": round(compile_s, 1), "warmup_s": round(warm, 1),
+            "applied": engine.accelerator.applied,
+            "speedup_vs_eager": ratio(state["eager"]["e2e_s"], run["e2e_s"]),
+            "step_speedup_vs_eager": ratio(state["eager"]["step_s"], run["step_s"]),
+            "speedup_vs_baseline": ratio(base.get("e2e_s"), run["e2e_s"]),
+            "rel_error_vs_eager": round(relative_error(run["pixels"], state["eager"]["pixels"]), 5)}
+
+
+def memory_flat(check: Check, state: dict) -> dict:
+    """20 new prompts: GPU memory may grow by the prompt cache's own entries and by nothing else."""
+    import torch
+
+    from inference import engine as engine_module
+
+    engine = state["engine"]
+    side = max(64, check.args.side // 2)
+    engine.predict(engine_input(check, prompt="memory warm-up", steps=2, side=side), log=lambda _m: None)
+    before = allocated(check.cuda)
+    cached_before = len(engine._prompts)
+    for i in range(check.args.prompts):
+        engine.predict(engine_input(check, prompt=f"prompt {i}: a house with {i} windows", steps=2, side=side),
+                       log=lambda _m: None)
+    after = allocated(check.cuda)
+    entry = sum(t.numel() * t.element_size() for t in next(iter(engine._prompts.values())))
+    cache_growth = (len(engine._prompts) - cached_before) * entry
+    graphs = sum(1 for pair in engine._prompts.values() for t in pair if t.grad_fn is not None or t.requires_grad)
+    result = {"prompts": check.args.prompts, "cache_entries": len(engine._prompts),
+              "cache_limit": engine_module.PROMPT_CACHE_SIZE, "entry_mib": round(entry / 1024**2, 2),
+              "embeddings_with_a_graph": graphs}
+    if check.cuda:
+        growth = after - before
+        result.update(allocated_growth_mib=round(growth / 1024**2, 1),
+                      beyond_the_cache_mib=round((growth - cache_growth) / 1024**2, 1),
+                      flat=bool(growth - cache_growth < 64 * 1024**2 and graphs == 0))
+    else:
+        result["flat"] = graphs == 0
+    torch.cuda.empty_cache() if check.cuda else None
+    return result
+
+
+def memory_modes(check: Check, state: dict) -> dict:
+    """Each mode's peak over a 1 MP prediction, from the weights in host memory (as the mode loads)."""
+    import torch
+
+    from inference import accel
+    from inference.engine import Engine
+
+    model = state.pop("model")
+    engine = state.pop("engine")
+    pipe = model.pipeline
+    for transformer in (pipe.transformer,):
+        for name in accel.BLOCK_LISTS:  # back to eager: these figures are the modes' own
+            for block in getattr(transformer, name):
+                block._compiled_call_impl = None
+    del engine
+    results = {}
+    reset_peak(check.cuda)
+    run = timed_engine_run(check, Engine(model), engine_input(check))
+    results["default"] = {"peak_gib": peak(check.cuda), "e2e_s": run["e2e_s"]}
+    pipe.to("cpu")
+    torch.cuda.empty_cache()
+    for mode in ("offload", "fp8-offload", "fp8"):
+        if check.left() < 45:
+            results[mode] = {"skipped": "time budget"}
+            continue
+        try:
+            if hasattr(pipe, "remove_all_hooks"):
+                pipe.remove_all_hooks()
+            pipe.to("cpu")
+            torch.cuda.empty_cache()
+            reset_peak(check.cuda)
+            t = time.perf_counter()
+            speed = accel.apply(model, accel.AccelOptions(memory_mode=mode, compile=False))
+            load_s = time.perf_counter() - t
+            load_peak = peak(check.cuda)
+            reset_peak(check.cuda)
+            engine = Engine(model)
+            engine.accelerator = speed
+            run = timed_engine_run(check, engine, engine_input(check))
+            results[mode] = {"peak_gib": peak(check.cuda), "load_peak_gib": load_peak, "apply_s": round(load_s, 1),
+                             "e2e_s": run["e2e_s"], "step_s": run["step_s"], "applied": speed.applied,
+                             "rel_error_vs_eager": round(relative_error(run["pixels"], state["eager"]["pixels"]), 5)}
+        except Exception as exc:
+            results[mode] = {"error": f"{type(exc).__name__}: {exc}".split("\n")[0]}
+    return results
+
+
+def fp8_compiled(check: Check, _state: dict) -> dict:
+    """fp8 with an explicit --compile, in a child process with the budget that is left."""
+    timeout = max(30.0, check.left() - 10)
+    cmd = [sys.executable, __file__, "--child-fp8-compile", "--device", check.args.device, "--weights",
+           check.args.weights, "--side", str(check.args.side), "--steps", str(check.args.steps)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within the {timeout:.0f} s left of the budget (compiling fp8 blocks)"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-800:]}
+    return json.loads(lines[-1])
+
+
+def child_fp8_compile(args) -> None:
+    """Build, quantise to row-wise fp8 with compiling, warm up, time one run; print one JSON line."""
+    from inference import accel
+    from inference.engine import Engine
+    from inference.weights import load_model
+
+    check = Check(args)
+    t = time.perf_counter()
+    model = load_model(args.weights, device=args.device)
+    built = time.perf_counter() - t
+    t = time.perf_counter()
+    speed = accel.apply(model, accel.AccelOptions(memory_mode="fp8", compile=True,
+                                                  warmup_shapes=((args.side, args.side, 1),)))
+    engine = Engine(model)
+    engine.accelerator = speed
+    speed.warm_up(engine)
+    compile_s = time.perf_counter() - t
+    reset_peak(check.cuda)
+    run = timed_engine_run(check, engine, engine_input(check))
+    print(json.dumps({**figures(run), "build_s": round(built, 1), "quantise_compile_warmup_s": round(compile_s, 1),
+                      "peak_gib": peak(check.cuda), "applied": speed.applied}))
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a smoke test of this script)")
+    parser.add_argument("--weights", default=None, help="random-real on a GPU (default), the tiny model on the CPU")
+    parser.add_argument("--out", default="gpu-report.json", help="where the JSON report goes")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget (8 minutes)")
+    parser.add_argument("--side", type=int, default=None, help="image side: 1024 (1 MP) on a GPU, 64 on the CPU")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps: 28 on a GPU, 2 on the CPU")
+    parser.add_argument("--prompts", type=int, default=20, help="new prompts for the memory check")
+    parser.add_argument("--step-cache", type=float, default=0.08, help="the step cache's threshold")
+    parser.add_argument("--child-fp8-compile", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.weights = args.weights or ("random-real" if cuda else "tiny")
+    args.side = args.side or (1024 if cuda else 64)
+    args.steps = args.steps or (28 if cuda else 2)
+    if args.child_fp8_compile:
+        child_fp8_compile(args)
+        return 0
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA GPU here: run with --device cpu for the smoke test", file=sys.stderr)
+            return 2
+    check = Check(args)
+    import diffusers
+    import torch
+
+    check.report.update(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
+                        gpu=torch.cuda.get_device_name() if cuda else None)
+    state: dict = {}
+    check.section("build", lambda: build(check, state))
+    if "model" not in state:
+        return finish(check, 1)
+    check.section("baseline", lambda: baseline(check, state), needs_s=20 if cuda else 0)
+    check.section("eager", lambda: eager(check, state), needs_s=20 if cuda else 0)
+    if "engine" in state:
+        check.section("step_cache", lambda: step_cache(check, state), needs_s=15 if cuda else 0)
+        check.section("compiled", lambda: compiled(check, state), needs_s=90 if cuda else 0)
+        check.section("memory_flat", lambda: memory_flat(check, state), needs_s=30 if cuda else 0)
+        check.section("memory_modes", lambda: memory_modes(check, state), needs_s=90, needs_cuda=True)
+    state.clear()
+    if cuda:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    check.section("fp8_compiled", lambda: fp8_compiled(check, state), needs_s=120, needs_cuda=True)
+    return finish(check, 0)
+
+
+def finish(check: Check, code: int) -> int:
+    check.report["elapsed_s"] = round(time.monotonic() - check.started, 1)
+    Path(check.args.out).write_text(json.dumps(check.report, indent=2))
+    print(f"report: {check.args.out} ({check.report['elapsed_s']} s)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
