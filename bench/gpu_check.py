@@ -3,22 +3,27 @@
     python bench/gpu_check.py --out gpu-report.json          # a CUDA machine: random-real, every section
     python bench/gpu_check.py --device cpu --out smoke.json   # the same code on the CPU (tiny model)
 
-One process, one JSON report (also printed as a table). FLUX.1 Fill [dev]'s architecture is built
+One process, one JSON report, written again after every section (so a run cut short keeps what it
+measured) and printed section by section. FLUX.1 Fill [dev]'s architecture is built
 once on the GPU with random weights (``--weights random-real``; the time a step takes does not depend
 on the weights' values), then each section runs on it in an order that needs no second build:
 
 1. ``build``: random-real made on the device; seconds and GPU memory.
 2. ``baseline``: plain diffusers, ``FluxFillPipeline.__call__``, bf16 eager: end to end and per step.
 3. ``eager``: this server's engine, nothing compiled: end to end, per step, ratio to the baseline.
-4. ``step_cache``: the first-block step cache (``--step-cache``): speed and relative error against eager.
-5. ``compiled``: the default on a GPU (blocks compiled, common shapes warmed up): compile time, speed,
+   Every timed run starts with the engine's prompt cache empty, so T5 runs as in the baseline.
+4. ``formats``: what only a GPU can check of the loading paths: a LoRA with norms applied and
+   removed on the real model (the base back bit for bit), and one-block real-width checkpoints (BFL
+   bf16, fp8, ComfyUI scaled fp8, GGUF) loaded onto the GPU in bf16 and compared with their values.
+5. ``step_cache``: the first-block step cache (``--step-cache``): speed and relative error against eager.
+6. ``compiled``: the default on a GPU (blocks compiled, common shapes warmed up): compile time, speed,
    ratios to eager and the baseline, relative error against eager.
-6. ``memory_flat``: GPU memory allocated before and after 20 predictions with 20 new prompts; it
+7. ``memory_flat``: GPU memory allocated before and after 20 predictions with 20 new prompts; it
    may grow by the prompt cache's own entries (16 at most), nothing more.
-7. ``memory_modes``: each memory mode's peak (``torch.cuda.max_memory_allocated`` over a 1 MP
+8. ``memory_modes``: each memory mode's peak (``torch.cuda.max_memory_allocated`` over a 1 MP
    prediction, and over loading): default, offload, fp8-offload, fp8, in that order (the weights go
    to host memory once; fp8 can follow fp8-offload, not the other way round).
-8. ``fp8_compiled``: fp8 with an explicit ``--compile`` (row-wise fp8 activations fused by the compiler)
+9. ``fp8_compiled``: fp8 with an explicit ``--compile`` (row-wise fp8 activations fused by the compiler)
    in a child process with what is left of the time budget, since compiling fp8 blocks has been
    measured to take minutes.
 
@@ -64,6 +69,10 @@ class Check:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def write(self) -> None:
+        self.report["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        Path(self.args.out).write_text(json.dumps(self.report, indent=2))
+
     def section(self, name: str, fn, *, needs_s: float = 0.0, needs_cuda: bool = False):
         """Run one section, recording its figures, or its error, or why it did not run."""
         why = "needs a CUDA GPU" if needs_cuda and not self.cuda else (
@@ -81,6 +90,7 @@ class Check:
         result = dict(result or {})
         result["section_s"] = round(time.monotonic() - started, 2)
         self.report["sections"][name] = result
+        self.write()
         print(f"[{time.monotonic() - self.started:6.1f} s] {name}: "
               f"{json.dumps({k: v for k, v in result.items() if k != 'traceback'})}", flush=True)
         return result
@@ -136,7 +146,9 @@ def engine_input(check: Check, *, prompt: str = PROMPT, steps: int | None = None
 
 
 def timed_engine_run(check: Check, engine, inp) -> dict:
-    """End to end through Engine.predict, each step's time (the GPU synchronised at each step), pixels."""
+    """End to end through Engine.predict, each step's time (the GPU synchronised at each step), pixels.
+    The prompt cache is emptied first: T5 runs, as it does in the baseline, and the same input gives
+    comparable pixels across sections."""
     import io
 
     import numpy as np
@@ -148,6 +160,7 @@ def timed_engine_run(check: Check, engine, inp) -> dict:
         sync(check.cuda)
         stamps.append(time.perf_counter())
 
+    engine._prompts.clear()
     sync(check.cuda)
     t = time.perf_counter()
     out = engine.predict(inp, on_step=on_step, log=lambda _m: None)[0]
@@ -182,8 +195,6 @@ def build(check: Check, state: dict) -> dict:
 
 def baseline(check: Check, state: dict) -> dict:
     """diffusers' own __call__ on the same components: one short warm-up, then the timed run."""
-    import numpy as np
-
     pipe = state["model"].pipeline
     pipe.set_progress_bar_config(disable=True)
     img, mask = picture(check.args.side)
@@ -205,10 +216,9 @@ def baseline(check: Check, state: dict) -> dict:
     stamps.clear()
     sync(check.cuda)
     t = time.perf_counter()
-    image = call(check.args.steps)
+    call(check.args.steps)
     total = time.perf_counter() - t
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    state["baseline_pixels"] = np.asarray(image.convert("RGB"), dtype=np.float32)
     return {"e2e_s": round(total, 3), "step_s": round(statistics.median(steps), 4) if steps else None}
 
 
@@ -225,6 +235,101 @@ def eager(check: Check, state: dict) -> dict:
     base = check.report["sections"].get("baseline", {})
     return {**figures(run), "speedup_vs_baseline": ratio(base.get("e2e_s"), run["e2e_s"]),
             "step_speedup_vs_baseline": ratio(base.get("step_s"), run["step_s"])}
+
+
+def formats(check: Check, state: dict) -> dict:
+    """The loading paths on the device itself: a LoRA with norms on the model being measured, and each
+    checkpoint layout (one block of each kind at FLUX.1's width, 3072, which diffusers' converter
+    needs) loaded onto the device in the compute dtype and compared with the values it was made from."""
+    import tempfile
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from inference.checkpoints import inspect, load_transformer, transformer_config
+    from inference.lora import LoraManager, LoraSettings
+    from tests.checkpoint_files import save_bfl, save_comfy_scaled_fp8, save_fp8, save_gguf
+    from tests.lora_files import peft_lora
+
+    device, dtype = check.args.device, (torch.bfloat16 if check.cuda else torch.float32)
+    tokens = 256 if check.cuda else 16
+    result: dict = {}
+    engine = state["engine"]
+    transformer = engine.pipeline.transformer
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        lora = peft_lora(transformer, folder / "norms.safetensors", rank=8, norms=True)
+        inputs = _real_inputs(transformer.config, device, next(transformer.parameters()).dtype, tokens)
+        base = _forward(transformer, inputs)
+        manager = LoraManager(engine.pipeline, LoraSettings(allow_paths=True))
+        with manager.applied(str(lora), 1.0):
+            with_lora = _forward(transformer, inputs)
+        after = _forward(transformer, inputs)
+        manager.clear()
+        result["lora"] = {"base_back_bit_for_bit": bool(torch.equal(base, after)),
+                          "changed_the_output": not bool(torch.equal(base, with_lora))}
+        names = ("patch_size", "in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim",
+                 "guidance_embeds")
+        config = {**{k: transformer.config[k] for k in names}, "attention_head_dim": 128, "num_attention_heads": 24,
+                  "axes_dims_rope": (16, 56, 56), "num_layers": 1, "num_single_layers": 1}
+        torch.manual_seed(0)
+        with torch.device(device):
+            small = FluxTransformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+        small_inputs = _real_inputs(small.config, device, dtype, tokens)
+        reference = _forward(small, small_inputs)
+        files = {"bfl": save_bfl(small, folder / "bfl.safetensors", prefix="model.diffusion_model."),
+                 "fp8": save_fp8(small, folder / "fp8.safetensors"),
+                 "scaled_fp8": save_comfy_scaled_fp8(small, folder / "scaled.safetensors")}
+        try:
+            save_gguf(small.float().cpu(), folder / "q8.gguf", {"double_blocks.0.img_attn.qkv.weight": "Q8_0",
+                                                                 "single_blocks.0.linear1.weight": "Q8_0"})
+            files["gguf"] = folder / "q8.gguf"
+        except ImportError:
+            result["gguf"] = {"skipped": "the gguf package is not installed"}
+        del small
+        for name, path in files.items():
+            try:
+                info = inspect(path)
+                started = time.perf_counter()
+                model = load_transformer(info, transformer_config(info, folder), dtype).to(device)
+                sync(check.cuda)
+                load_s = time.perf_counter() - started
+                out = _forward(model, small_inputs)
+                error = float((out.float() - reference.float()).abs().mean() / reference.float().abs().mean())
+                stored = sum(getattr(p, "qdata", p).numel() * getattr(p, "qdata", p).element_size()
+                             for p in model.parameters())
+                result[name] = {"load_s": round(load_s, 2), "finite": bool(torch.isfinite(out).all()),
+                                "rel_error_vs_source": round(error, 4), "weights_mib": round(stored / 1024**2, 1),
+                                "layout": info.describe()}
+                del model
+            except Exception as exc:
+                result[name] = {"error": f"{type(exc).__name__}: {exc}".split("\n")[0]}
+    if check.cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def _real_inputs(config, device, dtype, tokens: int):
+    import torch
+
+    gen = torch.Generator("cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    text = max(8, tokens // 4)
+    return dict(hidden_states=rand(1, tokens, config.in_channels), encoder_hidden_states=rand(1, text, config.joint_attention_dim),
+                pooled_projections=rand(1, config.pooled_projection_dim),
+                timestep=torch.tensor([0.5], device=device, dtype=dtype), img_ids=rand(tokens, 3),
+                txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
+                guidance=torch.tensor([3.5], device=device, dtype=dtype), return_dict=False)
+
+
+def _forward(transformer, inputs):
+    import torch
+
+    with torch.inference_mode():
+        return transformer(**inputs)[0]
 
 
 def step_cache(check: Check, state: dict) -> dict:
@@ -393,7 +498,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a smoke test of this script)")
     parser.add_argument("--weights", default=None, help="random-real on a GPU (default), the tiny model on the CPU")
     parser.add_argument("--out", default="gpu-report.json", help="where the JSON report goes")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget (8 minutes)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="the whole run's time budget (7 minutes: with a machine's start, under 8)")
     parser.add_argument("--side", type=int, default=None, help="image side: 1024 (1 MP) on a GPU, 64 on the CPU")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps: 28 on a GPU, 2 on the CPU")
     parser.add_argument("--prompts", type=int, default=20, help="new prompts for the memory check")
@@ -426,6 +532,7 @@ def main(argv=None) -> int:
     check.section("baseline", lambda: baseline(check, state), needs_s=20 if cuda else 0)
     check.section("eager", lambda: eager(check, state), needs_s=20 if cuda else 0)
     if "engine" in state:
+        check.section("formats", lambda: formats(check, state), needs_s=40 if cuda else 0)
         check.section("step_cache", lambda: step_cache(check, state), needs_s=15 if cuda else 0)
         check.section("compiled", lambda: compiled(check, state), needs_s=90 if cuda else 0)
         check.section("memory_flat", lambda: memory_flat(check, state), needs_s=30 if cuda else 0)
@@ -441,8 +548,7 @@ def main(argv=None) -> int:
 
 
 def finish(check: Check, code: int) -> int:
-    check.report["elapsed_s"] = round(time.monotonic() - check.started, 1)
-    Path(check.args.out).write_text(json.dumps(check.report, indent=2))
+    check.write()
     print(f"report: {check.args.out} ({check.report['elapsed_s']} s)")
     return code
 

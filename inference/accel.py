@@ -277,8 +277,9 @@ def _fp8_weights(accel: Accelerator, cuda: bool) -> None:
     # Offloading: each quantised block goes back to host memory at once, so a 16 GB card never holds
     # more than one block beside what is already there.
     home = "cpu" if accel.options.memory_mode in OFFLOAD_MODES else None
-    # An fp8 checkpoint's transformer already holds its own fp8 weights: they are moved, not quantised again.
-    from_checkpoint = _has_fp8(pipe.transformer)
+    # An fp8 or GGUF checkpoint's transformer already holds its own quantised weights: they are moved,
+    # not quantised again.
+    from_checkpoint = _has_quantised(pipe.transformer)
     for name in BLOCK_LISTS:
         for block in getattr(pipe.transformer, name, []):
             quantise_blockwise(block, accel.device, config, home)
@@ -286,7 +287,7 @@ def _fp8_weights(accel: Accelerator, cuda: bool) -> None:
     for block in t5_blocks:
         quantise_blockwise(block, accel.device, Float8WeightOnlyConfig(), home)
     after = _linear_bytes(pipe.transformer) + _linear_bytes(pipe.text_encoder_2)
-    kind = "the checkpoint's fp8 weights" if from_checkpoint else (
+    kind = "the checkpoint's own quantised weights" if from_checkpoint else (
         "row-wise fp8 weights and activations" if dynamic else "fp8 weights")
     accel.applied.append(f"{kind} in the transformer, fp8 weights in T5 ({_size(before)} -> {_size(after)}, "
                          f"{time.monotonic() - started:.1f} s)")
@@ -295,13 +296,13 @@ def _fp8_weights(accel: Accelerator, cuda: bool) -> None:
 
 
 def quantise_blockwise(block, device: str, config, home: str | None = None) -> None:
-    """Move one block to ``device``, give its linear layers fp8 weights there (those that have them
-    already keep theirs), and move it to ``home`` after, when given."""
+    """Move one block to ``device``, give its linear layers fp8 weights there (layers a checkpoint
+    already quantised, fp8 or GGUF, keep theirs), and move it to ``home`` after, when given."""
     import torch
     from torchao.quantization import quantize_
 
     block.to(device)
-    quantize_(block, config, filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and not _is_fp8(m.weight))
+    quantize_(block, config, filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and not _is_quantised(m.weight))
     if home is not None:
         block.to(home)
 
@@ -370,8 +371,8 @@ def _fp8_unavailable(accel: Accelerator, cuda: bool) -> str | None:
         return f"fp8 needs a CUDA GPU and this server runs on {accel.device}"
     if accel.options.memory_mode in FP8_MEMORY_MODES:
         return f"the transformer already has fp8 weights (--memory-mode {accel.options.memory_mode})"
-    if _has_fp8(accel.pipeline.transformer):
-        return "the transformer already has fp8 weights (an fp8 checkpoint)"
+    if _has_quantised(accel.pipeline.transformer):
+        return "the transformer's weights are already quantised (an fp8 or GGUF checkpoint)"
     if accel.options.memory_mode != "default":
         return f"fp8 is not combined with --memory-mode {accel.options.memory_mode}"
     if not _fp8_matmuls(accel.device):
@@ -467,6 +468,10 @@ def _compile(accel: Accelerator) -> None:
         transformers = []
         accel.notes.append("the fp8 transformer is not compiled by default (compiling fp8 blocks was measured "
                            "to take minutes); pass --compile to compile it")
+    elif not explicit and _has_quantised(accel.pipeline.transformer):
+        transformers = []
+        accel.notes.append("the GGUF transformer is not compiled by default (its layers dequantise in Python "
+                           "per matmul); pass --compile to try")
     elif not explicit and accel.fast_transformer is not None:
         transformers = transformers[:1]
         accel.notes.append("the go_fast fp8 transformer is not compiled by default: eager fp8 is slower than bf16 "
@@ -487,6 +492,15 @@ def _compile(accel: Accelerator) -> None:
 
 def _has_fp8(transformer) -> bool:
     return any(_is_fp8(m.weight) for m in _block_linears(transformer))
+
+
+def _is_quantised(weight) -> bool:
+    """fp8 (torchao), or a GGUF checkpoint's packed weight (diffusers' GGUFParameter)."""
+    return _is_fp8(weight) or type(weight).__name__ == "GGUFParameter"
+
+
+def _has_quantised(transformer) -> bool:
+    return any(_is_quantised(m.weight) for m in _block_linears(transformer))
 
 
 def configure_compile_cache(cache_dir: Path | None) -> None:

@@ -106,7 +106,9 @@ def _unprefixed(values: dict, prefix: str) -> dict:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in values.items()}
 
 
-def _safetensors_header(path: Path) -> tuple[dict, dict]:
+def safetensors_header(path: Path) -> dict:
+    """A .safetensors file's header (name -> dtype, shape, offsets), its ``__metadata__`` left out;
+    ValueError when the file is not one."""
     import struct
 
     try:
@@ -116,8 +118,18 @@ def _safetensors_header(path: Path) -> tuple[dict, dict]:
                 raise ValueError("header too large")
             header = json.loads(fh.read(size))
     except (OSError, ValueError, struct.error) as exc:
-        raise WeightsError(f"{path} is not a readable .safetensors file ({type(exc).__name__}).") from None
+        raise ValueError(f"{Path(path).name} is not a readable .safetensors file ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{Path(path).name} is not a readable .safetensors file")
     header.pop("__metadata__", None)
+    return header
+
+
+def _safetensors_header(path: Path) -> tuple[dict, dict]:
+    try:
+        header = safetensors_header(path)
+    except ValueError as exc:
+        raise WeightsError(f"{exc}.") from None
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     dtypes = {k: v["dtype"] for k, v in header.items()}
     return shapes, dtypes

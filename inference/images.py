@@ -231,7 +231,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def to_mask(img: Image.Image) -> Image.Image:
     """Greyscale mask (white = repaint): the luminance of the stored colours, an alpha channel ignored."""
-    return to_rgb(img).convert("L") if has_alpha(img) else img.convert("L")
+    return img.convert("L")
 
 
 def encode_image(img: Image.Image, output_format: str, quality: int) -> bytes:

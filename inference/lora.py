@@ -153,12 +153,11 @@ class LoraFile:
 
 def file_keys(path: Path) -> list[str]:
     """The tensor names in a .safetensors file, read from its header alone."""
-    from safetensors import safe_open
+    from .checkpoints import safetensors_header
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception:
+        return list(safetensors_header(path))
+    except ValueError:
         raise _bad(f"{path.name} is not a readable .safetensors file") from None
 
 
@@ -229,9 +228,11 @@ def check_fits(lora: LoraFile, transformer) -> None:
                 unknown.append(module_name)
                 continue
             if ".lora_A." in name and value.ndim == 2:
-                ok = value.shape[1] == module.in_features or (
-                    module_name in PADDED_INPUTS and value.shape[1] < module.in_features)
-                if not ok:
+                padded = module_name in PADDED_INPUTS and value.shape[1] < module.in_features
+                if padded and type(module.weight).__name__ == "GGUFParameter":
+                    raise _bad(f"{lora.path.name} covers part of {module_name}'s input, which diffusers cannot "
+                               "pad on a GGUF checkpoint's quantised layer; use bf16 or fp8 weights with it")
+                if not (value.shape[1] == module.in_features or padded):
                     mismatched.append((module_name, "input", value.shape[1], module.in_features))
             if ".lora_B." in name and value.ndim == 2 and value.shape[0] != module.out_features:
                 mismatched.append((module_name, "output", value.shape[0], module.out_features))
@@ -296,49 +297,6 @@ class LoraManager:
             finally:
                 self._restore()
 
-    def activate(self, lora_weights: str | None, scale: float) -> str | None:
-        """Enable the LoRA at ``scale`` (or restore the base) until the next call; ``applied`` is the
-        scoped form predictions use."""
-        with self.lock:
-            if not lora_weights:
-                self._restore()
-                return None
-            return self._activate(lora_weights, scale)
-
-    def _activate(self, lora_weights: str, scale: float) -> str:
-        import torch
-
-        path = resolve(lora_weights, self.settings)
-        key = self._key(path)
-        self._restore()  # loading and activating start from the base model
-        adapter = self.loaded.get(key)
-        if adapter is None:
-            adapter = self._load(path, key)
-        else:
-            self.loaded.move_to_end(key)
-        self.pipeline.enable_lora()
-        self.pipeline.set_adapters([adapter.name], adapter_weights=[float(scale)])
-        self._adapters_on = True
-        if adapter.direct:
-            params = self._tensors()
-            with torch.no_grad():
-                for name, value in adapter.direct.items():
-                    params[name].copy_(value)
-        return adapter.name
-
-    def _restore(self) -> None:
-        """Every adapter off and every directly set tensor back to its base value."""
-        import torch
-
-        if self._adapters_on:
-            self.pipeline.disable_lora()
-            self._adapters_on = False
-        if self.base:
-            params = self._tensors()
-            with torch.no_grad():
-                for name, value in self.base.items():
-                    params[name].copy_(value)
-
     def clear(self) -> None:
         """Remove every cached adapter; the base model stays."""
         with self.lock:
@@ -348,6 +306,39 @@ class LoraManager:
             self.base.clear()
             if names:
                 self.pipeline.delete_adapters(names)
+
+    def _activate(self, lora_weights: str, scale: float) -> str:
+        path = resolve(lora_weights, self.settings)
+        key = self._key(path)
+        self._restore()  # loading and activating start from the base model
+        adapter = self.loaded.get(key)
+        if adapter is None:
+            adapter = self._load(path, key)
+        else:
+            self.loaded.move_to_end(key)
+        self._adapters_on = True  # from here on, a failure still leaves _restore something to undo
+        self.pipeline.enable_lora()
+        self.pipeline.set_adapters([adapter.name], adapter_weights=[float(scale)])
+        self._write(adapter.direct)
+        return adapter.name
+
+    def _restore(self) -> None:
+        """Every adapter off and every directly set tensor back to its base value."""
+        if self._adapters_on:
+            self.pipeline.disable_lora()
+            self._adapters_on = False
+        self._write(self.base)
+
+    def _write(self, values: dict) -> None:
+        """Copy ``values`` (transformer key -> tensor) into the transformer's own tensors."""
+        import torch
+
+        if not values:
+            return
+        tensors = self._tensors()
+        with torch.no_grad():
+            for name, value in values.items():
+                tensors[name].copy_(value)
 
     def _tensors(self) -> dict:
         """The transformer's parameters and buffers by their base names (peft's ``.base_layer`` removed)."""
@@ -362,66 +353,57 @@ class LoraManager:
 
         lora = read_lora(path)
         check_fits(lora, self.transformer)
-        while len(self.loaded) >= self.settings.max_loaded:
-            _, old = self.loaded.popitem(last=False)
-            self.pipeline.delete_adapters([old.name])
-            self._forget_direct(old)
-        name = "lora_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-        tensors = self._tensors()
         direct = lora.direct_keys
+        tensors = self._tensors()
+        if direct and any(tensors[k].is_meta for k in direct):
+            # Sequential offload keeps the weights in its hooks, out of reach of a restore.
+            raise _bad(f"{path.name} sets the transformer's norms directly (as BFL's Canny and Depth LoRAs do), "
+                       "which this server cannot undo after the prediction with --memory-mode sequential-offload")
+        name = "lora_" + hashlib.sha256(key.encode()).hexdigest()[:12]
         snapshot = {k: tensors[k].detach().clone() for k in direct if k not in self.base}
-        versions = {k: (id(t), t._version) for k, t in tensors.items()}
+        offload = _offload_kind(self.pipeline)
         adapter = Adapter(name=name, path=path)
         try:
-            with torch.no_grad(), _reading_as(self.pipeline, lora), warnings.catch_warnings():
-                # peft warns on every adapter after the first; keeping several is what the cache is for.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                self.pipeline.load_lora_weights(dict(lora.state), adapter_name=name)
+            with torch.no_grad(), _reading_as(self.pipeline, lora):
+                self.pipeline.load_lora_weights(str(path), adapter_name=name)
             if name not in (getattr(self.transformer, "peft_config", None) or {}):
                 raise _bad(f"{path.name} holds no LoRA layer this server can apply to FLUX.1 Fill [dev]")
             after = self._tensors()
-            touched = {k for k, t in after.items() if versions.get(k) != (id(t), t._version)}
-            if touched - set(direct):
-                raise RuntimeError(f"loading {path.name} changed base tensors it does not declare: "
-                                   f"{sorted(touched - set(direct))[:3]}")
             adapter.direct = {k: after[k].detach().clone() for k in direct}
         except Exception as exc:
-            self._undo_load(name, snapshot)
+            self._undo_load(name, snapshot, offload)
             if isinstance(exc, LoraError):
                 raise
             log.exception("could not load LoRA %s", path)
             raise _bad(f"{path.name} is not a FLUX.1 LoRA this server can apply ({type(exc).__name__})") from None
         self.base.update(snapshot)
-        # diffusers keeps its own copy of the overwritten norms for unload_lora_weights; the base values
-        # are restored here, after every prediction.
+        self._write(snapshot)  # the base values back until a prediction asks for this LoRA
+        # diffusers keeps its own copy of the overwritten norms for unload_lora_weights; here the base
+        # values are put back after every prediction instead.
         self.transformer._transformer_norm_layers = None
         self.transformer.requires_grad_(False)  # peft makes adapter weights trainable
         self.loaded[key] = adapter
-        self._restore_direct(snapshot)
+        while len(self.loaded) > self.settings.max_loaded:  # the least recently used go, after a good load
+            _, old = self.loaded.popitem(last=False)
+            self.pipeline.delete_adapters([old.name])
+            self._forget_direct(old)
         log.info("loaded LoRA %s as %s%s", path.name, name,
                  f" ({len(direct)} tensors set directly per prediction)" if direct else "")
         return adapter
 
-    def _undo_load(self, name: str, snapshot: dict) -> None:
-        """A failed load: no adapter left, every tensor the load may have written back to its base value."""
+    def _undo_load(self, name: str, snapshot: dict, offload: str | None) -> None:
+        """A failed load: no adapter left, every tensor it may have written back to its base value,
+        and the CPU offload diffusers took off for loading put back on."""
         try:
             if name in (getattr(self.transformer, "peft_config", None) or {}):
                 self.pipeline.delete_adapters([name])
         except Exception:
             log.exception("could not remove the partly loaded adapter %s", name)
-        self._restore_direct({**snapshot, **self.base})
-        self._adapters_on = True  # disable whatever peft left enabled at the next restore
+        self._adapters_on = True  # disable whatever peft left enabled
         self._restore()
-
-    def _restore_direct(self, values: dict) -> None:
-        import torch
-
-        if not values:
-            return
-        tensors = self._tensors()
-        with torch.no_grad():
-            for name, value in values.items():
-                tensors[name].copy_(value)
+        self._write(snapshot)
+        if offload is not None and _offload_kind(self.pipeline) is None:
+            getattr(self.pipeline, f"enable_{offload}_cpu_offload")()
 
     def _forget_direct(self, old: Adapter) -> None:
         """Base values no cached adapter sets any more are not kept."""
@@ -429,6 +411,21 @@ class LoraManager:
         for name in list(old.direct):
             if name not in still:
                 self.base.pop(name, None)
+
+
+def _offload_kind(pipeline) -> str | None:
+    """"model" or "sequential" when accelerate's CPU offload hooks are on the pipeline (diffusers takes
+    them off to load a LoRA and puts them back only when the load succeeds)."""
+    for component in pipeline.components.values():
+        hook = getattr(component, "_hf_hook", None)
+        if hook is None:
+            continue
+        kinds = [type(h).__name__ for h in getattr(hook, "hooks", [hook])]
+        if "CpuOffload" in kinds:
+            return "model"
+        if "AlignDevicesHook" in kinds:
+            return "sequential"
+    return None
 
 
 @contextlib.contextmanager
@@ -442,3 +439,7 @@ def _reading_as(pipeline, lora: LoraFile):
         yield
     finally:
         del pipeline.lora_state_dict
+
+
+# peft warns on every adapter after the first; keeping several is what the cache is for.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)

@@ -68,10 +68,15 @@ def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     sections = report["sections"]
-    assert list(sections) == ["build", "baseline", "eager", "step_cache", "compiled", "memory_flat", "memory_modes",
-                              "fp8_compiled"]
-    for name in ("build", "baseline", "eager", "step_cache", "compiled", "memory_flat"):
+    assert list(sections) == ["build", "baseline", "eager", "formats", "step_cache", "compiled", "memory_flat",
+                              "memory_modes", "fp8_compiled"]
+    for name in ("build", "baseline", "eager", "formats", "step_cache", "compiled", "memory_flat"):
         assert "error" not in sections[name] and "skipped" not in sections[name], sections[name]
+    formats = sections["formats"]
+    assert formats["lora"] == {"base_back_bit_for_bit": True, "changed_the_output": True}
+    for layout in ("bfl", "fp8", "scaled_fp8", "gguf"):
+        assert formats[layout]["finite"] and formats[layout]["rel_error_vs_source"] < 0.1, formats[layout]
+    assert formats["fp8"]["weights_mib"] < 0.6 * formats["bfl"]["weights_mib"]
     for name in ("baseline", "eager", "step_cache", "compiled"):
         assert sections[name]["e2e_s"] > 0 and sections[name]["step_s"] > 0
     assert sections["compiled"]["rel_error_vs_eager"] < 0.01 and sections["compiled"]["speedup_vs_eager"] > 0

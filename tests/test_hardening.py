@@ -275,8 +275,8 @@ def fault_cases(origin: Loopback) -> list[tuple[str, dict, str]]:
     closed = free_port()
     return [
         ("LoRA file that is not safetensors", {"lora_weights": "broken"}, "not a readable .safetensors"),
-        ("LoRA with the wrong shapes (RuntimeError in peft)", {"lora_weights": "misfit"}, "not a FLUX.1 LoRA"),
-        ("LoRA without LoRA keys (ValueError in diffusers)", {"lora_weights": "nokeys"}, "not a FLUX.1 LoRA"),
+        ("LoRA with the wrong shapes", {"lora_weights": "misfit"}, "misfit.safetensors was made for a model of another size"),
+        ("LoRA without LoRA keys", {"lora_weights": "nokeys"}, "nokeys.safetensors holds no FLUX.1 transformer LoRA"),
         ("LoRA name that does not exist", {"lora_weights": "no-such-lora"}, "no LoRA named"),
         ("truncated PNG", {"image": b64_uri(picture[: len(picture) // 2])}, "image"),
         ("bytes that are no image", {"image": b64_uri(b"hello, world", "text/plain")}, "not an image"),

@@ -124,9 +124,8 @@ def test_comfyui_scaled_fp8_applies_its_scales(real_width_transformer, component
     assert torch.isfinite(ours).all()
     same_values(ours, forward(reference, INPUTS))
     # Read without its scales the file means something else entirely.
-    unscaled = {k: (v.float() if v.dtype == torch.float8_e4m3fn else v.float()) for k, v in
-                {k[len("model.diffusion_model."):]: v for k, v in load_file(str(path)).items()
-                 if k.startswith("model.diffusion_model.") and not k.endswith(("scale_weight", "scale_input"))}.items()}
+    unscaled = {k[len("model.diffusion_model."):]: v.float() for k, v in load_file(str(path)).items()
+                if k.startswith("model.diffusion_model.") and not k.endswith(("scale_weight", "scale_input"))}
     wrong = forward(model_from(diffusers_names(unscaled)), INPUTS)
     assert not torch.allclose(wrong, ours, atol=1e-2)
     assert model.extras["checkpoint"] == "ComfyUI scaled fp8, BFL layout"
@@ -144,9 +143,18 @@ def test_a_gguf_file_loads_through_diffusers_gguf_quantizer(real_width_transform
     kept = [name for name, p in transformer.named_parameters() if isinstance(p, GGUFParameter)]
     assert "transformer_blocks.0.attn.to_q.weight" in kept and "single_transformer_blocks.0.proj_out.weight" in kept
     reference = model_from(diffusers_names(values))
-    same_values(forward(transformer, INPUTS), forward(reference, INPUTS))
+    expected = forward(reference, INPUTS)
+    same_values(forward(transformer, INPUTS), expected)
     assert no_grad_anywhere(model.pipeline)
     assert model.extras["checkpoint"] == "GGUF, BFL layout"
+    # The fp8 memory mode leaves the GGUF layers as the file has them (fp8 goes where weights are wide).
+    packed = {name: p.detach().clone() for name, p in transformer.named_parameters() if isinstance(p, GGUFParameter)}
+    speed = accel.apply(model, accel.AccelOptions(memory_mode="fp8", compile=False))
+    after = {name: p for name, p in transformer.named_parameters() if isinstance(p, GGUFParameter)}
+    assert after.keys() == packed.keys() and all(torch.equal(after[k], packed[k]) for k in packed)
+    assert any("the checkpoint's own quantised weights" in line for line in speed.applied)
+    out = forward(transformer, INPUTS)
+    assert torch.isfinite(out).all() and (out - expected).abs().mean() < 0.05 * expected.abs().mean()
 
 
 def test_gguf_without_the_package_names_the_extra(tmp_path, components, monkeypatch):
