@@ -91,52 +91,43 @@ def _bfl_pairs(transformer, rank: int, seed: int, double=DOUBLE, single=SINGLE):
     return pairs
 
 
+def _bfl_layout(transformer, path, key, suffixes, rank, alpha, seed, text_encoder_key=None):
+    """A LoRA over BFL's layers: ``key(name)`` names a layer, ``suffixes`` its down/up weights, an
+    ``.alpha`` beside each (unless None) and, with ``text_encoder_key``, a CLIP part Fill ignores."""
+    state = {}
+    for name, down, up in _bfl_pairs(transformer, rank, seed):
+        state[f"{key(name)}.{suffixes[0]}.weight"] = down
+        state[f"{key(name)}.{suffixes[1]}.weight"] = up
+        if alpha is not None:
+            state[f"{key(name)}.alpha"] = torch.tensor(alpha)
+    if text_encoder_key:
+        state[f"{text_encoder_key}.lora_down.weight"] = torch.randn(rank, 32)
+        state[f"{text_encoder_key}.lora_up.weight"] = torch.randn(32, rank)
+        state[f"{text_encoder_key}.alpha"] = torch.tensor(alpha)
+    save_file(state, str(path))
+    return path
+
+
 def comfyui_lora(transformer, path, rank: int = 4, alpha: float = 8.0, seed: int = 3, text_encoder: bool = True):
     """ComfyUI's layout: diffusion_model.<BFL name>.lora_down/lora_up/alpha, with a CLIP part
     (text_encoders.clip_l.transformer...) that Fill ignores."""
-    state = {}
-    for name, down, up in _bfl_pairs(transformer, rank, seed):
-        state[f"diffusion_model.{name}.lora_down.weight"] = down
-        state[f"diffusion_model.{name}.lora_up.weight"] = up
-        state[f"diffusion_model.{name}.alpha"] = torch.tensor(alpha)
-    if text_encoder:
-        te = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
-        state[f"{te}.lora_down.weight"] = torch.randn(rank, 32)
-        state[f"{te}.lora_up.weight"] = torch.randn(32, rank)
-        state[f"{te}.alpha"] = torch.tensor(alpha)
-    save_file(state, str(path))
-    return path
+    te = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj" if text_encoder else None
+    return _bfl_layout(transformer, path, lambda name: f"diffusion_model.{name}", ("lora_down", "lora_up"), rank,
+                       alpha, seed, te)
 
 
 def bfl_a_b_lora(transformer, path, prefix: str = "diffusion_model.", rank: int = 4, alpha: float | None = 8.0,
                  seed: int = 3):
     """BFL module names with peft's lora_A/lora_B suffixes (bare, or under diffusion_model.)."""
-    state = {}
-    for name, down, up in _bfl_pairs(transformer, rank, seed):
-        state[f"{prefix}{name}.lora_A.weight"] = down
-        state[f"{prefix}{name}.lora_B.weight"] = up
-        if alpha is not None:
-            state[f"{prefix}{name}.alpha"] = torch.tensor(alpha)
-    save_file(state, str(path))
-    return path
+    return _bfl_layout(transformer, path, lambda name: f"{prefix}{name}", ("lora_A", "lora_B"), rank, alpha, seed)
 
 
 def kohya_full_lora(transformer, path, rank: int = 4, alpha: float = 2.0, seed: int = 5, text_encoder: bool = True):
     """Kohya's sd-scripts layout over double and single blocks (lora_unet_single_blocks_0_linear1 ...),
     with a CLIP part to be ignored."""
-    state = {}
-    for name, down, up in _bfl_pairs(transformer, rank, seed):
-        key = "lora_unet_" + name.replace(".", "_")
-        state[f"{key}.lora_down.weight"] = down
-        state[f"{key}.lora_up.weight"] = up
-        state[f"{key}.alpha"] = torch.tensor(alpha)
-    if text_encoder:
-        te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
-        state[f"{te}.lora_down.weight"] = torch.randn(rank, 32)
-        state[f"{te}.lora_up.weight"] = torch.randn(32, rank)
-        state[f"{te}.alpha"] = torch.tensor(alpha)
-    save_file(state, str(path))
-    return path
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" if text_encoder else None
+    return _bfl_layout(transformer, path, lambda name: "lora_unet_" + name.replace(".", "_"),
+                       ("lora_down", "lora_up"), rank, alpha, seed, te)
 
 
 def peft_state(transformer, rank: int = 4, seed: int = 7, modules=("to_q", "to_k", "to_v", "add_q_proj", "proj_mlp"),
