@@ -60,6 +60,7 @@ class EngineSettings:
     fetch_policy: imageio.FetchPolicy = field(default_factory=imageio.FetchPolicy)
     allow_paths: bool = False  # local file paths as image inputs (the CLI)
     max_batch: int = 4  # outputs denoised together in one batch
+    max_regions: int = 16  # crop_to_mask: separate mask regions generated, each a model run per output
     lora: LoraSettings = field(default_factory=LoraSettings)
     fast_mode: bool = False  # honour go_fast with the accelerated transformer
 
@@ -147,7 +148,7 @@ class Engine:
 
         log = log or logger.info
         stop = _Progress(0, None, cancelled)
-        scene = self.load_scene(inp, resolver)
+        scene = self.load_scene(inp, resolver, cancelled)
         stop.check()
         seed = inp.seed if inp.seed is not None else random.randint(0, 2**32 - 1)
         log(f"Using seed: {seed}")
@@ -156,7 +157,7 @@ class Engine:
             log("Demo model: random weights, the outputs are noise shaped by the mask, not images of the prompt")
 
         scene = self.plan_canvas(inp, scene)
-        with self.loras.applied(inp.lora_weights, inp.effective_lora_scale()):
+        with self.loras.applied(inp.lora_weights, inp.effective_lora_scale(), cancelled):
             if inp.lora_weights:
                 log(f"LoRA {inp.lora_weights} at scale {inp.effective_lora_scale():g}")
             stop.check()
@@ -173,9 +174,12 @@ class Engine:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def load_scene(self, inp: PredictionInput, resolver: imageio.Resolver | None) -> Scene:
-        """Decode the image and mask; with no mask, the image's alpha is the mask."""
-        read = dict(policy=self.settings.fetch_policy, resolver=resolver, allow_paths=self.settings.allow_paths)
+    def load_scene(self, inp: PredictionInput, resolver: imageio.Resolver | None,
+                   cancelled: CancelCheck | None = None) -> Scene:
+        """Decode the image and mask; with no mask, the image's alpha is the mask. A cancel stops a
+        fetch between two reads."""
+        read = dict(policy=self.settings.fetch_policy, resolver=resolver, allow_paths=self.settings.allow_paths,
+                    cancelled=cancelled)
         raw = imageio.open_image(imageio.read_file_string(inp.image, "image", **read), "image", self.settings.max_pixels)
         if inp.mask:
             mask = imageio.open_image(imageio.read_file_string(inp.mask, "mask", **read), "mask", self.settings.max_pixels)
@@ -197,6 +201,10 @@ class Engine:
         from .canvas import build_outpaint_canvas, outpaint_plan, paste_mask_on_canvas
 
         plan = outpaint_plan(scene.image.width, scene.image.height, inp.outpaint)
+        if plan.canvas_width * plan.canvas_height > self.settings.max_pixels:
+            raise InvalidInput.one("outpaint", "size", (
+                f"outpaint {inp.outpaint!r} makes a {plan.canvas_width}x{plan.canvas_height} canvas, more than the "
+                f"{self.settings.max_pixels // 1_000_000} megapixel limit; send a smaller image"))
         canvas, outpaint_mask = build_outpaint_canvas(scene.image, plan)
         mask = ImageChops.lighter(paste_mask_on_canvas(scene.mask_at(scene.image.size), plan), outpaint_mask)
         return Scene(image=canvas, mask=mask)
@@ -233,7 +241,7 @@ class Engine:
         return prompt_embeds, pooled
 
     def generate_whole(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log) -> list[Image.Image]:
-        size = output_size(scene.image.width, scene.image.height, inp.megapixels)
+        size = _generated_size(scene.image.width, scene.image.height, inp.megapixels)
         log(f"Generating {len(seeds)} output(s) at {size[0]}x{size[1]}")
         progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)), on_step, cancelled)
         image = _resized(scene.image, size)
@@ -262,7 +270,15 @@ class Engine:
         if not boxes:
             log("The mask is empty: nothing to repaint")
             return results
-        sizes = [region_size_for_budget(x1 - x0, y1 - y0, inp.megapixels) for x0, y0, x1, y1 in boxes]
+        if len(boxes) > self.settings.max_regions:
+            raise InvalidInput.one("mask", "regions", (
+                f"with crop_to_mask the mask has {len(boxes)} separate regions and at most "
+                f"{self.settings.max_regions} are generated; join them, raise crop_margin so that nearby ones "
+                "merge, or turn crop_to_mask off"))
+        try:
+            sizes = [region_size_for_budget(x1 - x0, y1 - y0, inp.megapixels) for x0, y0, x1, y1 in boxes]
+        except ValueError as exc:
+            raise InvalidInput.one("mask", "size", f"a masked region cannot be generated: {exc}") from None
         progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)) * len(boxes), on_step, cancelled)
         for box, size in zip(boxes, sizes):
             x0, y0, x1, y1 = box
@@ -453,6 +469,13 @@ class Engine:
 
 def _resized(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img if img.size == tuple(size) else img.resize(tuple(size), LANCZOS)
+
+
+def _generated_size(width: int, height: int, megapixels: str) -> tuple[int, int]:
+    try:
+        return output_size(width, height, megapixels)
+    except ValueError as exc:
+        raise InvalidInput.one("image", "size", str(exc)) from None
 
 
 def bounded_prompt(prompt: str) -> tuple[str, bool]:

@@ -11,6 +11,7 @@ import binascii
 import io
 import ipaddress
 import socket
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Callable
 
 from PIL import Image, ImageOps
 
-from .errors import FetchError
+from .errors import Cancelled, FetchError
 
 # Stops decompression bombs: the header is read first, and anything above this many pixels is
 # refused before a single pixel is decoded. 100 MP covers any camera photo.
@@ -26,18 +27,23 @@ DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 OUTPUT_CONTENT_TYPES = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}
+# The formats decoded: what people send the hosted model (the JPEG reader also opens phones' MPO files).
+# Pillow would open about forty more (EPS through Ghostscript among them); none of them is tried.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Limits for file inputs fetched over the network."""
+    """Limits for file inputs fetched over the network. ``timeout_s`` is the whole fetch's time,
+    redirects and a server that sends a byte now and then included, not a time per read."""
 
     max_bytes: int = DEFAULT_MAX_BYTES
     timeout_s: float = 30.0
     max_redirects: int = 5
     allow_private: bool = True  # False refuses loopback, private and link-local addresses (SSRF)
     user_agent: str = "flux-fill-server"
+    headers: tuple = ()  # (name, value) pairs sent with every fetch (the server marks its own fetches)
 
 
 # A resolver maps a file string to its bytes, or returns None to fall through to the defaults.
@@ -80,11 +86,35 @@ def check_host_allowed(url: str, field: str, policy: FetchPolicy) -> str | None:
     return infos[0][4][0]
 
 
+NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
 def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """A globally routable unicast address: not loopback, private, link-local, shared or reserved."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    """A globally routable unicast address: not loopback, private, link-local, shared or reserved.
+    An IPv6 address that carries an IPv4 one (mapped ::ffff:a.b.c.d, compatible ::a.b.c.d, NAT64
+    64:ff9b::/96, 6to4 2002::/16, Teredo) is judged by that IPv4 address, which is where it leads;
+    site-local fec0::/10 is private."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(addr)
+        if embedded is not None:
+            return is_public(embedded)
+        if addr.is_site_local:
+            return False
     return addr.is_global and not addr.is_multicast
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches through, if it is one of the forms that carry one."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    value = int(addr)
+    if any(addr in net for net in NAT64_PREFIXES) or (0 < value < 2**32 and value > 1):
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)  # NAT64, or the deprecated IPv4-compatible ::a.b.c.d
+    return None
 
 
 def pinned_request(url: str, address: str | None) -> tuple[object, dict, dict]:
@@ -100,19 +130,34 @@ def pinned_request(url: str, address: str | None) -> tuple[object, dict, dict]:
     return target.copy_with(host=address), headers, extensions
 
 
-def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
-    """GET an http(s) URL with size, time and redirect limits; each redirect hop is checked again."""
+def fetch_url(url: str, field: str, policy: FetchPolicy, cancelled: Callable[[], bool] | None = None) -> bytes:
+    """GET an http(s) URL with size, time and redirect limits; each redirect hop is checked again.
+    The time limit covers the whole fetch; ``cancelled`` is asked between reads (a canceled
+    prediction stops fetching at once)."""
     import httpx
 
+    deadline = time.monotonic() + policy.timeout_s
+    too_slow = FetchError.one(field, "fetch", f"fetching {field} took longer than {policy.timeout_s:g} s")
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise too_slow
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+        return remaining
+
     current = url
-    with httpx.Client(timeout=policy.timeout_s, follow_redirects=False, headers={"user-agent": policy.user_agent}) as client:
+    headers = {"user-agent": policy.user_agent, **dict(policy.headers)}
+    with httpx.Client(timeout=policy.timeout_s, follow_redirects=False, headers=headers) as client:
         for _ in range(policy.max_redirects + 1):
             scheme = urllib.parse.urlsplit(current).scheme.lower()
             if scheme not in ("http", "https"):
                 raise FetchError.one(field, "format", f"{field} redirected to an unsupported scheme {scheme!r}")
             try:
                 target, pin_headers, extensions = pinned_request(current, check_host_allowed(current, field, policy))
-                with client.stream("GET", target, headers=pin_headers, extensions=extensions) as resp:
+                with client.stream("GET", target, headers=pin_headers, extensions=extensions,
+                                   timeout=min(left(), policy.timeout_s)) as resp:
                     if resp.is_redirect:
                         location = resp.headers.get("location")
                         if not location:
@@ -125,14 +170,16 @@ def fetch_url(url: str, field: str, policy: FetchPolicy) -> bytes:
                     if declared and declared.isdigit() and int(declared) > policy.max_bytes:
                         raise FetchError.one(field, "size", f"{field} is larger than {policy.max_bytes // (1024 * 1024)} MB")
                     chunks, total = [], 0
-                    for chunk in resp.iter_bytes():
+                    for chunk in resp.iter_bytes():  # as the bytes arrive: a drip is checked byte by byte
+                        left()
                         total += len(chunk)
                         if total > policy.max_bytes:
                             raise FetchError.one(field, "size", f"{field} is larger than {policy.max_bytes // (1024 * 1024)} MB")
                         chunks.append(chunk)
+                    left()
                     return b"".join(chunks)
             except httpx.TimeoutException:
-                raise FetchError.one(field, "fetch", f"fetching {field} took longer than {policy.timeout_s:g} s") from None
+                raise too_slow from None
             except httpx.HTTPError as exc:
                 raise FetchError.one(field, "fetch", f"could not fetch {field}: {type(exc).__name__}") from None
             except FetchError:
@@ -149,6 +196,7 @@ def read_file_string(
     policy: FetchPolicy = FetchPolicy(),
     resolver: Resolver | None = None,
     allow_paths: bool = False,
+    cancelled: Callable[[], bool] | None = None,
 ) -> bytes:
     """The bytes behind a file input: a data URI, an http(s) URL, or (CLI only) a local path."""
     if not isinstance(value, str) or not value.strip():
@@ -165,7 +213,7 @@ def read_file_string(
     if scheme == "data":
         return decode_data_uri(value, field, policy.max_bytes)
     if scheme in ("http", "https"):
-        return fetch_url(value, field, policy)
+        return fetch_url(value, field, policy, cancelled)
     if allow_paths and (scheme == "" or len(scheme) == 1):  # a bare path, or a Windows drive letter
         path = Path(value).expanduser()
         if not path.is_file():
@@ -179,12 +227,14 @@ def read_file_string(
 
 def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes, refusing anything whose header declares more than ``max_pixels``."""
+    Image.init()  # every reader registered (once): Pillow's first pass knows only five formats
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError:
         raise FetchError.one(field, "size", f"{field} has too many pixels") from None
     except Exception:
-        raise FetchError.one(field, "format", f"{field} is not an image this server can read") from None
+        raise FetchError.one(field, "format", f"{field} is not an image this server can read "
+                                              "(PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
     w, h = img.size
     if w * h > max_pixels:
         raise FetchError.one(field, "size", f"{field} is {w}x{h}, more than the {max_pixels // 1_000_000} megapixel limit")
@@ -222,16 +272,28 @@ def mask_from_alpha(img: Image.Image) -> Image.Image:
     return ImageOps.invert(alpha)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, field: str = "image") -> Image.Image:
     """The stored RGB, the stored size kept (no EXIF rotation). An alpha channel is dropped, not
     flattened: the hosted model reads the stored colours, and here the alpha only makes the mask
     when no mask is given."""
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == "RGB" else _converted(img, "RGB", field)
 
 
-def to_mask(img: Image.Image) -> Image.Image:
+def to_mask(img: Image.Image, field: str = "mask") -> Image.Image:
     """Greyscale mask (white = repaint): the luminance of the stored colours, an alpha channel ignored."""
-    return img.convert("L")
+    return _converted(img, "L", field)
+
+
+def _converted(img: Image.Image, mode: str, field: str) -> Image.Image:
+    """``img`` in ``mode``; a colour mode Pillow cannot convert (LAB, for one) is the input's fault."""
+    try:
+        return img.convert(mode)
+    except (ValueError, OSError):
+        try:  # one step through RGB reaches most modes
+            return img.convert("RGB").convert(mode)
+        except (ValueError, OSError):
+            raise FetchError.one(field, "format", f"{field} is in a colour mode ({img.mode}) this server cannot "
+                                                  "convert; send it as RGB or greyscale") from None
 
 
 def encode_image(img: Image.Image, output_format: str, quality: int) -> bytes:

@@ -5,7 +5,9 @@
 - a name in the configured LoRA folder (``name`` or ``name.safetensors``), so offline servers need
   no downloads;
 - a local ``.safetensors`` path (the CLI, or a server that allows paths);
-- an ``https`` URL to a ``.safetensors`` file, downloaded once into the cache folder;
+- an ``https`` URL to a ``.safetensors`` file, downloaded once into the cache folder, which keeps
+  at most ``cache_bytes`` (the least recently used files go first; a file that turns out not to be
+  a LoRA this server can read is deleted at once);
 - a Hugging Face repo id (``owner/name``) already in the local Hugging Face cache.
 
 **Formats.** A file is read exactly as ``FluxFillPipeline.load_lora_weights`` reads it: diffusers'
@@ -35,8 +37,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -72,6 +76,7 @@ class LoraSettings:
     allow_paths: bool = False  # local paths (the CLI allows them; the server only if configured)
     max_loaded: int = 4  # adapters kept on the model at once
     fetch_policy: FetchPolicy = FetchPolicy(max_bytes=2 * 1024**3, timeout_s=300)
+    cache_bytes: int = 20 * 1024**3  # downloaded LoRAs kept on disk, least recently used out first
 
 
 def _bad(description: str) -> LoraError:
@@ -81,13 +86,13 @@ def _bad(description: str) -> LoraError:
 # -- finding the file ------------------------------------------------------------------------------
 
 
-def resolve(value: str, settings: LoraSettings) -> Path:
-    """The local .safetensors file behind a lora_weights value."""
+def resolve(value: str, settings: LoraSettings, cancelled=None) -> Path:
+    """The local .safetensors file behind a lora_weights value; ``cancelled`` stops a download."""
     value = value.strip()
     if value.startswith("https://") or value.startswith("http://"):
         if not value.startswith("https://"):
             raise _bad("lora_weights URLs must use https")
-        return _download(value, settings)
+        return _download(value, settings, cancelled)
     if settings.folder is not None and _NAME.match(value):
         for candidate in (settings.folder / value, settings.folder / f"{value}.safetensors"):
             if candidate.is_file() and candidate.resolve().parent == settings.folder.resolve():
@@ -104,19 +109,52 @@ def resolve(value: str, settings: LoraSettings) -> Path:
     raise _bad(f"{value!r} is not a LoRA this server can find: give a LoRA name, an https URL or a repo id")
 
 
-def _download(url: str, settings: LoraSettings) -> Path:
+def _download(url: str, settings: LoraSettings, cancelled=None) -> Path:
     if settings.cache_dir is None:
         raise _bad("this server does not download LoRAs (no cache folder configured)")
     key = hashlib.sha256(url.encode()).hexdigest()[:32]
     target = settings.cache_dir / f"{key}.safetensors"
     if target.is_file():
+        _used(target)
         return target
-    data = fetch_url(url, FIELD, settings.fetch_policy)
+    data = fetch_url(url, FIELD, settings.fetch_policy, cancelled)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
+    trim_cache(settings.cache_dir, settings.cache_bytes - len(data))
+    tmp = target.with_suffix(f".{os.getpid()}.part")
     tmp.write_bytes(data)
     tmp.replace(target)
+    _used(target)
     return target
+
+
+def _used(path: Path) -> None:
+    """Mark a cached file as just used: its access time, set explicitly (mounts may not keep atime),
+    orders the cache; the modification time, which names the loaded adapter, is left alone."""
+    try:
+        os.utime(path, (time.time(), path.stat().st_mtime))
+    except OSError:
+        pass
+
+
+def trim_cache(folder: Path, budget: int) -> None:
+    """Delete the least recently used downloads until the folder holds at most ``budget`` bytes;
+    unfinished downloads (``.part``) older than an hour go first."""
+    try:
+        entries = [(p, p.stat()) for p in folder.iterdir() if p.is_file()]
+    except OSError:
+        return
+    now = time.time()
+    for path, stat in entries:
+        if path.suffix == ".part" and now - stat.st_mtime > 3600:
+            path.unlink(missing_ok=True)
+    cached = sorted(((p, s) for p, s in entries if p.suffix == ".safetensors" and p.exists()), key=lambda e: e[1].st_atime)
+    total = sum(s.st_size for _, s in cached)
+    for path, stat in cached:
+        if total <= max(budget, 0):
+            break
+        path.unlink(missing_ok=True)
+        total -= stat.st_size
+        log.info("LoRA cache: removed %s (%d MB) to stay within its size", path.name, stat.st_size // 2**20)
 
 
 def _from_hf_cache(repo_id: str) -> Path:
@@ -285,12 +323,13 @@ class LoraManager:
         return f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
 
     @contextlib.contextmanager
-    def applied(self, lora_weights: str | None, scale: float):
-        """The LoRA at ``scale`` (or none) for the length of the block; the base model after it."""
+    def applied(self, lora_weights: str | None, scale: float, cancelled=None):
+        """The LoRA at ``scale`` (or none) for the length of the block; the base model after it.
+        ``cancelled`` stops a download of the LoRA between two reads."""
         with self.lock:
             try:
                 if lora_weights:
-                    yield self._activate(lora_weights, scale)
+                    yield self._activate(lora_weights, scale, cancelled)
                 else:
                     self._restore()
                     yield None
@@ -307,8 +346,8 @@ class LoraManager:
             if names:
                 self.pipeline.delete_adapters(names)
 
-    def _activate(self, lora_weights: str, scale: float) -> str:
-        path = resolve(lora_weights, self.settings)
+    def _activate(self, lora_weights: str, scale: float, cancelled=None) -> str:
+        path = resolve(lora_weights, self.settings, cancelled)
         key = self._key(path)
         self._restore()  # loading and activating start from the base model
         adapter = self.loaded.get(key)
@@ -351,8 +390,12 @@ class LoraManager:
     def _load(self, path: Path, key: str) -> Adapter:
         import torch
 
-        lora = read_lora(path)
-        check_fits(lora, self.transformer)
+        try:
+            lora = read_lora(path)
+            check_fits(lora, self.transformer)
+        except LoraError:
+            self._forget_download(path)
+            raise
         direct = lora.direct_keys
         tensors = self._tensors()
         if direct and any(tensors[k].is_meta for k in direct):
@@ -404,6 +447,12 @@ class LoraManager:
         self._write(snapshot)
         if offload is not None and _offload_kind(self.pipeline) is None:
             getattr(self.pipeline, f"enable_{offload}_cpu_offload")()
+
+    def _forget_download(self, path: Path) -> None:
+        """A downloaded file that is no LoRA this server can use is not kept in the cache."""
+        cache = self.settings.cache_dir
+        if cache is not None and path.parent.resolve() == cache.resolve():
+            path.unlink(missing_ok=True)
 
     def _forget_direct(self, old: Adapter) -> None:
         """Base values no cached adapter sets any more are not kept."""

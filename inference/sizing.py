@@ -8,6 +8,7 @@ MEGAPIXELS = ("1", "0.25", "match_input")
 TARGET_PIXELS = {"1": 1024 * 1024, "0.25": 512 * 512}
 MATCH_INPUT_MAX_SIDE = 1440
 MULTIPLE = 32
+OVER_BUDGET = 1.25  # a generated size may exceed its pixel budget by this much (the 32 px minimum side)
 
 
 def floor_to(value: int, multiple: int = MULTIPLE) -> int:
@@ -34,4 +35,12 @@ def output_size(width: int, height: int, megapixels: str) -> tuple[int, int]:
             w, h = int(w * scale), int(h * scale)
     else:
         raise ValueError(f"megapixels must be one of {', '.join(MEGAPIXELS)}, got {megapixels!r}")
-    return floor_to(w), floor_to(h)
+    size = floor_to(w), floor_to(h)
+    budget = TARGET_PIXELS.get(megapixels, MATCH_INPUT_MAX_SIDE**2)
+    if size[0] * size[1] > budget * OVER_BUDGET:
+        # Only a side raised to the 32 px minimum can do this: a 1x100000 strip would be generated at
+        # 32x316224, ten times the budget.
+        raise ValueError(f"a {width}x{height} image is too narrow to generate at {megapixels} megapixels: it would "
+                         f"be {size[0]}x{size[1]}, more than {OVER_BUDGET:g} times the budget; crop it to a "
+                         f"less extreme aspect ratio")
+    return size
