@@ -7,7 +7,6 @@ publishes the event; routes, the worker and the webhook sender never write statu
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import secrets
@@ -15,10 +14,10 @@ import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlencode
 
 from .events import Hub
 from .files import FileStore, new_id
+from .pages import paginate, parse_cursor
 from .protocol import (
     MODEL_REF,
     ApiError,
@@ -35,7 +34,6 @@ from .settings import Settings
 from .store import Store, now
 
 log = logging.getLogger(__name__)
-PAGE_SIZE = 100
 SECONDS_PER_PREDICTION = 10.0  # a rough figure for Retry-After when the queue is full
 
 
@@ -151,45 +149,17 @@ class PredictionService:
 
     def page(self, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
              created_before: str | None) -> PredictionPage:
-        before = after = None
-        if cursor:
-            try:
-                direction, seq = base64.urlsafe_b64decode(cursor.encode() + b"==").decode().split(":", 1)
-                seq = int(seq)
-                if direction not in ("a", "b") or not 0 <= seq < 2**63:  # SQLite integers are 64-bit
-                    raise ValueError(cursor)
-                before, after = (seq, None) if direction == "b" else (None, seq)
-            except Exception:
-                raise ApiError(400, "The cursor is not valid.", "Bad Request") from None
+        window = parse_cursor(cursor)
         try:
             ca = parse_iso(created_after) if created_after else None
             cb = parse_iso(created_before) if created_before else None
         except ValueError:
             raise ApiError(400, "created_after and created_before must be ISO 8601 dates.", "Bad Request") from None
-        rows = self.store.list_predictions(limit=PAGE_SIZE + 1, before_seq=before, after_seq=after,
-                                           created_after=ca, created_before=cb)
-        has_more = len(rows) > PAGE_SIZE
-        if after is not None:  # the page just newer than the cursor; rows are newest first
-            rows = rows[1:] if has_more else rows
-            older, newer = bool(rows), has_more
-        else:
-            rows = rows[:PAGE_SIZE]
-            older, newer = has_more, before is not None and bool(rows)
-
-        def link(direction: str, row: dict[str, Any]) -> str:
-            token = base64.urlsafe_b64encode(f"{direction}:{row['seq']}".encode()).decode().rstrip("=")
-            query = {"cursor": token}
-            if created_after:
-                query["created_after"] = created_after
-            if created_before:
-                query["created_before"] = created_before
-            return f"{list_url}?{urlencode(query)}"
-
-        return PredictionPage(
-            next=link("b", rows[-1]) if older else None,
-            previous=link("a", rows[0]) if newer else None,
-            results=[self.render(r, request_base) for r in rows],
-        )
+        query = {k: v for k, v in (("created_after", created_after), ("created_before", created_before)) if v}
+        page = paginate(lambda **kw: self.store.list_predictions(created_after=ca, created_before=cb, **kw),
+                        window, list_url, query)
+        return PredictionPage(next=page.next, previous=page.previous,
+                              results=[self.render(r, request_base) for r in page.rows])
 
     async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
         """Wait until the prediction is terminal or ``timeout`` seconds pass; return its row."""

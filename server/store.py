@@ -210,9 +210,21 @@ class Store:
         out["metadata"] = json.loads(out["metadata"])
         return out
 
-    def list_files(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._exec("SELECT id FROM files ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
-        return [self.get_file(r["id"]) for r in rows]
+    def list_files(self, *, limit: int, before_seq: int | None = None, after_seq: int | None = None) -> list[dict[str, Any]]:
+        """Newest first, paged like predictions (the rowid is the upload order)."""
+        where, params = [], []
+        if before_seq is not None:
+            where.append("rowid < ?")
+            params.append(before_seq)
+        if after_seq is not None:
+            where.append("rowid > ?")
+            params.append(after_seq)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        order = "ASC" if after_seq is not None else "DESC"
+        rows = self._exec(f"SELECT rowid AS seq, * FROM files {clause} ORDER BY rowid {order} LIMIT ?",
+                          [*params, limit]).fetchall()
+        out = [dict(r, metadata=json.loads(r["metadata"])) for r in rows]
+        return out if order == "DESC" else out[::-1]
 
     def delete_file(self, file_id: str) -> bool:
         return self._exec("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0

@@ -303,3 +303,41 @@ def test_non_loopback_without_token_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--data-dir",
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "without an API token" in r.stderr
+
+
+def test_uploads_take_metadata_as_a_file_part_and_the_etag_is_the_md5(auth_server):
+    """The JavaScript client (replicate 1.4.0, lib/files.js: createFile) appends `metadata` to the
+    form as a JSON Blob, i.e. a second *file* part beside `content`. The etag of a file is its MD5,
+    as Replicate answers (replicate/replicate-python tests/test_file.py and
+    tests/cassettes/file-operations.yaml: "etag" equals "checksums.md5")."""
+    import hashlib
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    data = png_bytes(noise_image(8, 8))
+    r = httpx.post(f"{auth_server.url}/replicate/v1/files", headers=headers, files=[
+        ("content", ("buffer_1700000000000", data, "application/octet-stream")),
+        ("metadata", ("blob", json.dumps({"purpose": "mask"}).encode(), "application/json")),
+    ])
+    assert r.status_code == 201, r.text
+    f = r.json()
+    assert f["metadata"] == {"purpose": "mask"} and f["name"] == "buffer_1700000000000"
+    assert f["etag"] == f["checksums"]["md5"] == hashlib.md5(data).hexdigest()
+    assert f["checksums"]["sha256"] == hashlib.sha256(data).hexdigest() and f["size"] == len(data)
+    bad = httpx.post(f"{auth_server.url}/v1/files", headers=headers, files=[
+        ("content", ("a.png", data, "image/png")), ("metadata", ("blob", b"[1, 2]", "application/json"))])
+    assert bad.status_code == 422 and "metadata" in bad.json()["detail"]
+
+
+def test_files_list_is_paged_with_cursors(server_factory):
+    server = server_factory()
+    ids = [httpx.post(f"{server.url}/v1/files", files={"content": (f"f{i}.bin", b"x" * i)}).json()["id"]
+           for i in range(103)]
+    first = httpx.get(f"{server.url}/v1/files").json()
+    assert [f["id"] for f in first["results"]] == ids[::-1][:100] and first["previous"] is None
+    assert first["next"].startswith(f"{server.url}/v1/files?cursor=")
+    second = httpx.get(first["next"]).json()
+    assert [f["id"] for f in second["results"]] == ids[::-1][100:] and second["next"] is None
+    back = httpx.get(second["previous"]).json()
+    assert [f["id"] for f in back["results"]] == [f["id"] for f in first["results"]]
+    client = replicate.Client(base_url=server.url, api_token="unused")
+    assert [f.id for f in client.files.list()] == ids[::-1][:100]
