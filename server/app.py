@@ -22,6 +22,7 @@ from .metrics import ServerMetrics
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, validation_failed
 from .routes import files as files_routes
+from .routes import models as model_routes
 from .routes import predictions as prediction_routes
 from .routes import system as system_routes
 from .routes import ui as ui_routes
@@ -146,10 +147,12 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
         loader = threading.Thread(target=_setup, args=(state, load_model), name="model-loader", daemon=True)
         loader.start()
         janitor = asyncio.create_task(_janitor(service))
+        deadlines = asyncio.create_task(service.watch_deadlines())
         try:
             yield
         finally:
             janitor.cancel()
+            deadlines.cancel()
             await asyncio.get_running_loop().run_in_executor(None, _stop_workers, state)
             await sender.close()
             store.close()
@@ -181,7 +184,7 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
         log.exception("unexpected error")
         return problem_response(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500))
 
-    for router in (prediction_routes.router, prediction_routes.stream_router, files_routes.router,
+    for router in (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
                    files_routes.outputs_router, system_routes.router, system_routes.public_router, ui_routes.router):
         app.include_router(router)
         if settings.prefix:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
 
+from .admission import Admission
 from .events import Hub
 from .files import FileStore, new_id
 from .pages import paginate, parse_cursor
@@ -34,7 +36,8 @@ from .settings import Settings
 from .store import Store, now
 
 log = logging.getLogger(__name__)
-SECONDS_PER_PREDICTION = 10.0  # a rough figure for Retry-After when the queue is full
+DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
+DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without looking
 
 
 def iso(ts: float | None) -> str | None:
@@ -58,6 +61,8 @@ class PredictionService:
         self.files = files
         self.hub = hub
         self.cancel_requested: set[str] = set()
+        self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
+        self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
         self.requeue_requested: set[str] = set()
         self.work_available = threading.Condition()
         self.webhooks = None  # a WebhookSender, set by the app
@@ -116,33 +121,44 @@ class PredictionService:
 
     # -- create / read ------------------------------------------------------------------------
 
-    def create(self, request: PredictionRequest, version: str, request_base: str, owner: str | None) -> dict[str, Any]:
+    def create(self, request: PredictionRequest, admission: Admission, request_base: str,
+               owner: str | None) -> dict[str, Any]:
+        """Write an admitted prediction to the queue (the input as it was sent) and wake a worker."""
         queued = self.store.count_queued()
         if queued >= self.settings.max_queue:
-            retry = max(1, int(queued * SECONDS_PER_PREDICTION))
-            raise ApiError(429, f"The queue is full ({queued} predictions waiting). Try again later.",
-                           "Too Many Requests", headers={"Retry-After": str(min(retry, 600))})
+            raise ApiError(429, f"The server is overloaded: {queued} predictions are waiting. Try again later.",
+                           "Too Many Requests", headers={"Retry-After": str(self.seconds_until_a_slot_frees())})
         webhook = request.webhook or request.webhook_completed
         events = request.webhook_events_filter
         if request.webhook is None and request.webhook_completed is not None:
             events = ["completed"]
         pid = new_id()
+        created = now()
         self.store.insert_prediction(
             id=pid,
             status=Status.STARTING.value,
-            version=version,
-            input=request.input.model_dump(mode="json"),
+            version=admission.version,
+            input=request.sent_input,
             logs="",
-            created_at=now(),
+            created_at=created,
             webhook=webhook,
             webhook_events=list(events) if events is not None else None,
             base_url=request_base,
             output_token=secrets.token_urlsafe(24),
             owner=owner,
+            cancel_at=created + admission.cancel_after_s if admission.cancel_after_s is not None else None,
         )
         with self.work_available:
             self.work_available.notify()
+        if admission.cancel_after_s is not None:
+            self.deadline_added.set()
         return self.store.get_prediction(pid)
+
+    def seconds_until_a_slot_frees(self) -> int:
+        """An honest Retry-After for a full queue: the next queued prediction starts (and frees a
+        place in the queue) when a running one ends, about one mean run time per worker."""
+        mean = self.store.mean_predict_time() or DEFAULT_PREDICT_S
+        return max(1, math.ceil(mean / max(1, len(self.settings.gpus))))
 
     def get(self, prediction_id: str) -> dict[str, Any] | None:
         return self.store.get_prediction(prediction_id)
@@ -182,18 +198,53 @@ class PredictionService:
 
     # -- cancel -------------------------------------------------------------------------------
 
-    def cancel(self, prediction_id: str) -> dict[str, Any] | None:
+    def cancel(self, prediction_id: str, reason: str | None = None) -> dict[str, Any] | None:
+        """Cancel a queued prediction at once, a running one at its next denoising step. ``reason``
+        goes in its logs (a user's cancel needs none)."""
         row = self.store.get_prediction(prediction_id)
         if row is None:
             return None
         status = Status(row["status"])
         if status == Status.STARTING:
-            if self.transition(prediction_id, Status.CANCELED, only_if=(Status.STARTING,)):
+            logs = (row.get("logs") or "") + (f"{reason}\n" if reason else "")
+            if self.transition(prediction_id, Status.CANCELED, only_if=(Status.STARTING,), logs=logs):
                 return self.store.get_prediction(prediction_id)
             status = Status(self.store.get_prediction(prediction_id)["status"])
         if status == Status.PROCESSING:
+            if reason:
+                self.cancel_reasons.setdefault(prediction_id, reason)
             self.cancel_requested.add(prediction_id)
         return self.store.get_prediction(prediction_id)
+
+    async def watch_deadlines(self) -> None:
+        """Cancel each prediction whose Cancel-After deadline passes, queued or running. Runs on the
+        event loop for the server's life; the database is the record of the deadlines."""
+        while True:
+            try:
+                wait = self.enforce_deadlines(now())
+            except Exception:
+                log.exception("checking Cancel-After deadlines failed")
+                wait = DEADLINE_POLL_S
+            self.deadline_added.clear()
+            try:
+                await asyncio.wait_for(self.deadline_added.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def enforce_deadlines(self, at: float) -> float:
+        """Cancel the predictions due at ``at``; return the seconds until the next deadline."""
+        for row in self.store.deadlines():
+            if row["id"] in self.cancel_requested:
+                continue  # already being stopped
+            if row["cancel_at"] > at:
+                return min(DEADLINE_POLL_S, max(0.01, row["cancel_at"] - at))
+            after = f"{row['cancel_at'] - row['created_at']:g} s"
+            if row["status"] == Status.STARTING.value:
+                reason = f"Canceled: the Cancel-After deadline ({after} after creation) passed before the prediction started."
+            else:
+                reason = f"Canceled: the Cancel-After deadline ({after} after creation) passed while the prediction was running."
+            self.cancel(row["id"], reason)
+        return DEADLINE_POLL_S
 
     # -- the lifecycle ------------------------------------------------------------------------
 
@@ -212,6 +263,7 @@ class PredictionService:
             return False
         if status.terminal:
             self.cancel_requested.discard(prediction_id)
+            self.cancel_reasons.pop(prediction_id, None)
             if fields.get("output"):
                 self.hub.publish(prediction_id, "output")
             self.hub.publish(prediction_id, "completed")

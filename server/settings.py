@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     memory_mode: Literal["default", "fp8", "fp8-offload", "offload", "sequential-offload"] = Field("default", description="default: bf16, everything on the GPU (about 34 GB: 40 GB+ cards); fp8: fp8 weights for the transformer and T5, everything on the GPU (24 GB cards); fp8-offload: fp8 weights, each model on the GPU only while it runs (16 GB cards); offload: bf16, each model on the GPU only while it runs (32 GB cards); sequential-offload: layer by layer (slowest, least memory).")
     step_cache: float = Field(0.0, ge=0, description="First-block step cache threshold (e.g. 0.05): skip the other blocks when a step changes little; 0 is off.")
     attention_backend: str = Field("default", description="diffusers attention backend name (e.g. _flash_3); default: PyTorch SDPA's choice (cuDNN on an H100).")
-    max_queue: int = Field(100, ge=1, description="Predictions waiting at once; more are refused with 429.")
+    max_queue: int = Field(5000, ge=1, description="Overload guard: predictions waiting at once before creates are refused with 429 and a Retry-After (the queue is durable; clients do not retry a POST, so keep it large).")
     retention_hours: float = Field(24.0, ge=0, description="Hours outputs are kept; 0 keeps them forever.")
     file_expiry_hours: float = Field(24.0, gt=0, description="Hours an uploaded file is kept.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, description="Largest upload to /v1/files.")
