@@ -72,18 +72,30 @@ class PredictionService:
     def base_for(self, row: dict[str, Any], request_base: str | None = None) -> str:
         return (self.settings.public_url or request_base or row.get("base_url") or "").rstrip("/")
 
-    def output_strings(self, row: dict[str, Any]) -> list[str] | None:
+    def output_form(self, listing: bool) -> str:
+        """"url" or "data": how outputs are written in a response (see --output-urls). The clients
+        read files only from https: and data: strings, so a single prediction on plain http carries
+        data: URIs; a list page carries URLs, which keeps a page of 100 predictions small."""
+        mode = self.settings.output_urls
+        if mode != "auto":
+            return mode
+        public = self.settings.public_url
+        if public and public.startswith("https:"):
+            return "url"
+        return "url" if listing else "data"
+
+    def output_strings(self, row: dict[str, Any], request_base: str | None = None,
+                       listing: bool = False) -> list[str] | None:
         names = row.get("output")
         if names is None or row.get("data_removed"):
             return None
-        public = self.settings.public_url
-        if public and public.startswith("https:"):
-            base = public.rstrip("/")
+        if self.output_form(listing) == "url":
+            base = self.base_for(row, request_base)
             return [f"{base}/outputs/{row['id']}/{row['output_token']}/{name}" for name in names]
         uris = [self.files.data_uri(row["id"], name) for name in names]
         return [u for u in uris if u is not None]
 
-    def render(self, row: dict[str, Any], request_base: str | None = None) -> Prediction:
+    def render(self, row: dict[str, Any], request_base: str | None = None, listing: bool = False) -> Prediction:
         base = self.base_for(row, request_base)
         pid = row["id"]
         status = Status(row["status"])
@@ -99,7 +111,7 @@ class PredictionService:
             version=row["version"],
             input=row["input"],
             logs=row.get("logs") or "",
-            output=self.output_strings(row),
+            output=self.output_strings(row, request_base, listing),
             data_removed=bool(row.get("data_removed")),
             error=row.get("error"),
             status=status,
@@ -175,7 +187,7 @@ class PredictionService:
         page = paginate(lambda **kw: self.store.list_predictions(created_after=ca, created_before=cb, **kw),
                         window, list_url, query)
         return PredictionPage(next=page.next, previous=page.previous,
-                              results=[self.render(r, request_base) for r in page.rows])
+                              results=[self.render(r, request_base, listing=True) for r in page.rows])
 
     async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
         """Wait until the prediction is terminal or ``timeout`` seconds pass; return its row."""

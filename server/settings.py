@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without any API token.")
     prefix: str = Field("", description="Also serve every route under this prefix, e.g. /replicate.")
     public_url: str | None = Field(None, description="Base URL clients reach the server at; https here makes outputs URLs instead of data URIs.")
+    output_urls: Literal["auto", "data", "url"] = Field("auto", description="How outputs are written: auto: https URLs when --public-url is https; otherwise data: URIs in a single prediction (create, get, cancel, stream, webhook: the clients read files only from https: and data: strings) and URLs served by this server in list pages. data: data: URIs everywhere. url: URLs everywhere (on plain http the clients then return them as strings).")
     lora_dir: Path | None = Field(None, description="Folder of named LoRAs (.safetensors).")
     allow_lora_paths: bool = Field(False, description="Accept local file paths as lora_weights.")
     fast_mode: bool = Field(False, description="Honour go_fast: fp8 (torchao) on the GPU; a second transformer when memory allows, else every request runs fp8.")

@@ -534,3 +534,144 @@ def test_the_queue_accepts_thousands_and_only_an_overload_is_429(server_factory,
     with httpx.Client(base_url=server.url, timeout=30) as http:
         codes = [http.post(f"/v1/models/{MODEL}/predictions", json=body).status_code for _ in range(150)]
     assert codes == [201] * 150
+
+
+def test_outputs_are_data_uris_in_a_prediction_and_file_urls_in_list_pages(auth_server, client, picture):
+    """The clients make a file object only from https: and data: strings (replicate 1.0.7
+    helpers.py transform_output; replicate 1.4.0 index.js run), so on plain http a prediction
+    carries data: URIs and `run()[0].read()` works; list pages carry this server's unguessable
+    output URLs, readable without auth, with HEAD, Range, an ETag and the file's name."""
+    img, mask = picture
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    done = client.run(MODEL, input=fast_input(img, mask, seed=21, num_outputs=2))
+    data = done[0].read()
+    page = httpx.get(f"{auth_server.url}/replicate/v1/predictions", headers=headers).json()
+    listed = next(p for p in page["results"] if p["status"] == "succeeded" and p["input"].get("seed") == 21)
+    url = listed["output"][0]
+    assert url.startswith(f"{auth_server.url}/replicate/outputs/{listed['id']}/") and url.endswith("/out-0.png")
+    single = httpx.get(listed["urls"]["get"], headers=headers).json()
+    assert single["output"][0].startswith("data:image/png;base64,")
+    got = httpx.get(url)  # no auth, no redirect
+    assert got.status_code == 200 and got.content == data and got.headers["content-type"] == "image/png"
+    assert 'filename="out-0.png"' in got.headers["content-disposition"] and got.headers["etag"]
+    head = httpx.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(data)) and head.headers["etag"] == got.headers["etag"]
+    part = httpx.get(url, headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == data[:10]
+    assert part.headers["content-range"] == f"bytes 0-9/{len(data)}"
+    assert httpx.get(url.replace("/out-0.png", "/out-3.png")).status_code == 404
+
+
+def test_output_urls_url_and_data_modes(server_factory, picture):
+    img, mask = picture
+    body = {"input": fast_input(img, mask)}
+    urls = server_factory("--output-urls", "url")
+    p = httpx.post(f"{urls.url}/v1/models/{MODEL}/predictions", json=body, headers={"Prefer": "wait=20"}, timeout=30).json()
+    assert p["output"][0].startswith(f"{urls.url}/outputs/{p['id']}/") and p["output"][0].endswith("/out-0.png")
+    assert httpx.get(p["output"][0]).status_code == 200  # requests.get(output[0]) works
+    c = replicate.Client(base_url=urls.url, api_token="unused")
+    assert c.run(MODEL, input=body["input"])[0].startswith("http://")  # plain http: a string, as Replicate's clients do
+    data = server_factory("--output-urls", "data")
+    httpx.post(f"{data.url}/v1/models/{MODEL}/predictions", json=body, headers={"Prefer": "wait=20"}, timeout=30)
+    listed = httpx.get(f"{data.url}/v1/predictions").json()["results"]
+    assert listed[0]["output"][0].startswith("data:image/png;base64,")
+
+
+def test_a_list_page_of_100_predictions_with_four_1_mp_outputs_is_under_1_mb(server_factory, tmp_path):
+    """What a list page weighs on the wire when every prediction has four 1 MP WebP outputs: rows
+    and files are written as the worker writes them, then the page is fetched as the clients fetch
+    it (they accept gzip)."""
+    import os
+    import secrets
+
+    import numpy as np
+
+    from server.files import new_id
+    from server.store import Store
+
+    server = server_factory()
+    store = Store(server.data_dir / "flux-fill.sqlite3")
+    rng = np.random.default_rng(0)
+    pictures = []
+    for i in range(4):  # a photo-like 1 MP picture: smooth shapes and some grain
+        y, x = np.mgrid[0:1024, 0:1024] / 1024.0
+        arr = np.stack([np.sin(6 * x + i), np.cos(5 * y - i), np.sin(4 * (x + y))], -1) * 100 + 128
+        arr = np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="WEBP", quality=80)
+        pictures.append(buf.getvalue())
+    sizes = [len(p) for p in pictures]
+    source = tmp_path / "outputs"
+    source.mkdir()
+    for i, data in enumerate(pictures):
+        (source / f"out-{i}.webp").write_bytes(data)
+    now = time.time()
+    for n in range(100):
+        pid = new_id()
+        folder = server.data_dir / "outputs" / pid
+        folder.mkdir(parents=True)
+        for i in range(4):
+            os.link(source / f"out-{i}.webp", folder / f"out-{i}.webp")
+        store.insert_prediction(
+            id=pid, status="succeeded", version="hidden", logs="Using seed: 1\n" + "100%|##########| 28/28\n",
+            input={"prompt": f"a red door, number {n}", "image": f"{server.url}/v1/files/{new_id()}",
+                   "mask": f"{server.url}/v1/files/{new_id()}", "num_outputs": 4},
+            output=[f"out-{i}.webp" for i in range(4)], created_at=now + n, started_at=now + n,
+            completed_at=now + n + 5, predict_time=5.0, base_url=server.url, output_token=secrets.token_urlsafe(24))
+    store.close()
+    page = httpx.get(f"{server.url}/v1/predictions")
+    assert page.headers["content-encoding"] == "gzip"
+    wire = page.num_bytes_downloaded
+    results = page.json()["results"]
+    assert len(results) == 100 and all(len(p["output"]) == 4 for p in results)
+    assert wire < 1_000_000, wire
+    plain = httpx.get(f"{server.url}/v1/predictions", headers={"Accept-Encoding": "identity"})
+    one = httpx.get(results[0]["urls"]["get"])  # a single prediction carries its four files as data: URIs
+    assert one.json()["output"][0].startswith("data:image/webp;base64,")
+    assert httpx.get(results[0]["output"][3]).content == pictures[3]
+    print(f"\nlist page of 100 predictions x 4 outputs of 1 MP ({sum(sizes) // 4 // 1024} KB each): "
+          f"{wire} bytes gzip, {len(plain.content)} bytes plain; one prediction: {one.num_bytes_downloaded} bytes gzip")
+
+
+def test_prediction_shape_details(auth_server, picture):
+    """started_at, completed_at and metrics are left out until set, as Replicate does (its
+    predictions.create example has none of them); ids are 26 characters of Replicate's alphabet; HEAD
+    is answered wherever GET is; a trailing slash is served, not redirected (the Python client
+    follows no redirect)."""
+    import re
+
+    img, mask = picture
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"{auth_server.url}/v1/models/{MODEL}/predictions"
+    slow = httpx.post(url, headers=headers,
+                      json={"input": fast_input(img, mask, num_inference_steps=50, megapixels="1", num_outputs=4)}).json()
+    queued = httpx.post(url, headers=headers, json={"input": fast_input(img, mask)}).json()
+    assert not {"started_at", "completed_at", "metrics"} & set(queued)
+    assert queued["output"] is None and queued["error"] is None and queued["status"] == "starting"
+    cancel = httpx.post(queued["urls"]["cancel"], headers=headers).json()
+    assert cancel["status"] == "canceled" and "started_at" not in cancel and cancel["completed_at"]
+    ids = [slow["id"], queued["id"]]
+    made = [httpx.post(f"{auth_server.url}/v1/files", headers=headers, files={"content": ("a", b"a")}).json()["id"]
+            for _ in range(30)]
+    for pid in ids + made:
+        assert re.fullmatch(r"[0-9a-hjkmnp-tv-z]{26}", pid), pid
+    assert set("0123456789") & set("".join(made))  # digits too, as in Replicate's ids
+    for path in (f"/v1/predictions/{slow['id']}", "/v1/predictions", f"/v1/files/{made[0]}", "/health",
+                 f"/v1/models/{MODEL}", "/replicate/v1/predictions", f"/v1/predictions/{queued['id']}/stream"):
+        started = time.monotonic()
+        head = httpx.head(auth_server.url + path, headers=headers, timeout=10)
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
+        assert time.monotonic() - started < 5, path
+    for path in ("/v1/predictions/", f"/v1/predictions/{slow['id']}/", f"/v1/models/{MODEL}/",
+                 f"/replicate/v1/predictions/{slow['id']}/"):
+        r = httpx.get(auth_server.url + path, headers=headers, follow_redirects=False)
+        assert r.status_code == 200, (path, r.status_code)
+    r = httpx.post(url + "/", headers=headers, json={"input": fast_input(img, mask)}, follow_redirects=False)
+    assert r.status_code == 201
+    assert httpx.get(auth_server.url + "/replicate/", follow_redirects=False).status_code == 200  # the web page
+    started = time.monotonic()
+    stopping = httpx.post(slow["urls"]["cancel"], headers=headers, timeout=10)
+    assert time.monotonic() - started < 2.5 and stopping.json()["id"] == slow["id"]
+    assert set(stopping.json()) >= {"id", "model", "version", "input", "status", "urls", "logs", "output"}
+    httpx.post(r.json()["urls"]["cancel"], headers=headers)

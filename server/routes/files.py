@@ -111,7 +111,8 @@ async def delete_file(file_id: str, _=Depends(require_auth), state: AppState = D
     return Response(status_code=204)
 
 
-@outputs_router.get("/outputs/{prediction_id}/{token}/{name}", summary="An output image (no auth; unguessable URL)")
+@outputs_router.get("/outputs/{prediction_id}/{token}/{name}", summary="An output image (no auth; unguessable URL)",
+                    response_class=FileResponse)
 async def get_output(prediction_id: str, token: str, name: str, state: AppState = Depends(get_state)):
     row = state.service.get(prediction_id)
     if row is None or row.get("data_removed") or not hmac.compare_digest(token.encode(), row["output_token"].encode()):
@@ -119,4 +120,6 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
     path = state.files.output_path(prediction_id, name)
     if path is None or name not in (row.get("output") or []):
         raise not_found()
-    return FileResponse(path, media_type=content_type_for(name), headers={"Cache-Control": "private, max-age=3600"})
+    # FileResponse answers Range requests (206) and sends an ETag; the file keeps its name.
+    return FileResponse(path, media_type=content_type_for(name), filename=name, content_disposition_type="inline",
+                        headers={"Cache-Control": "private, max-age=3600"})

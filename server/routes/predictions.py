@@ -17,6 +17,7 @@ stream_router = APIRouter(tags=["predictions"])
 CANCEL_AFTER = Header(None, alias="Cancel-After",
                       description="Cancel the prediction when this much time has passed since it was created "
                                   "(30s, 5m, 2h30m, or seconds); at least 5 s.")
+CANCEL_WAIT_S = 1.0
 PREFER = Header(None, description="wait or wait=N (1..60): hold the request until the prediction ends or N s pass.")
 
 
@@ -97,7 +98,9 @@ async def cancel_prediction(prediction_id: str, request: Request, _=Depends(requ
     if row is None:
         raise not_found()
     if row["status"] == Status.PROCESSING.value:
-        row = await state.service.wait(prediction_id, 2.0)  # it stops at the next denoising step
+        # It stops at its next denoising step: answer then, or after CANCEL_WAIT_S with the prediction
+        # as it is (still processing), never later.
+        row = await state.service.wait(prediction_id, CANCEL_WAIT_S)
     return state.service.render(row, state.api_base(request))
 
 
