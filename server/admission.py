@@ -17,8 +17,8 @@ from .protocol import ApiError, InvalidField, PredictionRequest, lone_surrogate_
 MAX_WAIT_S = 60
 MIN_CANCEL_AFTER_S = 5.0
 _HEADER_MAX = 256  # longer Cancel-After values are refused before they are parsed
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([hms])")
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 FILE_INPUTS = ("image", "mask")
 
 
