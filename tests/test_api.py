@@ -523,8 +523,9 @@ def test_cancel_after_cancels_queued_and_running_predictions(server_factory, pic
 
 
 def test_the_queue_accepts_thousands_and_only_an_overload_is_429(server_factory, picture):
-    """The Python client never retries a POST (replicate 1.0.7: client.py retries only idempotent
-    methods), so a 429 ends a user's batch script: the durable queue takes them."""
+    """The Python client never retries a POST (replicate 1.0.7, client.py: RetryTransport's
+    RETRYABLE_METHODS has no POST), so a 429 ends a user's batch script: the durable queue takes
+    them, and 429 is kept for a real overload (--max-queue, 5000 by default)."""
     from server.settings import Settings
 
     assert Settings().max_queue >= 1000
