@@ -38,6 +38,7 @@ from .store import Store, now
 log = logging.getLogger(__name__)
 DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
 DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without looking
+DEADLINE_BATCH = 200  # deadlines looked at in one go
 
 
 def iso(ts: float | None) -> str | None:
@@ -245,7 +246,8 @@ class PredictionService:
 
     def enforce_deadlines(self, at: float) -> float:
         """Cancel the predictions due at ``at``; return the seconds until the next deadline."""
-        for row in self.store.deadlines():
+        rows = self.store.deadlines(limit=DEADLINE_BATCH)
+        for row in rows:
             if row["id"] in self.cancel_requested:
                 continue  # already being stopped
             if row["cancel_at"] > at:
@@ -256,7 +258,7 @@ class PredictionService:
             else:
                 reason = f"Canceled: the Cancel-After deadline ({after} after creation) passed while the prediction was running."
             self.cancel(row["id"], reason)
-        return DEADLINE_POLL_S
+        return 0.0 if len(rows) == DEADLINE_BATCH else DEADLINE_POLL_S  # a full batch: more may be due
 
     # -- the lifecycle ------------------------------------------------------------------------
 
