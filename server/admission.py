@@ -46,7 +46,8 @@ def parse_prefer(value: str | None) -> Wait | None:
             return Wait(MAX_WAIT_S, explicit=False)
         number = rest.strip().strip('"')
         if number.isascii() and number.isdigit():
-            seconds = MAX_WAIT_S if len(number) > 2 else max(1, min(MAX_WAIT_S, int(number)))
+            digits = number.lstrip("0") or "0"  # never int() of thousands of digits
+            seconds = MAX_WAIT_S if len(digits) > 2 else max(1, min(MAX_WAIT_S, int(digits)))
             return Wait(seconds, explicit=True)
     return None
 
