@@ -16,8 +16,8 @@ from ..protocol import ApiError, FileChecksums, FileObject, FilePage, FileUrls, 
 from ..state import AppState, get_state, require_auth
 
 router = APIRouter(tags=["files"])
-METADATA_LIMIT = 1024 * 1024  # the largest `metadata` part, text field or file part alike
 outputs_router = APIRouter(tags=["outputs"])
+METADATA_LIMIT = 1024 * 1024  # the largest `metadata` part, text field or file part alike
 
 
 async def form_text(part) -> str | None:
