@@ -6,11 +6,13 @@
 // FLUX_MASK (PNG files). Each scenario prints one JSON object on its last line of output, which
 // tests/test_js_client.py reads and checks; a failure prints {"error", "status"} and exits 1.
 
+import { File as BufferFile } from "node:buffer";
 import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import Replicate, { validateWebhook } from "replicate";
 
 const MODEL = "black-forest-labs/flux-fill-dev";
+const File = globalThis.File ?? BufferFile; // a global from Node 20; node:buffer's on Node 18
 const replicate = new Replicate({ baseUrl: process.env.FLUX_BASE_URL, auth: process.env.FLUX_TOKEN });
 const image = readFileSync(process.env.FLUX_IMAGE);
 const mask = readFileSync(process.env.FLUX_MASK);
