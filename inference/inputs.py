@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import FieldError, InvalidInput
 
@@ -31,7 +31,9 @@ MAX_SEED = 2**63 - 1
 class PredictionInput(BaseModel):
     """Inputs of black-forest-labs/flux-fill-dev, plus this server's optional additions."""
 
-    model_config = ConfigDict(extra="ignore", title="Input")
+    # Types are checked as Replicate's JSON-schema validation checks them (strict): a string is never
+    # a number, a boolean never an integer; an integer is a number.
+    model_config = ConfigDict(extra="ignore", title="Input", strict=True)
 
     prompt: str = Field(
         ...,
@@ -116,6 +118,13 @@ class PredictionInput(BaseModel):
         description="Extend the image outward: the canvas presets of FLUX.1 Fill [pro].",
     )
 
+    @field_validator("num_outputs", "num_inference_steps", "seed", "output_quality", "mask_grow", "mask_blur",
+                     "crop_margin", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """JSON Schema counts 2.0 as an integer (2.5 and "2" are not)."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
     @model_validator(mode="after")
     def _combinations(self) -> "PredictionInput":
         if self.crop_to_mask and self.outpaint != "None":
@@ -145,10 +154,33 @@ _TYPE_NAMES = {
 }
 
 
+_EXPECTED = {"int_type": "integer", "int_from_float": "integer", "float_type": "number", "bool_type": "boolean",
+             "string_type": "string", "literal_error": "string", "model_type": "object", "dict_type": "object",
+             "list_type": "array"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON type of a decoded JSON value, named as JSON Schema names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, (list, tuple)) else "object"
+
+
 def _describe(field: str, err: dict[str, Any]) -> tuple[str, str]:
     kind = err.get("type", "")
     ctx = err.get("ctx") or {}
     rule = _TYPE_NAMES.get(kind, "invalid")
+    given = err.get("input")
+    if kind in _EXPECTED and not (kind == "literal_error" and isinstance(given, str)):
+        return "invalid_type", f"Invalid type. Expected: {_EXPECTED[kind]}, given: {json_type(given)}"
     if kind == "missing":
         return rule, f"{field} is required"
     if kind in ("greater_than_equal", "greater_than"):

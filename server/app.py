@@ -9,7 +9,7 @@ import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import __version__
@@ -17,11 +17,13 @@ from inference.inputs import describe_errors
 
 from .auth import Auth
 from .events import Hub
-from .files import FileStore, describe_bytes
+from .files import FileStore
 from .metrics import ServerMetrics
+from .middleware import BodyLimit, HeadAsGet, TrailingSlash, problem_response
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, validation_failed
 from .routes import files as files_routes
+from .routes import models as model_routes
 from .routes import predictions as prediction_routes
 from .routes import system as system_routes
 from .routes import ui as ui_routes
@@ -30,62 +32,9 @@ from .state import AppState
 from .store import Store
 
 log = logging.getLogger("flux_fill.server")
-PROBLEM = "application/problem+json"
 JANITOR_S = 15.0
 SHUTDOWN_GRACE_S = 20.0
-
-
-def problem_response(problem: Problem, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(problem.model_dump(mode="json", exclude_none=True), status_code=problem.status,
-                        media_type=PROBLEM, headers=headers)
-
-
-class BodyLimit:
-    """Refuse request bodies over the limit (413) before they are read into memory."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_big = Problem(title="Payload Too Large", detail=f"The request body is larger than {describe_bytes(self.limit)}.", status=413)
-        if declared and declared.isdigit() and int(declared) > self.limit:
-            return await problem_response(too_big)(scope, receive, send)
-        seen, exceeded, answered = 0, False, False
-
-        async def limited():
-            nonlocal seen, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    exceeded = True
-                    raise _TooLarge()
-            return message
-
-        async def guarded(message):
-            # A chunked body (no Content-Length) goes over the limit inside the app, which turns the
-            # error into its own answer (FastAPI: 400 "error parsing the body"): drop it, answer 413.
-            nonlocal answered
-            if exceeded:
-                return
-            answered = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited, guarded)
-        except Exception:  # _TooLarge, or whatever the app made of it
-            if not exceeded:
-                raise
-        if exceeded and not answered:
-            await problem_response(too_big)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+GZIP_MIN_BYTES = 1024
 
 
 def _request_validation(exc: RequestValidationError) -> ApiError:
@@ -146,15 +95,18 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
         loader = threading.Thread(target=_setup, args=(state, load_model), name="model-loader", daemon=True)
         loader.start()
         janitor = asyncio.create_task(_janitor(service))
+        deadlines = asyncio.create_task(service.watch_deadlines())
         try:
             yield
         finally:
             janitor.cancel()
+            deadlines.cancel()
             await asyncio.get_running_loop().run_in_executor(None, _stop_workers, state)
             await sender.close()
             store.close()
 
     app = FastAPI(
+        redirect_slashes=False,  # TrailingSlash serves "/v1/predictions/" itself: the Python client follows no 307
         title="flux-fill-server",
         version=__version__,
         description="Replicate's predictions API for black-forest-labs/flux-fill-dev, served locally.",
@@ -181,12 +133,16 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
         log.exception("unexpected error")
         return problem_response(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500))
 
-    for router in (prediction_routes.router, prediction_routes.stream_router, files_routes.router,
+    for router in (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
                    files_routes.outputs_router, system_routes.router, system_routes.public_router, ui_routes.router):
         app.include_router(router)
         if settings.prefix:
             app.include_router(router, prefix=settings.prefix, include_in_schema=False)
+    # The last added runs first: slashes and HEAD are settled before anything else sees the request.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # never SSE or images (Starlette's defaults)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(TrailingSlash, router=app.router)
     return app
 
 

@@ -23,9 +23,14 @@ _FILE_URL = re.compile(r"/v1/files/([a-z0-9]{20,40})/?$")
 _SAFE_NAME = re.compile(r"^out-\d+\.(webp|jpg|png)$")
 
 
+# Replicate's ids today are 26 characters of Crockford's base32 in lower case: digits and letters
+# but i, l, o and u (e.g. "06h9xhxewxrgc0cf6c9s0shqsm"); 130 random bits.
+ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+ID_LENGTH = 26
+
+
 def new_id() -> str:
-    """26 lowercase base32 characters, as Replicate's ids."""
-    return base64.b32encode(secrets.token_bytes(20)).decode().lower()[:26]
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
 
 
 class FileStore:

@@ -7,18 +7,19 @@ publishes the event; routes, the worker and the webhook sender never write statu
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
+import math
 import secrets
 import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlencode
 
+from .admission import Admission
 from .events import Hub
 from .files import FileStore, new_id
+from .pages import paginate, parse_cursor
 from .protocol import (
     MODEL_REF,
     ApiError,
@@ -35,8 +36,9 @@ from .settings import Settings
 from .store import Store, now
 
 log = logging.getLogger(__name__)
-PAGE_SIZE = 100
-SECONDS_PER_PREDICTION = 10.0  # a rough figure for Retry-After when the queue is full
+DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
+DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without looking
+DEADLINE_BATCH = 200  # deadlines looked at in one go
 
 
 def iso(ts: float | None) -> str | None:
@@ -60,6 +62,8 @@ class PredictionService:
         self.files = files
         self.hub = hub
         self.cancel_requested: set[str] = set()
+        self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
+        self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
         self.requeue_requested: set[str] = set()
         self.work_available = threading.Condition()
         self.webhooks = None  # a WebhookSender, set by the app
@@ -69,18 +73,30 @@ class PredictionService:
     def base_for(self, row: dict[str, Any], request_base: str | None = None) -> str:
         return (self.settings.public_url or request_base or row.get("base_url") or "").rstrip("/")
 
-    def output_strings(self, row: dict[str, Any]) -> list[str] | None:
+    def output_form(self, listing: bool) -> str:
+        """"url" or "data": how outputs are written in a response (see --output-urls). The clients
+        read files only from https: and data: strings, so a single prediction on plain http carries
+        data: URIs; a list page carries URLs, which keeps a page of 100 predictions small."""
+        mode = self.settings.output_urls
+        if mode != "auto":
+            return mode
+        public = self.settings.public_url
+        if public and public.startswith("https:"):
+            return "url"
+        return "url" if listing else "data"
+
+    def output_strings(self, row: dict[str, Any], request_base: str | None = None,
+                       listing: bool = False) -> list[str] | None:
         names = row.get("output")
         if names is None or row.get("data_removed"):
             return None
-        public = self.settings.public_url
-        if public and public.startswith("https:"):
-            base = public.rstrip("/")
+        if self.output_form(listing) == "url":
+            base = self.base_for(row, request_base)
             return [f"{base}/outputs/{row['id']}/{row['output_token']}/{name}" for name in names]
         uris = [self.files.data_uri(row["id"], name) for name in names]
         return [u for u in uris if u is not None]
 
-    def render(self, row: dict[str, Any], request_base: str | None = None) -> Prediction:
+    def render(self, row: dict[str, Any], request_base: str | None = None, listing: bool = False) -> Prediction:
         base = self.base_for(row, request_base)
         pid = row["id"]
         status = Status(row["status"])
@@ -96,7 +112,7 @@ class PredictionService:
             version=row["version"],
             input=row["input"],
             logs=row.get("logs") or "",
-            output=self.output_strings(row),
+            output=self.output_strings(row, request_base, listing),
             data_removed=bool(row.get("data_removed")),
             error=row.get("error"),
             status=status,
@@ -118,78 +134,61 @@ class PredictionService:
 
     # -- create / read ------------------------------------------------------------------------
 
-    def create(self, request: PredictionRequest, version: str, request_base: str, owner: str | None) -> dict[str, Any]:
+    def create(self, request: PredictionRequest, admission: Admission, request_base: str,
+               owner: str | None) -> dict[str, Any]:
+        """Write an admitted prediction to the queue (the input as it was sent) and wake a worker."""
         queued = self.store.count_queued()
         if queued >= self.settings.max_queue:
-            retry = max(1, int(queued * SECONDS_PER_PREDICTION))
-            raise ApiError(429, f"The queue is full ({queued} predictions waiting). Try again later.",
-                           "Too Many Requests", headers={"Retry-After": str(min(retry, 600))})
+            raise ApiError(429, f"The server is overloaded: {queued} predictions are waiting. Try again later.",
+                           "Too Many Requests", headers={"Retry-After": str(self.seconds_until_a_slot_frees())})
         webhook = request.webhook or request.webhook_completed
         events = request.webhook_events_filter
         if request.webhook is None and request.webhook_completed is not None:
             events = ["completed"]
         pid = new_id()
+        created = now()
         self.store.insert_prediction(
             id=pid,
             status=Status.STARTING.value,
-            version=version,
-            input=request.input.model_dump(mode="json"),
+            version=admission.version,
+            input=request.sent_input,
             logs="",
-            created_at=now(),
+            created_at=created,
             webhook=webhook,
             webhook_events=list(events) if events is not None else None,
             base_url=request_base,
             output_token=secrets.token_urlsafe(24),
             owner=owner,
+            cancel_at=created + admission.cancel_after_s if admission.cancel_after_s is not None else None,
         )
         with self.work_available:
             self.work_available.notify()
+        if admission.cancel_after_s is not None:
+            self.deadline_added.set()
         return self.store.get_prediction(pid)
+
+    def seconds_until_a_slot_frees(self) -> int:
+        """An honest Retry-After for a full queue: the next queued prediction starts (and frees a
+        place in the queue) when a running one ends, about one mean run time per worker."""
+        mean = self.store.mean_predict_time() or DEFAULT_PREDICT_S
+        return max(1, math.ceil(mean / max(1, len(self.settings.gpus))))
 
     def get(self, prediction_id: str) -> dict[str, Any] | None:
         return self.store.get_prediction(prediction_id)
 
     def page(self, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
              created_before: str | None) -> PredictionPage:
-        before = after = None
-        if cursor:
-            try:
-                direction, seq = base64.urlsafe_b64decode(cursor.encode() + b"==").decode().split(":", 1)
-                seq = int(seq)
-                if direction not in ("a", "b") or not 0 <= seq < 2**63:  # SQLite integers are 64-bit
-                    raise ValueError(cursor)
-                before, after = (seq, None) if direction == "b" else (None, seq)
-            except Exception:
-                raise ApiError(400, "The cursor is not valid.", "Bad Request") from None
+        window = parse_cursor(cursor)
         try:
             ca = parse_iso(created_after) if created_after else None
             cb = parse_iso(created_before) if created_before else None
         except ValueError:
             raise ApiError(400, "created_after and created_before must be ISO 8601 dates.", "Bad Request") from None
-        rows = self.store.list_predictions(limit=PAGE_SIZE + 1, before_seq=before, after_seq=after,
-                                           created_after=ca, created_before=cb)
-        has_more = len(rows) > PAGE_SIZE
-        if after is not None:  # the page just newer than the cursor; rows are newest first
-            rows = rows[1:] if has_more else rows
-            older, newer = bool(rows), has_more
-        else:
-            rows = rows[:PAGE_SIZE]
-            older, newer = has_more, before is not None and bool(rows)
-
-        def link(direction: str, row: dict[str, Any]) -> str:
-            token = base64.urlsafe_b64encode(f"{direction}:{row['seq']}".encode()).decode().rstrip("=")
-            query = {"cursor": token}
-            if created_after:
-                query["created_after"] = created_after
-            if created_before:
-                query["created_before"] = created_before
-            return f"{list_url}?{urlencode(query)}"
-
-        return PredictionPage(
-            next=link("b", rows[-1]) if older else None,
-            previous=link("a", rows[0]) if newer else None,
-            results=[self.render(r, request_base) for r in rows],
-        )
+        query = {k: v for k, v in (("created_after", created_after), ("created_before", created_before)) if v}
+        page = paginate(lambda **kw: self.store.list_predictions(created_after=ca, created_before=cb, **kw),
+                        window, list_url, query)
+        return PredictionPage(next=page.next, previous=page.previous,
+                              results=[self.render(r, request_base, listing=True) for r in page.rows])
 
     async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
         """Wait until the prediction is terminal or ``timeout`` seconds pass; return its row."""
@@ -212,18 +211,54 @@ class PredictionService:
 
     # -- cancel -------------------------------------------------------------------------------
 
-    def cancel(self, prediction_id: str) -> dict[str, Any] | None:
+    def cancel(self, prediction_id: str, reason: str | None = None) -> dict[str, Any] | None:
+        """Cancel a queued prediction at once, a running one at its next denoising step. ``reason``
+        goes in its logs (a user's cancel needs none)."""
         row = self.store.get_prediction(prediction_id)
         if row is None:
             return None
         status = Status(row["status"])
         if status == Status.STARTING:
-            if self.transition(prediction_id, Status.CANCELED, only_if=(Status.STARTING,)):
+            logs = (row.get("logs") or "") + (f"{reason}\n" if reason else "")
+            if self.transition(prediction_id, Status.CANCELED, only_if=(Status.STARTING,), logs=logs):
                 return self.store.get_prediction(prediction_id)
             status = Status(self.store.get_prediction(prediction_id)["status"])
         if status == Status.PROCESSING:
+            if reason:
+                self.cancel_reasons.setdefault(prediction_id, reason)
             self.cancel_requested.add(prediction_id)
         return self.store.get_prediction(prediction_id)
+
+    async def watch_deadlines(self) -> None:
+        """Cancel each prediction whose Cancel-After deadline passes, queued or running. Runs on the
+        event loop for the server's life; the database is the record of the deadlines."""
+        while True:
+            try:
+                wait = self.enforce_deadlines(now())
+            except Exception:
+                log.exception("checking Cancel-After deadlines failed")
+                wait = DEADLINE_POLL_S
+            self.deadline_added.clear()
+            try:
+                await asyncio.wait_for(self.deadline_added.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def enforce_deadlines(self, at: float) -> float:
+        """Cancel the predictions due at ``at``; return the seconds until the next deadline."""
+        rows = self.store.deadlines(limit=DEADLINE_BATCH)
+        for row in rows:
+            if row["id"] in self.cancel_requested:
+                continue  # already being stopped
+            if row["cancel_at"] > at:
+                return min(DEADLINE_POLL_S, max(0.01, row["cancel_at"] - at))
+            after = f"{row['cancel_at'] - row['created_at']:g} s"
+            if row["status"] == Status.STARTING.value:
+                reason = f"Canceled: the Cancel-After deadline ({after} after creation) passed before the prediction started."
+            else:
+                reason = f"Canceled: the Cancel-After deadline ({after} after creation) passed while the prediction was running."
+            self.cancel(row["id"], reason)
+        return 0.0 if len(rows) == DEADLINE_BATCH else DEADLINE_POLL_S  # a full batch: more may be due
 
     # -- the lifecycle ------------------------------------------------------------------------
 
@@ -242,6 +277,7 @@ class PredictionService:
             return False
         if status.terminal:
             self.cancel_requested.discard(prediction_id)
+            self.cancel_reasons.pop(prediction_id, None)
             if fields.get("output"):
                 self.hub.publish(prediction_id, "output")
             self.hub.publish(prediction_id, "completed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from inference.inputs import PredictionInput
 
@@ -30,9 +30,10 @@ class Status(str, enum.Enum):
 
 
 class PredictionRequest(BaseModel):
-    """Body of the create routes. Unknown top-level keys are refused; unknown input keys dropped."""
+    """Body of the create routes. Unknown top-level keys are refused. The input is validated as
+    ``PredictionInput`` (unknown keys are ignored by the engine) and kept exactly as sent."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input: PredictionInput = Field(..., description="The model's input.")
     version: str | None = Field(None, description="Model version: owner/name, owner/name:id or a bare id (POST /v1/predictions).")
@@ -42,6 +43,20 @@ class PredictionRequest(BaseModel):
     )
     webhook_completed: str | None = Field(None, description="Legacy: a webhook called on completion only.")
     stream: bool | None = Field(None, description="Accepted for compatibility; urls.stream is always served.")
+    _sent_input: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_the_input_as_sent(cls, data: Any, handler):
+        request = handler(data)
+        sent = data.get("input") if isinstance(data, dict) else None
+        request._sent_input = sent if isinstance(sent, dict) else request.input.model_dump(mode="json", exclude_unset=True)
+        return request
+
+    @property
+    def sent_input(self) -> dict[str, Any]:
+        """The input exactly as the client sent it: what the prediction echoes and the worker re-validates."""
+        return self._sent_input
 
 
 class PredictionUrls(BaseModel):
@@ -58,8 +73,13 @@ class Metrics(BaseModel):
     total_time: float | None = None
 
 
+def _unset(value: Any) -> bool:
+    return value is None
+
+
 class Prediction(BaseModel):
-    """A prediction as GET /v1/predictions/{id} returns it."""
+    """A prediction as GET /v1/predictions/{id} returns it. ``started_at``, ``completed_at`` and
+    ``metrics`` are left out until they have a value, as Replicate does (never null)."""
 
     id: str
     model: str = MODEL_REF
@@ -71,10 +91,10 @@ class Prediction(BaseModel):
     error: str | None = None
     status: Status
     created_at: str
-    started_at: str | None = None
-    completed_at: str | None = None
+    started_at: str | None = Field(None, exclude_if=_unset)
+    completed_at: str | None = Field(None, exclude_if=_unset)
     urls: PredictionUrls
-    metrics: Metrics | None = None
+    metrics: Metrics | None = Field(None, exclude_if=_unset)
 
 
 class PredictionPage(BaseModel):
@@ -116,6 +136,65 @@ class ModelVersion(BaseModel):
     created_at: str
     cog_version: str
     openapi_schema: dict[str, Any]
+
+
+class VersionPage(BaseModel):
+    next: str | None
+    previous: str | None
+    results: list[ModelVersion]
+
+
+class ModelObject(BaseModel):
+    """A model as GET /v1/models/{owner}/{name} returns it."""
+
+    url: str
+    owner: str
+    name: str
+    description: str | None
+    visibility: Literal["public", "private"]
+    github_url: str | None
+    paper_url: str | None
+    license_url: str | None
+    run_count: int
+    cover_image_url: str | None
+    default_example: Prediction | None
+    latest_version: ModelVersion | None
+
+
+class ModelPage(BaseModel):
+    next: str | None
+    previous: str | None
+    results: list[ModelObject]
+
+
+class Account(BaseModel):
+    type: Literal["user", "organization"]
+    username: str
+    name: str
+    github_url: str | None
+
+
+class DeploymentConfiguration(BaseModel):
+    hardware: str
+    min_instances: int
+    max_instances: int
+
+
+class DeploymentRelease(BaseModel):
+    number: int
+    model: str
+    version: str
+    created_at: str
+    created_by: Account
+    configuration: DeploymentConfiguration
+
+
+class Deployment(BaseModel):
+    """A deployment as GET /v1/deployments/{owner}/{name} returns it."""
+
+    owner: str
+    name: str
+    current_release: DeploymentRelease
 
 
 class WebhookSecret(BaseModel):

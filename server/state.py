@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from . import catalog
 from .auth import Auth
 from .events import Hub
 from .files import FileStore
 from .metrics import ServerMetrics
 from .predictions import PredictionService
+from .protocol import Deployment, ModelObject
 from .settings import Settings
 from .store import Store
 
@@ -38,6 +40,13 @@ class AppState:
         if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):
             base += prefix
         return base
+
+    def model_object(self, request: Request) -> ModelObject:
+        return catalog.model(self.api_base(request), self.store.count_predictions())
+
+    def deployment(self, owner: str, name: str) -> Deployment:
+        hardware = ",".join(m.device for m in self.models) or ",".join(self.settings.gpus) or "cpu"
+        return catalog.deployment(owner, name, hardware, max(1, len(self.workers)))
 
     def health(self) -> str:
         if self.phase != "READY":

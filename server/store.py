@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     data_removed INTEGER NOT NULL DEFAULT 0,
     output_token TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    owner TEXT
+    owner TEXT,
+    cancel_at REAL
 );
 CREATE INDEX IF NOT EXISTS predictions_status ON predictions(status, seq);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
@@ -56,7 +57,12 @@ CREATE TABLE IF NOT EXISTS settings (
 );
 """
 
+# Columns added after the first release: (name, type), added to older databases at open.
+_ADDED_COLUMNS = (("cancel_at", "REAL"),)
+_ACTIVE = "('starting', 'processing')"
 _JSON_COLUMNS = ("input", "output", "webhook_events")
+
+
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
     if row is None:
         return None
@@ -83,6 +89,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        present = {r["name"] for r in self.db.execute("PRAGMA table_info(predictions)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in present:
+                self.db.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self.lock:
@@ -132,13 +142,15 @@ class Store:
         return self._exec(sql, params).rowcount > 0
 
     def claim_next(self, now: float) -> dict[str, Any] | None:
-        """Atomically move the oldest queued prediction to processing and return it."""
+        """Atomically move the oldest queued prediction to processing and return it. One whose
+        Cancel-After deadline has passed is left for the deadline watcher to cancel."""
         with self.lock:
             row = self.db.execute(
                 "UPDATE predictions SET status = 'processing', started_at = ?, attempts = attempts + 1 "
-                "WHERE seq = (SELECT seq FROM predictions WHERE status = 'starting' ORDER BY seq LIMIT 1) "
+                "WHERE seq = (SELECT seq FROM predictions WHERE status = 'starting' "
+                "AND (cancel_at IS NULL OR cancel_at > ?) ORDER BY seq LIMIT 1) "
                 "RETURNING *",
-                (now,),
+                (now, now),
             ).fetchone()
             return _row(row)
 
@@ -154,6 +166,22 @@ class Store:
 
     def count_queued(self) -> int:
         return self._exec("SELECT COUNT(*) FROM predictions WHERE status = 'starting'").fetchone()[0]
+
+    def count_predictions(self) -> int:
+        return self._exec("SELECT COUNT(*) FROM predictions").fetchone()[0]
+
+    def mean_predict_time(self, last: int = 20) -> float | None:
+        """The mean run time of the last ``last`` predictions that ran to the end, or None."""
+        row = self._exec("SELECT AVG(predict_time) FROM (SELECT predict_time FROM predictions "
+                         "WHERE status = 'succeeded' AND predict_time IS NOT NULL ORDER BY seq DESC LIMIT ?)",
+                         (last,)).fetchone()
+        return row[0]
+
+    def deadlines(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Queued and running predictions with a Cancel-After deadline, soonest first."""
+        rows = self._exec(f"SELECT id, status, created_at, cancel_at FROM predictions WHERE cancel_at IS NOT NULL "
+                          f"AND status IN {_ACTIVE} ORDER BY cancel_at LIMIT ?", (limit,)).fetchall()
+        return [dict(r) for r in rows]
 
     def count_by_status(self) -> dict[str, int]:
         rows = self._exec("SELECT status, COUNT(*) AS n FROM predictions GROUP BY status").fetchall()
@@ -210,9 +238,21 @@ class Store:
         out["metadata"] = json.loads(out["metadata"])
         return out
 
-    def list_files(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._exec("SELECT id FROM files ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
-        return [self.get_file(r["id"]) for r in rows]
+    def list_files(self, *, limit: int, before_seq: int | None = None, after_seq: int | None = None) -> list[dict[str, Any]]:
+        """Newest first, paged like predictions (the rowid is the upload order)."""
+        where, params = [], []
+        if before_seq is not None:
+            where.append("rowid < ?")
+            params.append(before_seq)
+        if after_seq is not None:
+            where.append("rowid > ?")
+            params.append(after_seq)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        order = "ASC" if after_seq is not None else "DESC"
+        rows = self._exec(f"SELECT rowid AS seq, * FROM files {clause} ORDER BY rowid {order} LIMIT ?",
+                          [*params, limit]).fetchall()
+        out = [dict(r, metadata=json.loads(r["metadata"])) for r in rows]
+        return out if order == "DESC" else out[::-1]
 
     def delete_file(self, file_id: str) -> bool:
         return self._exec("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0

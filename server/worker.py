@@ -124,7 +124,7 @@ class Worker(threading.Thread):
             service.store.update_prediction(pid, status=Status.STARTING.value, started_at=None, logs=logs.text)
             service.requeue_requested.discard(pid)
         except Cancelled:
-            logs.line("Prediction canceled.")
+            logs.line(service.cancel_reasons.get(pid) or "Prediction canceled.")
             service.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,), logs=logs.text,
                                predict_time=time.monotonic() - started)
         except Exception as exc:  # one prediction's failure never stops the worker

@@ -70,3 +70,24 @@ def test_retention_removes_outputs(server_factory, tmp_path):
             break
         time.sleep(0.5)
     assert p["data_removed"] and p["output"] is None
+
+
+def test_a_database_from_before_deadlines_opens_and_keeps_its_queue(tmp_path):
+    """A database written before Cancel-After existed (no cancel_at column) gains the column when
+    opened; its queued predictions are claimed as before."""
+    import sqlite3
+
+    from server.store import SCHEMA, Store
+
+    path = tmp_path / "flux-fill.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA.replace(",\n    cancel_at REAL", ""))
+        assert "cancel_at" not in {r[1] for r in db.execute("PRAGMA table_info(predictions)")}
+        db.execute("INSERT INTO predictions (id, status, version, input, created_at, output_token) "
+                   "VALUES ('old', 'starting', 'hidden', '{}', 1.0, 't')")
+    store = Store(path)
+    try:
+        claimed = store.claim_next(2.0)
+        assert claimed["id"] == "old" and claimed["status"] == "processing" and claimed["cancel_at"] is None
+    finally:
+        store.close()

@@ -27,6 +27,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 
+if not CHROMIUM.exists() and os.environ.get("FLUX_FILL_REQUIRE_BROWSER"):
+    pytest.fail(f"FLUX_FILL_REQUIRE_BROWSER is set but {CHROMIUM} is missing (apt-get install chromium)", pytrace=False)
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "

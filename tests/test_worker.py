@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from server.admission import Admission
 from server.events import Hub
 from server.files import FileStore
 from server.predictions import PredictionService
@@ -22,6 +23,7 @@ def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
     store = Store(tmp_path / "flux-fill.sqlite3")
     service = PredictionService(Settings(data_dir=tmp_path), store, FileStore(tmp_path, store, 24), Hub())
     request = PredictionRequest(input=fast_input(noise_image(64, 64), box_mask(64, 64, (8, 8, 40, 40))))
+    admission = Admission(version="hidden", wait=None, cancel_after_s=None)
     created: list[str] = []
     found_empty = store.claim_next
 
@@ -29,7 +31,7 @@ def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
         row = found_empty(at)
         if row is None and not created:  # the create lands in the gap between looking and sleeping
             creator = threading.Thread(
-                target=lambda: created.append(service.create(request, "hidden", "http://test", None)["id"]))
+                target=lambda: created.append(service.create(request, admission, "http://test", None)["id"]))
             creator.start()
             creator.join(0.5)
         return row

@@ -6,16 +6,31 @@ import hmac
 import os
 import tempfile
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from ..files import content_type_for, describe_bytes
+from ..pages import paginate, parse_cursor
 from ..predictions import decode_metadata, iso
 from ..protocol import ApiError, FileChecksums, FileObject, FilePage, FileUrls, InvalidField, not_found, validation_failed
 from ..state import AppState, get_state, require_auth
 
 router = APIRouter(tags=["files"])
 outputs_router = APIRouter(tags=["outputs"])
+METADATA_LIMIT = 1024 * 1024  # the largest `metadata` part, text field or file part alike
+
+
+async def form_text(part) -> str | None:
+    """A form field's text, whether it came as a plain field or as a file part (JSON Blob)."""
+    if part is None or isinstance(part, str):
+        return part
+    data = await part.read(METADATA_LIMIT + 1)
+    if len(data) > METADATA_LIMIT:
+        raise ApiError(413, f"metadata is larger than {describe_bytes(METADATA_LIMIT)}.", "Payload Too Large")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise validation_failed([InvalidField(type="format", field="metadata", description="metadata must be UTF-8 JSON")]) from None
 
 
 def render_file(row: dict, base: str) -> FileObject:
@@ -24,7 +39,7 @@ def render_file(row: dict, base: str) -> FileObject:
         name=row["name"],
         content_type=row["content_type"],
         size=row["size"],
-        etag=row["sha256"][:32],
+        etag=row["md5"],  # Replicate's etag is the file's MD5
         checksums=FileChecksums(sha256=row["sha256"], md5=row["md5"]),
         metadata=row["metadata"],
         created_at=iso(row["created_at"]),
@@ -40,15 +55,21 @@ async def upload(request: Request, _=Depends(require_auth), state: AppState = De
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
     try:
-        form = await request.form(max_files=1, max_fields=8, max_part_size=1024 * 1024)
+        # Two file parts: the JavaScript client sends `metadata` as a JSON file part beside `content`.
+        form = await request.form(max_files=2, max_fields=8, max_part_size=METADATA_LIMIT)
     except Exception:
         raise validation_failed([InvalidField(type="format", field="content", description="the body must be multipart/form-data")]) from None
     upload = form.get("content")
     if upload is None or isinstance(upload, str):
+        await form.close()
         raise validation_failed([InvalidField(type="required", field="content", description="content is required")])
     name = form.get("filename") or upload.filename or "file"
     name = os.path.basename(str(name))[:255] or "file"
-    metadata = decode_metadata(form.get("metadata") if isinstance(form.get("metadata"), str) else None)
+    try:
+        metadata = decode_metadata(await form_text(form.get("metadata")))
+    except ApiError:
+        await form.close()
+        raise
     content_type = form.get("type") if isinstance(form.get("type"), str) else upload.content_type
     fd, tmp = tempfile.mkstemp(dir=state.files.tmp)
     size = 0
@@ -68,9 +89,11 @@ async def upload(request: Request, _=Depends(require_auth), state: AppState = De
 
 
 @router.get("/v1/files", response_model=FilePage, summary="List uploaded files")
-async def list_files(request: Request, _=Depends(require_auth), state: AppState = Depends(get_state)):
+async def list_files(request: Request, cursor: str | None = Query(None), _=Depends(require_auth),
+                     state: AppState = Depends(get_state)):
     base = state.api_base(request)
-    return FilePage(next=None, previous=None, results=[render_file(r, base) for r in state.store.list_files()])
+    page = paginate(state.store.list_files, parse_cursor(cursor), f"{base}/v1/files")
+    return FilePage(next=page.next, previous=page.previous, results=[render_file(r, base) for r in page.rows])
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject, summary="Get a file's metadata")
@@ -88,7 +111,8 @@ async def delete_file(file_id: str, _=Depends(require_auth), state: AppState = D
     return Response(status_code=204)
 
 
-@outputs_router.get("/outputs/{prediction_id}/{token}/{name}", summary="An output image (no auth; unguessable URL)")
+@outputs_router.get("/outputs/{prediction_id}/{token}/{name}", summary="An output image (no auth; unguessable URL)",
+                    response_class=FileResponse)
 async def get_output(prediction_id: str, token: str, name: str, state: AppState = Depends(get_state)):
     row = state.service.get(prediction_id)
     if row is None or row.get("data_removed") or not hmac.compare_digest(token.encode(), row["output_token"].encode()):
@@ -96,4 +120,6 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
     path = state.files.output_path(prediction_id, name)
     if path is None or name not in (row.get("output") or []):
         raise not_found()
-    return FileResponse(path, media_type=content_type_for(name), headers={"Cache-Control": "private, max-age=3600"})
+    # FileResponse answers Range requests (206) and sends an ETag; the file keeps its name.
+    return FileResponse(path, media_type=content_type_for(name), filename=name, content_disposition_type="inline",
+                        headers={"Cache-Control": "private, max-age=3600"})

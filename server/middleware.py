@@ -1,0 +1,117 @@
+"""ASGI middleware: the body size limit, HEAD on every GET route, and paths with a trailing slash.
+
+Each is a plain ASGI wrapper (no BaseHTTPMiddleware), so streamed responses stay streamed.
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+from starlette.routing import Match, Router
+
+from .files import describe_bytes
+from .protocol import Problem
+
+PROBLEM = "application/problem+json"
+
+
+def problem_response(problem: Problem, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(problem.model_dump(mode="json", exclude_none=True), status_code=problem.status,
+                        media_type=PROBLEM, headers=headers)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit (413) before they are read into memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = Problem(title="Payload Too Large", detail=f"The request body is larger than {describe_bytes(self.limit)}.", status=413)
+        if declared and declared.isdigit() and int(declared) > self.limit:
+            return await problem_response(too_big)(scope, receive, send)
+        seen, exceeded, answered = 0, False, False
+
+        async def limited():
+            nonlocal seen, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    exceeded = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded(message):
+            # A chunked body (no Content-Length) goes over the limit inside the app, which turns the
+            # error into its own answer (FastAPI: 400 "error parsing the body"): drop it, answer 413.
+            nonlocal answered
+            if exceeded:
+                return
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:  # _TooLarge, or whatever the app made of it
+            if not exceeded:
+                raise
+        if exceeded and not answered:
+            await problem_response(too_big)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class HeadAsGet:
+    """HEAD is answered on every GET route with the GET's status and headers and no body.
+
+    FastAPI routes declared with GET answer HEAD with 405. Here a HEAD runs as a GET; once its
+    headers are sent the answer is complete, and the app is told the client has gone, so that a
+    streamed answer (server-sent events) stops instead of running on for nobody."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+        answered = False
+
+        async def head_receive():
+            return {"type": "http.disconnect"} if answered else await receive()
+
+        async def head_send(message):
+            nonlocal answered
+            if answered or message["type"] != "http.response.start":
+                return
+            answered = True
+            await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app(dict(scope, method="GET"), head_receive, head_send)
+
+
+class TrailingSlash:
+    """A path with a trailing slash is served as the same path without it, directly: the Python
+    client does not follow the 307 a router would answer. Paths that exist with their slash (the
+    web page under a prefix, "/replicate/") are left alone."""
+
+    def __init__(self, app, router: Router):
+        self.app, self.router = app, router
+
+    def _known(self, scope) -> bool:
+        return any(route.matches(scope)[0] != Match.NONE for route in self.router.routes)
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/") and not self._known(scope):
+            trimmed = path.rstrip("/") or "/"
+            candidate = dict(scope, path=trimmed, raw_path=trimmed.encode())
+            if self._known(candidate):
+                scope = candidate
+        await self.app(scope, receive, send)
