@@ -12,6 +12,7 @@ import base64
 import contextlib
 import errno
 import hashlib
+import logging
 import mimetypes
 import os
 import re
@@ -39,6 +40,7 @@ def new_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
 
 
+log = logging.getLogger(__name__)
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -60,6 +62,7 @@ def disk_guard():
         yield
     except (OSError, sqlite3.OperationalError) as exc:
         if is_disk_full(exc):
+            log.warning("the disk is full: %s", exc)
             raise disk_full() from None
         raise
 

@@ -29,6 +29,11 @@ class Quotas:
 
     def check_room(self, caller: Caller, incoming: int) -> None:
         """Room for ``incoming`` more bytes from ``caller``: its quota first, then the disk."""
+        self.check_quota(caller, incoming)
+        if self.files.free_bytes() - incoming < self.settings.min_free_disk_mb * MB:
+            raise disk_full()
+
+    def check_quota(self, caller: Caller, incoming: int) -> None:
         limit = self.settings.tenant_max_stored_mb * MB
         if caller.has_quotas and limit:
             used = self.store.stored_bytes(caller.tenant)
@@ -38,8 +43,6 @@ class Quotas:
                                     f"{describe_bytes(used)} of its {describe_bytes(limit)}{adds}. Delete uploads it no "
                                     "longer needs, or wait until its files, inputs and outputs expire.",
                                "Payload Too Large")
-        if self.files.free_bytes() - incoming < self.settings.min_free_disk_mb * MB:
-            raise disk_full()
 
     def check_queue(self, caller: Caller, retry_after: Callable[[], int]) -> None:
         limit = self.settings.tenant_max_queued

@@ -276,8 +276,10 @@ class Store:
             return ids
 
     def vacuum(self) -> None:
+        """Rewrite the database to its live size, and empty the write-ahead log the rewrite went through."""
         with self.lock:
             self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- files --------------------------------------------------------------------------------
 

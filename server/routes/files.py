@@ -58,8 +58,9 @@ async def upload(request: Request, caller: Caller = Depends(require_auth), state
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
     quotas = state.service.quotas
-    if declared and declared.isdigit():  # refused before it is read: the file alone needs this much room
-        quotas.check_room(caller, max(0, min(int(declared), limit) - METADATA_LIMIT - 64 * 1024))
+    # Refused before it is read: the file alone needs about this much room (a chunked body declares none).
+    quotas.check_room(caller, max(0, min(int(declared), limit) - METADATA_LIMIT - 64 * 1024)
+                      if declared and declared.isdigit() else 0)
     try:
         # Two file parts: the JavaScript client sends `metadata` as a JSON file part beside `content`.
         form = await request.form(max_files=2, max_fields=8, max_part_size=METADATA_LIMIT)
@@ -88,7 +89,7 @@ async def upload(request: Request, caller: Caller = Depends(require_auth), state
                     if size > limit:
                         raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
                     out.write(chunk)
-            quotas.check_room(caller, size)
+            quotas.check_quota(caller, size)  # the disk was checked before: the file is on it now
             row = state.files.save_upload(tmp, name, content_type, metadata, owner=caller.tenant)
     finally:
         if tmp and os.path.exists(tmp):
