@@ -240,6 +240,49 @@ def test_fifty_mb_inputs_keep_rows_pages_webhooks_and_memory_small(server_factor
           f"(+{grew >> 20} MB), peak while creating {after_creates['VmHWM'] >> 20} MB; /health {health_s * 1000:.0f} ms")
 
 
+def test_one_prediction_with_four_large_outputs_is_streamed_not_built(server_factory):
+    """A 6000x6000 crop_to_mask prediction with four PNG outputs answered one GET of 290 MB, built in
+    memory. Its data: URIs are now streamed from the files: here four 20 MB outputs (107 MB of JSON)
+    cost the server a few MB. Rows and files are written as the worker writes them."""
+    from server.files import new_id
+    from server.store import Store
+
+    server = server_factory("--log-level", "warning")
+    pid, token = new_id(), secrets.token_urlsafe(24)
+    folder = server.data_dir / "outputs" / pid
+    folder.mkdir(parents=True)
+    outputs = [os.urandom(20 << 20) for _ in range(4)]
+    for i, data in enumerate(outputs):
+        (folder / f"out-{i}.png").write_bytes(data)
+    store = Store(server.data_dir / "flux-fill.sqlite3")
+    now = time.time()
+    store.insert_prediction(id=pid, status="succeeded", version="hidden", input={"prompt": "large", "crop_to_mask": True},
+                            output=[f"out-{i}.png" for i in range(4)], logs="", created_at=now, started_at=now,
+                            completed_at=now + 1, predict_time=1.0, output_token=token, input_blobs=[])
+    store.close()
+    process = server.process.pid
+    reset = reset_peak(process)
+    base = memory(process)
+    received = 0
+    started = time.monotonic()
+    with httpx.stream("GET", f"{server.url}/v1/predictions/{pid}", timeout=120) as r:
+        assert r.status_code == 200
+        first = b""
+        for chunk in r.iter_bytes():
+            received += len(chunk)
+            first = first or chunk
+    seconds = time.monotonic() - started
+    peak = memory(process)
+    expected = sum(len('"data:image/png;base64,"') + 4 * ((len(o) + 2) // 3) for o in outputs)
+    assert received > expected and first.startswith(b'{"id":"' + pid.encode())
+    if reset:
+        assert peak["VmHWM"] - base["VmRSS"] < 40 << 20, (peak, base)
+    one = replicate.Client(base_url=server.url, api_token="unused").predictions.get(pid)  # what the client parses
+    assert [base64.b64decode(o.split(",", 1)[1]) for o in one.output] == outputs
+    print(f"\none prediction with 4 x 20 MB outputs: {received >> 20} MB answered in {seconds:.2f} s, server peak "
+          f"+{(peak['VmHWM'] - base['VmRSS']) >> 20} MB")
+
+
 # -- retention -----------------------------------------------------------------------------------------
 
 def test_retention_removes_stored_inputs_and_blanks_the_input(server_factory):
