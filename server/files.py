@@ -163,6 +163,9 @@ class FileStore:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def stored_input_ids(self) -> list[str]:
+        return [p.name for p in self.inputs.iterdir() if p.is_dir()]
+
     def remove_inputs(self, prediction_id: str) -> None:
         shutil.rmtree(self.inputs / prediction_id, ignore_errors=True)
 

@@ -381,8 +381,12 @@ class PredictionService:
 
     def recover(self) -> list[str]:
         """At startup: move long inputs of predictions written before they were stored apart out of
-        their rows, and re-queue what was running when the server stopped."""
+        their rows, drop the stored inputs of creates that never wrote their row (a crash between
+        the two), and re-queue what was running when the server stopped."""
         self.store_inputs_apart()
+        for pid in self.files.stored_input_ids():
+            if self.store.get_delivery(pid) is None:
+                self.files.remove_inputs(pid)
         ids = self.store.requeue_interrupted()
         for pid in ids:
             log.warning("prediction %s was interrupted by a restart; it runs again", pid)

@@ -372,5 +372,9 @@ def test_a_database_from_before_moves_its_long_inputs_out_at_start(server_factor
     assert httpx.get(f"{server.url}/v1/predictions/{waiting}").json()["input"] == queued  # and it ran from the files
     assert "evil.example" not in json.dumps(listed)
     server.stop()
+    orphan = data / "inputs" / ("x" * 26)  # a create that crashed after its files, before its row
+    orphan.mkdir()
+    (orphan / "0").write_text("data:,lost")
     restarted = server_factory(data_dir=data)  # nothing left to move: it starts as any server does
     assert httpx.get(f"{restarted.url}/v1/predictions/{done}").json()["input"] == big
+    assert not orphan.exists() and (data / "inputs" / done).is_dir()
