@@ -17,11 +17,11 @@ from inference.inputs import describe_errors
 
 from .auth import Auth
 from .events import Hub
-from .files import FileStore, disk_full, is_disk_full
+from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
 from .middleware import BodyLimit, HeadAsGet, TrailingSlash, problem_response
 from .predictions import PredictionService
-from .protocol import ApiError, InvalidField, Problem, validation_failed
+from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from .routes import files as files_routes
 from .routes import models as model_routes
 from .routes import predictions as prediction_routes

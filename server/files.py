@@ -23,7 +23,7 @@ from pathlib import Path
 
 from inference.images import OUTPUT_CONTENT_TYPES
 
-from .protocol import ApiError
+from .protocol import disk_full
 from .store import Store, now
 
 _FILE_URL = re.compile(r"/v1/files/([a-z0-9]{20,40})/?$")
@@ -42,10 +42,6 @@ def new_id() -> str:
 
 log = logging.getLogger(__name__)
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-def disk_full() -> ApiError:
-    return ApiError(507, "The server's disk is full: nothing was stored. Try again later.", "Insufficient Storage")
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from fastapi.responses import Response
 
@@ -145,7 +145,7 @@ class PredictionService:
         return stored_inputs.fill(row["input"], self.stored(row),
                                   lambda item: self.files.read_input(row["id"], item.index) or "")
 
-    def resolver_for(self, row: dict[str, Any]):
+    def resolver_for(self, row: dict[str, Any]) -> Callable[[str], bytes | None]:
         """Resolves this server's file URLs in the prediction's input: its own tenant's files only
         (an admin's, or a server without tokens, any)."""
         owner = row.get("owner")

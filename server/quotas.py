@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .auth import Caller
-from .files import FileStore, describe_bytes, disk_full
-from .protocol import ApiError
+from .files import FileStore, describe_bytes
+from .protocol import ApiError, disk_full
 from .settings import Settings
 from .store import Store
 
