@@ -17,11 +17,11 @@ from inference.inputs import describe_errors
 
 from .auth import Auth
 from .events import Hub
-from .files import FileStore
+from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
 from .middleware import BodyLimit, HeadAsGet, TrailingSlash, problem_response
 from .predictions import PredictionService
-from .protocol import ApiError, InvalidField, Problem, validation_failed
+from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from .routes import files as files_routes
 from .routes import models as model_routes
 from .routes import predictions as prediction_routes
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        from .webhooks import WebhookSender, new_secret
+        from .webhooks import WebhookSender
 
         data = settings.data_dir
         data.mkdir(parents=True, exist_ok=True)
@@ -73,13 +73,12 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
         hub = Hub()
         hub.bind(asyncio.get_running_loop())
         service = PredictionService(settings, store, files, hub)
-        secret = store.setting("webhook_secret", new_secret)
         state = AppState(settings=settings, store=store, files=files, hub=hub, service=service,
-                         auth=Auth(settings.api_tokens, settings.rate_limit_per_minute), metrics=ServerMetrics(),
-                         webhook_secret=secret)
+                         auth=Auth(settings.api_tokens, settings.rate_limit_per_minute, settings.admin_tokens),
+                         metrics=ServerMetrics())
         app.state.flux = state
         service.recover()
-        sender = WebhookSender(secret, allow_private=not settings.block_private_urls)
+        sender = WebhookSender(state.webhook_secret(None), allow_private=not settings.block_private_urls)
         await sender.start()
         state.webhooks = service.webhooks = sender
 
@@ -87,7 +86,7 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
             row = store.get_delivery(prediction_id)
             if row and row.get("webhook"):
                 sender.notify(prediction_id, row["webhook"], row.get("webhook_events"), event,
-                              lambda: service.snapshot(prediction_id))
+                              lambda: service.snapshot(prediction_id), secret=state.webhook_secret(row.get("owner")))
             if event == "completed" and row and row.get("predict_time") is not None:
                 state.metrics.predict_time.observe(row["predict_time"])
 
@@ -130,6 +129,9 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):
+        if is_disk_full(exc):
+            log.warning("the disk is full: %s", exc)
+            return problem_response(disk_full().problem)
         log.exception("unexpected error")
         return problem_response(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500))
 

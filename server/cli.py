@@ -8,7 +8,7 @@ import sys
 
 from inference.cli import add_predict_parser
 
-FLAG_NAMES = {"api_tokens": "--api-token", "gpus": "--gpus"}
+FLAG_NAMES = {"api_tokens": "--api-token", "admin_tokens": "--admin-token", "gpus": "--gpus"}
 
 
 def add_serve_parser(sub) -> None:
@@ -22,7 +22,7 @@ def add_serve_parser(sub) -> None:
         annotation = info.annotation
         if annotation is bool or annotation == (bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif name == "api_tokens":
+        elif name in ("api_tokens", "admin_tokens"):
             kwargs["action"] = "append"
         elif name == "gpus":
             kwargs["type"] = lambda v: [x.strip() for x in v.split(",") if x.strip()]

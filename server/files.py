@@ -1,22 +1,29 @@
-"""Files on disk: uploads (the /v1/files API) and prediction outputs.
+"""Files on disk: uploads (the /v1/files API), prediction inputs stored apart, and outputs.
 
-Uploads live in ``<data>/files/<id>``, outputs in ``<data>/outputs/<prediction id>/out-<i>.<ext>``.
-File URLs that clients send back as inputs (``.../v1/files/<id>``) are resolved here, without HTTP.
+Uploads live in ``<data>/files/<id>``, outputs in ``<data>/outputs/<prediction id>/out-<i>.<ext>``,
+a prediction's long input strings in ``<data>/inputs/<prediction id>/<n>`` (UTF-8 text, exactly as
+sent). File URLs that clients send back as inputs (``.../v1/files/<id>``) are resolved here, without
+HTTP, for the tenant that uploaded them only.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
+import logging
 import mimetypes
 import os
 import re
 import secrets
 import shutil
+import sqlite3
 from pathlib import Path
 
 from inference.images import OUTPUT_CONTENT_TYPES
 
+from .protocol import disk_full
 from .store import Store, now
 
 _FILE_URL = re.compile(r"/v1/files/([a-z0-9]{20,40})/?$")
@@ -33,19 +40,44 @@ def new_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
 
 
+log = logging.getLogger(__name__)
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write that ran out of disk: a file's (ENOSPC, EDQUOT) or SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+
+
+@contextlib.contextmanager
+def disk_guard():
+    """Running out of disk inside is a 507, never a 500."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as exc:
+        if is_disk_full(exc):
+            log.warning("the disk is full: %s", exc)
+            raise disk_full() from None
+        raise
+
+
 class FileStore:
     def __init__(self, data_dir: Path, store: Store, expiry_hours: float):
         self.uploads = data_dir / "files"
         self.outputs = data_dir / "outputs"
+        self.inputs = data_dir / "inputs"
         self.tmp = data_dir / "tmp"
-        for folder in (self.uploads, self.outputs, self.tmp):
+        for folder in (self.uploads, self.outputs, self.inputs, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.expiry_s = expiry_hours * 3600
 
     # -- uploads ------------------------------------------------------------------------------
 
-    def save_upload(self, tmp_path: Path, name: str, content_type: str | None, metadata: dict) -> dict:
+    def save_upload(self, tmp_path: Path, name: str, content_type: str | None, metadata: dict,
+                    owner: str | None = None) -> dict:
         """Record a fully received upload (already size-checked) and move it in place."""
         file_id = new_id()
         sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
@@ -69,6 +101,7 @@ class FileStore:
             created_at=created,
             expires_at=created + self.expiry_s,
             path=str(target),
+            owner=owner,
         )
         return self.store.get_file(file_id)
 
@@ -79,18 +112,58 @@ class FileStore:
         Path(row["path"]).unlink(missing_ok=True)
         return self.store.delete_file(file_id)
 
-    def resolve(self, value: str) -> bytes | None:
-        """The bytes of one of our own file URLs, or None when ``value`` is not one."""
+    def resolve(self, value: str, sees=lambda owner: True) -> bytes | None:
+        """The bytes of one of our own file URLs whose owner ``sees`` accepts, or None (the URL is
+        then fetched like any other, as an unknown id is)."""
         match = _FILE_URL.search(value.split("?", 1)[0])
         if not match:
             return None
         row = self.store.get_file(match.group(1))
-        if row is None:
+        if row is None or not sees(row.get("owner")):
             return None
         try:
             return Path(row["path"]).read_bytes()
         except FileNotFoundError:
             return None
+
+    # -- inputs stored apart ------------------------------------------------------------------
+
+    def input_path(self, prediction_id: str, index: int) -> Path:
+        return self.inputs / prediction_id / str(index)
+
+    def write_inputs(self, prediction_id: str, values: list[str]) -> list[int]:
+        """Write each value (UTF-8); return their sizes in bytes. Nothing is left behind on failure."""
+        if not values:
+            return []
+        folder = self.inputs / prediction_id
+        folder.mkdir(parents=True, exist_ok=True)
+        sizes = []
+        try:
+            for index, value in enumerate(values):
+                data = value.encode("utf-8")
+                tmp = folder / f".{index}.tmp"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, folder / str(index))
+                sizes.append(len(data))
+        except BaseException:
+            self.remove_inputs(prediction_id)
+            raise
+        return sizes
+
+    def read_input(self, prediction_id: str, index: int) -> str | None:
+        try:
+            return self.input_path(prediction_id, index).read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def stored_input_ids(self) -> list[str]:
+        return [p.name for p in self.inputs.iterdir() if p.is_dir()]
+
+    def remove_inputs(self, prediction_id: str) -> None:
+        shutil.rmtree(self.inputs / prediction_id, ignore_errors=True)
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -135,6 +208,13 @@ class FileStore:
 
     def remove_outputs(self, prediction_id: str) -> None:
         shutil.rmtree(self.output_dir(prediction_id), ignore_errors=True)
+
+    def outputs_size(self, prediction_id: str, names: list[str]) -> int:
+        total = 0
+        for name in names:
+            path = self.output_path(prediction_id, name)
+            total += path.stat().st_size if path else 0
+        return total
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.outputs).free

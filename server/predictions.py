@@ -2,6 +2,11 @@
 
 Every status change goes through :meth:`PredictionService.transition`, which persists it and then
 publishes the event; routes, the worker and the webhook sender never write statuses themselves.
+
+Each prediction belongs to the tenant that made it (:class:`~server.auth.Caller`); another tenant's
+prediction is answered as an unknown one. Long input strings are stored apart from the row
+(:mod:`server.stored_inputs`); answers about one prediction stream them exactly as sent, list pages
+and webhook bodies carry their URLs.
 """
 
 from __future__ import annotations
@@ -14,11 +19,18 @@ import secrets
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
+from fastapi.responses import Response
+
+from inference.images import OUTPUT_CONTENT_TYPES
+
+from . import stored_inputs
 from .admission import Admission
+from .auth import ADMIN, Caller
+from .bodies import LargeStrings, data_uri_file, text_file
 from .events import Hub
-from .files import FileStore, new_id
+from .files import FileStore, disk_guard, new_id
 from .pages import paginate, parse_cursor
 from .protocol import (
     MODEL_REF,
@@ -32,8 +44,10 @@ from .protocol import (
     lone_surrogate_at,
     not_unicode,
 )
+from .quotas import Quotas
 from .settings import Settings
 from .store import Store, now
+from .stored_inputs import Stored
 
 log = logging.getLogger(__name__)
 DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
@@ -61,6 +75,7 @@ class PredictionService:
         self.store = store
         self.files = files
         self.hub = hub
+        self.quotas = Quotas(settings, store, files)
         self.cancel_requested: set[str] = set()
         self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
         self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
@@ -70,8 +85,11 @@ class PredictionService:
 
     # -- rendering ----------------------------------------------------------------------------
 
-    def base_for(self, row: dict[str, Any], request_base: str | None = None) -> str:
-        return (self.settings.public_url or request_base or row.get("base_url") or "").rstrip("/")
+    def base_for(self, request_base: str | None = None) -> str:
+        """The base of the URLs in an answer: --public-url, else the request's own base. An answer
+        made without a request (a webhook body) uses the address the server is bound to; nothing
+        taken from a request's Host is ever stored."""
+        return (self.settings.public_url or request_base or self.settings.bind_url).rstrip("/")
 
     def output_form(self, listing: bool) -> str:
         """"url" or "data": how outputs are written in a response (see --output-urls). The clients
@@ -86,18 +104,59 @@ class PredictionService:
         return "url" if listing else "data"
 
     def output_strings(self, row: dict[str, Any], request_base: str | None = None,
-                       listing: bool = False) -> list[str] | None:
+                       listing: bool = False, body: LargeStrings | None = None) -> list[str] | None:
+        """The outputs as URLs or data: URIs (see output_form); with ``body``, data: URIs are
+        placeholders that the answer streams from the files."""
         names = row.get("output")
         if names is None or row.get("data_removed"):
             return None
         if self.output_form(listing) == "url":
-            base = self.base_for(row, request_base)
+            base = self.base_for(request_base)
             return [f"{base}/outputs/{row['id']}/{row['output_token']}/{name}" for name in names]
+        if body is not None:
+            paths = [(self.files.output_path(row["id"], name), name) for name in names]
+            return [body.add(data_uri_file(path, OUTPUT_CONTENT_TYPES[name.rsplit(".", 1)[-1]]))
+                    for path, name in paths if path is not None]
         uris = [self.files.data_uri(row["id"], name) for name in names]
         return [u for u in uris if u is not None]
 
-    def render(self, row: dict[str, Any], request_base: str | None = None, listing: bool = False) -> Prediction:
-        base = self.base_for(row, request_base)
+    def stored(self, row: dict[str, Any]) -> list[Stored]:
+        return [Stored.of(ref) for ref in row.get("input_blobs") or []]
+
+    def input_url(self, row: dict[str, Any], item: Stored, request_base: str | None = None) -> str:
+        return f"{self.base_for(request_base)}/inputs/{row['id']}/{row['output_token']}/{item.name}"
+
+    def shown_input(self, row: dict[str, Any], request_base: str | None = None,
+                    body: LargeStrings | None = None) -> dict[str, Any]:
+        """The input as answered: exactly as sent, its stored strings streamed into ``body``; or,
+        without a body, with their URLs in their place. Empty once retention removed the data."""
+        if row.get("data_removed"):
+            return {}
+        stored = self.stored(row)
+        if not stored:
+            return row["input"]
+        if body is not None:
+            return stored_inputs.fill(row["input"], stored,
+                                      lambda item: body.add(text_file(self.files.input_path(row["id"], item.index))))
+        return stored_inputs.fill(row["input"], stored, lambda item: self.input_url(row, item, request_base))
+
+    def worker_input(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The whole input, as sent, for the worker to run."""
+        return stored_inputs.fill(row["input"], self.stored(row),
+                                  lambda item: self.files.read_input(row["id"], item.index) or "")
+
+    def resolver_for(self, row: dict[str, Any]) -> Callable[[str], bytes | None]:
+        """Resolves this server's file URLs in the prediction's input: its own tenant's files only
+        (an admin's, or a server without tokens, any)."""
+        owner = row.get("owner")
+        return lambda value: self.files.resolve(value, lambda file_owner: owner in (None, ADMIN) or file_owner == owner)
+
+    def render(self, row: dict[str, Any], request_base: str | None = None, listing: bool = False,
+               body: LargeStrings | None = None) -> Prediction:
+        """The prediction as answered. With ``body`` (not a list page), the input is the one sent and
+        its long strings and data: outputs are streamed by the answer; without, long input strings
+        are URLs (list pages, webhook bodies)."""
+        base = self.base_for(request_base)
         pid = row["id"]
         status = Status(row["status"])
         metrics = None
@@ -110,9 +169,9 @@ class PredictionService:
             id=pid,
             model=MODEL_REF,
             version=row["version"],
-            input=row["input"],
+            input=self.shown_input(row, request_base, None if listing else body),
             logs=row.get("logs") or "",
-            output=self.output_strings(row, request_base, listing),
+            output=self.output_strings(row, request_base, listing, body),
             data_removed=bool(row.get("data_removed")),
             error=row.get("error"),
             status=status,
@@ -128,39 +187,59 @@ class PredictionService:
             metrics=metrics,
         )
 
+    def respond(self, row: dict[str, Any], request_base: str, status_code: int = 200,
+                headers: dict[str, str] | None = None, status: Status | None = None) -> Response:
+        """One prediction as an answer (create, get, cancel): the input exactly as sent, streamed."""
+        body = LargeStrings()
+        prediction = self.render(row, request_base, body=body)
+        if status is not None:
+            prediction.status = status
+        return body.response(prediction.model_dump(mode="json"), status_code, headers)
+
     def snapshot(self, prediction_id: str) -> dict[str, Any]:
+        """A webhook body: the prediction, with long input strings as URLs."""
         row = self.store.get_prediction(prediction_id)
         return self.render(row).model_dump(mode="json") if row else {}
 
     # -- create / read ------------------------------------------------------------------------
 
-    def create(self, request: PredictionRequest, admission: Admission, request_base: str,
-               owner: str | None) -> dict[str, Any]:
-        """Write an admitted prediction to the queue (the input as it was sent) and wake a worker."""
+    def create(self, request: PredictionRequest, admission: Admission, caller: Caller) -> dict[str, Any]:
+        """Write an admitted prediction to the queue (the input as it was sent, its long strings in
+        files of their own) and wake a worker."""
         queued = self.store.count_queued()
         if queued >= self.settings.max_queue:
             raise ApiError(429, f"The server is overloaded: {queued} predictions are waiting. Try again later.",
                            "Too Many Requests", headers={"Retry-After": str(self.seconds_until_a_slot_frees())})
+        self.quotas.check_queue(caller, self.seconds_until_a_slot_frees)
+        inline, stored, values = stored_inputs.split(request.sent_input)
+        self.quotas.check_room(caller, sum(map(stored_inputs.utf8_size, values)))
         webhook = request.webhook or request.webhook_completed
         events = request.webhook_events_filter
         if request.webhook is None and request.webhook_completed is not None:
             events = ["completed"]
         pid = new_id()
         created = now()
-        self.store.insert_prediction(
-            id=pid,
-            status=Status.STARTING.value,
-            version=admission.version,
-            input=request.sent_input,
-            logs="",
-            created_at=created,
-            webhook=webhook,
-            webhook_events=list(events) if events is not None else None,
-            base_url=request_base,
-            output_token=secrets.token_urlsafe(24),
-            owner=owner,
-            cancel_at=created + admission.cancel_after_s if admission.cancel_after_s is not None else None,
-        )
+        with disk_guard():
+            sizes = self.files.write_inputs(pid, values)
+            try:
+                self.store.insert_prediction(
+                    id=pid,
+                    status=Status.STARTING.value,
+                    version=admission.version,
+                    input=inline,
+                    input_blobs=[item.ref() for item in stored],
+                    input_bytes=sum(sizes),
+                    logs="",
+                    created_at=created,
+                    webhook=webhook,
+                    webhook_events=list(events) if events is not None else None,
+                    output_token=secrets.token_urlsafe(24),
+                    owner=caller.tenant,
+                    cancel_at=created + admission.cancel_after_s if admission.cancel_after_s is not None else None,
+                )
+            except BaseException:
+                self.files.remove_inputs(pid)
+                raise
         with self.work_available:
             self.work_available.notify()
         if admission.cancel_after_s is not None:
@@ -173,11 +252,17 @@ class PredictionService:
         mean = self.store.mean_predict_time() or DEFAULT_PREDICT_S
         return max(1, math.ceil(mean / max(1, len(self.settings.gpus))))
 
-    def get(self, prediction_id: str) -> dict[str, Any] | None:
-        return self.store.get_prediction(prediction_id)
+    def get(self, prediction_id: str, caller: Caller | None = None) -> dict[str, Any] | None:
+        """The prediction's row; None when unknown, or another tenant's when ``caller`` is given."""
+        row = self.store.get_prediction(prediction_id)
+        if row is None or (caller is not None and not caller.sees(row.get("owner"))):
+            return None
+        return row
 
-    def page(self, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
-             created_before: str | None) -> PredictionPage:
+    def page(self, caller: Caller, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
+             created_before: str | None) -> Response:
+        """A list page of the caller's predictions (an admin's: everyone's); data: outputs, when
+        --output-urls data asks for them in pages, are streamed from their files."""
         window = parse_cursor(cursor)
         try:
             ca = parse_iso(created_after) if created_after else None
@@ -185,10 +270,13 @@ class PredictionService:
         except ValueError:
             raise ApiError(400, "created_after and created_before must be ISO 8601 dates.", "Bad Request") from None
         query = {k: v for k, v in (("created_after", created_after), ("created_before", created_before)) if v}
-        page = paginate(lambda **kw: self.store.list_predictions(created_after=ca, created_before=cb, **kw),
+        page = paginate(lambda **kw: self.store.list_predictions(created_after=ca, created_before=cb,
+                                                                 owner=caller.scope, **kw),
                         window, list_url, query)
-        return PredictionPage(next=page.next, previous=page.previous,
-                              results=[self.render(r, request_base, listing=True) for r in page.rows])
+        body = LargeStrings()
+        listed = PredictionPage(next=page.next, previous=page.previous,
+                                results=[self.render(r, request_base, listing=True, body=body) for r in page.rows])
+        return body.response(listed.model_dump(mode="json"))
 
     async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
         """Wait until the prediction is terminal or ``timeout`` seconds pass; return its row."""
@@ -211,10 +299,10 @@ class PredictionService:
 
     # -- cancel -------------------------------------------------------------------------------
 
-    def cancel(self, prediction_id: str, reason: str | None = None) -> dict[str, Any] | None:
+    def cancel(self, prediction_id: str, reason: str | None = None, caller: Caller | None = None) -> dict[str, Any] | None:
         """Cancel a queued prediction at once, a running one at its next denoising step. ``reason``
-        goes in its logs (a user's cancel needs none)."""
-        row = self.store.get_prediction(prediction_id)
+        goes in its logs (a user's cancel needs none). Another tenant's prediction is unknown (None)."""
+        row = self.get(prediction_id, caller)
         if row is None:
             return None
         status = Status(row["status"])
@@ -267,6 +355,8 @@ class PredictionService:
         """Move a prediction to ``status`` (persisted first), then tell listeners."""
         if status.terminal:
             fields.setdefault("completed_at", now())
+        if fields.get("output"):
+            fields.setdefault("output_bytes", self.files.outputs_size(prediction_id, fields["output"]))
         changed = self.store.update_prediction(
             prediction_id,
             only_if_status=tuple(s.value for s in only_if) if only_if else None,
@@ -290,20 +380,49 @@ class PredictionService:
         self.hub.publish(prediction_id, "logs")
 
     def recover(self) -> list[str]:
-        """At startup: re-queue what was running when the server stopped."""
+        """At startup: move long inputs of predictions written before they were stored apart out of
+        their rows, drop the stored inputs of creates that never wrote their row (a crash between
+        the two), and re-queue what was running when the server stopped."""
+        self.store_inputs_apart()
+        for pid in self.files.stored_input_ids():
+            if self.store.get_delivery(pid) is None:
+                self.files.remove_inputs(pid)
         ids = self.store.requeue_interrupted()
         for pid in ids:
             log.warning("prediction %s was interrupted by a restart; it runs again", pid)
         return ids
 
+    def store_inputs_apart(self) -> int:
+        """Rows written before inputs were stored apart: their long strings go to files, one row at a
+        time, and the database is compacted once if any moved."""
+        ids = self.store.inline_inputs(stored_inputs.INLINE_LIMIT)
+        for pid in ids:
+            row = self.store.get_prediction(pid)
+            if not isinstance(row["input"], dict):
+                self.store.update_prediction(pid, input_blobs=[])
+                continue
+            inline, stored, values = stored_inputs.split(row["input"])
+            sizes = self.files.write_inputs(pid, values)
+            self.store.update_prediction(pid, input=inline, input_blobs=[item.ref() for item in stored],
+                                         input_bytes=sum(sizes))
+        if ids:
+            log.info("moved the long inputs of %d predictions out of the database", len(ids))
+            try:
+                self.store.vacuum()
+            except Exception as exc:  # e.g. too little disk to rewrite it: it stays as large, and works
+                log.warning("could not compact the database: %s", exc)
+        return len(ids)
+
     def expire(self) -> int:
-        """Delete outputs past the retention time and uploads past their expiry."""
+        """Delete outputs and stored inputs past the retention time (the input is then {}, as on
+        Replicate) and uploads past their expiry."""
         removed = 0
         if self.settings.retention_hours > 0:
             cutoff = now() - self.settings.retention_hours * 3600
-            for row in self.store.expired_predictions(cutoff):
-                self.files.remove_outputs(row["id"])
-                self.store.update_prediction(row["id"], data_removed=1, output=None)
+            for pid in self.store.expired_predictions(cutoff):
+                self.files.remove_outputs(pid)
+                self.files.remove_inputs(pid)
+                self.store.remove_data(pid)
                 removed += 1
         for f in self.store.expired_files(now()):
             self.files.delete_upload(f["id"])

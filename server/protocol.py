@@ -244,6 +244,10 @@ def not_found() -> ApiError:
     return ApiError(404, "The requested resource could not be found.")
 
 
+def disk_full() -> ApiError:
+    return ApiError(507, "The server's disk is full: nothing was stored. Try again later.", "Insufficient Storage")
+
+
 def unauthenticated() -> ApiError:
     return ApiError(401, "You did not pass a valid authentication token", "Unauthenticated",
                     headers={"WWW-Authenticate": "Bearer"})

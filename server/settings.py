@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def split_token(spec: str) -> tuple[str | None, str]:
+    """An --api-token value as (tenant name, token): "NAME:TOKEN" names its tenant; anything else is
+    a bare token, a tenant of its own. A token that itself holds a colon is given a name ("me:a:b")."""
+    name, sep, token = spec.partition(":")
+    if sep and token and _TENANT_NAME.fullmatch(name):
+        return name, token
+    return None, spec
 
 
 class Settings(BaseSettings):
@@ -23,7 +35,8 @@ class Settings(BaseSettings):
     components: str | None = Field(None, description="With a single-file --weights: folder with VAE, text encoders, tokenizers, scheduler.")
     gpus: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Devices to run on, one worker each (e.g. cuda:0,cuda:1). Default: the first GPU, else the CPU.")
     data_dir: Path = Field(Path("./data"), description="Where the SQLite database, uploads and outputs live.")
-    api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API tokens. None: no auth, loopback only.")
+    api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API tokens, each a tenant: it sees only its own predictions and files. NAME:TOKEN names the tenant, and tokens given the same NAME share one. None: no auth, loopback only.")
+    admin_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Tokens that see, cancel and delete every tenant's predictions and files; no quotas apply to them.")
     allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without any API token.")
     prefix: str = Field("", description="Also serve every route under this prefix, e.g. /replicate.")
     public_url: str | None = Field(None, description="Base URL clients reach the server at; https here makes outputs URLs instead of data URIs.")
@@ -46,10 +59,12 @@ class Settings(BaseSettings):
     block_private_urls: bool = Field(False, description="Refuse input and webhook URLs that point to private or loopback addresses (SSRF).")
     max_batch: int = Field(4, ge=1, le=4, description="Outputs denoised together in one batch.")
     rate_limit_per_minute: int = Field(0, ge=0, description="Creates per token per minute; 0 is unlimited.")
-    min_free_disk_mb: int = Field(64, ge=0, description="Below this much free disk (MB) new predictions fail cleanly instead of half-writing outputs.")
+    min_free_disk_mb: int = Field(64, ge=0, description="Below this much free disk (MB) uploads and creates are refused with 507 and queued predictions fail cleanly instead of half-writing outputs.")
+    tenant_max_queued: int = Field(1000, ge=0, description="With tokens: predictions one tenant may have waiting at once before its creates get 429; 0 is unlimited.")
+    tenant_max_stored_mb: int = Field(5120, ge=0, description="With tokens: megabytes one tenant may store (uploads, prediction inputs and outputs, until they expire) before its uploads and creates get 413; 0 is unlimited.")
     log_level: str = Field("info")
 
-    @field_validator("gpus", "api_tokens", mode="before")
+    @field_validator("gpus", "api_tokens", "admin_tokens", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
@@ -64,13 +79,39 @@ class Settings(BaseSettings):
             value = "/" + value
         return value
 
+    @model_validator(mode="after")
+    def _tokens_are_unambiguous(self):
+        seen: dict[str, str] = {}
+        for spec in self.api_tokens:
+            name, token = split_token(spec)
+            if seen.setdefault(token, name or "") != (name or ""):
+                raise ValueError("the same --api-token is given to two tenants")
+        if set(seen) & set(self.admin_tokens):
+            raise ValueError("a token is given both as --api-token and --admin-token")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens or self.admin_tokens)
+
+    @property
+    def bind_url(self) -> str:
+        """The server's address as bound, for URLs made without a request (webhook bodies) when there
+        is no --public-url: a wildcard host is shown as the machine's name."""
+        host = self.host
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
     @property
     def loopback_only(self) -> bool:
         return self.host in LOOPBACK_HOSTS
 
     def check_exposure(self) -> None:
         """Refuse to serve a non-loopback address with no token unless told to explicitly."""
-        if not self.api_tokens and not self.loopback_only and not self.allow_unauthenticated:
+        if not self.auth_enabled and not self.loopback_only and not self.allow_unauthenticated:
             raise SystemExit(
                 f"Refusing to serve {self.host} without an API token: anyone on the network could use it. "
                 "Pass --api-token (or FLUX_FILL_API_TOKENS), or --allow-unauthenticated to accept the risk."

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from . import catalog
-from .auth import Auth
+from .auth import Auth, Caller
 from .events import Hub
 from .files import FileStore
 from .metrics import ServerMetrics
@@ -26,12 +26,22 @@ class AppState:
     service: PredictionService
     auth: Auth
     metrics: ServerMetrics
-    webhook_secret: str
     phase: str = "STARTING"  # STARTING, READY, SETUP_FAILED
     setup_error: str | None = None
     models: list = field(default_factory=list)  # LoadedModel per device
     workers: list = field(default_factory=list)
     webhooks: object | None = None
+    secrets: dict = field(default_factory=dict)  # owner -> its webhook signing secret, once read
+
+    def webhook_secret(self, owner: str | None) -> str:
+        """The signing secret of one tenant's webhooks (made on first use, kept in the database). The
+        implicit tenant of a server without tokens keeps the one secret servers had before tenants."""
+        from .webhooks import new_secret
+
+        if owner not in self.secrets:
+            key = "webhook_secret" if owner is None else f"webhook_secret:{owner}"
+            self.secrets[owner] = self.store.setting(key, new_secret)
+        return self.secrets[owner]
 
     def api_base(self, request: Request) -> str:
         """The base URL the client used: scheme, host and, when it came through it, the prefix."""
@@ -41,8 +51,8 @@ class AppState:
             base += prefix
         return base
 
-    def model_object(self, request: Request) -> ModelObject:
-        return catalog.model(self.api_base(request), self.store.count_predictions())
+    def model_object(self, request: Request, caller: Caller) -> ModelObject:
+        return catalog.model(self.api_base(request), self.store.count_predictions(caller.scope))
 
     def deployment(self, owner: str, name: str) -> Deployment:
         hardware = ",".join(m.device for m in self.models) or ",".join(self.settings.gpus) or "cpu"
@@ -58,6 +68,13 @@ def get_state(request: Request) -> AppState:
     return request.app.state.flux
 
 
-def require_auth(request: Request) -> str | None:
+def require_auth(request: Request) -> Caller:
+    """The caller (a dependency): 401 without a valid token on a server that has tokens."""
     state: AppState = request.app.state.flux
     return state.auth.check(request)
+
+
+def optional_auth(request: Request) -> Caller | None:
+    """The caller of a valid token, or None, on routes that answer without one."""
+    state: AppState = request.app.state.flux
+    return state.auth.identify(request)

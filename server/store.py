@@ -2,7 +2,8 @@
 
 One connection in WAL mode, guarded by a lock: every statement is short, and a committed row
 survives a ``kill -9``. Images are not stored here; outputs and uploads are files on disk whose
-names are recorded here.
+names are recorded here, and so are a prediction's long input strings (data URIs): the row keeps
+where they stood (``input_blobs``), so rows and list pages stay small whatever a client sends.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ CREATE TABLE IF NOT EXISTS predictions (
     output_token TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
-    cancel_at REAL
+    cancel_at REAL,
+    input_blobs TEXT,
+    input_bytes INTEGER NOT NULL DEFAULT 0,
+    output_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS predictions_status ON predictions(status, seq);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
@@ -49,7 +53,8 @@ CREATE TABLE IF NOT EXISTS files (
     metadata TEXT NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL,
-    path TEXT NOT NULL
+    path TEXT NOT NULL,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
@@ -57,10 +62,19 @@ CREATE TABLE IF NOT EXISTS settings (
 );
 """
 
-# Columns added after the first release: (name, type), added to older databases at open.
-_ADDED_COLUMNS = (("cancel_at", "REAL"),)
+# Columns added after the first release: table -> (name, type), added to older databases at open.
+_ADDED_COLUMNS = {
+    "predictions": (("cancel_at", "REAL"), ("input_blobs", "TEXT"), ("input_bytes", "INTEGER NOT NULL DEFAULT 0"),
+                    ("output_bytes", "INTEGER NOT NULL DEFAULT 0")),
+    "files": (("owner", "TEXT"),),
+}
+# Indexes on added columns: made once the columns exist.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS predictions_owner ON predictions(owner, seq);
+CREATE INDEX IF NOT EXISTS files_owner ON files(owner);
+"""
 _ACTIVE = "('starting', 'processing')"
-_JSON_COLUMNS = ("input", "output", "webhook_events")
+_JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs")
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -89,10 +103,12 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        present = {r["name"] for r in self.db.execute("PRAGMA table_info(predictions)")}
-        for name, kind in _ADDED_COLUMNS:
-            if name not in present:
-                self.db.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        self.db.executescript(_INDEXES)
 
     def close(self) -> None:
         with self.lock:
@@ -125,8 +141,8 @@ class Store:
         return _row(self._exec("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone())
 
     def get_delivery(self, prediction_id: str) -> dict[str, Any] | None:
-        """What each event needs (webhook, its filter, predict time) without the large input and logs."""
-        row = self._exec("SELECT webhook, webhook_events, predict_time FROM predictions WHERE id = ?",
+        """What each event needs (webhook, its filter, owner, predict time) without the input and logs."""
+        row = self._exec("SELECT webhook, webhook_events, owner, predict_time FROM predictions WHERE id = ?",
                          (prediction_id,)).fetchone()
         return _row(row)
 
@@ -164,11 +180,24 @@ class Store:
             ).fetchall()
             return [r["id"] for r in rows]
 
-    def count_queued(self) -> int:
-        return self._exec("SELECT COUNT(*) FROM predictions WHERE status = 'starting'").fetchone()[0]
+    def count_queued(self, owner: str | None = None) -> int:
+        """Predictions waiting to run: all of them, or one owner's."""
+        if owner is None:
+            return self._exec("SELECT COUNT(*) FROM predictions WHERE status = 'starting'").fetchone()[0]
+        return self._exec("SELECT COUNT(*) FROM predictions WHERE status = 'starting' AND owner = ?",
+                          (owner,)).fetchone()[0]
 
-    def count_predictions(self) -> int:
-        return self._exec("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    def count_predictions(self, owner: str | None = None) -> int:
+        if owner is None:
+            return self._exec("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        return self._exec("SELECT COUNT(*) FROM predictions WHERE owner = ?", (owner,)).fetchone()[0]
+
+    def stored_bytes(self, owner: str | None) -> int:
+        """What one owner keeps on disk: its uploads, and its predictions' stored inputs and outputs."""
+        files = self._exec("SELECT COALESCE(SUM(size), 0) FROM files WHERE owner IS ?", (owner,)).fetchone()[0]
+        kept = self._exec("SELECT COALESCE(SUM(input_bytes + output_bytes), 0) FROM predictions "
+                          "WHERE owner IS ? AND data_removed = 0", (owner,)).fetchone()[0]
+        return files + kept
 
     def mean_predict_time(self, last: int = 20) -> float | None:
         """The mean run time of the last ``last`` predictions that ran to the end, or None."""
@@ -195,9 +224,14 @@ class Store:
         after_seq: int | None = None,
         created_after: float | None = None,
         created_before: float | None = None,
+        owner: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Newest first. ``before_seq`` pages older, ``after_seq`` pages newer (still returned newest first)."""
+        """Newest first. ``before_seq`` pages older, ``after_seq`` pages newer (still returned newest first);
+        ``owner`` keeps one owner's."""
         where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
         if before_seq is not None:
             where.append("seq < ?")
             params.append(before_seq)
@@ -216,12 +250,36 @@ class Store:
         out = [_row(r) for r in rows]
         return out if order == "DESC" else out[::-1]
 
-    def expired_predictions(self, before: float) -> list[dict[str, Any]]:
+    def expired_predictions(self, before: float) -> list[str]:
         rows = self._exec(
-            "SELECT * FROM predictions WHERE data_removed = 0 AND completed_at IS NOT NULL AND completed_at < ?",
+            "SELECT id FROM predictions WHERE data_removed = 0 AND completed_at IS NOT NULL AND completed_at < ?",
             (before,),
         ).fetchall()
-        return [_row(r) for r in rows]
+        return [r["id"] for r in rows]
+
+    def remove_data(self, prediction_id: str) -> None:
+        """Retention: the prediction keeps its record; its input, output and their sizes are gone."""
+        self._exec("UPDATE predictions SET data_removed = 1, output = NULL, input = '{}', input_blobs = '[]', "
+                   "input_bytes = 0, output_bytes = 0 WHERE id = ?", (prediction_id,))
+
+    def inline_inputs(self, longer_than: int) -> list[str]:
+        """Predictions written before inputs were stored apart whose input is longer than
+        ``longer_than`` characters; the rest are marked as stored apart already (nothing to move)."""
+        with self.lock:
+            ids = [r["id"] for r in self.db.execute(
+                "SELECT id FROM predictions WHERE input_blobs IS NULL AND data_removed = 0 AND length(input) > ?",
+                (longer_than,))]
+            self.db.execute("UPDATE predictions SET input = '{}', input_blobs = '[]' "
+                            "WHERE input_blobs IS NULL AND data_removed = 1")
+            self.db.execute("UPDATE predictions SET input_blobs = '[]' WHERE input_blobs IS NULL AND length(input) <= ?",
+                            (longer_than,))
+            return ids
+
+    def vacuum(self) -> None:
+        """Rewrite the database to its live size, and empty the write-ahead log the rewrite went through."""
+        with self.lock:
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- files --------------------------------------------------------------------------------
 
@@ -238,9 +296,13 @@ class Store:
         out["metadata"] = json.loads(out["metadata"])
         return out
 
-    def list_files(self, *, limit: int, before_seq: int | None = None, after_seq: int | None = None) -> list[dict[str, Any]]:
-        """Newest first, paged like predictions (the rowid is the upload order)."""
+    def list_files(self, *, limit: int, before_seq: int | None = None, after_seq: int | None = None,
+                   owner: str | None = None) -> list[dict[str, Any]]:
+        """Newest first, paged like predictions (the rowid is the upload order); ``owner`` keeps one owner's."""
         where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
         if before_seq is not None:
             where.append("rowid < ?")
             params.append(before_seq)

@@ -67,6 +67,7 @@ class _Job:
     event: str
     url: str
     snapshot: Callable[[], dict]
+    secret: str | None = None  # the prediction's tenant's, when not the sender's own
 
 
 @dataclasses.dataclass
@@ -160,11 +161,13 @@ class WebhookSender:
         events_filter: list[str] | None,
         event: str,
         snapshot: Callable[[], dict],
+        secret: str | None = None,
     ) -> None:
         """Queue the webhook for one prediction event; never blocks, never raises.
 
         events_filter: the events the prediction asked for; None means all of them.
         snapshot: returns the prediction as GET /v1/predictions/{id} shows it; called at send time.
+        secret: the signing secret of the prediction's tenant; None signs with the sender's own.
         Meant for the event loop thread; a call from another thread is handed over to the loop.
         """
         try:
@@ -177,7 +180,7 @@ class WebhookSender:
                 on_loop = asyncio.get_running_loop() is self._loop
             except RuntimeError:
                 on_loop = False
-            args = (prediction_id, url, events_filter, event, snapshot)
+            args = (prediction_id, url, events_filter, event, snapshot, secret)
             if on_loop:
                 self._enqueue(*args)
             else:
@@ -193,7 +196,7 @@ class WebhookSender:
         except Exception:
             logger.exception("webhooks: event not queued")
 
-    def _enqueue(self, prediction_id, url, events_filter, event, snapshot) -> None:
+    def _enqueue(self, prediction_id, url, events_filter, event, snapshot, secret=None) -> None:
         if event not in EVENTS:
             logger.warning("webhooks: unknown event %r for %s ignored", event, prediction_id)
             return
@@ -208,7 +211,7 @@ class WebhookSender:
             channel = self._channels[prediction_id] = _Channel()
         if channel.completed:
             return  # nothing follows completed, whether it was sent or filtered out
-        job = _Job(event, url, snapshot)
+        job = _Job(event, url, snapshot, secret)
         if event == "completed":
             channel.completed = True  # even when filtered out: no events follow the end
             if wanted:  # the final body carries everything: pending output/logs sends are moot
@@ -222,6 +225,7 @@ class WebhookSender:
         elif event in _PROGRESS and channel.pending_progress is not None:
             channel.pending_progress.url = url  # coalesced: the queued send will snapshot the newest state
             channel.pending_progress.snapshot = snapshot
+            channel.pending_progress.secret = secret
             return
         else:
             if event in _PROGRESS:
@@ -284,7 +288,7 @@ class WebhookSender:
         where = _host_of(job.url)  # the URL itself may carry a token: log only the host
         while True:
             try:
-                failure = await self._attempt(job.url, msg_id, body)
+                failure = await self._attempt(job.url, msg_id, body, job.secret)
             except _Refused as refusal:
                 logger.warning("webhooks: %s event of %s to %s refused: %s", job.event, prediction_id, where, refusal)
                 self.stats["dropped"] += 1
@@ -305,7 +309,7 @@ class WebhookSender:
             self.stats["retried"] += 1
             await asyncio.sleep(pause)
 
-    async def _attempt(self, url: str, msg_id: str, body: bytes) -> str | None:
+    async def _attempt(self, url: str, msg_id: str, body: bytes, secret: str | None = None) -> str | None:
         """POST once: None on a 2xx, else why it failed. Raises _Refused for a forbidden URL."""
         try:
             address = await asyncio.wait_for(self._check_destination(url), self._timeout_s)
@@ -317,7 +321,7 @@ class WebhookSender:
             "user-agent": self._user_agent,
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self._secret, msg_id, timestamp, body),
+            "webhook-signature": sign(secret or self._secret, msg_id, timestamp, body),
         }
         async with self._slots:
             try:

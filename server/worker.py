@@ -107,10 +107,10 @@ class Worker(threading.Thread):
         try:
             if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
-            inp = parse_input(row["input"])
+            inp = parse_input(service.worker_input(row))
             outputs = self.engine.predict(
                 inp,
-                resolver=service.files.resolve,
+                resolver=service.resolver_for(row),
                 on_step=logs.progress,
                 cancelled=cancelled,
                 log=logs.line,

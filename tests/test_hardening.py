@@ -357,17 +357,27 @@ def test_a_slow_webhook_receiver_never_stalls_the_queue(faulty):
     print(f"\nslow webhook receiver (10 s): 5 predictions done in {elapsed:.1f} s")
 
 
-def test_a_full_disk_fails_new_predictions_cleanly(server_factory):
-    server = server_factory("--min-free-disk-mb", str(10**12))  # an exabyte: the disk is always "full"
-    ps = [create(server.url, quick_input(), headers={"Prefer": "wait=20"}) for _ in range(2)]
-    for p in ps:
+def test_a_full_disk_fails_queued_predictions_cleanly_and_refuses_new_work(server_factory, tmp_path):
+    """Predictions queued while there was room fail with a clear error when the disk is full as they
+    run (here the server comes back with the disk "full"); new creates and uploads get 507."""
+    data = tmp_path / "full"
+    server = server_factory(data_dir=data)
+    slow = fast_input(noise_image(64, 64), box_mask(64, 64, (8, 8, 40, 40)), num_inference_steps=50,
+                      megapixels="1", num_outputs=4)
+    ids = [create(server.url, slow)["id"]] + [create(server.url, quick_input())["id"] for _ in range(2)]
+    server.kill()
+    full = server_factory("--min-free-disk-mb", str(10**12), data_dir=data)  # an exabyte: always "full"
+    found = wait_terminal(full.url, ids)
+    for p in found.values():
         assert p["status"] == "failed"
         assert p["error"] == "The server's disk is full; this prediction could not be saved."
         assert p["output"] is None and p["completed_at"]
-    assert httpx.get(server.url + "/health").json()["status"] == "READY"
-    listed = httpx.get(server.url + "/v1/predictions").json()["results"]
-    assert {p["id"] for p in listed} == {p["id"] for p in ps}
-    assert not list((server.data_dir / "outputs").iterdir())  # nothing half-written
+    assert_problem(httpx.post(full.url + MODEL_PATH, json={"input": quick_input()}), 507)
+    assert_problem(httpx.post(full.url + "/v1/files", files={"content": ("a.png", png_bytes(noise_image(8, 8)))}), 507)
+    assert httpx.get(full.url + "/health").json()["status"] == "READY"
+    listed = httpx.get(full.url + "/v1/predictions").json()["results"]
+    assert {p["id"] for p in listed} == set(ids)
+    assert not list((full.data_dir / "outputs").iterdir())  # nothing half-written
 
 
 def test_the_free_disk_threshold_defaults_to_64_mb():
@@ -406,7 +416,8 @@ def test_a_finished_prediction_never_runs_again_after_a_restart(server_factory, 
 
 # -- 3. auth -------------------------------------------------------------------------------------
 
-PUBLIC_PATHS = {"/health", "/outputs/{prediction_id}/{token}/{name}", "/v1/predictions/{prediction_id}/stream"}
+PUBLIC_PATHS = {"/health", "/outputs/{prediction_id}/{token}/{name}", "/inputs/{prediction_id}/{token}/{name}",
+                "/v1/predictions/{prediction_id}/stream"}
 PARAMS = {"owner": "black-forest-labs", "name": "flux-fill-dev", "prediction_id": "a" * 26, "file_id": "b" * 26,
           "version_id": "abc123", "token": "t" * 32}
 

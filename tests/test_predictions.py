@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from server.admission import Admission
+from server.auth import NOBODY
 from server.events import Hub
 from server.files import FileStore
 from server.predictions import DEADLINE_BATCH, PredictionService
@@ -20,8 +21,8 @@ def test_every_due_deadline_is_enforced_even_past_one_batch(tmp_path):
     service = service_on(tmp_path)
     request = PredictionRequest(input={"prompt": "p", "image": "data:,x"})
     admission = Admission(version="hidden", wait=None, cancel_after_s=5.0)
-    ids = [service.create(request, admission, "http://test", None)["id"] for _ in range(DEADLINE_BATCH + 50)]
-    far = service.create(request, Admission(version="hidden", wait=None, cancel_after_s=3600.0), "http://test", None)
+    ids = [service.create(request, admission, NOBODY)["id"] for _ in range(DEADLINE_BATCH + 50)]
+    far = service.create(request, Admission(version="hidden", wait=None, cancel_after_s=3600.0), NOBODY)
     at = now() + 10
     waits = [service.enforce_deadlines(at)]
     while waits[-1] == 0.0:
@@ -39,7 +40,7 @@ def test_every_due_deadline_is_enforced_even_past_one_batch(tmp_path):
 def test_a_running_prediction_past_its_deadline_is_asked_to_stop_once(tmp_path):
     service = service_on(tmp_path)
     request = PredictionRequest(input={"prompt": "p", "image": "data:,x"})
-    created = service.create(request, Admission(version="hidden", wait=None, cancel_after_s=5.0), "http://test", None)
+    created = service.create(request, Admission(version="hidden", wait=None, cancel_after_s=5.0), NOBODY)
     claimed = service.store.claim_next(now())
     assert claimed["id"] == created["id"]
     assert service.enforce_deadlines(now() + 6) == 30.0

@@ -6,6 +6,7 @@ import threading
 import time
 
 from server.admission import Admission
+from server.auth import NOBODY
 from server.events import Hub
 from server.files import FileStore
 from server.predictions import PredictionService
@@ -31,7 +32,7 @@ def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
         row = found_empty(at)
         if row is None and not created:  # the create lands in the gap between looking and sleeping
             creator = threading.Thread(
-                target=lambda: created.append(service.create(request, admission, "http://test", None)["id"]))
+                target=lambda: created.append(service.create(request, admission, NOBODY)["id"]))
             creator.start()
             creator.join(0.5)
         return row

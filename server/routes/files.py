@@ -1,4 +1,5 @@
-"""The files API: upload, get, list, delete; and prediction outputs served by unguessable URL."""
+"""The files API: upload, get, list, delete (each tenant its own files); and prediction outputs
+and stored inputs served by unguessable URL."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 import tempfile
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
-from ..files import content_type_for, describe_bytes
+from .. import stored_inputs
+from ..auth import Caller
+from ..files import content_type_for, describe_bytes, disk_guard
 from ..pages import paginate, parse_cursor
 from ..predictions import decode_metadata, iso
 from ..protocol import ApiError, FileChecksums, FileObject, FilePage, FileUrls, InvalidField, not_found, validation_failed
@@ -49,11 +52,15 @@ def render_file(row: dict, base: str) -> FileObject:
 
 
 @router.post("/v1/files", status_code=201, response_model=FileObject, summary="Upload a file")
-async def upload(request: Request, _=Depends(require_auth), state: AppState = Depends(get_state)):
+async def upload(request: Request, caller: Caller = Depends(require_auth), state: AppState = Depends(get_state)):
     limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
+    quotas = state.service.quotas
+    # Refused before it is read: the file alone needs about this much room (a chunked body declares none).
+    quotas.check_room(caller, max(0, min(int(declared), limit) - METADATA_LIMIT - 64 * 1024)
+                      if declared and declared.isdigit() else 0)
     try:
         # Two file parts: the JavaScript client sends `metadata` as a JSON file part beside `content`.
         form = await request.form(max_files=2, max_fields=8, max_part_size=METADATA_LIMIT)
@@ -71,41 +78,52 @@ async def upload(request: Request, _=Depends(require_auth), state: AppState = De
         await form.close()
         raise
     content_type = form.get("type") if isinstance(form.get("type"), str) else upload.content_type
-    fd, tmp = tempfile.mkstemp(dir=state.files.tmp)
+    tmp = None
     size = 0
     try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := await upload.read(1 << 20):
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
-                out.write(chunk)
-        row = state.files.save_upload(tmp, name, content_type, metadata)
+        with disk_guard():
+            fd, tmp = tempfile.mkstemp(dir=state.files.tmp)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := await upload.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
+                    out.write(chunk)
+            quotas.check_quota(caller, size)  # the disk was checked before: the file is on it now
+            row = state.files.save_upload(tmp, name, content_type, metadata, owner=caller.tenant)
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         await form.close()
     return render_file(row, state.api_base(request))
 
 
+def own_file(state: AppState, file_id: str, caller: Caller) -> dict:
+    """The file's row; another tenant's file is unknown (404)."""
+    row = state.store.get_file(file_id)
+    if row is None or not caller.sees(row.get("owner")):
+        raise not_found()
+    return row
+
+
 @router.get("/v1/files", response_model=FilePage, summary="List uploaded files")
-async def list_files(request: Request, cursor: str | None = Query(None), _=Depends(require_auth),
+async def list_files(request: Request, cursor: str | None = Query(None), caller: Caller = Depends(require_auth),
                      state: AppState = Depends(get_state)):
     base = state.api_base(request)
-    page = paginate(state.store.list_files, parse_cursor(cursor), f"{base}/v1/files")
+    page = paginate(lambda **kw: state.store.list_files(owner=caller.scope, **kw), parse_cursor(cursor),
+                    f"{base}/v1/files")
     return FilePage(next=page.next, previous=page.previous, results=[render_file(r, base) for r in page.rows])
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject, summary="Get a file's metadata")
-async def get_file(file_id: str, request: Request, _=Depends(require_auth), state: AppState = Depends(get_state)):
-    row = state.store.get_file(file_id)
-    if row is None:
-        raise not_found()
-    return render_file(row, state.api_base(request))
+async def get_file(file_id: str, request: Request, caller: Caller = Depends(require_auth),
+                   state: AppState = Depends(get_state)):
+    return render_file(own_file(state, file_id, caller), state.api_base(request))
 
 
 @router.delete("/v1/files/{file_id}", status_code=204, summary="Delete a file")
-async def delete_file(file_id: str, _=Depends(require_auth), state: AppState = Depends(get_state)):
+async def delete_file(file_id: str, caller: Caller = Depends(require_auth), state: AppState = Depends(get_state)):
+    own_file(state, file_id, caller)
     if not state.files.delete_upload(file_id):
         raise not_found()
     return Response(status_code=204)
@@ -123,3 +141,22 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
     # FileResponse answers Range requests (206) and sends an ETag; the file keeps its name.
     return FileResponse(path, media_type=content_type_for(name), filename=name, content_disposition_type="inline",
                         headers={"Cache-Control": "private, max-age=3600"})
+
+
+@outputs_router.get("/inputs/{prediction_id}/{token}/{name}",
+                    summary="A prediction's long input (a data: URI as its bytes), as list pages and webhooks link it "
+                            "(no auth; unguessable URL)")
+async def get_input(prediction_id: str, token: str, name: str, state: AppState = Depends(get_state)):
+    row = state.service.get(prediction_id)
+    if row is None or row.get("data_removed") or not hmac.compare_digest(token.encode(), row["output_token"].encode()):
+        raise not_found()
+    item = next((s for s in state.service.stored(row) if s.name == name), None)
+    path = state.files.input_path(prediction_id, item.index) if item else None
+    if path is None or not path.is_file():
+        raise not_found()
+    media_type, download = stored_inputs.served_form(path)
+    headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "default-src 'none'; sandbox"}
+    if download:
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return StreamingResponse(stored_inputs.served_bytes(path), media_type=media_type, headers=headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from .. import catalog
+from ..auth import Caller
 from ..protocol import Deployment, ModelObject, ModelPage, ModelVersion, VersionPage, not_found
 from ..state import AppState, get_state, require_auth
 
@@ -12,15 +13,15 @@ router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelPage, summary="List models: the one served here")
-async def list_models(request: Request, _=Depends(require_auth), state: AppState = Depends(get_state)):
-    return ModelPage(next=None, previous=None, results=[state.model_object(request)])
+async def list_models(request: Request, caller: Caller = Depends(require_auth), state: AppState = Depends(get_state)):
+    return ModelPage(next=None, previous=None, results=[state.model_object(request, caller)])
 
 
 @router.get("/v1/models/{owner}/{name}", response_model=ModelObject, summary="Get the model")
-async def get_model(owner: str, name: str, request: Request, _=Depends(require_auth),
+async def get_model(owner: str, name: str, request: Request, caller: Caller = Depends(require_auth),
                     state: AppState = Depends(get_state)):
     catalog.check_model(owner, name)
-    return state.model_object(request)
+    return state.model_object(request, caller)
 
 
 @router.get("/v1/models/{owner}/{name}/versions", response_model=VersionPage, summary="List the model's versions")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from ..admission import admit
+from ..auth import Caller
 from ..catalog import check_model
 from ..protocol import ApiError, Prediction, PredictionPage, PredictionRequest, Status, not_found
-from ..state import AppState, get_state, require_auth
+from ..state import AppState, get_state, optional_auth, require_auth
 from ..streaming import prediction_events
 
 router = APIRouter(tags=["predictions"])
@@ -26,15 +27,15 @@ def known_model(owner: str, name: str) -> None:
     check_model(owner, name)
 
 
-async def create(state: AppState, request: Request, body: PredictionRequest, version: str | None, owner: str | None,
-                 prefer: str | None, cancel_after: str | None) -> JSONResponse:
+async def create(state: AppState, request: Request, body: PredictionRequest, version: str | None, caller: Caller,
+                 prefer: str | None, cancel_after: str | None) -> Response:
     admission = admit(body, version, prefer, cancel_after)  # nothing is written unless every check passes
-    state.auth.charge(owner)
+    state.auth.charge(caller)
     if state.phase == "SETUP_FAILED":
         raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
     base = state.api_base(request)
     try:
-        row = state.service.create(body, admission, base, owner)
+        row = state.service.create(body, admission, caller)
     except ApiError:
         state.metrics.refused.inc()
         raise
@@ -44,10 +45,9 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
         headers["Preference-Applied"] = admission.wait.applied
         # Answer before the client's read timeout (N + 0.5 s).
         row = await state.service.wait(row["id"], max(0.5, admission.wait.seconds - 0.5))
-    prediction = state.service.render(row, base)
-    if not prediction.status.terminal:
-        prediction.status = Status.STARTING  # clients return early on any other non-terminal status
-    return JSONResponse(prediction.model_dump(mode="json"), status_code=201, headers=headers)
+    # Clients return early on any non-terminal status but starting.
+    status = None if Status(row["status"]).terminal else Status.STARTING
+    return state.service.respond(row, base, 201, headers, status)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201, response_model=Prediction,
@@ -77,38 +77,39 @@ async def create_for_version(body: PredictionRequest, request: Request, prefer: 
 @router.get("/v1/predictions", response_model=PredictionPage, summary="List predictions, newest first")
 async def list_predictions(request: Request, cursor: str | None = Query(None),
                            created_after: str | None = Query(None), created_before: str | None = Query(None),
-                           _=Depends(require_auth), state: AppState = Depends(get_state)):
+                           caller: Caller = Depends(require_auth), state: AppState = Depends(get_state)):
     base = state.api_base(request)
-    return state.service.page(base, f"{base}/v1/predictions", cursor, created_after, created_before)
+    return state.service.page(caller, base, f"{base}/v1/predictions", cursor, created_after, created_before)
 
 
 @router.get("/v1/predictions/{prediction_id}", response_model=Prediction, summary="Get a prediction")
-async def get_prediction(prediction_id: str, request: Request, _=Depends(require_auth),
+async def get_prediction(prediction_id: str, request: Request, caller: Caller = Depends(require_auth),
                          state: AppState = Depends(get_state)):
-    row = state.service.get(prediction_id)
+    row = state.service.get(prediction_id, caller)
     if row is None:
         raise not_found()
-    return state.service.render(row, state.api_base(request))
+    return state.service.respond(row, state.api_base(request))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
-async def cancel_prediction(prediction_id: str, request: Request, _=Depends(require_auth),
+async def cancel_prediction(prediction_id: str, request: Request, caller: Caller = Depends(require_auth),
                             state: AppState = Depends(get_state)):
-    row = state.service.cancel(prediction_id)
+    row = state.service.cancel(prediction_id, caller=caller)
     if row is None:
         raise not_found()
     if row["status"] == Status.PROCESSING.value:
         # It stops at its next denoising step: answer then, or after CANCEL_WAIT_S with the prediction
         # as it is (still processing), never later.
         row = await state.service.wait(prediction_id, CANCEL_WAIT_S)
-    return state.service.render(row, state.api_base(request))
+    return state.service.respond(row, state.api_base(request))
 
 
 @stream_router.get("/v1/predictions/{prediction_id}/stream", summary="Server-sent events of a prediction",
                    response_class=EventSourceResponse)
-async def stream_prediction(prediction_id: str, state: AppState = Depends(get_state)):
-    # No auth, as Replicate's stream URLs: the JS and Go clients fetch them without a token, and the
-    # prediction id (130 random bits) is the capability.
-    if state.service.get(prediction_id) is None:
+async def stream_prediction(prediction_id: str, caller: Caller | None = Depends(optional_auth),
+                            state: AppState = Depends(get_state)):
+    # No auth needed, as Replicate's stream URLs: the JS and Go clients fetch them without a token,
+    # and the prediction id (130 random bits) is the capability. Another tenant's token is refused.
+    if state.service.get(prediction_id, caller) is None:
         raise not_found()
     return EventSourceResponse(prediction_events(state.service, prediction_id), ping=15)
