@@ -16,6 +16,7 @@ from inference import __version__
 from inference.inputs import describe_errors
 
 from .auth import Auth
+from .datadir import DataDirLock, clean_leftovers
 from .events import Hub
 from .files import FileStore
 from .metrics import ServerMetrics
@@ -56,8 +57,10 @@ def _request_validation(exc: RequestValidationError) -> ApiError:
     return validation_failed(fields)
 
 
-def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
-    """The ASGI app. ``load_model(weights, components, device)`` can be swapped for tests."""
+def create_app(settings: Settings | None = None, *, load_model=None, data_lock: DataDirLock | None = None) -> FastAPI:
+    """The ASGI app. ``load_model(weights, components, device)`` can be swapped for tests.
+    ``data_lock``: the data folder's lock, already taken by the caller; without it the app takes
+    (and releases) its own at startup, before it reads anything there."""
     settings = settings or Settings()
     if load_model is None:
         from inference.weights import load_model
@@ -67,7 +70,8 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
         from .webhooks import WebhookSender, new_secret
 
         data = settings.data_dir
-        data.mkdir(parents=True, exist_ok=True)
+        lock = (data_lock or DataDirLock(data)).acquire()  # before the queue is read: one server per folder
+        clean_leftovers(data)
         store = Store(data / "flux-fill.sqlite3")
         files = FileStore(data, store, settings.file_expiry_hours)
         hub = Hub()
@@ -104,6 +108,8 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
             await asyncio.get_running_loop().run_in_executor(None, _stop_workers, state)
             await sender.close()
             store.close()
+            if data_lock is None:
+                lock.release()
 
     app = FastAPI(
         redirect_slashes=False,  # TrailingSlash serves "/v1/predictions/" itself: the Python client follows no 307
