@@ -16,11 +16,12 @@ from inference import __version__
 from inference.inputs import describe_errors
 
 from .auth import Auth
-from .datadir import DataDirLock, clean_leftovers
+from .datadir import DataDirLock, clean_leftovers, trim_lora_cache
+from .fetching import OwnFetches, lora_settings
 from .events import Hub
 from .files import FileStore
 from .metrics import ServerMetrics
-from .middleware import BodyLimit, HeadAsGet, TrailingSlash, problem_response
+from .middleware import BodyLimit, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, validation_failed
 from .routes import files as files_routes
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
     settings = settings or Settings()
     if load_model is None:
         from inference.weights import load_model
+    own_fetches = OwnFetches()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         data = settings.data_dir
         lock = (data_lock or DataDirLock(data)).acquire()  # before the queue is read: one server per folder
         clean_leftovers(data)
+        trim_lora_cache(data, lora_settings(settings).cache_bytes)
         store = Store(data / "flux-fill.sqlite3")
         files = FileStore(data, store, settings.file_expiry_hours)
         hub = Hub()
@@ -96,7 +99,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                 state.metrics.predict_time.observe(row["predict_time"])
 
         hub.listeners.append(on_event)
-        loader = threading.Thread(target=_setup, args=(state, load_model), name="model-loader", daemon=True)
+        loader = threading.Thread(target=_setup, args=(state, load_model, own_fetches), name="model-loader", daemon=True)
         loader.start()
         janitor = asyncio.create_task(_janitor(service))
         deadlines = asyncio.create_task(service.watch_deadlines())
@@ -146,27 +149,26 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
             app.include_router(router, prefix=settings.prefix, include_in_schema=False)
     # The last added runs first: slashes and HEAD are settled before anything else sees the request.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RefuseOwnFetches, own=own_fetches, prefix=settings.prefix)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # never SSE or images (Starlette's defaults)
     app.add_middleware(HeadAsGet)
     app.add_middleware(TrailingSlash, router=app.router)
     return app
 
 
-def _setup(state: AppState, load_model) -> None:
+def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
     """Load one engine per device, then start its worker. Runs beside the event loop."""
     from inference import accel
     from inference.engine import Engine, EngineSettings
-    from inference.images import FetchPolicy
-    from inference.lora import LoraSettings
 
+    from .fetching import fetch_policy
     from .worker import Worker
 
     settings = state.settings
-    policy = FetchPolicy(timeout_s=settings.fetch_timeout_s, max_redirects=settings.fetch_max_redirects,
-                         allow_private=not settings.block_private_urls)
     devices = settings.gpus or [None]
     try:
-        for device in devices:
+        for index, device in enumerate(devices):
+            mark = own_fetches.mark(index)  # each worker's fetches carry their own mark
             # The memory modes place the weights on the GPU themselves (fp8 block by block, or offloaded).
             offload = {"offload": True} if accel.loads_in_host_memory(settings.memory_mode) else {}
             model = load_model(settings.weights, components=settings.components, device=device, **offload)
@@ -176,18 +178,17 @@ def _setup(state: AppState, load_model) -> None:
                 cache_dir=settings.data_dir / "compile-cache"))
             engine = Engine(model, EngineSettings(
                 max_pixels=settings.max_image_pixels,
-                fetch_policy=policy,
+                fetch_policy=fetch_policy(settings, mark),
                 max_batch=settings.max_batch,
                 fast_mode=settings.fast_mode,
-                lora=LoraSettings(folder=settings.lora_dir, cache_dir=settings.data_dir / "loras",
-                                  allow_paths=settings.allow_lora_paths, fetch_policy=policy),
+                lora=lora_settings(settings, mark),
             ))
             engine.accelerator = speed
             speed.warm_up(engine)
             model.extras["speed"] = speed.describe()
             log.info("speed on %s: %s", model.device, model.extras["speed"])
             state.models.append(model)
-            state.workers.append(Worker(engine, state.service, model.device))
+            state.workers.append(Worker(engine, state.service, model.device, own_fetches=own_fetches, fetch_mark=mark))
             if model.demo:
                 log.warning("=" * 72)
                 log.warning("DEMO MODEL: %s. Outputs are noise, not images.", model.name)

@@ -1,4 +1,5 @@
-"""ASGI middleware: the body size limit, HEAD on every GET route, and paths with a trailing slash.
+"""ASGI middleware: the body size limit, HEAD on every GET route, paths with a trailing slash, and
+the refusal of this server's own fetches.
 
 Each is a plain ASGI wrapper (no BaseHTTPMiddleware), so streamed responses stay streamed.
 """
@@ -8,10 +9,12 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from starlette.routing import Match, Router
 
+from .fetching import HEADER
 from .files import describe_bytes
 from .protocol import Problem
 
 PROBLEM = "application/problem+json"
+FETCH_HEADER = HEADER.encode()
 
 
 def problem_response(problem: Problem, headers: dict | None = None) -> JSONResponse:
@@ -114,4 +117,28 @@ class TrailingSlash:
             candidate = dict(scope, path=trimmed, raw_path=trimmed.encode())
             if self._known(candidate):
                 scope = candidate
+        await self.app(scope, receive, send)
+
+
+class RefuseOwnFetches:
+    """508 for a request that carries this server's own fetch mark: an input URL led back here
+    (see :mod:`server.fetching`). Output files are still served: they are plain files, and a
+    prediction's output URL may rightly be the next one's input."""
+
+    def __init__(self, app, own, prefix: str = ""):
+        self.app, self.own = app, own
+        self.outputs = tuple(f"{p}/outputs/" for p in {"", prefix})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for name, value in scope.get("headers") or ():
+                if name == FETCH_HEADER:
+                    mark = value.decode("latin-1")
+                    path = scope.get("path", "")
+                    if self.own.is_ours(mark) and not path.startswith(self.outputs):
+                        self.own.refused(mark, path)
+                        loop = Problem(title="Loop Detected", status=508,
+                                       detail="This request is this server's own fetch of an input URL that led back "
+                                              "to it; a prediction's inputs are never fetched from the server that runs it.")
+                        return await problem_response(loop)(scope, receive, send)
         await self.app(scope, receive, send)

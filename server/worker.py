@@ -15,9 +15,10 @@ import traceback
 from tqdm import tqdm
 
 from inference.engine import Engine
-from inference.errors import Cancelled, InvalidInput, NonFiniteOutput, SafetyError
+from inference.errors import Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
 from inference.inputs import parse_input
 
+from .fetching import OwnFetches, came_back
 from .protocol import Status
 from .predictions import PredictionService
 from .store import now
@@ -55,11 +56,16 @@ class LogBuffer:
 
 
 class Worker(threading.Thread):
-    def __init__(self, engine: Engine, service: PredictionService, device: str):
+    """``own_fetches`` and ``fetch_mark``: the mark this worker's fetches carry, to tell a fetch that
+    came back to this server from any other failed fetch (see :mod:`server.fetching`)."""
+
+    def __init__(self, engine: Engine, service: PredictionService, device: str, *,
+                 own_fetches: OwnFetches | None = None, fetch_mark: str | None = None):
         super().__init__(name=f"worker-{device}", daemon=True)
         self.engine = engine
         self.service = service
         self.device = device
+        self.own_fetches, self.fetch_mark = own_fetches, fetch_mark
         self.stopping = threading.Event()
         self.current: str | None = None
 
@@ -104,6 +110,7 @@ class Worker(threading.Thread):
                 raise Requeued()
             return pid in service.cancel_requested
 
+        self.refused_fetch()  # forget a refusal left over from an earlier prediction
         try:
             if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
@@ -128,6 +135,8 @@ class Worker(threading.Thread):
             service.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,), logs=logs.text,
                                predict_time=time.monotonic() - started)
         except Exception as exc:  # one prediction's failure never stops the worker
+            if isinstance(exc, FetchError) and (path := self.refused_fetch()):
+                exc = came_back(exc, path)
             error = describe_failure(exc)
             if not isinstance(exc, (InvalidInput, SafetyError)):
                 log.error("prediction %s failed:\n%s", pid, traceback.format_exc())
@@ -137,6 +146,12 @@ class Worker(threading.Thread):
             free_gpu_memory()
         finally:
             self.current = None
+
+    def refused_fetch(self) -> str | None:
+        """The path of this server that this worker's last fetch was refused on, if any."""
+        if self.own_fetches is None or self.fetch_mark is None:
+            return None
+        return self.own_fetches.take(self.fetch_mark)
 
 
 def describe_failure(exc: BaseException) -> str:

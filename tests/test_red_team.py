@@ -1,0 +1,266 @@
+"""Each way a hostile or unlucky client was found to hurt the server, reproduced against live servers.
+
+Input URLs that hold the worker (a drip, a stall, a redirect back to this server's own stream), a
+prediction that kills its worker again and again, cancels and waits across restarts, two servers on
+one data folder, what a killed server leaves on disk, slow clients, a slow webhook receiver, and a
+LoRA larger than a picture. Every request goes to 127.0.0.1 and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, free_port, png_bytes, noise_image
+from tests.test_hardening import MODEL_PATH, TERMINAL, create, quick_input, wait_terminal
+
+
+class Origin:
+    """An HTTP server on 127.0.0.1 that serves input URLs the way a hostile host would.
+
+    /pic.png   a picture;
+    /drip      a picture's headers, then one byte every ``drip_s`` for as long as it is read;
+    /stall     the headers, then nothing at all;
+    /later     a redirect to ``target``, once the test has set it (it waits up to 10 s for it);
+    /mb/N.safetensors  N MB of zeros (no LoRA at all).
+    With ``tls`` (certificate file, key file) it speaks https. Every request's path and headers are
+    recorded."""
+
+    def __init__(self, drip_s: float = 0.1, tls: tuple | None = None):
+        self.drip_s = drip_s
+        self.picture = png_bytes(noise_image(16, 16, seed=3))
+        self.target: str | None = None
+        self.requests: list[tuple[str, dict]] = []
+        self.closing = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                try:
+                    if self.path == "/pic.png":
+                        self._head(200, len(outer.picture))
+                        self.wfile.write(outer.picture)
+                    elif self.path in ("/drip", "/stall"):
+                        self._head(200, 10_000_000)
+                        self.wfile.flush()
+                        while not outer.closing.wait(outer.drip_s if self.path == "/drip" else 1.0):
+                            if self.path == "/drip":
+                                self.wfile.write(b"\0")
+                                self.wfile.flush()
+                    elif self.path == "/later":
+                        deadline = time.monotonic() + 10
+                        while outer.target is None and time.monotonic() < deadline:
+                            time.sleep(0.02)
+                        self.send_response(302)
+                        self.send_header("Location", outer.target or "/missing")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    elif self.path.startswith("/mb/"):
+                        megabytes = int(self.path.removeprefix("/mb/").split(".")[0])
+                        self._head(200, megabytes << 20)
+                        for _ in range(megabytes):
+                            self.wfile.write(bytes(1 << 20))
+                    else:
+                        self._head(404, 0)
+                except (OSError, ValueError):
+                    pass
+
+            def _head(self, status: int, length: int) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self) -> "Origin":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def get(server, pid: str) -> dict:
+    return httpx.get(f"{server.url}/v1/predictions/{pid}", timeout=10).json()
+
+
+def wait_status(server, pid: str, wanted: tuple[str, ...], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        p = get(server, pid)
+        if p["status"] in wanted or time.monotonic() > deadline:
+            return p
+        time.sleep(0.05)
+
+
+# -- input URLs that hold the worker -------------------------------------------------------------
+
+def test_an_input_url_that_redirects_to_this_servers_own_stream_fails_at_once_and_the_queue_moves_on(server_factory):
+    """The redirect leads to the stream of a prediction queued behind the one fetching: served, the
+    stream's pings would keep that fetch alive and the queue would never move again."""
+    server = server_factory()
+    with Origin() as origin:
+        looping = create(server.url, {**quick_input(), "image": origin.url("/later")})
+        behind = create(server.url, quick_input(seed=2))
+        origin.target = f"{server.url}/v1/predictions/{behind['id']}/stream"
+        started = time.monotonic()
+        found = wait_terminal(server.url, [looping["id"], behind["id"]], timeout=30)
+        elapsed = time.monotonic() - started
+    failed, after = found[looping["id"]], found[behind["id"]]
+    assert failed["status"] == "failed", failed
+    assert failed["error"].startswith("image leads back to this server (/v1/predictions/"), failed["error"]
+    assert "never fetched from the server that runs it" in failed["error"]
+    assert after["status"] == "succeeded", after
+    assert elapsed < 10, elapsed
+    # The fetch carried this server's mark: that is what the server knew itself by.
+    assert any("flux-fill-fetch" in headers for path, headers in origin.requests if path == "/later")
+
+
+def test_a_request_with_another_servers_fetch_mark_is_served(live_server):
+    r = httpx.get(live_server.url + "/health", headers={"flux-fill-fetch": "another-server.0"})
+    assert r.status_code == 200
+
+
+def test_an_output_url_of_this_server_is_a_valid_input(server_factory):
+    """Output files are plain files: a prediction's output URL may be the next one's input."""
+    server = server_factory("--output-urls", "url")
+    first = create(server.url, quick_input(), headers={"Prefer": "wait=30"})
+    assert first["status"] == "succeeded" and first["output"][0].startswith(server.url + "/outputs/")
+    second = create(server.url, {**quick_input(), "image": first["output"][0]}, headers={"Prefer": "wait=30"})
+    assert second["status"] == "succeeded", second["error"]
+
+
+def test_cancel_stops_a_dripping_url_fetch_within_a_second(server_factory):
+    server = server_factory()
+    with Origin(drip_s=0.1) as origin:
+        p = create(server.url, {**quick_input(), "image": origin.url("/drip")})
+        assert wait_status(server, p["id"], ("processing",))["status"] == "processing"
+        time.sleep(0.5)  # well into the drip
+        began = time.monotonic()
+        r = httpx.post(f"{server.url}/v1/predictions/{p['id']}/cancel", timeout=10)
+        elapsed = time.monotonic() - began
+        assert r.status_code == 200 and r.json()["status"] == "canceled", r.json()["status"]
+        assert elapsed < 1.0, elapsed
+        after = create(server.url, quick_input(seed=4), headers={"Prefer": "wait=30"})
+        assert after["status"] == "succeeded"
+
+
+# -- one server per data folder, and what a killed server leaves ----------------------------------
+
+def serve_command(data_dir, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
+
+
+def test_a_second_server_on_the_same_data_dir_stops_before_touching_the_queue(server_factory, tmp_path, tiny_dir):
+    data = tmp_path / "shared"
+    first = server_factory(data_dir=data)
+    with Origin() as origin:
+        running = create(first.url, {**quick_input(), "image": origin.url("/drip")})
+        assert wait_status(first, running["id"], ("processing",))["status"] == "processing"
+        began = time.monotonic()
+        second = subprocess.run(serve_command(data, free_port(), "--weights", str(tiny_dir)), cwd=ROOT,
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        took = time.monotonic() - began
+        assert second.returncode == 75, (second.returncode, second.stderr[-2000:])
+        assert "Another flux-fill server is already using the data folder" in second.stderr
+        assert "--data-dir" in second.stderr and "Traceback" not in second.stderr
+        # The first server's prediction was left alone: still running, once, and never re-queued.
+        p = get(first, running["id"])
+        assert p["status"] == "processing" and "Server restarted" not in p["logs"], p
+        httpx.post(f"{first.url}/v1/predictions/{running['id']}/cancel", timeout=10)
+    assert wait_status(first, running["id"], TERMINAL)["status"] == "canceled"
+    print(f"\nsecond server on the same data folder: exit 75 after {took:.1f} s")
+
+
+def test_files_a_killed_server_left_half_written_are_removed_at_start(server_factory, tmp_path):
+    data = tmp_path / "leftovers"
+    server = server_factory(data_dir=data)
+    done = create(server.url, quick_input(), headers={"Prefer": "wait=30"})
+    server.kill()
+    leftovers = [data / "tmp" / "tmpab12cd", data / "outputs" / done["id"] / ".out-1.png.tmp",
+                 data / "loras" / "0123abcd.4242.part"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * 1000)
+    kept = data / "outputs" / done["id"] / "out-0.png"
+    assert kept.is_file()
+    server_factory(data_dir=data)
+    assert [p for p in leftovers if p.exists()] == []
+    assert kept.is_file()
+
+
+# -- LoRA downloads --------------------------------------------------------------------------------
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1 (the servers under test trust it through SSL_CERT_FILE)."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_a_lora_larger_than_the_picture_limit_is_downloaded_and_the_lora_limit_holds(server_factory, certificate):
+    """Pictures are held to 64 MB, LoRAs to --max-lora-bytes (2 GB by default; 80 MB here). A 70 MB
+    download goes through (it is no LoRA, so it fails on its content, and is not kept); a 90 MB one
+    is refused on its size."""
+    server = server_factory("--max-lora-bytes", str(80 << 20), env={"SSL_CERT_FILE": str(certificate[0])})
+    with Origin(tls=certificate) as origin:
+        fetched = create(server.url, quick_input(lora_weights=origin.url("/mb/70.safetensors")),
+                         headers={"Prefer": "wait=60"})
+        refused = create(server.url, quick_input(lora_weights=origin.url("/mb/90.safetensors")),
+                         headers={"Prefer": "wait=60"})
+    assert fetched["status"] == "failed" and "is not a readable .safetensors file" in fetched["error"], fetched["error"]
+    assert refused["status"] == "failed" and "lora_weights is larger than 80 MB" in refused["error"], refused["error"]
+    assert list((server.data_dir / "loras").glob("*")) == []  # the download that is no LoRA was not kept
+
+
+def test_lora_downloads_have_their_own_limits_cache_budget_and_the_fetch_mark():
+    from server.fetching import HEADER, fetch_policy, lora_settings
+    from server.settings import Settings
+
+    settings = Settings(lora_cache_gb=1.5)
+    lora = lora_settings(settings, "instance.0")
+    assert lora.fetch_policy.max_bytes == 2 * 1024**3 and lora.fetch_policy.timeout_s == 600
+    assert lora.cache_bytes == int(1.5 * 1024**3) and lora.cache_dir == settings.data_dir / "loras"
+    assert lora.fetch_policy.headers == ((HEADER, "instance.0"),)
+    picture = fetch_policy(settings, "instance.0")
+    assert picture.max_bytes == 64 * 1024 * 1024 and picture.timeout_s == 30
+    assert picture.headers == ((HEADER, "instance.0"),)
