@@ -85,7 +85,6 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute), metrics=ServerMetrics(),
                          webhook_secret=secret)
         app.state.flux = state
-        service.recover()
         sender = WebhookSender(secret, allow_private=not settings.block_private_urls)
         await sender.start()
         state.webhooks = service.webhooks = sender
@@ -99,6 +98,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                 state.metrics.predict_time.observe(row["predict_time"])
 
         hub.listeners.append(on_event)
+        service.recover()  # after the listeners: a prediction it ends (canceled, failed) gets its webhook
         loader = threading.Thread(target=_setup, args=(state, load_model, own_fetches), name="model-loader", daemon=True)
         loader.start()
         janitor = asyncio.create_task(_janitor(service))

@@ -227,6 +227,7 @@ class PredictionService:
             if reason:
                 self.cancel_reasons.setdefault(prediction_id, reason)
             self.cancel_requested.add(prediction_id)
+            self.store.request_cancel(prediction_id, now())  # a restart before it stops ends it canceled
         return self.store.get_prediction(prediction_id)
 
     async def watch_deadlines(self) -> None:
@@ -290,7 +291,20 @@ class PredictionService:
         self.hub.publish(prediction_id, "logs")
 
     def recover(self) -> list[str]:
-        """At startup: re-queue what was running when the server stopped."""
+        """At startup: what was running when the server stopped runs again, unless it was asked to
+        stop (it ends canceled) or it has been interrupted ``--max-attempts`` times already (it fails:
+        a prediction that takes its worker down with it must not do so after every restart)."""
+        for row in self.store.interrupted():
+            pid, logs = row["id"], row["logs"] or ""
+            if row["cancel_requested_at"] is not None:
+                self.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,),
+                                logs=logs + "The server restarted after this prediction was canceled; it does not run again.\n")
+                log.warning("prediction %s was canceled before a restart; it ends canceled", pid)
+            elif row["attempts"] >= self.settings.max_attempts:
+                error = interrupted_too_often(row["attempts"])
+                self.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error,
+                                logs=logs + f"Error: {error}\n")
+                log.warning("prediction %s was interrupted %d times; it fails", pid, row["attempts"])
         ids = self.store.requeue_interrupted()
         for pid in ids:
             log.warning("prediction %s was interrupted by a restart; it runs again", pid)
@@ -308,6 +322,11 @@ class PredictionService:
         for f in self.store.expired_files(now()):
             self.files.delete_upload(f["id"])
         return removed
+
+
+def interrupted_too_often(attempts: int) -> str:
+    return (f"This prediction was interrupted {attempts} times while it ran (the server stopped or was killed "
+            "each time), so it is not run again.")
 
 
 def decode_metadata(raw: str | None) -> dict:

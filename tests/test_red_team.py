@@ -264,3 +264,45 @@ def test_lora_downloads_have_their_own_limits_cache_budget_and_the_fetch_mark():
     picture = fetch_policy(settings, "instance.0")
     assert picture.max_bytes == 64 * 1024 * 1024 and picture.timeout_s == 30
     assert picture.headers == ((HEADER, "instance.0"),)
+
+
+# -- restarts ------------------------------------------------------------------------------------
+
+def test_a_prediction_that_is_killed_with_its_server_again_and_again_fails_in_words(server_factory, tmp_path):
+    """Each run of it ends with the server killed (here: while its picture stalls). It runs again
+    after a restart, but not after its --max-attempts-th run; the queue behind it then moves on."""
+    data = tmp_path / "again"
+    server = server_factory("--max-attempts", "2", data_dir=data)
+    with Origin() as origin:
+        doomed = create(server.url, {**quick_input(), "image": origin.url("/stall")})
+        behind = create(server.url, quick_input(seed=5))
+        for run in (1, 2):
+            p = wait_status(server, doomed["id"], ("processing",))
+            assert p["status"] == "processing", p
+            server.kill()
+            server = server_factory("--max-attempts", "2", data_dir=data)
+        found = wait_terminal(server.url, [doomed["id"], behind["id"]], timeout=60)
+    failed = found[doomed["id"]]
+    assert failed["status"] == "failed", failed
+    assert failed["error"] == ("This prediction was interrupted 2 times while it ran (the server stopped or was "
+                               "killed each time), so it is not run again.")
+    assert failed["logs"].count("Server restarted while this prediction was running; it runs again.") == 1
+    assert found[behind["id"]]["status"] == "succeeded"
+
+
+def test_a_cancel_of_a_running_prediction_survives_a_restart(server_factory, tmp_path):
+    """The cancel arrives while the prediction's picture stalls (no byte comes to stop between), and
+    the server is killed before the prediction stops: after the restart it is canceled, not run again."""
+    data = tmp_path / "cancel"
+    server = server_factory(data_dir=data)
+    with Origin() as origin:
+        p = create(server.url, {**quick_input(), "image": origin.url("/stall")})
+        assert wait_status(server, p["id"], ("processing",))["status"] == "processing"
+        answer = httpx.post(f"{server.url}/v1/predictions/{p['id']}/cancel", timeout=10).json()
+        assert answer["status"] == "processing"  # it stops at its next read, which does not come
+        server.kill()
+        again = server_factory(data_dir=data)
+        ended = wait_status(again, p["id"], TERMINAL, timeout=10)
+    assert ended["status"] == "canceled", ended
+    assert "canceled; it does not run again" in ended["logs"]
+    assert create(again.url, quick_input(), headers={"Prefer": "wait=30"})["status"] == "succeeded"
