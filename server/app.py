@@ -21,7 +21,7 @@ from .fetching import OwnFetches, lora_settings
 from .events import Hub
 from .files import FileStore
 from .metrics import ServerMetrics
-from .middleware import BodyLimit, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
+from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, validation_failed
 from .routes import files as files_routes
@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         try:
             yield
         finally:
+            service.stop_waiting()
             janitor.cancel()
             deadlines.cancel()
             await asyncio.get_running_loop().run_in_executor(None, _stop_workers, state)
@@ -153,7 +154,17 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # never SSE or images (Starlette's defaults)
     app.add_middleware(HeadAsGet)
     app.add_middleware(TrailingSlash, router=app.router)
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # outermost: it may replace any answer
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """A shutdown was asked for (a signal, from any thread): answer the requests waiting on a
+    prediction while the server can still answer them."""
+    state = getattr(app.state, "flux", None)
+    loop = state.hub.loop if state is not None else None
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(state.service.stop_waiting)
 
 
 def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:

@@ -33,9 +33,8 @@ def add_serve_parser(sub) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
+    from . import serving
+    from .app import begin_shutdown, create_app
     from .datadir import EXIT_DATA_DIR_IN_USE, DataDirInUse, DataDirLock
     from .settings import Settings
 
@@ -53,12 +52,7 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_DATA_DIR_IN_USE
     try:
         app = create_app(settings, data_lock=lock)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                                timeout_graceful_shutdown=30)
-        sock = config.bind_socket()
-        shown = settings.public_url or f"http://{settings.host}:{settings.port}{settings.prefix}"
-        logging.getLogger("flux_fill.server").info("serving on %s (web page at %s/)", shown, shown)
-        uvicorn.Server(config).run(sockets=[sock])
+        serving.run(app, settings, on_exit=lambda: begin_shutdown(app))
     finally:
         lock.release()
     return 0

@@ -65,6 +65,7 @@ class PredictionService:
         self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
         self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
         self.requeue_requested: set[str] = set()
+        self.stopping = False  # the server is shutting down: requests waiting on a prediction are answered
         self.work_available = threading.Condition()
         self.webhooks = None  # a WebhookSender, set by the app
 
@@ -191,13 +192,14 @@ class PredictionService:
                               results=[self.render(r, request_base, listing=True) for r in page.rows])
 
     async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
-        """Wait until the prediction is terminal or ``timeout`` seconds pass; return its row."""
+        """Wait until the prediction is terminal, ``timeout`` seconds pass or the server begins to
+        stop; return its row."""
         queue = self.hub.subscribe(prediction_id)
         try:
             deadline = time.monotonic() + timeout
             while True:
                 row = self.store.get_prediction(prediction_id)
-                if row is None or Status(row["status"]).terminal:
+                if row is None or Status(row["status"]).terminal or self.stopping:
                     return row
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -208,6 +210,12 @@ class PredictionService:
                     pass
         finally:
             self.hub.unsubscribe(prediction_id, queue)
+
+    def stop_waiting(self) -> None:
+        """On the loop, when a shutdown begins: answer every request waiting on a prediction now
+        (``Prefer: wait`` gets the prediction as it stands), rather than when the server is gone."""
+        self.stopping = True
+        self.hub.wake_all()
 
     # -- cancel -------------------------------------------------------------------------------
 

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     max_batch: int = Field(4, ge=1, le=4, description="Outputs denoised together in one batch.")
     rate_limit_per_minute: int = Field(0, ge=0, description="Creates per token per minute; 0 is unlimited.")
     min_free_disk_mb: int = Field(64, ge=0, description="Below this much free disk (MB) new predictions fail cleanly instead of half-writing outputs.")
+    header_timeout_s: float = Field(10.0, gt=0, description="Time a client has, from connecting or from the previous answer on its connection, to send a request's headers; then 408 and the connection is closed.")
+    body_timeout_s: float = Field(120.0, gt=0, description="Time a client has to send a request's whole body once its headers are in; then 408 and the connection is closed.")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="An idle keep-alive connection is closed after this many seconds.")
+    max_connections: int = Field(1000, ge=16, description="Connections open at once (at most the open-files limit less 256). Past it the connection idle the longest is closed; when all are busy with a request, a new one gets 503.")
+    backlog: int = Field(2048, ge=1, description="Connections the operating system queues before the server accepts them.")
+    max_header_bytes: int = Field(16384, ge=1024, description="Largest request line and headers, in bytes (400 past it).")
     log_level: str = Field("info")
 
     @field_validator("gpus", "api_tokens", mode="before")

@@ -306,3 +306,119 @@ def test_a_cancel_of_a_running_prediction_survives_a_restart(server_factory, tmp
     assert ended["status"] == "canceled", ended
     assert "canceled; it does not run again" in ended["logs"]
     assert create(again.url, quick_input(), headers={"Prefer": "wait=30"})["status"] == "succeeded"
+
+
+# -- slow clients --------------------------------------------------------------------------------
+
+def test_eleven_hundred_connections_sending_half_a_header_keep_out_no_one(server_factory):
+    """As found: 1,100 connections that each send part of a request's headers and then nothing, on
+    a server whose process may open 1,024 files. The connections past what it can hold push out
+    the longest idle ones, each gets 408 when its header time is up, /health answers within a second
+    all along, a create goes through, and the log stays short."""
+    server = server_factory("--header-timeout-s", "3", open_files=1024)
+    held: list[socket.socket] = []
+    latencies: list[float] = []
+    try:
+        for _ in range(1100):
+            conn = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            conn.sendall(b"POST /v1/predictions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-")
+            held.append(conn)
+        with httpx.Client(timeout=5) as client:
+            until = time.monotonic() + 2
+            while time.monotonic() < until:
+                began = time.monotonic()
+                assert client.get(server.url + "/health", headers={"connection": "close"}).status_code == 200
+                latencies.append(time.monotonic() - began)
+                time.sleep(0.05)
+        created = create(server.url, quick_input(), headers={"Prefer": "wait=30"})
+        assert created["status"] == "succeeded"
+        newest = held[-1]  # pushed out last, if at all: it waits for its header time to end
+        newest.settimeout(10)
+        answer = newest.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:200]
+        assert b"application/problem+json" in answer and b"did not arrive within 3 s" in answer
+    finally:
+        for conn in held:
+            conn.close()
+    assert max(latencies) < 1.0, max(latencies)
+    log = server.log()
+    assert "Traceback" not in log and len(log) < 100_000, len(log)
+    print(f"\n1,100 half-header connections: /health p50 {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms, "
+          f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} probes; log {len(log)} bytes")
+
+
+def test_a_body_sent_a_byte_at_a_time_gets_408_when_its_time_is_up(server_factory):
+    server = server_factory("--body-timeout-s", "2")
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    began = time.monotonic()
+    conn.sendall(b"POST " + MODEL_PATH.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+    answer = b""
+    conn.settimeout(0.2)
+    try:
+        while time.monotonic() - began < 8:
+            conn.sendall(b" ")
+            try:
+                chunk = conn.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                break
+            answer += chunk
+    except OSError:  # the server closed the connection while a byte was on its way
+        pass
+    finally:
+        conn.close()
+    took = time.monotonic() - began
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:300]
+    assert b"application/problem+json" in answer and b"The request body did not arrive within 2 s." in answer
+    assert 1.9 < took < 4, took
+    assert httpx.get(server.url + "/v1/predictions").json()["results"] == []  # nothing was created
+
+
+def test_a_repeated_log_message_is_logged_once_per_window_with_the_count_left_out():
+    import logging
+
+    from server.serving import QuietRepeats
+
+    quiet = QuietRepeats(window_s=0.2)
+    records = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource",
+                                 None, None) for _ in range(1000)]
+    assert sum(quiet.filter(r) for r in records) == 1
+    other = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.", None, None)
+    assert quiet.filter(other)
+    time.sleep(0.25)
+    later = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource", None, None)
+    assert quiet.filter(later)
+    assert later.getMessage().endswith("(999 more like this in the last 0.2 s not logged)")
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+def test_sigterm_during_a_long_prefer_wait_answers_it_with_the_prediction_as_it_stands(server_factory):
+    """The worker is busy (a dripping picture) when a create with `Prefer: wait=60` arrives, then
+    the server is told to stop: the waiting request gets its 201 with the prediction `starting` at
+    once (as for any wait that ends first), not a plain-text 500 when uvicorn gives up on it."""
+    server = server_factory()
+    answers: list = []
+    with Origin() as origin:
+        busy = create(server.url, {**quick_input(), "image": origin.url("/drip")})
+        assert wait_status(server, busy["id"], ("processing",))["status"] == "processing"
+
+        def wait_for_it():
+            r = httpx.post(server.url + MODEL_PATH, json={"input": quick_input()}, headers={"Prefer": "wait=60"},
+                           timeout=70)
+            answers.append((r, time.monotonic()))
+
+        waiting = threading.Thread(target=wait_for_it)
+        waiting.start()
+        time.sleep(1.0)
+        stopped = time.monotonic()
+        os.killpg(server.process.pid, signal.SIGTERM)
+        waiting.join(30)
+        server.kill()  # the busy prediction would hold the shutdown for its grace time; not this test's matter
+    assert answers, "no answer"
+    r, at = answers[0]
+    assert r.status_code == 201 and r.headers["content-type"] == "application/json", (r.status_code, r.text[:300])
+    assert r.json()["status"] == "starting" and r.headers["preference-applied"] == "wait=60"
+    assert at - stopped < 2, at - stopped
