@@ -85,7 +85,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute), metrics=ServerMetrics(),
                          webhook_secret=secret)
         app.state.flux = state
-        sender = WebhookSender(secret, allow_private=not settings.block_private_urls)
+        sender = WebhookSender(secret, allow_private=not settings.block_private_urls, max_concurrency=settings.webhook_slots,
+                               max_per_destination=settings.webhook_slots_per_destination)
         await sender.start()
         state.webhooks = service.webhooks = sender
 

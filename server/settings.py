@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     lora_cache_gb: float = Field(20.0, ge=0, description="Downloaded LoRAs kept in <data-dir>/loras, in GB; the least recently used go first.")
     block_private_urls: bool = Field(False, description="Refuse input and webhook URLs that point to private or loopback addresses (SSRF).")
     max_attempts: int = Field(3, ge=1, description="Runs a prediction gets: one interrupted this many times (the server stopped or was killed while it ran) fails instead of running again.")
+    webhook_slots: int = Field(64, ge=1, description="Webhook POSTs in flight at once, all receivers together.")
+    webhook_slots_per_destination: int = Field(4, ge=1, description="Webhook POSTs in flight at once to one receiver (scheme, host and port), so a slow receiver delays only its own webhooks.")
     max_batch: int = Field(4, ge=1, le=4, description="Outputs denoised together in one batch.")
     rate_limit_per_minute: int = Field(0, ge=0, description="Creates per token per minute; 0 is unlimited.")
     min_free_disk_mb: int = Field(64, ge=0, description="Below this much free disk (MB) new predictions fail cleanly instead of half-writing outputs.")

@@ -422,3 +422,25 @@ def test_sigterm_during_a_long_prefer_wait_answers_it_with_the_prediction_as_it_
     assert r.status_code == 201 and r.headers["content-type"] == "application/json", (r.status_code, r.text[:300])
     assert r.json()["status"] == "starting" and r.headers["preference-applied"] == "wait=60"
     assert at - stopped < 2, at - stopped
+
+
+# -- webhooks ------------------------------------------------------------------------------------
+
+def test_a_slow_webhook_receiver_delays_only_its_own_webhooks(server_factory):
+    """Twenty predictions send their webhooks to a receiver that takes 10 s to answer each; the
+    next prediction's webhook goes to another receiver and arrives as soon as it completes."""
+    from tests.test_hardening import Loopback
+
+    server = server_factory()
+    with Loopback(post_delay_s=10) as slow, Loopback() as fast:
+        slowed = [create(server.url, quick_input(seed=i), webhook=slow.url("/hook"))["id"] for i in range(20)]
+        timely = create(server.url, quick_input(seed=99), webhook=fast.url("/hook"), webhook_events_filter=["completed"])
+        found = wait_terminal(server.url, [*slowed, timely["id"]], timeout=60)
+        assert all(p["status"] == "succeeded" for p in found.values())
+        completed = time.monotonic()
+        while not fast.posts() and time.monotonic() - completed < 5:
+            time.sleep(0.02)
+        waited = time.monotonic() - completed
+        assert fast.posts() and fast.posts()[0]["id"] == timely["id"]
+        assert slow.requests  # the slow receiver was being called (and was holding its slots)
+    assert waited < 1.0, waited
