@@ -17,8 +17,8 @@ from inference.inputs import describe_errors
 
 from .auth import Auth
 from .datadir import DataDirLock, clean_leftovers, trim_lora_cache
-from .fetching import OwnFetches, lora_settings
 from .events import Hub
+from .fetching import OwnFetches, lora_settings
 from .files import FileStore
 from .metrics import ServerMetrics
 from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
