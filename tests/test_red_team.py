@@ -347,6 +347,46 @@ def test_eleven_hundred_connections_sending_half_a_header_keep_out_no_one(server
           f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} probes; log {len(log)} bytes")
 
 
+def test_past_the_connection_cap_the_longest_idle_connection_gives_way_and_busy_ones_do_not(server_factory):
+    """--max-connections 16: sixteen idle connections, then a client: the idle one that waited
+    longest is closed and the client is served. Sixteen streams (each busy with a request), then a
+    client: it gets 503 with Retry-After, and every stream is still open."""
+    server = server_factory("--max-connections", "16")
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(16)]
+    try:
+        time.sleep(0.3)
+        assert httpx.get(server.url + "/health", headers={"connection": "close"}, timeout=5).status_code == 200
+        idle[0].settimeout(5)
+        assert idle[0].recv(100) == b""  # the longest idle one was closed to make room
+    finally:
+        for conn in idle:
+            conn.close()
+    time.sleep(0.3)
+    with Origin() as origin:
+        busy = create(server.url, {**quick_input(), "image": origin.url("/drip")})
+        streams = []
+        try:
+            for _ in range(16):
+                conn = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                conn.sendall(f"GET /v1/predictions/{busy['id']}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+                streams.append(conn)
+            r = httpx.get(server.url + "/health", timeout=5)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert r.headers["content-type"] == "application/problem+json" and "16 connections" in r.json()["detail"]
+            for conn in streams:
+                conn.settimeout(0.01)
+                try:
+                    assert conn.recv(4096) != b""  # still open (a keep-alive ping or nothing yet)
+                except socket.timeout:
+                    pass
+        finally:
+            for conn in streams:
+                conn.close()
+            time.sleep(0.3)
+            httpx.post(f"{server.url}/v1/predictions/{busy['id']}/cancel", timeout=10)
+
+
 def test_a_body_sent_a_byte_at_a_time_gets_408_when_its_time_is_up(server_factory):
     server = server_factory("--body-timeout-s", "2")
     conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
