@@ -16,10 +16,12 @@ from inference import __version__
 from inference.inputs import describe_errors
 
 from .auth import Auth
+from .datadir import DataDirLock, clean_leftovers, trim_lora_cache
 from .events import Hub
+from .fetching import OwnFetches, lora_settings
 from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
-from .middleware import BodyLimit, HeadAsGet, TrailingSlash, problem_response
+from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from .routes import files as files_routes
@@ -56,18 +58,23 @@ def _request_validation(exc: RequestValidationError) -> ApiError:
     return validation_failed(fields)
 
 
-def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
-    """The ASGI app. ``load_model(weights, components, device)`` can be swapped for tests."""
+def create_app(settings: Settings | None = None, *, load_model=None, data_lock: DataDirLock | None = None) -> FastAPI:
+    """The ASGI app. ``load_model(weights, components, device)`` can be swapped for tests.
+    ``data_lock``: the data folder's lock, already taken by the caller; without it the app takes
+    (and releases) its own at startup, before it reads anything there."""
     settings = settings or Settings()
     if load_model is None:
         from inference.weights import load_model
+    own_fetches = OwnFetches()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         from .webhooks import WebhookSender
 
         data = settings.data_dir
-        data.mkdir(parents=True, exist_ok=True)
+        lock = (data_lock or DataDirLock(data)).acquire()  # before the queue is read: one server per folder
+        clean_leftovers(data)
+        trim_lora_cache(data, lora_settings(settings).cache_bytes)
         store = Store(data / "flux-fill.sqlite3")
         files = FileStore(data, store, settings.file_expiry_hours)
         hub = Hub()
@@ -77,8 +84,9 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute, settings.admin_tokens),
                          metrics=ServerMetrics())
         app.state.flux = state
-        service.recover()
-        sender = WebhookSender(state.webhook_secret(None), allow_private=not settings.block_private_urls)
+        sender = WebhookSender(state.webhook_secret(None), allow_private=not settings.block_private_urls,
+                               max_concurrency=settings.webhook_slots,
+                               max_per_destination=settings.webhook_slots_per_destination)
         await sender.start()
         state.webhooks = service.webhooks = sender
 
@@ -91,18 +99,22 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
                 state.metrics.predict_time.observe(row["predict_time"])
 
         hub.listeners.append(on_event)
-        loader = threading.Thread(target=_setup, args=(state, load_model), name="model-loader", daemon=True)
+        service.recover()  # after the listeners: a prediction it ends (canceled, failed) gets its webhook
+        loader = threading.Thread(target=_setup, args=(state, load_model, own_fetches), name="model-loader", daemon=True)
         loader.start()
         janitor = asyncio.create_task(_janitor(service))
         deadlines = asyncio.create_task(service.watch_deadlines())
         try:
             yield
         finally:
+            service.stop_waiting()
             janitor.cancel()
             deadlines.cancel()
             await asyncio.get_running_loop().run_in_executor(None, _stop_workers, state)
             await sender.close()
             store.close()
+            if data_lock is None:
+                lock.release()
 
     app = FastAPI(
         redirect_slashes=False,  # TrailingSlash serves "/v1/predictions/" itself: the Python client follows no 307
@@ -142,27 +154,36 @@ def create_app(settings: Settings | None = None, *, load_model=None) -> FastAPI:
             app.include_router(router, prefix=settings.prefix, include_in_schema=False)
     # The last added runs first: slashes and HEAD are settled before anything else sees the request.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RefuseOwnFetches, own=own_fetches, prefix=settings.prefix)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # never SSE or images (Starlette's defaults)
     app.add_middleware(HeadAsGet)
     app.add_middleware(TrailingSlash, router=app.router)
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # outermost: it may replace any answer
     return app
 
 
-def _setup(state: AppState, load_model) -> None:
+def begin_shutdown(app: FastAPI) -> None:
+    """A shutdown was asked for (a signal, from any thread): answer the requests waiting on a
+    prediction while the server can still answer them."""
+    state = getattr(app.state, "flux", None)
+    loop = state.hub.loop if state is not None else None
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(state.service.stop_waiting)
+
+
+def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
     """Load one engine per device, then start its worker. Runs beside the event loop."""
     from inference import accel
     from inference.engine import Engine, EngineSettings
-    from inference.images import FetchPolicy
-    from inference.lora import LoraSettings
 
+    from .fetching import fetch_policy
     from .worker import Worker
 
     settings = state.settings
-    policy = FetchPolicy(timeout_s=settings.fetch_timeout_s, max_redirects=settings.fetch_max_redirects,
-                         allow_private=not settings.block_private_urls)
     devices = settings.gpus or [None]
     try:
-        for device in devices:
+        for index, device in enumerate(devices):
+            mark = own_fetches.mark(index)  # each worker's fetches carry their own mark
             # The memory modes place the weights on the GPU themselves (fp8 block by block, or offloaded).
             offload = {"offload": True} if accel.loads_in_host_memory(settings.memory_mode) else {}
             model = load_model(settings.weights, components=settings.components, device=device, **offload)
@@ -172,18 +193,17 @@ def _setup(state: AppState, load_model) -> None:
                 cache_dir=settings.data_dir / "compile-cache"))
             engine = Engine(model, EngineSettings(
                 max_pixels=settings.max_image_pixels,
-                fetch_policy=policy,
+                fetch_policy=fetch_policy(settings, mark),
                 max_batch=settings.max_batch,
                 fast_mode=settings.fast_mode,
-                lora=LoraSettings(folder=settings.lora_dir, cache_dir=settings.data_dir / "loras",
-                                  allow_paths=settings.allow_lora_paths, fetch_policy=policy),
+                lora=lora_settings(settings, mark),
             ))
             engine.accelerator = speed
             speed.warm_up(engine)
             model.extras["speed"] = speed.describe()
             log.info("speed on %s: %s", model.device, model.extras["speed"])
             state.models.append(model)
-            state.workers.append(Worker(engine, state.service, model.device))
+            state.workers.append(Worker(engine, state.service, model.device, own_fetches=own_fetches, fetch_mark=mark))
             if model.demo:
                 log.warning("=" * 72)
                 log.warning("DEMO MODEL: %s. Outputs are noise, not images.", model.name)

@@ -33,20 +33,28 @@ def add_serve_parser(sub) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
+    from . import serving
+    from .app import begin_shutdown, create_app
+    from .datadir import EXIT_DATA_DIR_IN_USE, DataDirInUse, DataDirLock
     from .settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     settings = Settings(**given)
     settings.check_exposure()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    shown = settings.public_url or f"http://{settings.host}:{settings.port}{settings.prefix}"
-    logging.getLogger("flux_fill.server").info("serving on %s (web page at %s/)", shown, shown)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)
+    # The data folder is locked, then the port bound, before the app reads its queue: a second
+    # server on the same folder or port stops here, having changed nothing.
+    lock = DataDirLock(settings.data_dir)
+    try:
+        lock.acquire()
+    except DataDirInUse as exc:
+        print(f"flux-fill serve: {exc}", file=sys.stderr)
+        return EXIT_DATA_DIR_IN_USE
+    try:
+        app = create_app(settings, data_lock=lock)
+        serving.run(app, settings, on_exit=lambda: begin_shutdown(app))
+    finally:
+        lock.release()
     return 0
 
 

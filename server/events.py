@@ -39,6 +39,12 @@ class Hub:
         for listener in self.listeners:
             listener(prediction_id, event)
 
+    def wake_all(self, event: str = "stopping") -> None:
+        """On the loop: wake every subscriber (the server is stopping), without telling listeners."""
+        for subs in list(self.queues.values()):
+            for queue in list(subs):
+                queue.put_nowait(event)
+
     def subscribe(self, prediction_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[prediction_id].add(queue)

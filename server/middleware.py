@@ -1,17 +1,22 @@
-"""ASGI middleware: the body size limit, HEAD on every GET route, and paths with a trailing slash.
+"""ASGI middleware: the body size and time limits, HEAD on every GET route, paths with a trailing
+slash, and the refusal of this server's own fetches.
 
 Each is a plain ASGI wrapper (no BaseHTTPMiddleware), so streamed responses stay streamed.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi.responses import JSONResponse
 from starlette.routing import Match, Router
 
+from .fetching import HEADER
 from .files import describe_bytes
 from .protocol import Problem
 
 PROBLEM = "application/problem+json"
+FETCH_HEADER = HEADER.encode()
 
 
 def problem_response(problem: Problem, headers: dict | None = None) -> JSONResponse:
@@ -67,6 +72,57 @@ class _TooLarge(Exception):
     pass
 
 
+class BodyTimeout:
+    """A request's whole body must arrive within ``timeout_s`` of its headers. A slower one (a
+    client sending a byte now and then) is answered 408 and its connection closed, so it holds a
+    connection, and the part it sent, no longer than that."""
+
+    def __init__(self, app, timeout_s: float):
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        body_done, timed_out, answered = False, False, False
+
+        async def timed():
+            nonlocal body_done, timed_out
+            if body_done:  # after the body: only a disconnect is left to wait for, however long
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                timed_out = True
+                raise _SlowBody() from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def guarded(message):
+            # The app turns the error into its own answer (FastAPI: 400 "error parsing the body"): drop it.
+            nonlocal answered
+            if timed_out:
+                return
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, timed, guarded)
+        except Exception:  # _SlowBody, or whatever the app made of it
+            if not timed_out:
+                raise
+        if timed_out and not answered:
+            slow = Problem(title="Request Timeout", status=408,
+                           detail=f"The request body did not arrive within {self.timeout_s:g} s.")
+            await problem_response(slow, {"connection": "close"})(scope, receive, send)
+
+
+class _SlowBody(Exception):
+    pass
+
+
 class HeadAsGet:
     """HEAD is answered on every GET route with the GET's status and headers and no body.
 
@@ -114,4 +170,28 @@ class TrailingSlash:
             candidate = dict(scope, path=trimmed, raw_path=trimmed.encode())
             if self._known(candidate):
                 scope = candidate
+        await self.app(scope, receive, send)
+
+
+class RefuseOwnFetches:
+    """508 for a request that carries this server's own fetch mark: an input URL led back here
+    (see :mod:`server.fetching`). Output files are still served: they are plain files, and a
+    prediction's output URL may rightly be the next one's input."""
+
+    def __init__(self, app, own, prefix: str = ""):
+        self.app, self.own = app, own
+        self.outputs = tuple(f"{p}/outputs/" for p in {"", prefix})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for name, value in scope.get("headers") or ():
+                if name == FETCH_HEADER:
+                    mark = value.decode("latin-1")
+                    path = scope.get("path", "")
+                    if self.own.is_ours(mark) and not path.startswith(self.outputs):
+                        self.own.refused(mark, path)
+                        loop = Problem(title="Loop Detected", status=508,
+                                       detail="This request is this server's own fetch of an input URL that led back "
+                                              "to it; a prediction's inputs are never fetched from the server that runs it.")
+                        return await problem_response(loop)(scope, receive, send)
         await self.app(scope, receive, send)

@@ -80,6 +80,7 @@ class PredictionService:
         self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
         self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
         self.requeue_requested: set[str] = set()
+        self.stopping = False  # the server is shutting down: requests waiting on a prediction are answered
         self.work_available = threading.Condition()
         self.webhooks = None  # a WebhookSender, set by the app
 
@@ -279,13 +280,14 @@ class PredictionService:
         return body.response(listed.model_dump(mode="json"))
 
     async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
-        """Wait until the prediction is terminal or ``timeout`` seconds pass; return its row."""
+        """Wait until the prediction is terminal, ``timeout`` seconds pass or the server begins to
+        stop; return its row."""
         queue = self.hub.subscribe(prediction_id)
         try:
             deadline = time.monotonic() + timeout
             while True:
                 row = self.store.get_prediction(prediction_id)
-                if row is None or Status(row["status"]).terminal:
+                if row is None or Status(row["status"]).terminal or self.stopping:
                     return row
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -296,6 +298,12 @@ class PredictionService:
                     pass
         finally:
             self.hub.unsubscribe(prediction_id, queue)
+
+    def stop_waiting(self) -> None:
+        """On the loop, when a shutdown begins: answer every request waiting on a prediction now
+        (``Prefer: wait`` gets the prediction as it stands), rather than when the server is gone."""
+        self.stopping = True
+        self.hub.wake_all()
 
     # -- cancel -------------------------------------------------------------------------------
 
@@ -315,6 +323,7 @@ class PredictionService:
             if reason:
                 self.cancel_reasons.setdefault(prediction_id, reason)
             self.cancel_requested.add(prediction_id)
+            self.store.request_cancel(prediction_id, now())  # a restart before it stops ends it canceled
         return self.store.get_prediction(prediction_id)
 
     async def watch_deadlines(self) -> None:
@@ -382,11 +391,24 @@ class PredictionService:
     def recover(self) -> list[str]:
         """At startup: move long inputs of predictions written before they were stored apart out of
         their rows, drop the stored inputs of creates that never wrote their row (a crash between
-        the two), and re-queue what was running when the server stopped."""
+        the two); then what was running when the server stopped runs again, unless it was asked to
+        stop (it ends canceled) or it has been interrupted ``--max-attempts`` times already (it fails:
+        a prediction that takes its worker down with it must not do so after every restart)."""
         self.store_inputs_apart()
         for pid in self.files.stored_input_ids():
             if self.store.get_delivery(pid) is None:
                 self.files.remove_inputs(pid)
+        for row in self.store.interrupted():
+            pid, logs = row["id"], row["logs"] or ""
+            if row["cancel_requested_at"] is not None:
+                self.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,),
+                                logs=logs + "The server restarted after this prediction was canceled; it does not run again.\n")
+                log.warning("prediction %s was canceled before a restart; it ends canceled", pid)
+            elif row["attempts"] >= self.settings.max_attempts:
+                error = interrupted_too_often(row["attempts"])
+                self.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error,
+                                logs=logs + f"Error: {error}\n")
+                log.warning("prediction %s was interrupted %d times; it fails", pid, row["attempts"])
         ids = self.store.requeue_interrupted()
         for pid in ids:
             log.warning("prediction %s was interrupted by a restart; it runs again", pid)
@@ -427,6 +449,11 @@ class PredictionService:
         for f in self.store.expired_files(now()):
             self.files.delete_upload(f["id"])
         return removed
+
+
+def interrupted_too_often(attempts: int) -> str:
+    return (f"This prediction was interrupted {attempts} times while it ran (the server stopped or was killed "
+            "each time), so it is not run again.")
 
 
 def decode_metadata(raw: str | None) -> dict:

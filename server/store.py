@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     cancel_at REAL,
     input_blobs TEXT,
     input_bytes INTEGER NOT NULL DEFAULT 0,
-    output_bytes INTEGER NOT NULL DEFAULT 0
+    output_bytes INTEGER NOT NULL DEFAULT 0,
+    cancel_requested_at REAL
 );
 CREATE INDEX IF NOT EXISTS predictions_status ON predictions(status, seq);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
@@ -65,7 +66,7 @@ CREATE TABLE IF NOT EXISTS settings (
 # Columns added after the first release: table -> (name, type), added to older databases at open.
 _ADDED_COLUMNS = {
     "predictions": (("cancel_at", "REAL"), ("input_blobs", "TEXT"), ("input_bytes", "INTEGER NOT NULL DEFAULT 0"),
-                    ("output_bytes", "INTEGER NOT NULL DEFAULT 0")),
+                    ("output_bytes", "INTEGER NOT NULL DEFAULT 0"), ("cancel_requested_at", "REAL")),
     "files": (("owner", "TEXT"),),
 }
 # Indexes on added columns: made once the columns exist.
@@ -169,6 +170,17 @@ class Store:
                 (now, now),
             ).fetchone()
             return _row(row)
+
+    def request_cancel(self, prediction_id: str, at: float) -> bool:
+        """Record that a running prediction was asked to stop, so that a restart ends it canceled."""
+        return self._exec("UPDATE predictions SET cancel_requested_at = ? WHERE id = ? AND status = 'processing'",
+                          (at, prediction_id)).rowcount > 0
+
+    def interrupted(self) -> list[dict[str, Any]]:
+        """At startup: the predictions that were running when the server stopped."""
+        rows = self._exec("SELECT id, attempts, cancel_requested_at, logs FROM predictions "
+                          "WHERE status = 'processing' ORDER BY seq").fetchall()
+        return [dict(r) for r in rows]
 
     def requeue_interrupted(self) -> list[str]:
         """At startup: predictions that were running when the server stopped go back to the queue."""

@@ -10,8 +10,10 @@ sender keeps one ordered channel per prediction, served by its own short-lived a
 - only `completed` is retried, on a connection error, a timeout or any non-2xx answer (a 3xx
   included: redirects are never followed), with exponential backoff for about `retry_for_s`, under
   one `webhook-id`. The other events are tried once;
-- a semaphore bounds the POSTs in flight and each POST has a total deadline of `timeout_s`, so a
-  slow or dead receiver holds one slot for at most that long and never stalls other predictions.
+- the POSTs in flight are bounded per destination (scheme, host and port: `max_per_destination`)
+  and all together (`max_concurrency`), and each POST has a total deadline of `timeout_s`: a slow
+  or dead receiver holds only its own destination's slots, so the webhooks of every other receiver
+  go out at once however many predictions point at the slow one.
 
 Bodies are signed with the Standard Webhooks scheme (https://www.standardwebhooks.com), which the
 official clients validate: `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -94,7 +97,8 @@ class WebhookSender:
     retry_for_s: how long a failing "completed" delivery keeps being retried.
     user_agent: the user-agent header of every POST.
     backoff_base_s: the first retry delay; each next one doubles (1, 2, 4, 8, ... s by default).
-    max_concurrency: the most POSTs in flight at once, all predictions together.
+    max_concurrency: the most POSTs in flight at once, all destinations together.
+    max_per_destination: the most POSTs in flight at once to one destination (scheme, host, port).
     """
 
     def __init__(
@@ -107,7 +111,8 @@ class WebhookSender:
         retry_for_s: float = 60.0,
         user_agent: str = "flux-fill-server",
         backoff_base_s: float = 1.0,
-        max_concurrency: int = 16,
+        max_concurrency: int = 64,
+        max_per_destination: int = 4,
     ) -> None:
         self._secret = secret
         self._allow_private = allow_private
@@ -117,6 +122,8 @@ class WebhookSender:
         self._user_agent = user_agent
         self._backoff_base_s = backoff_base_s
         self._max_concurrency = max_concurrency
+        self._max_per_destination = max_per_destination
+        self._destinations: dict[str, list] = {}  # destination -> [its semaphore, tasks using it]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -323,7 +330,8 @@ class WebhookSender:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(secret or self._secret, msg_id, timestamp, body),
         }
-        async with self._slots:
+        # The destination's slot first: a delivery waiting on a slow receiver holds no shared slot.
+        async with self._destination_slot(url), self._slots:
             try:
                 status = await asyncio.wait_for(self._post(url, headers, body, address), self._timeout_s)
             except asyncio.TimeoutError:
@@ -331,6 +339,22 @@ class WebhookSender:
             except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
                 return type(error).__name__
         return None if 200 <= status < 300 else f"HTTP {status}"
+
+    @contextlib.asynccontextmanager
+    async def _destination_slot(self, url: str):
+        """One of the destination's ``max_per_destination`` slots; forgotten once nobody uses it."""
+        key = _destination_of(url)
+        entry = self._destinations.get(key)
+        if entry is None:
+            entry = self._destinations[key] = [asyncio.Semaphore(self._max_per_destination), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._destinations.pop(key, None)
 
     async def _post(self, url: str, headers: dict, body: bytes, address: str | None = None) -> int:
         # Sent to the address that was checked (no DNS rebinding gap). Streamed so that a
@@ -361,6 +385,16 @@ class WebhookSender:
         if not infos:
             raise OSError("no address")
         return infos[0][4][0]
+
+
+def _destination_of(url: str) -> str:
+    """Where a POST goes: scheme, host and port (the default port filled in)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+    except ValueError:
+        return url
 
 
 def _host_of(url: str) -> str:

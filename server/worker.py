@@ -15,11 +15,12 @@ import traceback
 from tqdm import tqdm
 
 from inference.engine import Engine
-from inference.errors import Cancelled, InvalidInput, NonFiniteOutput, SafetyError
+from inference.errors import Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
 from inference.inputs import parse_input
 
+from .fetching import OwnFetches, came_back
 from .protocol import Status
-from .predictions import PredictionService
+from .predictions import PredictionService, interrupted_too_often
 from .store import now
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,16 @@ class LogBuffer:
 
 
 class Worker(threading.Thread):
-    def __init__(self, engine: Engine, service: PredictionService, device: str):
+    """``own_fetches`` and ``fetch_mark``: the mark this worker's fetches carry, to tell a fetch that
+    came back to this server from any other failed fetch (see :mod:`server.fetching`)."""
+
+    def __init__(self, engine: Engine, service: PredictionService, device: str, *,
+                 own_fetches: OwnFetches | None = None, fetch_mark: str | None = None):
         super().__init__(name=f"worker-{device}", daemon=True)
         self.engine = engine
         self.service = service
         self.device = device
+        self.own_fetches, self.fetch_mark = own_fetches, fetch_mark
         self.stopping = threading.Event()
         self.current: str | None = None
 
@@ -100,10 +106,13 @@ class Worker(threading.Thread):
         started = time.monotonic()
 
         def cancelled() -> bool:
+            if pid in service.cancel_requested:  # a cancel wins over going back to the queue
+                return True
             if pid in service.requeue_requested:
                 raise Requeued()
-            return pid in service.cancel_requested
+            return False
 
+        self.refused_fetch()  # forget a refusal left over from an earlier prediction
         try:
             if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
@@ -120,23 +129,51 @@ class Worker(threading.Thread):
             service.transition(pid, Status.SUCCEEDED, only_if=(Status.PROCESSING,), output=names,
                                predict_time=time.monotonic() - started, logs=logs.text)
         except Requeued:
-            logs.line("The server is stopping; this prediction goes back to the queue.")
-            service.store.update_prediction(pid, status=Status.STARTING.value, started_at=None, logs=logs.text)
-            service.requeue_requested.discard(pid)
+            self.requeued(row, logs, started)
         except Cancelled:
-            logs.line(service.cancel_reasons.get(pid) or "Prediction canceled.")
-            service.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,), logs=logs.text,
-                               predict_time=time.monotonic() - started)
+            self.canceled(pid, logs, started)
         except Exception as exc:  # one prediction's failure never stops the worker
-            error = describe_failure(exc)
-            if not isinstance(exc, (InvalidInput, SafetyError)):
-                log.error("prediction %s failed:\n%s", pid, traceback.format_exc())
+            if pid in service.cancel_requested:  # e.g. a fetch that stalled past the cancel, then timed out
+                self.canceled(pid, logs, started)
+            else:
+                self.failed(pid, exc, logs, started)
+        finally:
+            self.current = None
+
+    def requeued(self, row: dict, logs: LogBuffer, started: float) -> None:
+        """The server is stopping: back to the queue, unless this was the prediction's last run."""
+        pid, service = row["id"], self.service
+        service.requeue_requested.discard(pid)
+        if row["attempts"] >= service.settings.max_attempts:
+            error = interrupted_too_often(row["attempts"])
             logs.line(f"Error: {error}")
             service.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error, logs=logs.text,
                                predict_time=time.monotonic() - started)
-            free_gpu_memory()
-        finally:
-            self.current = None
+            return
+        logs.line("The server is stopping; this prediction goes back to the queue.")
+        service.store.update_prediction(pid, status=Status.STARTING.value, started_at=None, logs=logs.text)
+
+    def canceled(self, pid: str, logs: LogBuffer, started: float) -> None:
+        logs.line(self.service.cancel_reasons.get(pid) or "Prediction canceled.")
+        self.service.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,), logs=logs.text,
+                                predict_time=time.monotonic() - started)
+
+    def failed(self, pid: str, exc: Exception, logs: LogBuffer, started: float) -> None:
+        if isinstance(exc, FetchError) and (path := self.refused_fetch()):
+            exc = came_back(exc, path)
+        error = describe_failure(exc)
+        if not isinstance(exc, (InvalidInput, SafetyError)):
+            log.error("prediction %s failed:\n%s", pid, "".join(traceback.format_exception(exc)))
+        logs.line(f"Error: {error}")
+        self.service.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error, logs=logs.text,
+                                predict_time=time.monotonic() - started)
+        free_gpu_memory()
+
+    def refused_fetch(self) -> str | None:
+        """The path of this server that this worker's last fetch was refused on, if any."""
+        if self.own_fetches is None or self.fetch_mark is None:
+            return None
+        return self.own_fetches.take(self.fetch_mark)
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -61,6 +61,7 @@ class LiveServer:
     port: int = 0
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    open_files: int | None = None  # the process's limit on open files (soft and hard), when given
 
     @property
     def url(self) -> str:
@@ -73,7 +74,8 @@ class LiveServer:
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
                *self.args]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log_path, "ab"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=self._limits if self.open_files else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -88,6 +90,11 @@ class LiveServer:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server did not become ready:\n{self.log()}")
+
+    def _limits(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

@@ -91,3 +91,34 @@ def test_a_database_from_before_deadlines_opens_and_keeps_its_queue(tmp_path):
         assert claimed["id"] == "old" and claimed["status"] == "processing" and claimed["cancel_at"] is None
     finally:
         store.close()
+
+
+def test_recovery_reruns_an_interrupted_prediction_until_its_last_attempt_and_honours_a_cancel(tmp_path):
+    """What was running when the server died: it runs again, unless it has been interrupted
+    --max-attempts times (it fails, in words) or it was asked to stop (it ends canceled)."""
+    from server.events import Hub
+    from server.files import FileStore
+    from server.predictions import PredictionService
+    from server.settings import Settings
+    from server.store import Store
+
+    store = Store(tmp_path / "flux-fill.sqlite3")
+    service = PredictionService(Settings(data_dir=tmp_path, max_attempts=3), store, FileStore(tmp_path, store, 24), Hub())
+    for pid in ("again", "last", "stop", "queued"):
+        store.insert_prediction(id=pid, status="starting", version="hidden", input={}, created_at=1.0, output_token="t")
+    try:
+        for pid, runs in (("again", 1), ("last", 3), ("stop", 1)):  # running when the server died
+            store.update_prediction(pid, status="processing", attempts=runs, logs="Using seed: 1\n")
+        assert service.cancel("stop")["status"] == "processing"  # running: asked to stop, not yet stopped
+        service.cancel_requested.clear()  # the server dies: what it held in memory is gone
+        assert service.recover() == ["again"]
+        rows = {pid: store.get_prediction(pid) for pid in ("again", "last", "stop", "queued")}
+        assert rows["again"]["status"] == "starting" and rows["queued"]["status"] == "starting"
+        assert rows["last"]["status"] == "failed" and rows["last"]["completed_at"]
+        assert rows["last"]["error"] == ("This prediction was interrupted 3 times while it ran (the server stopped "
+                                         "or was killed each time), so it is not run again.")
+        assert rows["last"]["logs"] == "Using seed: 1\nError: " + rows["last"]["error"] + "\n"
+        assert rows["stop"]["status"] == "canceled" and rows["stop"]["error"] is None
+        assert "canceled; it does not run again" in rows["stop"]["logs"]
+    finally:
+        store.close()

@@ -23,7 +23,7 @@ import pytest
 import replicate
 
 from server import bodies, stored_inputs
-from tests.helpers import LiveServer, box_mask, data_uri, fast_input, noise_image, png_bytes
+from tests.helpers import box_mask, data_uri, fast_input, noise_image, png_bytes
 
 MODEL = "black-forest-labs/flux-fill-dev"
 MODEL_PATH = f"/v1/models/{MODEL}/predictions"

@@ -345,3 +345,24 @@ def test_notify_from_another_thread_is_handed_to_the_loop():
             await sender.close()
 
     run(scenario())
+
+
+def test_a_slow_receiver_holds_only_its_own_slots_and_delays_no_other_receiver():
+    """Twenty predictions' webhooks to a receiver that takes 3 s to answer, then one to another
+    receiver: that one arrives at once. The slow one never has more than its four slots."""
+    async def scenario():
+        async with Receiver() as slow, Receiver() as fast:
+            slow.plan["/hook"] = [("sleep", 3)] * 20
+            sender = await started(timeout_s=10, max_concurrency=16, max_per_destination=4)
+            for i in range(20):
+                sender.notify(f"slow{i}", slow.url("/hook"), None, "completed", snapshot_of(f"slow{i}"))
+            await asyncio.sleep(0.2)
+            began = time.monotonic()
+            sender.notify("fast", fast.url("/hook"), None, "completed", snapshot_of("fast"))
+            await fast.wait_for(lambda: len(fast.requests) == 1, timeout=1.0)
+            took = time.monotonic() - began
+            assert len(slow.requests) == 4  # in flight to the slow receiver: its four slots, no more
+            await sender.close(drain_s=0.1)
+        assert took < 0.5, took
+
+    run(scenario())

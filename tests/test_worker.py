@@ -49,3 +49,37 @@ def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
         worker.stop()
         worker.join(10)
     assert not worker.is_alive()
+
+
+def test_a_prediction_stopped_by_a_shutdown_goes_back_to_the_queue_until_its_last_attempt(tmp_path, engine):
+    """The server stops while a prediction runs (here: while its picture drips in): it goes back to
+    the queue, unless this run was its --max-attempts-th, when it fails in words instead."""
+    from tests.test_red_team import Origin
+
+    store = Store(tmp_path / "flux-fill.sqlite3")
+    service = PredictionService(Settings(data_dir=tmp_path, max_attempts=2), store, FileStore(tmp_path, store, 24), Hub())
+    admission = Admission(version="hidden", wait=None, cancel_after_s=None)
+    with Origin(drip_s=0.05) as origin:
+        inp = {**fast_input(noise_image(16, 16), box_mask(16, 16, (2, 2, 14, 14))), "image": origin.url("/drip")}
+        pid = service.create(PredictionRequest(input=inp), admission, "http://test", None)["id"]
+        outcomes = []
+        for _ in range(2):
+            worker = Worker(engine, service, "cpu")
+            worker.start()
+            try:
+                deadline = time.monotonic() + 10
+                while worker.current != pid:
+                    assert time.monotonic() < deadline, "the worker did not take the prediction"
+                    time.sleep(0.01)
+                service.requeue_requested.add(pid)  # what a shutdown does after its grace time
+                worker.stop()
+                worker.join(10)
+                assert not worker.is_alive()
+            finally:
+                worker.stop()
+            row = store.get_prediction(pid)
+            outcomes.append((row["status"], row["attempts"], row["error"]))
+    store.close()
+    assert outcomes[0] == ("starting", 1, None)
+    assert outcomes[1] == ("failed", 2, "This prediction was interrupted 2 times while it ran (the server stopped "
+                                        "or was killed each time), so it is not run again.")
