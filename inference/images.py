@@ -130,10 +130,12 @@ def pinned_request(url: str, address: str | None) -> tuple[object, dict, dict]:
     return target.copy_with(host=address), headers, extensions
 
 
-def fetch_url(url: str, field: str, policy: FetchPolicy, cancelled: Callable[[], bool] | None = None) -> bytes:
+def fetch_url(url: str, field: str, policy: FetchPolicy, cancelled: Callable[[], bool] | None = None,
+              into=None) -> bytes:
     """GET an http(s) URL with size, time and redirect limits; each redirect hop is checked again.
     The time limit covers the whole fetch; ``cancelled`` is asked between reads (a canceled
-    prediction stops fetching at once)."""
+    prediction stops fetching at once). With ``into`` (a file open for writing) the bytes go there
+    as they arrive, not into memory, and b"" is returned."""
     import httpx
 
     deadline = time.monotonic() + policy.timeout_s
@@ -175,7 +177,10 @@ def fetch_url(url: str, field: str, policy: FetchPolicy, cancelled: Callable[[],
                         total += len(chunk)
                         if total > policy.max_bytes:
                             raise FetchError.one(field, "size", f"{field} is larger than {policy.max_bytes // (1024 * 1024)} MB")
-                        chunks.append(chunk)
+                        if into is not None:
+                            into.write(chunk)
+                        else:
+                            chunks.append(chunk)
                     left()
                     return b"".join(chunks)
             except httpx.TimeoutException:

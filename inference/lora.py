@@ -117,12 +117,15 @@ def _download(url: str, settings: LoraSettings, cancelled=None) -> Path:
     if target.is_file():
         _used(target)
         return target
-    data = fetch_url(url, FIELD, settings.fetch_policy, cancelled)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    trim_cache(settings.cache_dir, settings.cache_bytes - len(data))
     tmp = target.with_suffix(f".{os.getpid()}.part")
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    try:
+        with open(tmp, "wb") as fh:  # straight to disk: a LoRA of gigabytes is never in memory whole
+            fetch_url(url, FIELD, settings.fetch_policy, cancelled, into=fh)
+        trim_cache(settings.cache_dir, settings.cache_bytes - tmp.stat().st_size)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     _used(target)
     return target
 

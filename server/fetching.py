@@ -67,6 +67,9 @@ def _headers(mark: str | None) -> tuple:
 def came_back(error: FetchError, path: str) -> FetchError:
     """The error of a fetch that led back to this server, in words."""
     field = error.errors[0].field if error.errors else "image"
+    if "/v1/files/" in path:  # an upload this prediction's token cannot read: another tenant's, or gone
+        return FetchError.one(field, "fetch", f"{field} is the URL of a file this token cannot read ({path}); "
+                                              "upload the picture with this token, or send it as a data: URI.")
     return FetchError.one(
         field, "fetch",
         f"{field} leads back to this server ({path}); a prediction's inputs are never fetched from the server "

@@ -121,6 +121,21 @@ def test_url_fetch_with_limits(http_server):
         read_file_string(f"{base}/ok.png", "image", policy=FetchPolicy(allow_private=False))
 
 
+def test_a_fetch_into_a_file_keeps_nothing_in_memory(http_server):
+    """LoRA downloads (gigabytes) are written as they arrive; the size limit still holds."""
+    import io
+
+    from inference.images import fetch_url
+
+    base, routes = http_server
+    routes["/lora.safetensors"] = (200, {}, b"w" * 300_000)
+    sink = io.BytesIO()
+    assert fetch_url(f"{base}/lora.safetensors", "lora_weights", FetchPolicy(), into=sink) == b""
+    assert sink.getvalue() == b"w" * 300_000
+    with pytest.raises(FetchError, match="larger than"):
+        fetch_url(f"{base}/lora.safetensors", "lora_weights", FetchPolicy(max_bytes=100_000), into=io.BytesIO())
+
+
 def test_private_check_pins_the_checked_address(http_server, monkeypatch):
     """With private addresses refused, the request goes to the address that was checked: a name whose
     second DNS answer differs (DNS rebinding) cannot slip another address in between."""

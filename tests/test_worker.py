@@ -61,7 +61,7 @@ def test_a_prediction_stopped_by_a_shutdown_goes_back_to_the_queue_until_its_las
     admission = Admission(version="hidden", wait=None, cancel_after_s=None)
     with Origin(drip_s=0.05) as origin:
         inp = {**fast_input(noise_image(16, 16), box_mask(16, 16, (2, 2, 14, 14))), "image": origin.url("/drip")}
-        pid = service.create(PredictionRequest(input=inp), admission, "http://test", None)["id"]
+        pid = service.create(PredictionRequest(input=inp), admission, NOBODY)["id"]
         outcomes = []
         for _ in range(2):
             worker = Worker(engine, service, "cpu")
