@@ -28,16 +28,22 @@ class OwnFetches:
 
     def __init__(self) -> None:
         self.instance = secrets.token_urlsafe(12)
+        self._issued: set[str] = set()  # one mark a worker
         self._refused: dict[str, str] = {}  # a worker's mark -> the path its fetch asked this server for
 
     def mark(self, worker: int) -> str:
-        return f"{self.instance}.{worker}"
+        mark = f"{self.instance}.{worker}"
+        self._issued.add(mark)
+        return mark
 
     def is_ours(self, value: str) -> bool:
-        return value.partition(".")[0] == self.instance
+        """A mark this server gave a worker (the instance alone is not enough: a receiver of our
+        fetches learns it, and made-up marks must not grow the record of refusals)."""
+        return value in self._issued
 
     def refused(self, mark: str, path: str) -> None:
-        self._refused[mark] = path
+        if mark in self._issued:
+            self._refused[mark] = path[:300]
 
     def take(self, mark: str) -> str | None:
         """The path a fetch with ``mark`` asked this server for since the last call, or None."""

@@ -175,12 +175,13 @@ class TrailingSlash:
 
 class RefuseOwnFetches:
     """508 for a request that carries this server's own fetch mark: an input URL led back here
-    (see :mod:`server.fetching`). Output files are still served: they are plain files, and a
-    prediction's output URL may rightly be the next one's input."""
+    (see :mod:`server.fetching`). Output files and stored inputs are still served: they are plain
+    files, and a prediction's output URL may rightly be the next one's input (the worker reads such
+    URLs where they lie; this covers a redirect to one)."""
 
     def __init__(self, app, own, prefix: str = ""):
         self.app, self.own = app, own
-        self.outputs = tuple(f"{p}/outputs/" for p in {"", prefix})
+        self.outputs = tuple(f"{p}/{kind}/" for p in {"", prefix} for kind in ("outputs", "inputs"))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":

@@ -12,25 +12,30 @@ and webhook bodies carry their URLs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from fastapi.responses import Response
 
-from inference.images import OUTPUT_CONTENT_TYPES
+from inference.errors import FetchError, InvalidInput
+from inference.images import OUTPUT_CONTENT_TYPES, decode_data_uri
 
 from . import stored_inputs
 from .admission import Admission
 from .auth import ADMIN, Caller
 from .bodies import LargeStrings, data_uri_file, text_file
 from .events import Hub
-from .files import FileStore, disk_guard, new_id
+from .files import FileStore, disk_guard, is_disk_full, new_id
 from .pages import paginate, parse_cursor
 from .protocol import (
     MODEL_REF,
@@ -69,6 +74,9 @@ def parse_iso(value: str) -> float:
     return dt.timestamp()
 
 
+# This server's output and input URLs, under any prefix: /outputs/<id>/<token>/<name>, /inputs/...
+_OWN_URL = re.compile(r"/(outputs|inputs)/([A-Za-z0-9]+)/([A-Za-z0-9_-]+)/([A-Za-z0-9._-]+)$")
+
 class PredictionService:
     def __init__(self, settings: Settings, store: Store, files: FileStore, hub: Hub):
         self.settings = settings
@@ -76,6 +84,9 @@ class PredictionService:
         self.files = files
         self.hub = hub
         self.quotas = Quotas(settings, store, files)
+        # Keys the input URLs of list pages and webhooks: a prediction's output URL (shared to show a
+        # picture) must not also open its inputs.
+        self.url_key = bytes.fromhex(store.setting("input_url_key", lambda: secrets.token_hex(32)))
         self.cancel_requested: set[str] = set()
         self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
         self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
@@ -125,7 +136,38 @@ class PredictionService:
         return [Stored.of(ref) for ref in row.get("input_blobs") or []]
 
     def input_url(self, row: dict[str, Any], item: Stored, request_base: str | None = None) -> str:
-        return f"{self.base_for(request_base)}/inputs/{row['id']}/{row['output_token']}/{item.name}"
+        return f"{self.base_for(request_base)}/inputs/{row['id']}/{self.input_token(row['id'])}/{item.name}"
+
+    def input_token(self, prediction_id: str) -> str:
+        """The unguessable part of a prediction's input URLs: its own, not its outputs'."""
+        return hmac.new(self.url_key, f"{prediction_id}/inputs".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def own_url_bytes(self, value: str) -> bytes | None:
+        """The bytes behind one of this server's output or input URLs (a list page's links, say), read
+        where they lie rather than fetched from this server, which refuses its own fetches; None for
+        anything else. Both kinds are capabilities: whoever holds the URL may read it."""
+        match = _OWN_URL.search(urlsplit(value).path)
+        if not match:
+            return None
+        kind, prediction_id, token, name = match.groups()
+        row = self.store.get_prediction(prediction_id)
+        if row is None or row.get("data_removed"):
+            return None
+        if kind == "outputs":
+            if not hmac.compare_digest(token.encode(), row["output_token"].encode()) or name not in (row.get("output") or []):
+                return None
+            path = self.files.output_path(prediction_id, name)
+            return path.read_bytes() if path is not None and path.is_file() else None
+        if not hmac.compare_digest(token.encode(), self.input_token(prediction_id).encode()):
+            return None
+        item = next((s for s in self.stored(row) if s.name == name), None)
+        text = self.files.read_input(prediction_id, item.index) if item is not None else None
+        if text is None or not text.startswith("data:"):
+            return None
+        try:
+            return decode_data_uri(text, name)
+        except FetchError:
+            return None
 
     def shown_input(self, row: dict[str, Any], request_base: str | None = None,
                     body: LargeStrings | None = None) -> dict[str, Any]:
@@ -142,15 +184,25 @@ class PredictionService:
         return stored_inputs.fill(row["input"], stored, lambda item: self.input_url(row, item, request_base))
 
     def worker_input(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The whole input, as sent, for the worker to run."""
-        return stored_inputs.fill(row["input"], self.stored(row),
-                                  lambda item: self.files.read_input(row["id"], item.index) or "")
+        """The whole input, as sent, for the worker to run; a stored string that is gone fails it in words."""
+        def read(item: Stored) -> str:
+            text = self.files.read_input(row["id"], item.index)
+            if text is None:
+                raise InvalidInput.one(item.name, "missing", f"{item.name} is no longer stored on this server")
+            return text
+
+        return stored_inputs.fill(row["input"], self.stored(row), read)
 
     def resolver_for(self, row: dict[str, Any]) -> Callable[[str], bytes | None]:
         """Resolves this server's file URLs in the prediction's input: its own tenant's files only
         (an admin's, or a server without tokens, any)."""
         owner = row.get("owner")
-        return lambda value: self.files.resolve(value, lambda file_owner: owner in (None, ADMIN) or file_owner == owner)
+
+        def resolve(value: str) -> bytes | None:
+            found = self.files.resolve(value, lambda file_owner: owner in (None, ADMIN) or file_owner == owner)
+            return found if found is not None else self.own_url_bytes(value)
+
+        return resolve
 
     def render(self, row: dict[str, Any], request_base: str | None = None, listing: bool = False,
                body: LargeStrings | None = None) -> Prediction:
@@ -424,7 +476,15 @@ class PredictionService:
                 self.store.update_prediction(pid, input_blobs=[])
                 continue
             inline, stored, values = stored_inputs.split(row["input"])
-            sizes = self.files.write_inputs(pid, values)
+            try:
+                sizes = self.files.write_inputs(pid, values)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                # The rest stay in their rows, where they work as before; the next start goes on.
+                log.warning("too little disk to move the long inputs out of the database; %d rows keep theirs",
+                            len(ids) - ids.index(pid))
+                break
             self.store.update_prediction(pid, input=inline, input_blobs=[item.ref() for item in stored],
                                          input_bytes=sum(sizes))
         if ids:

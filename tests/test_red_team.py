@@ -509,3 +509,17 @@ def test_the_load_beside_a_hostile_mix_gets_no_5xx_loses_nothing_and_health_answ
     assert report.hostile["slow body: 408"] > 0 and report.hostile["half header: 408"] > 0
     assert report.health_failures == 0 and report.health_slow == 0, max(report.health_ms)
     assert report.ok
+
+
+def test_made_up_fetch_marks_are_not_ours_and_leave_no_record():
+    """The fetch mark reaches every input URL's host; a made-up mark from it must neither be refused
+    as ours nor grow the record of refusals."""
+    from server.fetching import OwnFetches
+
+    own = OwnFetches()
+    mark = own.mark(0)
+    assert own.is_ours(mark) and not own.is_ours(f"{own.instance}.999") and not own.is_ours(own.instance)
+    for i in range(1000):
+        own.refused(f"{own.instance}.{i + 1}", "/x" * 5000)
+    own.refused(mark, "/v1/predictions/abc/stream" + "x" * 5000)
+    assert own._refused.keys() == {mark} and len(own.take(mark)) <= 300 and own.take(mark) is None

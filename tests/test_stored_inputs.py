@@ -378,3 +378,26 @@ def test_a_database_from_before_moves_its_long_inputs_out_at_start(server_factor
     restarted = server_factory(data_dir=data)  # nothing left to move: it starts as any server does
     assert httpx.get(f"{restarted.url}/v1/predictions/{done}").json()["input"] == big
     assert not orphan.exists() and (data / "inputs" / done).is_dir()
+
+
+def test_links_of_a_list_page_are_inputs_and_an_output_url_opens_no_input(server_factory):
+    """A list page's input URL (a long data: URI stored apart) and an output URL work as the next
+    prediction's inputs: the worker reads them where they lie (this server refuses its own fetches).
+    Holding an output URL, shared to show a picture, does not open the prediction's inputs."""
+    server = server_factory("--output-urls", "url")
+    picture = noise_image(48, 48, seed=4)
+    first = httpx.post(server.url + MODEL_PATH, headers={"Prefer": "wait=60"}, timeout=90, json={
+        "input": {**fast_input(picture, box_mask(48, 48, (8, 8, 30, 30)), seed=2), "prompt": "p " * 3000}}).json()
+    assert first["status"] == "succeeded", first.get("error")
+    listed = next(p for p in httpx.get(server.url + "/v1/predictions", timeout=30).json()["results"]
+                  if p["id"] == first["id"])
+    image_url, output_url = listed["input"]["image"], listed["output"][0]
+    assert image_url.startswith(server.url + "/inputs/") and output_url.startswith(server.url + "/outputs/")
+    assert httpx.get(image_url, timeout=30).content == png_bytes(picture)
+    output_token = output_url.split("/")[-2]
+    assert image_url.split("/")[-2] != output_token
+    borrowed = image_url.rsplit("/", 2)[0].rsplit("/", 1)[0] + f"/{output_token}/image"
+    assert httpx.get(borrowed, timeout=30).status_code == 404
+    second = httpx.post(server.url + MODEL_PATH, headers={"Prefer": "wait=60"}, timeout=90, json={
+        "input": {**fast_input(picture, seed=3), "image": image_url, "mask": output_url}}).json()
+    assert second["status"] == "succeeded", second.get("error")

@@ -148,7 +148,8 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
                             "(no auth; unguessable URL)")
 async def get_input(prediction_id: str, token: str, name: str, state: AppState = Depends(get_state)):
     row = state.service.get(prediction_id)
-    if row is None or row.get("data_removed") or not hmac.compare_digest(token.encode(), row["output_token"].encode()):
+    if row is None or row.get("data_removed") or not hmac.compare_digest(
+            token.encode(), state.service.input_token(prediction_id).encode()):
         raise not_found()
     item = next((s for s in state.service.stored(row) if s.name == name), None)
     path = state.files.input_path(prediction_id, item.index) if item else None
