@@ -44,7 +44,10 @@ class AppState:
         return self.secrets[owner]
 
     def api_base(self, request: Request) -> str:
-        """The base URL the client used: scheme, host and, when it came through it, the prefix."""
+        """The base URL the client used: scheme, host and, when it came through it, the prefix; with
+        --public-url, that URL (behind a proxy the request's own Host is the proxy's upstream)."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
         base = str(request.base_url).rstrip("/")
         prefix = self.settings.prefix
         if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):

@@ -144,6 +144,8 @@ class Worker(threading.Thread):
         """The server is stopping: back to the queue, unless this was the prediction's last run."""
         pid, service = row["id"], self.service
         service.requeue_requested.discard(pid)
+        if pid in service.cancel_requested:  # a cancel that came while it stopped wins over the queue
+            return self.canceled(pid, logs, started)
         if row["attempts"] >= service.settings.max_attempts:
             error = interrupted_too_often(row["attempts"])
             logs.line(f"Error: {error}")

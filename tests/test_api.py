@@ -282,6 +282,10 @@ def test_https_public_url_makes_output_urls(server_factory, picture):
     assert httpx.get(local.replace("/out-0.png", "/out-1.png")).status_code == 404
     assert httpx.get(local.split("/outputs/")[0] + "/outputs/" + p["id"] + "/wrongtoken/out-0.png").status_code == 404
     assert p["urls"]["get"] == f"https://fill.example.test/v1/predictions/{p['id']}"
+    # Behind a proxy every link a client follows is the public one: file URLs and the model's too.
+    upload = httpx.post(f"{server.url}/v1/files", files={"content": ("a.png", b"\x89PNG....", "image/png")}, timeout=30)
+    assert upload.json()["urls"]["get"].startswith("https://fill.example.test/v1/files/")
+    assert httpx.get(f"{server.url}/v1/models/{MODEL}", timeout=30).json()["url"].startswith("https://fill.example.test")
 
 
 def test_version_lookup_schema_and_health(auth_server, live_server):
