@@ -22,6 +22,7 @@ from .fetching import OwnFetches, lora_settings
 from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
 from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
+from .lifecycle import Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from .routes import files as files_routes
@@ -31,7 +32,7 @@ from .routes import system as system_routes
 from .routes import ui as ui_routes
 from .settings import Settings
 from .state import AppState
-from .store import Store
+from .store import open_store
 
 log = logging.getLogger("flux_fill.server")
 JANITOR_S = 15.0
@@ -75,35 +76,31 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         lock = (data_lock or DataDirLock(data)).acquire()  # before the queue is read: one server per folder
         clean_leftovers(data)
         trim_lora_cache(data, lora_settings(settings).cache_bytes)
-        store = Store(data / "flux-fill.sqlite3")
+        store = open_store(settings.database or data / "flux-fill.sqlite3")
+        if not store.hold_exclusive():
+            store.close()
+            raise RuntimeError("another flux-fill server uses this database; one server per database")
         files = FileStore(data, store, settings.file_expiry_hours)
         hub = Hub()
         hub.bind(asyncio.get_running_loop())
-        service = PredictionService(settings, store, files, hub)
+        metrics = ServerMetrics()
+        lifecycle = Lifecycle(settings, store, files, hub, metrics)
+        service = PredictionService(settings, store, files, hub, lifecycle)
         state = AppState(settings=settings, store=store, files=files, hub=hub, service=service,
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute, settings.admin_tokens),
-                         metrics=ServerMetrics())
+                         metrics=metrics)
         app.state.flux = state
         sender = WebhookSender(state.webhook_secret(None), allow_private=not settings.block_private_urls,
                                max_concurrency=settings.webhook_slots,
                                max_per_destination=settings.webhook_slots_per_destination)
         await sender.start()
-        state.webhooks = service.webhooks = sender
-
-        def on_event(prediction_id: str, event: str) -> None:
-            row = store.get_delivery(prediction_id)
-            if row and row.get("webhook"):
-                sender.notify(prediction_id, row["webhook"], row.get("webhook_events"), event,
-                              lambda: service.snapshot(prediction_id), secret=state.webhook_secret(row.get("owner")))
-            if event == "completed" and row and row.get("predict_time") is not None:
-                state.metrics.predict_time.observe(row["predict_time"])
-
-        hub.listeners.append(on_event)
-        service.recover()  # after the listeners: a prediction it ends (canceled, failed) gets its webhook
+        state.webhooks = sender
+        lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret)
+        service.recover()  # after the webhooks: a prediction it ends (canceled, failed) gets its webhook
         loader = threading.Thread(target=_setup, args=(state, load_model, own_fetches), name="model-loader", daemon=True)
         loader.start()
         janitor = asyncio.create_task(_janitor(service))
-        deadlines = asyncio.create_task(service.watch_deadlines())
+        deadlines = asyncio.create_task(lifecycle.watch_deadlines())
         try:
             yield
         finally:
@@ -229,7 +226,7 @@ def _stop_workers(state: AppState) -> None:
     for worker in state.workers:
         worker.join(timeout=SHUTDOWN_GRACE_S)
         if worker.is_alive() and worker.current:
-            state.service.requeue_requested.add(worker.current)
+            state.service.lifecycle.requeue_requested.add(worker.current)
             worker.join(timeout=10)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from inference.images import OUTPUT_CONTENT_TYPES
 
 from .protocol import disk_full
+from .records import FileRecord
 from .store import Store, now
 
 _FILE_URL = re.compile(r"/v1/files/([a-z0-9]{20,40})/?$")
@@ -77,7 +78,7 @@ class FileStore:
     # -- uploads ------------------------------------------------------------------------------
 
     def save_upload(self, tmp_path: Path, name: str, content_type: str | None, metadata: dict,
-                    owner: str | None = None) -> dict:
+                    owner: str | None = None) -> FileRecord:
         """Record a fully received upload (already size-checked) and move it in place."""
         file_id = new_id()
         sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
@@ -106,10 +107,10 @@ class FileStore:
         return self.store.get_file(file_id)
 
     def delete_upload(self, file_id: str) -> bool:
-        row = self.store.get_file(file_id)
-        if row is None:
+        record = self.store.get_file(file_id)
+        if record is None:
             return False
-        Path(row["path"]).unlink(missing_ok=True)
+        Path(record.path).unlink(missing_ok=True)
         return self.store.delete_file(file_id)
 
     def resolve(self, value: str, sees=lambda owner: True) -> bytes | None:
@@ -118,11 +119,11 @@ class FileStore:
         match = _FILE_URL.search(value.split("?", 1)[0])
         if not match:
             return None
-        row = self.store.get_file(match.group(1))
-        if row is None or not sees(row.get("owner")):
+        record = self.store.get_file(match.group(1))
+        if record is None or not sees(record.owner):
             return None
         try:
-            return Path(row["path"]).read_bytes()
+            return Path(record.path).read_bytes()
         except FileNotFoundError:
             return None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import urlencode
 
 from .protocol import ApiError
@@ -40,14 +40,14 @@ def parse_cursor(cursor: str | None) -> Window:
 
 @dataclass
 class Page:
-    rows: list[dict[str, Any]]
+    rows: Sequence[Any]  # records, each with ``seq``
     next: str | None
     previous: str | None
 
 
-def paginate(fetch: Callable[..., list[dict[str, Any]]], window: Window, list_url: str,
+def paginate(fetch: Callable[..., Sequence[Any]], window: Window, list_url: str,
              query: dict[str, str] | None = None, size: int = PAGE_SIZE) -> Page:
-    """One page of ``fetch(limit=, before_seq=, after_seq=)`` (rows newest first, each with ``seq``)
+    """One page of ``fetch(limit=, before_seq=, after_seq=)`` (records newest first, each with ``seq``)
     and the links to its neighbours; ``query`` is kept in the links (filters)."""
     rows = fetch(limit=size + 1, before_seq=window.before, after_seq=window.after)
     has_more = len(rows) > size
@@ -58,8 +58,8 @@ def paginate(fetch: Callable[..., list[dict[str, Any]]], window: Window, list_ur
         rows = rows[:size]
         older, newer = has_more, window.before is not None and bool(rows)
 
-    def link(direction: str, row: dict[str, Any]) -> str:
-        token = base64.urlsafe_b64encode(f"{direction}:{row['seq']}".encode()).decode().rstrip("=")
+    def link(direction: str, record: Any) -> str:
+        token = base64.urlsafe_b64encode(f"{direction}:{record.seq}".encode()).decode().rstrip("=")
         return f"{list_url}?{urlencode({'cursor': token, **(query or {})})}"
 
     return Page(rows=rows, next=link("b", rows[-1]) if older else None,

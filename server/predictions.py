@@ -1,10 +1,9 @@
-"""The prediction service: create, read, list, cancel, and the one function that moves a status.
-
-Every status change goes through :meth:`PredictionService.transition`, which persists it and then
-publishes the event; routes, the worker and the webhook sender never write statuses themselves.
+"""The prediction service: what routes ask of predictions (create, read, list, wait, cancel) and
+how a prediction is answered. Statuses are moved by :mod:`server.lifecycle` alone; this service
+checks and writes a create's inputs, then hands it to the lifecycle.
 
 Each prediction belongs to the tenant that made it (:class:`~server.auth.Caller`); another tenant's
-prediction is answered as an unknown one. Long input strings are stored apart from the row
+prediction is answered as an unknown one. Long input strings are stored apart from the record
 (:mod:`server.stored_inputs`); answers about one prediction stream them exactly as sent, list pages
 and webhook bodies carry their URLs.
 """
@@ -19,7 +18,6 @@ import logging
 import math
 import re
 import secrets
-import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -36,6 +34,7 @@ from .auth import ADMIN, Caller
 from .bodies import LargeStrings, data_uri_file, text_file
 from .events import Hub
 from .files import FileStore, disk_guard, is_disk_full, new_id
+from .lifecycle import Lifecycle
 from .pages import paginate, parse_cursor
 from .protocol import (
     MODEL_REF,
@@ -50,14 +49,13 @@ from .protocol import (
     not_unicode,
 )
 from .quotas import Quotas
+from .records import PredictionRecord
 from .settings import Settings
 from .store import Store, now
 from .stored_inputs import Stored
 
 log = logging.getLogger(__name__)
 DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
-DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without looking
-DEADLINE_BATCH = 200  # deadlines looked at in one go
 
 
 def iso(ts: float | None) -> str | None:
@@ -77,23 +75,20 @@ def parse_iso(value: str) -> float:
 # This server's output and input URLs, under any prefix: /outputs/<id>/<token>/<name>, /inputs/...
 _OWN_URL = re.compile(r"/(outputs|inputs)/([A-Za-z0-9]+)/([A-Za-z0-9_-]+)/([A-Za-z0-9._-]+)$")
 
+
 class PredictionService:
-    def __init__(self, settings: Settings, store: Store, files: FileStore, hub: Hub):
+    def __init__(self, settings: Settings, store: Store, files: FileStore, hub: Hub,
+                 lifecycle: Lifecycle | None = None):
         self.settings = settings
         self.store = store
         self.files = files
         self.hub = hub
+        self.lifecycle = lifecycle or Lifecycle(settings, store, files, hub)
         self.quotas = Quotas(settings, store, files)
         # Keys the input URLs of list pages and webhooks: a prediction's output URL (shared to show a
         # picture) must not also open its inputs.
         self.url_key = bytes.fromhex(store.setting("input_url_key", lambda: secrets.token_hex(32)))
-        self.cancel_requested: set[str] = set()
-        self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
-        self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
-        self.requeue_requested: set[str] = set()
         self.stopping = False  # the server is shutting down: requests waiting on a prediction are answered
-        self.work_available = threading.Condition()
-        self.webhooks = None  # a WebhookSender, set by the app
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -115,28 +110,28 @@ class PredictionService:
             return "url"
         return "url" if listing else "data"
 
-    def output_strings(self, row: dict[str, Any], request_base: str | None = None,
+    def output_strings(self, record: PredictionRecord, request_base: str | None = None,
                        listing: bool = False, body: LargeStrings | None = None) -> list[str] | None:
         """The outputs as URLs or data: URIs (see output_form); with ``body``, data: URIs are
         placeholders that the answer streams from the files."""
-        names = row.get("output")
-        if names is None or row.get("data_removed"):
+        names = record.output
+        if names is None or record.data_removed:
             return None
         if self.output_form(listing) == "url":
             base = self.base_for(request_base)
-            return [f"{base}/outputs/{row['id']}/{row['output_token']}/{name}" for name in names]
+            return [f"{base}/outputs/{record.id}/{record.output_token}/{name}" for name in names]
         if body is not None:
-            paths = [(self.files.output_path(row["id"], name), name) for name in names]
+            paths = [(self.files.output_path(record.id, name), name) for name in names]
             return [body.add(data_uri_file(path, OUTPUT_CONTENT_TYPES[name.rsplit(".", 1)[-1]]))
                     for path, name in paths if path is not None]
-        uris = [self.files.data_uri(row["id"], name) for name in names]
+        uris = [self.files.data_uri(record.id, name) for name in names]
         return [u for u in uris if u is not None]
 
-    def stored(self, row: dict[str, Any]) -> list[Stored]:
-        return [Stored.of(ref) for ref in row.get("input_blobs") or []]
+    def stored(self, record: PredictionRecord) -> list[Stored]:
+        return [Stored.of(ref) for ref in record.input_blobs]
 
-    def input_url(self, row: dict[str, Any], item: Stored, request_base: str | None = None) -> str:
-        return f"{self.base_for(request_base)}/inputs/{row['id']}/{self.input_token(row['id'])}/{item.name}"
+    def input_url(self, record: PredictionRecord, item: Stored, request_base: str | None = None) -> str:
+        return f"{self.base_for(request_base)}/inputs/{record.id}/{self.input_token(record.id)}/{item.name}"
 
     def input_token(self, prediction_id: str) -> str:
         """The unguessable part of a prediction's input URLs: its own, not its outputs'."""
@@ -150,17 +145,17 @@ class PredictionService:
         if not match:
             return None
         kind, prediction_id, token, name = match.groups()
-        row = self.store.get_prediction(prediction_id)
-        if row is None or row.get("data_removed"):
+        record = self.store.get_prediction(prediction_id)
+        if record is None or record.data_removed:
             return None
         if kind == "outputs":
-            if not hmac.compare_digest(token.encode(), row["output_token"].encode()) or name not in (row.get("output") or []):
+            if not hmac.compare_digest(token.encode(), record.output_token.encode()) or name not in (record.output or []):
                 return None
             path = self.files.output_path(prediction_id, name)
             return path.read_bytes() if path is not None and path.is_file() else None
         if not hmac.compare_digest(token.encode(), self.input_token(prediction_id).encode()):
             return None
-        item = next((s for s in self.stored(row) if s.name == name), None)
+        item = next((s for s in self.stored(record) if s.name == name), None)
         text = self.files.read_input(prediction_id, item.index) if item is not None else None
         if text is None or not text.startswith("data:"):
             return None
@@ -169,34 +164,34 @@ class PredictionService:
         except FetchError:
             return None
 
-    def shown_input(self, row: dict[str, Any], request_base: str | None = None,
+    def shown_input(self, record: PredictionRecord, request_base: str | None = None,
                     body: LargeStrings | None = None) -> dict[str, Any]:
         """The input as answered: exactly as sent, its stored strings streamed into ``body``; or,
         without a body, with their URLs in their place. Empty once retention removed the data."""
-        if row.get("data_removed"):
+        if record.data_removed:
             return {}
-        stored = self.stored(row)
+        stored = self.stored(record)
         if not stored:
-            return row["input"]
+            return record.input
         if body is not None:
-            return stored_inputs.fill(row["input"], stored,
-                                      lambda item: body.add(text_file(self.files.input_path(row["id"], item.index))))
-        return stored_inputs.fill(row["input"], stored, lambda item: self.input_url(row, item, request_base))
+            return stored_inputs.fill(record.input, stored,
+                                      lambda item: body.add(text_file(self.files.input_path(record.id, item.index))))
+        return stored_inputs.fill(record.input, stored, lambda item: self.input_url(record, item, request_base))
 
-    def worker_input(self, row: dict[str, Any]) -> dict[str, Any]:
+    def worker_input(self, record: PredictionRecord) -> dict[str, Any]:
         """The whole input, as sent, for the worker to run; a stored string that is gone fails it in words."""
         def read(item: Stored) -> str:
-            text = self.files.read_input(row["id"], item.index)
+            text = self.files.read_input(record.id, item.index)
             if text is None:
                 raise InvalidInput.one(item.name, "missing", f"{item.name} is no longer stored on this server")
             return text
 
-        return stored_inputs.fill(row["input"], self.stored(row), read)
+        return stored_inputs.fill(record.input, self.stored(record), read)
 
-    def resolver_for(self, row: dict[str, Any]) -> Callable[[str], bytes | None]:
+    def resolver_for(self, record: PredictionRecord) -> Callable[[str], bytes | None]:
         """Resolves this server's file URLs in the prediction's input: its own tenant's files only
         (an admin's, or a server without tokens, any)."""
-        owner = row.get("owner")
+        owner = record.owner
 
         def resolve(value: str) -> bytes | None:
             found = self.files.resolve(value, lambda file_owner: owner in (None, ADMIN) or file_owner == owner)
@@ -204,33 +199,33 @@ class PredictionService:
 
         return resolve
 
-    def render(self, row: dict[str, Any], request_base: str | None = None, listing: bool = False,
+    def render(self, record: PredictionRecord, request_base: str | None = None, listing: bool = False,
                body: LargeStrings | None = None) -> Prediction:
         """The prediction as answered. With ``body`` (not a list page), the input is the one sent and
         its long strings and data: outputs are streamed by the answer; without, long input strings
         are URLs (list pages, webhook bodies)."""
         base = self.base_for(request_base)
-        pid = row["id"]
-        status = Status(row["status"])
+        pid = record.id
+        status = record.status
         metrics = None
-        if status.terminal and row.get("completed_at"):
+        if status.terminal and record.completed_at:
             metrics = Metrics(
-                predict_time=round(row["predict_time"], 6) if row.get("predict_time") is not None else None,
-                total_time=round(row["completed_at"] - row["created_at"], 6),
+                predict_time=round(record.predict_time, 6) if record.predict_time is not None else None,
+                total_time=round(record.completed_at - record.created_at, 6),
             )
         return Prediction(
             id=pid,
             model=MODEL_REF,
-            version=row["version"],
-            input=self.shown_input(row, request_base, None if listing else body),
-            logs=row.get("logs") or "",
-            output=self.output_strings(row, request_base, listing, body),
-            data_removed=bool(row.get("data_removed")),
-            error=row.get("error"),
+            version=record.version,
+            input=self.shown_input(record, request_base, None if listing else body),
+            logs=record.logs,
+            output=self.output_strings(record, request_base, listing, body),
+            data_removed=bool(record.data_removed),
+            error=record.error,
             status=status,
-            created_at=iso(row["created_at"]),
-            started_at=iso(row.get("started_at")),
-            completed_at=iso(row.get("completed_at")),
+            created_at=iso(record.created_at),
+            started_at=iso(record.started_at),
+            completed_at=iso(record.completed_at),
             urls=PredictionUrls(
                 get=f"{base}/v1/predictions/{pid}",
                 cancel=f"{base}/v1/predictions/{pid}/cancel",
@@ -240,23 +235,22 @@ class PredictionService:
             metrics=metrics,
         )
 
-    def respond(self, row: dict[str, Any], request_base: str, status_code: int = 200,
+    def respond(self, record: PredictionRecord, request_base: str, status_code: int = 200,
                 headers: dict[str, str] | None = None, status: Status | None = None) -> Response:
         """One prediction as an answer (create, get, cancel): the input exactly as sent, streamed."""
         body = LargeStrings()
-        prediction = self.render(row, request_base, body=body)
+        prediction = self.render(record, request_base, body=body)
         if status is not None:
             prediction.status = status
         return body.response(prediction.model_dump(mode="json"), status_code, headers)
 
-    def snapshot(self, prediction_id: str) -> dict[str, Any]:
+    def snapshot(self, record: PredictionRecord) -> dict[str, Any]:
         """A webhook body: the prediction, with long input strings as URLs."""
-        row = self.store.get_prediction(prediction_id)
-        return self.render(row).model_dump(mode="json") if row else {}
+        return self.render(record).model_dump(mode="json")
 
     # -- create / read ------------------------------------------------------------------------
 
-    def create(self, request: PredictionRequest, admission: Admission, caller: Caller) -> dict[str, Any]:
+    def create(self, request: PredictionRequest, admission: Admission, caller: Caller) -> PredictionRecord:
         """Write an admitted prediction to the queue (the input as it was sent, its long strings in
         files of their own) and wake a worker."""
         queued = self.store.count_queued()
@@ -275,9 +269,8 @@ class PredictionService:
         with disk_guard():
             sizes = self.files.write_inputs(pid, values)
             try:
-                self.store.insert_prediction(
+                return self.lifecycle.create(
                     id=pid,
-                    status=Status.STARTING.value,
                     version=admission.version,
                     input=inline,
                     input_blobs=[item.ref() for item in stored],
@@ -293,11 +286,6 @@ class PredictionService:
             except BaseException:
                 self.files.remove_inputs(pid)
                 raise
-        with self.work_available:
-            self.work_available.notify()
-        if admission.cancel_after_s is not None:
-            self.deadline_added.set()
-        return self.store.get_prediction(pid)
 
     def seconds_until_a_slot_frees(self) -> int:
         """An honest Retry-After for a full queue: the next queued prediction starts (and frees a
@@ -305,12 +293,12 @@ class PredictionService:
         mean = self.store.mean_predict_time() or DEFAULT_PREDICT_S
         return max(1, math.ceil(mean / max(1, len(self.settings.gpus))))
 
-    def get(self, prediction_id: str, caller: Caller | None = None) -> dict[str, Any] | None:
-        """The prediction's row; None when unknown, or another tenant's when ``caller`` is given."""
-        row = self.store.get_prediction(prediction_id)
-        if row is None or (caller is not None and not caller.sees(row.get("owner"))):
+    def get(self, prediction_id: str, caller: Caller | None = None) -> PredictionRecord | None:
+        """The prediction's record; None when unknown, or another tenant's when ``caller`` is given."""
+        record = self.store.get_prediction(prediction_id)
+        if record is None or (caller is not None and not caller.sees(record.owner)):
             return None
-        return row
+        return record
 
     def page(self, caller: Caller, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
              created_before: str | None) -> Response:
@@ -331,19 +319,19 @@ class PredictionService:
                                 results=[self.render(r, request_base, listing=True, body=body) for r in page.rows])
         return body.response(listed.model_dump(mode="json"))
 
-    async def wait(self, prediction_id: str, timeout: float) -> dict[str, Any]:
+    async def wait(self, prediction_id: str, timeout: float) -> PredictionRecord | None:
         """Wait until the prediction is terminal, ``timeout`` seconds pass or the server begins to
-        stop; return its row."""
+        stop; return its record."""
         queue = self.hub.subscribe(prediction_id)
         try:
             deadline = time.monotonic() + timeout
             while True:
-                row = self.store.get_prediction(prediction_id)
-                if row is None or Status(row["status"]).terminal or self.stopping:
-                    return row
+                record = self.store.get_prediction(prediction_id)
+                if record is None or record.status.terminal or self.stopping:
+                    return record
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return row
+                    return record
                 try:
                     await asyncio.wait_for(queue.get(), timeout=left)
                 except asyncio.TimeoutError:
@@ -359,123 +347,36 @@ class PredictionService:
 
     # -- cancel -------------------------------------------------------------------------------
 
-    def cancel(self, prediction_id: str, reason: str | None = None, caller: Caller | None = None) -> dict[str, Any] | None:
-        """Cancel a queued prediction at once, a running one at its next denoising step. ``reason``
-        goes in its logs (a user's cancel needs none). Another tenant's prediction is unknown (None)."""
-        row = self.get(prediction_id, caller)
-        if row is None:
+    def cancel(self, prediction_id: str, caller: Caller | None = None) -> PredictionRecord | None:
+        """Cancel a queued prediction at once, a running one at its next denoising step (see
+        Lifecycle.cancel). Another tenant's prediction is unknown (None)."""
+        if self.get(prediction_id, caller) is None:
             return None
-        status = Status(row["status"])
-        if status == Status.STARTING:
-            logs = (row.get("logs") or "") + (f"{reason}\n" if reason else "")
-            if self.transition(prediction_id, Status.CANCELED, only_if=(Status.STARTING,), logs=logs):
-                return self.store.get_prediction(prediction_id)
-            status = Status(self.store.get_prediction(prediction_id)["status"])
-        if status == Status.PROCESSING:
-            if reason:
-                self.cancel_reasons.setdefault(prediction_id, reason)
-            self.cancel_requested.add(prediction_id)
-            self.store.request_cancel(prediction_id, now())  # a restart before it stops ends it canceled
-        return self.store.get_prediction(prediction_id)
+        return self.lifecycle.cancel(prediction_id)
 
-    async def watch_deadlines(self) -> None:
-        """Cancel each prediction whose Cancel-After deadline passes, queued or running. Runs on the
-        event loop for the server's life; the database is the record of the deadlines."""
-        while True:
-            try:
-                wait = self.enforce_deadlines(now())
-            except Exception:
-                log.exception("checking Cancel-After deadlines failed")
-                wait = DEADLINE_POLL_S
-            self.deadline_added.clear()
-            try:
-                await asyncio.wait_for(self.deadline_added.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
-
-    def enforce_deadlines(self, at: float) -> float:
-        """Cancel the predictions due at ``at``; return the seconds until the next deadline."""
-        rows = self.store.deadlines(limit=DEADLINE_BATCH)
-        for row in rows:
-            if row["id"] in self.cancel_requested:
-                continue  # already being stopped
-            if row["cancel_at"] > at:
-                return min(DEADLINE_POLL_S, max(0.01, row["cancel_at"] - at))
-            after = f"{row['cancel_at'] - row['created_at']:g} s"
-            if row["status"] == Status.STARTING.value:
-                reason = f"Canceled: the Cancel-After deadline ({after} after creation) passed before the prediction started."
-            else:
-                reason = f"Canceled: the Cancel-After deadline ({after} after creation) passed while the prediction was running."
-            self.cancel(row["id"], reason)
-        return 0.0 if len(rows) == DEADLINE_BATCH else DEADLINE_POLL_S  # a full batch: more may be due
-
-    # -- the lifecycle ------------------------------------------------------------------------
-
-    def transition(self, prediction_id: str, status: Status, *, only_if: tuple[Status, ...] | None = None,
-                   **fields: Any) -> bool:
-        """Move a prediction to ``status`` (persisted first), then tell listeners."""
-        if status.terminal:
-            fields.setdefault("completed_at", now())
-        if fields.get("output"):
-            fields.setdefault("output_bytes", self.files.outputs_size(prediction_id, fields["output"]))
-        changed = self.store.update_prediction(
-            prediction_id,
-            only_if_status=tuple(s.value for s in only_if) if only_if else None,
-            status=status.value,
-            **fields,
-        )
-        if not changed:
-            return False
-        if status.terminal:
-            self.cancel_requested.discard(prediction_id)
-            self.cancel_reasons.pop(prediction_id, None)
-            if fields.get("output"):
-                self.hub.publish(prediction_id, "output")
-            self.hub.publish(prediction_id, "completed")
-        elif status == Status.PROCESSING:
-            self.hub.publish(prediction_id, "start")
-        return True
-
-    def append_logs(self, prediction_id: str, logs: str) -> None:
-        self.store.update_prediction(prediction_id, logs=logs)
-        self.hub.publish(prediction_id, "logs")
+    # -- at startup and in the background -----------------------------------------------------
 
     def recover(self) -> list[str]:
         """At startup: move long inputs of predictions written before they were stored apart out of
         their rows, drop the stored inputs of creates that never wrote their row (a crash between
-        the two); then what was running when the server stopped runs again, unless it was asked to
-        stop (it ends canceled) or it has been interrupted ``--max-attempts`` times already (it fails:
-        a prediction that takes its worker down with it must not do so after every restart)."""
+        the two); then the lifecycle settles what was running when the server stopped (see
+        Lifecycle.recover). The ids queued again."""
         self.store_inputs_apart()
         for pid in self.files.stored_input_ids():
-            if self.store.get_delivery(pid) is None:
+            if self.store.get_prediction(pid) is None:
                 self.files.remove_inputs(pid)
-        for row in self.store.interrupted():
-            pid, logs = row["id"], row["logs"] or ""
-            if row["cancel_requested_at"] is not None:
-                self.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,),
-                                logs=logs + "The server restarted after this prediction was canceled; it does not run again.\n")
-                log.warning("prediction %s was canceled before a restart; it ends canceled", pid)
-            elif row["attempts"] >= self.settings.max_attempts:
-                error = interrupted_too_often(row["attempts"])
-                self.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error,
-                                logs=logs + f"Error: {error}\n")
-                log.warning("prediction %s was interrupted %d times; it fails", pid, row["attempts"])
-        ids = self.store.requeue_interrupted()
-        for pid in ids:
-            log.warning("prediction %s was interrupted by a restart; it runs again", pid)
-        return ids
+        return self.lifecycle.recover()
 
     def store_inputs_apart(self) -> int:
-        """Rows written before inputs were stored apart: their long strings go to files, one row at a
+        """Rows written before inputs were stored apart: their long strings go to files, one record at a
         time, and the database is compacted once if any moved."""
         ids = self.store.inline_inputs(stored_inputs.INLINE_LIMIT)
         for pid in ids:
-            row = self.store.get_prediction(pid)
-            if not isinstance(row["input"], dict):
+            record = self.store.get_prediction(pid)
+            if not isinstance(record.input, dict):
                 self.store.update_prediction(pid, input_blobs=[])
                 continue
-            inline, stored, values = stored_inputs.split(row["input"])
+            inline, stored, values = stored_inputs.split(record.input)
             try:
                 sizes = self.files.write_inputs(pid, values)
             except OSError as exc:
@@ -507,13 +408,8 @@ class PredictionService:
                 self.store.remove_data(pid)
                 removed += 1
         for f in self.store.expired_files(now()):
-            self.files.delete_upload(f["id"])
+            self.files.delete_upload(f.id)
         return removed
-
-
-def interrupted_too_often(attempts: int) -> str:
-    return (f"This prediction was interrupted {attempts} times while it ran (the server stopped or was killed "
-            "each time), so it is not run again.")
 
 
 def decode_metadata(raw: str | None) -> dict:

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     components: str | None = Field(None, description="With a single-file --weights: folder with VAE, text encoders, tokenizers, scheduler.")
     gpus: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Devices to run on, one worker each (e.g. cuda:0,cuda:1). Default: the first GPU, else the CPU.")
     data_dir: Path = Field(Path("./data"), description="Where the SQLite database, uploads and outputs live.")
+    database: str | None = Field(None, description="The database of predictions and files: a postgresql:// URL (needs the postgres extra), or a SQLite file. Default: <data-dir>/flux-fill.sqlite3. One server per database.")
     api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API tokens, each a tenant: it sees only its own predictions and files. NAME:TOKEN names the tenant, and tokens given the same NAME share one. None: no auth, loopback only.")
     admin_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Tokens that see, cancel and delete every tenant's predictions and files; no quotas apply to them.")
     allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without any API token.")

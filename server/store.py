@@ -1,7 +1,6 @@
-"""SQLite: the durable record of predictions and files. The only module with SQL.
+"""The durable record of predictions and files, in SQLite or PostgreSQL. The only module with SQL.
 
-One connection in WAL mode, guarded by a lock: every statement is short, and a committed row
-survives a ``kill -9``. Images are not stored here; outputs and uploads are files on disk whose
+Rows come out of here as records (:mod:`server.records`); nothing else reads a row. Images are not stored here; outputs and uploads are files on disk whose
 names are recorded here, and so are a prediction's long input strings (data URIs): the row keeps
 where they stood (``input_blobs``), so rows and list pages stay small whatever a client sends.
 """
@@ -13,7 +12,11 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from dataclasses import fields as dataclass_fields
 from typing import Any, Iterable
+
+from .protocol import Status
+from .records import FileRecord, PredictionRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -40,7 +43,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     input_blobs TEXT,
     input_bytes INTEGER NOT NULL DEFAULT 0,
     output_bytes INTEGER NOT NULL DEFAULT 0,
-    cancel_requested_at REAL
+    cancel_requested_at REAL,
+    lease TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_status ON predictions(status, seq);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
@@ -66,7 +70,8 @@ CREATE TABLE IF NOT EXISTS settings (
 # Columns added after the first release: table -> (name, type), added to older databases at open.
 _ADDED_COLUMNS = {
     "predictions": (("cancel_at", "REAL"), ("input_blobs", "TEXT"), ("input_bytes", "INTEGER NOT NULL DEFAULT 0"),
-                    ("output_bytes", "INTEGER NOT NULL DEFAULT 0"), ("cancel_requested_at", "REAL")),
+                    ("output_bytes", "INTEGER NOT NULL DEFAULT 0"), ("cancel_requested_at", "REAL"),
+                    ("lease", "TEXT")),
     "files": (("owner", "TEXT"),),
 }
 # Indexes on added columns: made once the columns exist.
@@ -78,16 +83,31 @@ _ACTIVE = "('starting', 'processing')"
 _JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs")
 
 
-def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
+_PREDICTION_FIELDS = frozenset(f.name for f in dataclass_fields(PredictionRecord))
+_FILE_FIELDS = frozenset(f.name for f in dataclass_fields(FileRecord))
+
+
+def _record(row: sqlite3.Row | None) -> PredictionRecord | None:
+    """A predictions row as its record (the only place that reads one)."""
     if row is None:
         return None
-    out = dict(row)
+    values = {k: row[k] for k in row.keys() if k in _PREDICTION_FIELDS}
     for key in _JSON_COLUMNS:
-        if key in out and out[key] is not None:
-            out[key] = json.loads(out[key])
-    if "data_removed" in out:
-        out["data_removed"] = bool(out["data_removed"])
-    return out
+        if values.get(key) is not None:
+            values[key] = json.loads(values[key])
+    values["status"] = Status(values["status"])
+    values["data_removed"] = bool(values.get("data_removed"))
+    values["input_blobs"] = values.get("input_blobs") or []
+    values["logs"] = values.get("logs") or ""
+    return PredictionRecord(**values)
+
+
+def _file(row: sqlite3.Row | None) -> FileRecord | None:
+    if row is None:
+        return None
+    values = {k: row[k] for k in row.keys() if k in _FILE_FIELDS}
+    values["metadata"] = json.loads(values["metadata"])
+    return FileRecord(**values)
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
@@ -95,137 +115,154 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.RLock()
-        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        for table, columns in _ADDED_COLUMNS.items():
-            present = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            for name, kind in columns:
-                if name not in present:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-        self.db.executescript(_INDEXES)
+    """The interface every backend keeps (see :func:`open_store`): SQLite (:class:`SqliteStore`,
+    the embedded default) and PostgreSQL (:class:`PostgresStore`). The SQL is shared; each backend
+    says how it connects, makes its tables and words the few things the two write differently."""
+
+    lock: threading.RLock
+    db: Any
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
 
-    def _exec(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+    def hold_exclusive(self) -> bool:
+        """Hold the database for this server alone while it runs (a SQLite file is held by its data
+        folder's lock); False when another server holds it."""
+        return True
+
+    def _sql(self, sql: str) -> str:
+        """The shared SQL in this backend's words (placeholders, NULL-safe equality, claim locking)."""
+        return sql.replace("{is}", "IS").replace("{skip_locked}", "").replace("{files_seq}", "rowid")
+
+    def _all(self, sql: str, params: Iterable[Any] = ()) -> list:
         with self.lock:
-            return self.db.execute(sql, tuple(params))
+            return self.db.execute(self._sql(sql), tuple(params)).fetchall()
+
+    def _one(self, sql: str, params: Iterable[Any] = ()):
+        with self.lock:
+            return self.db.execute(self._sql(sql), tuple(params)).fetchone()
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """A write; the number of rows it changed."""
+        with self.lock:
+            return self.db.execute(self._sql(sql), tuple(params)).rowcount
 
     # -- settings -----------------------------------------------------------------------------
 
     def setting(self, key: str, default_factory) -> str:
-        with self.lock:
-            row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-            if row:
-                return row["value"]
-            value = default_factory()
-            self.db.execute("INSERT INTO settings(key, value) VALUES (?, ?)", (key, value))
-            return value
+        """A value kept for the server's life and beyond; the first caller's ``default_factory()``
+        wins when several nodes ask at once."""
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        if row:
+            return row["value"]
+        self._run("INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, default_factory()))
+        return self._one("SELECT value FROM settings WHERE key = ?", (key,))["value"]
 
     # -- predictions --------------------------------------------------------------------------
+    # Statuses are written only by server.lifecycle, through insert_prediction, claim_next, move,
+    # and requeue_interrupted; update_prediction writes anything but a status.
 
     def insert_prediction(self, **fields: Any) -> None:
-        fields = _encode(fields)
+        """A new row, queued unless ``status`` says otherwise (a test's finished fixture, an import)."""
+        fields = _encode({"status": Status.STARTING.value, **fields})
         cols = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
-        self._exec(f"INSERT INTO predictions ({cols}) VALUES ({marks})", fields.values())
+        self._run(f"INSERT INTO predictions ({cols}) VALUES ({marks})", fields.values())
 
-    def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
-        return _row(self._exec("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone())
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        return _record(self._one("SELECT * FROM predictions WHERE id = ?", (prediction_id,)))
 
-    def get_delivery(self, prediction_id: str) -> dict[str, Any] | None:
-        """What each event needs (webhook, its filter, owner, predict time) without the input and logs."""
-        row = self._exec("SELECT webhook, webhook_events, owner, predict_time FROM predictions WHERE id = ?",
-                         (prediction_id,)).fetchone()
-        return _row(row)
-
-    def update_prediction(self, prediction_id: str, *, only_if_status: tuple[str, ...] | None = None, **fields: Any) -> bool:
-        """Update fields; with ``only_if_status``, only while the status is one of those. True if a row changed."""
+    def update_prediction(self, prediction_id: str, *, held_by: str | None = None, **fields: Any) -> bool:
+        """Write fields other than the status; with ``held_by``, only while that claim holds the
+        prediction (a run that lost it writes nothing). True if a row changed."""
+        if "status" in fields:
+            raise ValueError("statuses are moved by the lifecycle (Store.move), not written as fields")
         fields = _encode(fields)
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        sql = f"UPDATE predictions SET {sets} WHERE id = ?"
+        sql = f"UPDATE predictions SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
         params = [*fields.values(), prediction_id]
-        if only_if_status:
-            sql += f" AND status IN ({', '.join('?' for _ in only_if_status)})"
-            params += list(only_if_status)
-        return self._exec(sql, params).rowcount > 0
+        if held_by is not None:
+            sql += " AND lease = ? AND status = 'processing'"
+            params.append(held_by)
+        return self._run(sql, params) > 0
 
-    def claim_next(self, now: float) -> dict[str, Any] | None:
-        """Atomically move the oldest queued prediction to processing and return it. One whose
-        Cancel-After deadline has passed is left for the deadline watcher to cancel."""
-        with self.lock:
-            row = self.db.execute(
-                "UPDATE predictions SET status = 'processing', started_at = ?, attempts = attempts + 1 "
-                "WHERE seq = (SELECT seq FROM predictions WHERE status = 'starting' "
-                "AND (cancel_at IS NULL OR cancel_at > ?) ORDER BY seq LIMIT 1) "
-                "RETURNING *",
-                (now, now),
-            ).fetchone()
-            return _row(row)
+    def move(self, prediction_id: str, to: Status, *, only_from: tuple[Status, ...], held_by: str | None = None,
+             **fields: Any) -> PredictionRecord | None:
+        """Move one prediction to ``to`` while its status is one of ``only_from`` (and, with
+        ``held_by``, while that claim's lease holds it); the record as it now is, or None if nothing moved."""
+        fields = _encode(dict(fields, status=to.value))
+        sql = (f"UPDATE predictions SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ? "
+               f"AND status IN ({', '.join('?' for _ in only_from)})")
+        params = [*fields.values(), prediction_id, *(s.value for s in only_from)]
+        if held_by is not None:
+            sql += " AND lease = ?"
+            params.append(held_by)
+        return _record(self._one(sql + " RETURNING *", params))
+
+    def claim_next(self, now: float, lease: str) -> PredictionRecord | None:
+        """Atomically move the oldest queued prediction to processing under ``lease`` and return it.
+        One whose Cancel-After deadline has passed is left for the deadline watcher to cancel."""
+        return _record(self._one(
+            "UPDATE predictions SET status = 'processing', started_at = ?, attempts = attempts + 1, lease = ? "
+            "WHERE seq = (SELECT seq FROM predictions WHERE status = 'starting' "
+            "AND (cancel_at IS NULL OR cancel_at > ?) ORDER BY seq LIMIT 1 {skip_locked}) "
+            "RETURNING *",
+            (now, lease, now),
+        ))
 
     def request_cancel(self, prediction_id: str, at: float) -> bool:
         """Record that a running prediction was asked to stop, so that a restart ends it canceled."""
-        return self._exec("UPDATE predictions SET cancel_requested_at = ? WHERE id = ? AND status = 'processing'",
-                          (at, prediction_id)).rowcount > 0
+        return self._run("UPDATE predictions SET cancel_requested_at = ? WHERE id = ? AND status = 'processing'",
+                          (at, prediction_id)) > 0
 
-    def interrupted(self) -> list[dict[str, Any]]:
+    def interrupted(self) -> list[PredictionRecord]:
         """At startup: the predictions that were running when the server stopped."""
-        rows = self._exec("SELECT id, attempts, cancel_requested_at, logs FROM predictions "
-                          "WHERE status = 'processing' ORDER BY seq").fetchall()
-        return [dict(r) for r in rows]
+        rows = self._all("SELECT * FROM predictions WHERE status = 'processing' ORDER BY seq")
+        return [_record(r) for r in rows]
 
     def requeue_interrupted(self) -> list[str]:
         """At startup: predictions that were running when the server stopped go back to the queue."""
-        with self.lock:
-            rows = self.db.execute(
-                "UPDATE predictions SET status = 'starting', started_at = NULL, "
-                "logs = logs || 'Server restarted while this prediction was running; it runs again.\n' "
-                "WHERE status = 'processing' RETURNING id"
-            ).fetchall()
-            return [r["id"] for r in rows]
+        rows = self._all(
+            "UPDATE predictions SET status = 'starting', started_at = NULL, lease = NULL, "
+            "logs = logs || 'Server restarted while this prediction was running; it runs again.\n' "
+            "WHERE status = 'processing' RETURNING id")
+        return [r["id"] for r in rows]
 
     def count_queued(self, owner: str | None = None) -> int:
         """Predictions waiting to run: all of them, or one owner's."""
         if owner is None:
-            return self._exec("SELECT COUNT(*) FROM predictions WHERE status = 'starting'").fetchone()[0]
-        return self._exec("SELECT COUNT(*) FROM predictions WHERE status = 'starting' AND owner = ?",
-                          (owner,)).fetchone()[0]
+            return self._one("SELECT COUNT(*) AS n FROM predictions WHERE status = 'starting'")["n"]
+        return self._one("SELECT COUNT(*) AS n FROM predictions WHERE status = 'starting' AND owner = ?",
+                         (owner,))["n"]
 
     def count_predictions(self, owner: str | None = None) -> int:
         if owner is None:
-            return self._exec("SELECT COUNT(*) FROM predictions").fetchone()[0]
-        return self._exec("SELECT COUNT(*) FROM predictions WHERE owner = ?", (owner,)).fetchone()[0]
+            return self._one("SELECT COUNT(*) AS n FROM predictions")["n"]
+        return self._one("SELECT COUNT(*) AS n FROM predictions WHERE owner = ?", (owner,))["n"]
 
     def stored_bytes(self, owner: str | None) -> int:
         """What one owner keeps on disk: its uploads, and its predictions' stored inputs and outputs."""
-        files = self._exec("SELECT COALESCE(SUM(size), 0) FROM files WHERE owner IS ?", (owner,)).fetchone()[0]
-        kept = self._exec("SELECT COALESCE(SUM(input_bytes + output_bytes), 0) FROM predictions "
-                          "WHERE owner IS ? AND data_removed = 0", (owner,)).fetchone()[0]
-        return files + kept
+        files = self._one("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS n FROM files WHERE owner {is} ?",
+                          (owner,))["n"]
+        kept = self._one("SELECT CAST(COALESCE(SUM(input_bytes + output_bytes), 0) AS BIGINT) AS n FROM predictions "
+                         "WHERE owner {is} ? AND data_removed = 0", (owner,))["n"]
+        return int(files) + int(kept)
 
     def mean_predict_time(self, last: int = 20) -> float | None:
         """The mean run time of the last ``last`` predictions that ran to the end, or None."""
-        row = self._exec("SELECT AVG(predict_time) FROM (SELECT predict_time FROM predictions "
-                         "WHERE status = 'succeeded' AND predict_time IS NOT NULL ORDER BY seq DESC LIMIT ?)",
-                         (last,)).fetchone()
-        return row[0]
+        row = self._one("SELECT AVG(predict_time) AS mean FROM (SELECT predict_time FROM predictions "
+                        "WHERE status = 'succeeded' AND predict_time IS NOT NULL ORDER BY seq DESC LIMIT ?) AS recent",
+                        (last,))
+        return None if row["mean"] is None else float(row["mean"])
 
-    def deadlines(self, limit: int = 200) -> list[dict[str, Any]]:
+    def deadlines(self, limit: int = 200) -> list[PredictionRecord]:
         """Queued and running predictions with a Cancel-After deadline, soonest first."""
-        rows = self._exec(f"SELECT id, status, created_at, cancel_at FROM predictions WHERE cancel_at IS NOT NULL "
-                          f"AND status IN {_ACTIVE} ORDER BY cancel_at LIMIT ?", (limit,)).fetchall()
-        return [dict(r) for r in rows]
+        rows = self._all(f"SELECT * FROM predictions WHERE cancel_at IS NOT NULL "
+                          f"AND status IN {_ACTIVE} ORDER BY cancel_at LIMIT ?", (limit,))
+        return [_record(r) for r in rows]
 
     def count_by_status(self) -> dict[str, int]:
-        rows = self._exec("SELECT status, COUNT(*) AS n FROM predictions GROUP BY status").fetchall()
+        rows = self._all("SELECT status, COUNT(*) AS n FROM predictions GROUP BY status")
         return {r["status"]: r["n"] for r in rows}
 
     def list_predictions(
@@ -237,7 +274,7 @@ class Store:
         created_after: float | None = None,
         created_before: float | None = None,
         owner: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[PredictionRecord]:
         """Newest first. ``before_seq`` pages older, ``after_seq`` pages newer (still returned newest first);
         ``owner`` keeps one owner's."""
         where, params = [], []
@@ -258,82 +295,158 @@ class Store:
             params.append(created_before)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "ASC" if after_seq is not None else "DESC"
-        rows = self._exec(f"SELECT * FROM predictions {clause} ORDER BY seq {order} LIMIT ?", [*params, limit]).fetchall()
-        out = [_row(r) for r in rows]
+        rows = self._all(f"SELECT * FROM predictions {clause} ORDER BY seq {order} LIMIT ?", [*params, limit])
+        out = [_record(r) for r in rows]
         return out if order == "DESC" else out[::-1]
 
     def expired_predictions(self, before: float) -> list[str]:
-        rows = self._exec(
+        rows = self._all(
             "SELECT id FROM predictions WHERE data_removed = 0 AND completed_at IS NOT NULL AND completed_at < ?",
             (before,),
-        ).fetchall()
+        )
         return [r["id"] for r in rows]
 
     def remove_data(self, prediction_id: str) -> None:
         """Retention: the prediction keeps its record; its input, output and their sizes are gone."""
-        self._exec("UPDATE predictions SET data_removed = 1, output = NULL, input = '{}', input_blobs = '[]', "
-                   "input_bytes = 0, output_bytes = 0 WHERE id = ?", (prediction_id,))
+        self._run("UPDATE predictions SET data_removed = 1, output = NULL, input = '{}', input_blobs = '[]', "
+                  "input_bytes = 0, output_bytes = 0 WHERE id = ?", (prediction_id,))
 
     def inline_inputs(self, longer_than: int) -> list[str]:
         """Predictions written before inputs were stored apart whose input is longer than
         ``longer_than`` characters; the rest are marked as stored apart already (nothing to move)."""
         with self.lock:
-            ids = [r["id"] for r in self.db.execute(
+            ids = [r["id"] for r in self._all(
                 "SELECT id FROM predictions WHERE input_blobs IS NULL AND data_removed = 0 AND length(input) > ?",
                 (longer_than,))]
-            self.db.execute("UPDATE predictions SET input = '{}', input_blobs = '[]' "
-                            "WHERE input_blobs IS NULL AND data_removed = 1")
-            self.db.execute("UPDATE predictions SET input_blobs = '[]' WHERE input_blobs IS NULL AND length(input) <= ?",
-                            (longer_than,))
+            self._run("UPDATE predictions SET input = '{}', input_blobs = '[]' "
+                      "WHERE input_blobs IS NULL AND data_removed = 1")
+            self._run("UPDATE predictions SET input_blobs = '[]' WHERE input_blobs IS NULL AND length(input) <= ?",
+                      (longer_than,))
             return ids
 
     def vacuum(self) -> None:
-        """Rewrite the database to its live size, and empty the write-ahead log the rewrite went through."""
+        """Give the space of removed data back (SQLite: rewrite the file; PostgreSQL: its own VACUUM)."""
         with self.lock:
             self.db.execute("VACUUM")
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- files --------------------------------------------------------------------------------
 
     def insert_file(self, **fields: Any) -> None:
         fields = dict(fields, metadata=json.dumps(fields.get("metadata") or {}))
         cols = ", ".join(fields)
-        self._exec(f"INSERT INTO files ({cols}) VALUES ({', '.join('?' for _ in fields)})", fields.values())
+        self._run(f"INSERT INTO files ({cols}) VALUES ({', '.join('?' for _ in fields)})", fields.values())
 
-    def get_file(self, file_id: str) -> dict[str, Any] | None:
-        row = self._exec("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
-        if row is None:
-            return None
-        out = dict(row)
-        out["metadata"] = json.loads(out["metadata"])
-        return out
+    def get_file(self, file_id: str) -> FileRecord | None:
+        return _file(self._one("SELECT {files_seq} AS seq, * FROM files WHERE id = ?", (file_id,)))
 
     def list_files(self, *, limit: int, before_seq: int | None = None, after_seq: int | None = None,
-                   owner: str | None = None) -> list[dict[str, Any]]:
+                   owner: str | None = None) -> list[FileRecord]:
         """Newest first, paged like predictions (the rowid is the upload order); ``owner`` keeps one owner's."""
         where, params = [], []
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)
         if before_seq is not None:
-            where.append("rowid < ?")
+            where.append("{files_seq} < ?")
             params.append(before_seq)
         if after_seq is not None:
-            where.append("rowid > ?")
+            where.append("{files_seq} > ?")
             params.append(after_seq)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "ASC" if after_seq is not None else "DESC"
-        rows = self._exec(f"SELECT rowid AS seq, * FROM files {clause} ORDER BY rowid {order} LIMIT ?",
-                          [*params, limit]).fetchall()
-        out = [dict(r, metadata=json.loads(r["metadata"])) for r in rows]
+        rows = self._all(f"SELECT {{files_seq}} AS seq, * FROM files {clause} ORDER BY {{files_seq}} {order} LIMIT ?",
+                          [*params, limit])
+        out = [_file(r) for r in rows]
         return out if order == "DESC" else out[::-1]
 
     def delete_file(self, file_id: str) -> bool:
-        return self._exec("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+        return self._run("DELETE FROM files WHERE id = ?", (file_id,)) > 0
 
-    def expired_files(self, now: float) -> list[dict[str, Any]]:
-        rows = self._exec("SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at < ?", (now,)).fetchall()
-        return [self.get_file(r["id"]) for r in rows]
+    def expired_files(self, now: float) -> list[FileRecord]:
+        rows = self._all("SELECT {files_seq} AS seq, * FROM files WHERE expires_at IS NOT NULL AND expires_at < ?",
+                          (now,))
+        return [_file(r) for r in rows]
+
+
+class SqliteStore(Store):
+    """One file, one connection in WAL mode, guarded by a lock: every statement is short, and a
+    committed row survives a ``kill -9``. The embedded default: nothing to run beside the server."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        self.db.executescript(_INDEXES)
+
+    def vacuum(self) -> None:
+        """Rewrite the file to its live size, and empty the write-ahead log the rewrite went through."""
+        with self.lock:
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+# The same tables in PostgreSQL's types: a sequence for the order, double precision for times,
+# bigint for sizes; files get their own sequence (SQLite's rowid).
+PG_SCHEMA = (SCHEMA.replace("seq INTEGER PRIMARY KEY AUTOINCREMENT", "seq BIGSERIAL PRIMARY KEY")
+             .replace(" REAL", " DOUBLE PRECISION").replace(" INTEGER NOT NULL DEFAULT 0", " BIGINT NOT NULL DEFAULT 0")
+             .replace("CREATE TABLE IF NOT EXISTS files (\n", "CREATE TABLE IF NOT EXISTS files (\n    seq BIGSERIAL UNIQUE,\n")
+             .replace(" INTEGER NOT NULL,", " BIGINT NOT NULL,"))
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database (``postgresql://…``), through psycopg 3. Queued predictions are claimed
+    with ``FOR UPDATE SKIP LOCKED``, so any number of processes can claim from one queue, each
+    prediction once."""
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise RuntimeError("A PostgreSQL database needs psycopg: pip install 'flux-fill-server[postgres]'") from None
+        self.url = url
+        self.lock = threading.RLock()
+        self.db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+        with self.lock:
+            # One node at a time makes or upgrades the tables.
+            self.db.execute("SELECT pg_advisory_lock(815373)")
+            try:
+                self.db.execute(PG_SCHEMA)
+                for table, columns in _ADDED_COLUMNS.items():
+                    for name, kind in columns:
+                        kind = kind.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+                self.db.execute(_INDEXES)
+            finally:
+                self.db.execute("SELECT pg_advisory_unlock(815373)")
+
+    def hold_exclusive(self) -> bool:
+        """A session lock on the database, released when this connection ends (a killed server's too):
+        startup re-queues what was running, which only the one server using the queue may do."""
+        with self.lock:
+            return bool(self.db.execute("SELECT pg_try_advisory_lock(815374) AS held").fetchone()["held"])
+
+    def _sql(self, sql: str) -> str:
+        return (sql.replace("?", "%s").replace("{is}", "IS NOT DISTINCT FROM")
+                .replace("{skip_locked}", "FOR UPDATE SKIP LOCKED").replace("{files_seq}", "seq"))
+
+
+def open_store(location: str | Path) -> Store:
+    """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, or a SQLite file's path."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(text)
+    return SqliteStore(Path(text))
 
 
 def now() -> float:

@@ -31,25 +31,25 @@ async def prediction_events(service: PredictionService, prediction_id: str) -> A
 
     try:
         while True:
-            row = service.get(prediction_id)
-            if row is None:
+            record = service.get(prediction_id)
+            if record is None:
                 yield event("error", json.dumps({"detail": "The prediction no longer exists."}))
                 yield event("done", json.dumps({"reason": "error"}))
                 return
-            logs = row.get("logs") or ""
+            logs = record.logs
             if len(logs) > sent_logs:
                 yield event("logs", logs[sent_logs:])
                 sent_logs = len(logs)
-            status = Status(row["status"])
+            status = record.status
             if status.terminal:
                 if status == Status.SUCCEEDED:
-                    for item in service.output_strings(row) or []:
+                    for item in service.output_strings(record) or []:
                         yield event("output", item)
                     yield event("done", "{}")
                 elif status == Status.CANCELED:
                     yield event("done", json.dumps({"reason": "canceled"}))
                 else:
-                    yield event("error", json.dumps({"detail": row.get("error") or "The prediction failed."}))
+                    yield event("error", json.dumps({"detail": record.error or "The prediction failed."}))
                     yield event("done", json.dumps({"reason": "error"}))
                 return
             try:

@@ -1,8 +1,9 @@
 """The worker: the one thread that owns a GPU. It takes queued predictions, runs them, records them.
 
-One worker per device; each has its own Engine. The HTTP side never waits on the GPU: it writes a
-row, notifies ``work_available`` and reads rows back. A failure in one prediction fails that
-prediction with a clear error and the worker goes on.
+One worker per device; each has its own Engine. The HTTP side never waits on the GPU: a create is
+queued by the lifecycle, which wakes a worker; the worker claims it, runs it, and hands the outcome
+back to the lifecycle, which records it. A failure in one prediction fails that prediction with a
+clear error and the worker goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from inference.errors import Cancelled, FetchError, InvalidInput, NonFiniteOutpu
 from inference.inputs import parse_input
 
 from .fetching import OwnFetches, came_back
-from .protocol import Status
-from .predictions import PredictionService, interrupted_too_often
-from .store import now
+from .lifecycle import Lifecycle
+from .predictions import PredictionService
+from .records import PredictionRecord
 
 log = logging.getLogger(__name__)
 LOG_FLUSH_S = 0.5  # persist logs (and tell listeners) at most this often while running
@@ -32,11 +33,11 @@ class Requeued(Exception):
 
 
 class LogBuffer:
-    """A prediction's logs: appended by the engine, persisted and published at most every 0.5 s."""
+    """A run's logs: appended by the engine, persisted and published at most every 0.5 s."""
 
-    def __init__(self, service: PredictionService, prediction_id: str, initial: str):
-        self.service, self.id = service, prediction_id
-        self.text = initial
+    def __init__(self, lifecycle: Lifecycle, run: PredictionRecord):
+        self.lifecycle, self.run = lifecycle, run
+        self.text = run.logs
         self.last_flush = 0.0
         self.started = time.monotonic()
 
@@ -52,7 +53,7 @@ class LogBuffer:
         t = time.monotonic()
         if force or t - self.last_flush >= LOG_FLUSH_S:
             self.last_flush = t
-            self.service.append_logs(self.id, self.text)
+            self.lifecycle.logs(self.run, self.text)
 
 
 class Worker(threading.Thread):
@@ -64,6 +65,7 @@ class Worker(threading.Thread):
         super().__init__(name=f"worker-{device}", daemon=True)
         self.engine = engine
         self.service = service
+        self.lifecycle = service.lifecycle
         self.device = device
         self.own_fetches, self.fetch_mark = own_fetches, fetch_mark
         self.stopping = threading.Event()
@@ -71,11 +73,11 @@ class Worker(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
-        with self.service.work_available:
-            self.service.work_available.notify_all()
+        with self.lifecycle.work_available:
+            self.lifecycle.work_available.notify_all()
 
     def run(self) -> None:
-        cond = self.service.work_available
+        cond = self.lifecycle.work_available
         while not self.stopping.is_set():
             # Looking for work and going to sleep happen under the condition's lock, which a create
             # takes to notify after writing its row: a create is either found now or wakes the wait,
@@ -84,31 +86,30 @@ class Worker(threading.Thread):
                 if self.stopping.is_set():
                     break
                 try:
-                    row = self.service.store.claim_next(now())
+                    run = self.lifecycle.claim()
                 except Exception:  # e.g. the database is locked or its disk is gone: keep the worker alive
                     log.exception("could not take the next prediction; trying again")
                     cond.wait(timeout=1.0)
                     continue
-                if row is None:
+                if run is None:
                     cond.wait(timeout=5.0)  # the timeout only re-checks; creates and stop() notify
                     continue
             try:
-                self.process(row)
-            except Exception:  # recording the outcome failed; the row is re-queued at the next start
-                log.exception("could not record the outcome of prediction %s", row["id"])
+                self.process(run)
+            except Exception:  # recording the outcome failed; the prediction is re-queued at the next start
+                log.exception("could not record the outcome of prediction %s", run.id)
 
-    def process(self, row: dict) -> None:
-        pid = row["id"]
-        service = self.service
+    def process(self, run: PredictionRecord) -> None:
+        """Run one claimed prediction to its outcome, recorded by the lifecycle under the claim's lease."""
+        pid, service, lifecycle = run.id, self.service, self.lifecycle
         self.current = pid
-        service.hub.publish(pid, "start")
-        logs = LogBuffer(service, pid, row.get("logs") or "")
+        logs = LogBuffer(lifecycle, run)
         started = time.monotonic()
 
         def cancelled() -> bool:
-            if pid in service.cancel_requested:  # a cancel wins over going back to the queue
+            if lifecycle.stop_wanted(pid):  # a cancel wins over going back to the queue
                 return True
-            if pid in service.requeue_requested:
+            if pid in lifecycle.requeue_requested:
                 raise Requeued()
             return False
 
@@ -116,59 +117,39 @@ class Worker(threading.Thread):
         try:
             if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
-            inp = parse_input(service.worker_input(row))
+            inp = parse_input(service.worker_input(run))
             outputs = self.engine.predict(
                 inp,
-                resolver=service.resolver_for(row),
+                resolver=service.resolver_for(run),
                 on_step=logs.progress,
                 cancelled=cancelled,
                 log=logs.line,
             )
             names = service.files.write_outputs(pid, outputs)
-            logs.flush()
-            service.transition(pid, Status.SUCCEEDED, only_if=(Status.PROCESSING,), output=names,
-                               predict_time=time.monotonic() - started, logs=logs.text)
+            lifecycle.succeed(run, names, logs.text, time.monotonic() - started)
         except Requeued:
-            self.requeued(row, logs, started)
+            lifecycle.requeue(run, logs.text, time.monotonic() - started)
         except Cancelled:
-            self.canceled(pid, logs, started)
+            self.canceled(run, logs, started)
         except Exception as exc:  # one prediction's failure never stops the worker
-            if pid in service.cancel_requested:  # e.g. a fetch that stalled past the cancel, then timed out
-                self.canceled(pid, logs, started)
+            if lifecycle.stop_wanted(pid):  # e.g. a fetch that stalled past the cancel, then timed out
+                self.canceled(run, logs, started)
             else:
-                self.failed(pid, exc, logs, started)
+                self.failed(run, exc, logs, started)
         finally:
             self.current = None
 
-    def requeued(self, row: dict, logs: LogBuffer, started: float) -> None:
-        """The server is stopping: back to the queue, unless this was the prediction's last run."""
-        pid, service = row["id"], self.service
-        service.requeue_requested.discard(pid)
-        if pid in service.cancel_requested:  # a cancel that came while it stopped wins over the queue
-            return self.canceled(pid, logs, started)
-        if row["attempts"] >= service.settings.max_attempts:
-            error = interrupted_too_often(row["attempts"])
-            logs.line(f"Error: {error}")
-            service.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error, logs=logs.text,
-                               predict_time=time.monotonic() - started)
-            return
-        logs.line("The server is stopping; this prediction goes back to the queue.")
-        service.store.update_prediction(pid, status=Status.STARTING.value, started_at=None, logs=logs.text)
+    def canceled(self, run: PredictionRecord, logs: LogBuffer, started: float) -> None:
+        text = logs.text + self.lifecycle.cancel_reason(run.id) + "\n"
+        self.lifecycle.end_canceled(run, text, time.monotonic() - started)
 
-    def canceled(self, pid: str, logs: LogBuffer, started: float) -> None:
-        logs.line(self.service.cancel_reasons.get(pid) or "Prediction canceled.")
-        self.service.transition(pid, Status.CANCELED, only_if=(Status.PROCESSING,), logs=logs.text,
-                                predict_time=time.monotonic() - started)
-
-    def failed(self, pid: str, exc: Exception, logs: LogBuffer, started: float) -> None:
+    def failed(self, run: PredictionRecord, exc: Exception, logs: LogBuffer, started: float) -> None:
         if isinstance(exc, FetchError) and (path := self.refused_fetch()):
             exc = came_back(exc, path)
         error = describe_failure(exc)
         if not isinstance(exc, (InvalidInput, SafetyError)):
-            log.error("prediction %s failed:\n%s", pid, "".join(traceback.format_exception(exc)))
-        logs.line(f"Error: {error}")
-        self.service.transition(pid, Status.FAILED, only_if=(Status.PROCESSING,), error=error, logs=logs.text,
-                                predict_time=time.monotonic() - started)
+            log.error("prediction %s failed:\n%s", run.id, "".join(traceback.format_exception(exc)))
+        self.lifecycle.fail(run, error, logs.text + f"Error: {error}\n", time.monotonic() - started)
         free_gpu_memory()
 
     def refused_fetch(self) -> str | None:

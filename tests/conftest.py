@@ -64,3 +64,28 @@ def server_factory(tmp_path, tiny_dir):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh, empty PostgreSQL database for one test, dropped after it. The server to make it on is
+    FLUX_FILL_TEST_DATABASE (a URL whose role may create databases; .ci/run sets it up); without it
+    the test is skipped, unless FLUX_FILL_REQUIRE_POSTGRES=1 (CI) makes that a failure."""
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    admin = os.environ.get("FLUX_FILL_TEST_DATABASE")
+    if not admin:
+        if os.environ.get("FLUX_FILL_REQUIRE_POSTGRES") == "1":
+            pytest.fail("FLUX_FILL_TEST_DATABASE is not set, and FLUX_FILL_REQUIRE_POSTGRES=1")
+        pytest.skip("no PostgreSQL server to test on (set FLUX_FILL_TEST_DATABASE)")
+    psycopg = pytest.importorskip("psycopg")
+    name = f"flux_fill_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    parts = urlsplit(admin)
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(admin, autocommit=True) as db:
+            db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -593,10 +593,10 @@ def test_a_list_page_of_100_predictions_with_four_1_mp_outputs_is_under_1_mb(ser
     import numpy as np
 
     from server.files import new_id
-    from server.store import Store
+    from server.store import SqliteStore
 
     server = server_factory()
-    store = Store(server.data_dir / "flux-fill.sqlite3")
+    store = SqliteStore(server.data_dir / "flux-fill.sqlite3")
     rng = np.random.default_rng(0)
     pictures = []
     for i in range(4):  # a photo-like 1 MP picture: smooth shapes and some grain

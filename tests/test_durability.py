@@ -77,7 +77,7 @@ def test_a_database_from_before_deadlines_opens_and_keeps_its_queue(tmp_path):
     opened; its queued predictions are claimed as before."""
     import sqlite3
 
-    from server.store import SCHEMA, Store
+    from server.store import SCHEMA, SqliteStore
 
     path = tmp_path / "flux-fill.sqlite3"
     with sqlite3.connect(path) as db:
@@ -85,10 +85,10 @@ def test_a_database_from_before_deadlines_opens_and_keeps_its_queue(tmp_path):
         assert "cancel_at" not in {r[1] for r in db.execute("PRAGMA table_info(predictions)")}
         db.execute("INSERT INTO predictions (id, status, version, input, created_at, output_token) "
                    "VALUES ('old', 'starting', 'hidden', '{}', 1.0, 't')")
-    store = Store(path)
+    store = SqliteStore(path)
     try:
-        claimed = store.claim_next(2.0)
-        assert claimed["id"] == "old" and claimed["status"] == "processing" and claimed["cancel_at"] is None
+        claimed = store.claim_next(2.0, "lease")
+        assert claimed.id == "old" and claimed.status == "processing" and claimed.cancel_at is None
     finally:
         store.close()
 
@@ -99,26 +99,29 @@ def test_recovery_reruns_an_interrupted_prediction_until_its_last_attempt_and_ho
     from server.events import Hub
     from server.files import FileStore
     from server.predictions import PredictionService
+    from server.protocol import Status
     from server.settings import Settings
-    from server.store import Store
+    from server.store import SqliteStore
 
-    store = Store(tmp_path / "flux-fill.sqlite3")
+    store = SqliteStore(tmp_path / "flux-fill.sqlite3")
     service = PredictionService(Settings(data_dir=tmp_path, max_attempts=3), store, FileStore(tmp_path, store, 24), Hub())
     for pid in ("again", "last", "stop", "queued"):
         store.insert_prediction(id=pid, status="starting", version="hidden", input={}, created_at=1.0, output_token="t")
     try:
         for pid, runs in (("again", 1), ("last", 3), ("stop", 1)):  # running when the server died
-            store.update_prediction(pid, status="processing", attempts=runs, logs="Using seed: 1\n")
-        assert service.cancel("stop")["status"] == "processing"  # running: asked to stop, not yet stopped
-        service.cancel_requested.clear()  # the server dies: what it held in memory is gone
+            store.move(pid, Status.PROCESSING, only_from=(Status.STARTING,), attempts=runs, lease=f"run of {pid}",
+                       logs="Using seed: 1\n")
+        assert service.cancel("stop").status == "processing"  # running: asked to stop, not yet stopped
+        service.lifecycle.cancel_requested.clear()  # the server dies: what it held in memory is gone
         assert service.recover() == ["again"]
-        rows = {pid: store.get_prediction(pid) for pid in ("again", "last", "stop", "queued")}
-        assert rows["again"]["status"] == "starting" and rows["queued"]["status"] == "starting"
-        assert rows["last"]["status"] == "failed" and rows["last"]["completed_at"]
-        assert rows["last"]["error"] == ("This prediction was interrupted 3 times while it ran (the server stopped "
+        records = {pid: store.get_prediction(pid) for pid in ("again", "last", "stop", "queued")}
+        assert records["again"].status == "starting" and records["queued"].status == "starting"
+        assert records["again"].lease is None
+        assert records["last"].status == "failed" and records["last"].completed_at
+        assert records["last"].error == ("This prediction was interrupted 3 times while it ran (the server stopped "
                                          "or was killed each time), so it is not run again.")
-        assert rows["last"]["logs"] == "Using seed: 1\nError: " + rows["last"]["error"] + "\n"
-        assert rows["stop"]["status"] == "canceled" and rows["stop"]["error"] is None
-        assert "canceled; it does not run again" in rows["stop"]["logs"]
+        assert records["last"].logs == "Using seed: 1\nError: " + records["last"].error + "\n"
+        assert records["stop"].status == "canceled" and records["stop"].error is None
+        assert "canceled; it does not run again" in records["stop"].logs
     finally:
         store.close()

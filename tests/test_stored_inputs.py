@@ -245,7 +245,7 @@ def test_one_prediction_with_four_large_outputs_is_streamed_not_built(server_fac
     memory. Its data: URIs are now streamed from the files: here four 20 MB outputs (107 MB of JSON)
     cost the server a few MB. Rows and files are written as the worker writes them."""
     from server.files import new_id
-    from server.store import Store
+    from server.store import SqliteStore
 
     server = server_factory("--log-level", "warning")
     pid, token = new_id(), secrets.token_urlsafe(24)
@@ -254,7 +254,7 @@ def test_one_prediction_with_four_large_outputs_is_streamed_not_built(server_fac
     outputs = [os.urandom(20 << 20) for _ in range(4)]
     for i, data in enumerate(outputs):
         (folder / f"out-{i}.png").write_bytes(data)
-    store = Store(server.data_dir / "flux-fill.sqlite3")
+    store = SqliteStore(server.data_dir / "flux-fill.sqlite3")
     now = time.time()
     store.insert_prediction(id=pid, status="succeeded", version="hidden", input={"prompt": "large", "crop_to_mask": True},
                             output=[f"out-{i}.png" for i in range(4)], logs="", created_at=now, started_at=now,

@@ -16,6 +16,7 @@ from ..files import content_type_for, describe_bytes, disk_guard
 from ..pages import paginate, parse_cursor
 from ..predictions import decode_metadata, iso
 from ..protocol import ApiError, FileChecksums, FileObject, FilePage, FileUrls, InvalidField, not_found, validation_failed
+from ..records import FileRecord
 from ..state import AppState, get_state, require_auth
 
 router = APIRouter(tags=["files"])
@@ -36,18 +37,18 @@ async def form_text(part) -> str | None:
         raise validation_failed([InvalidField(type="format", field="metadata", description="metadata must be UTF-8 JSON")]) from None
 
 
-def render_file(row: dict, base: str) -> FileObject:
+def render_file(record: FileRecord, base: str) -> FileObject:
     return FileObject(
-        id=row["id"],
-        name=row["name"],
-        content_type=row["content_type"],
-        size=row["size"],
-        etag=row["md5"],  # Replicate's etag is the file's MD5
-        checksums=FileChecksums(sha256=row["sha256"], md5=row["md5"]),
-        metadata=row["metadata"],
-        created_at=iso(row["created_at"]),
-        expires_at=iso(row["expires_at"]),
-        urls=FileUrls(get=f"{base}/v1/files/{row['id']}"),
+        id=record.id,
+        name=record.name,
+        content_type=record.content_type,
+        size=record.size,
+        etag=record.md5,  # Replicate's etag is the file's MD5
+        checksums=FileChecksums(sha256=record.sha256, md5=record.md5),
+        metadata=record.metadata,
+        created_at=iso(record.created_at),
+        expires_at=iso(record.expires_at),
+        urls=FileUrls(get=f"{base}/v1/files/{record.id}"),
     )
 
 
@@ -90,20 +91,20 @@ async def upload(request: Request, caller: Caller = Depends(require_auth), state
                         raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
                     out.write(chunk)
             quotas.check_quota(caller, size)  # the disk was checked before: the file is on it now
-            row = state.files.save_upload(tmp, name, content_type, metadata, owner=caller.tenant)
+            record = state.files.save_upload(tmp, name, content_type, metadata, owner=caller.tenant)
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         await form.close()
-    return render_file(row, state.api_base(request))
+    return render_file(record, state.api_base(request))
 
 
-def own_file(state: AppState, file_id: str, caller: Caller) -> dict:
-    """The file's row; another tenant's file is unknown (404)."""
-    row = state.store.get_file(file_id)
-    if row is None or not caller.sees(row.get("owner")):
+def own_file(state: AppState, file_id: str, caller: Caller) -> FileRecord:
+    """The file's record; another tenant's file is unknown (404)."""
+    record = state.store.get_file(file_id)
+    if record is None or not caller.sees(record.owner):
         raise not_found()
-    return row
+    return record
 
 
 @router.get("/v1/files", response_model=FilePage, summary="List uploaded files")
@@ -132,11 +133,11 @@ async def delete_file(file_id: str, caller: Caller = Depends(require_auth), stat
 @outputs_router.get("/outputs/{prediction_id}/{token}/{name}", summary="An output image (no auth; unguessable URL)",
                     response_class=FileResponse)
 async def get_output(prediction_id: str, token: str, name: str, state: AppState = Depends(get_state)):
-    row = state.service.get(prediction_id)
-    if row is None or row.get("data_removed") or not hmac.compare_digest(token.encode(), row["output_token"].encode()):
+    record = state.service.get(prediction_id)
+    if record is None or record.data_removed or not hmac.compare_digest(token.encode(), record.output_token.encode()):
         raise not_found()
     path = state.files.output_path(prediction_id, name)
-    if path is None or name not in (row.get("output") or []):
+    if path is None or name not in (record.output or []):
         raise not_found()
     # FileResponse answers Range requests (206) and sends an ETag; the file keeps its name.
     return FileResponse(path, media_type=content_type_for(name), filename=name, content_disposition_type="inline",
@@ -147,11 +148,11 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
                     summary="A prediction's long input (a data: URI as its bytes), as list pages and webhooks link it "
                             "(no auth; unguessable URL)")
 async def get_input(prediction_id: str, token: str, name: str, state: AppState = Depends(get_state)):
-    row = state.service.get(prediction_id)
-    if row is None or row.get("data_removed") or not hmac.compare_digest(
+    record = state.service.get(prediction_id)
+    if record is None or record.data_removed or not hmac.compare_digest(
             token.encode(), state.service.input_token(prediction_id).encode()):
         raise not_found()
-    item = next((s for s in state.service.stored(row) if s.name == name), None)
+    item = next((s for s in state.service.stored(record) if s.name == name), None)
     path = state.files.input_path(prediction_id, item.index) if item else None
     if path is None or not path.is_file():
         raise not_found()

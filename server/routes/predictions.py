@@ -35,7 +35,7 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
         raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
     base = state.api_base(request)
     try:
-        row = state.service.create(body, admission, caller)
+        record = state.service.create(body, admission, caller)
     except ApiError:
         state.metrics.refused.inc()
         raise
@@ -44,10 +44,10 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
     if admission.wait is not None:
         headers["Preference-Applied"] = admission.wait.applied
         # Answer before the client's read timeout (N + 0.5 s).
-        row = await state.service.wait(row["id"], max(0.5, admission.wait.seconds - 0.5))
+        record = await state.service.wait(record.id, max(0.5, admission.wait.seconds - 0.5))
     # Clients return early on any non-terminal status but starting.
-    status = None if Status(row["status"]).terminal else Status.STARTING
-    return state.service.respond(row, base, 201, headers, status)
+    status = None if record.status.terminal else Status.STARTING
+    return state.service.respond(record, base, 201, headers, status)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201, response_model=Prediction,
@@ -85,23 +85,23 @@ async def list_predictions(request: Request, cursor: str | None = Query(None),
 @router.get("/v1/predictions/{prediction_id}", response_model=Prediction, summary="Get a prediction")
 async def get_prediction(prediction_id: str, request: Request, caller: Caller = Depends(require_auth),
                          state: AppState = Depends(get_state)):
-    row = state.service.get(prediction_id, caller)
-    if row is None:
+    record = state.service.get(prediction_id, caller)
+    if record is None:
         raise not_found()
-    return state.service.respond(row, state.api_base(request))
+    return state.service.respond(record, state.api_base(request))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
 async def cancel_prediction(prediction_id: str, request: Request, caller: Caller = Depends(require_auth),
                             state: AppState = Depends(get_state)):
-    row = state.service.cancel(prediction_id, caller=caller)
-    if row is None:
+    record = state.service.cancel(prediction_id, caller=caller)
+    if record is None:
         raise not_found()
-    if row["status"] == Status.PROCESSING.value:
+    if record.status == Status.PROCESSING:
         # It stops at its next denoising step: answer then, or after CANCEL_WAIT_S with the prediction
         # as it is (still processing), never later.
-        row = await state.service.wait(prediction_id, CANCEL_WAIT_S)
-    return state.service.respond(row, state.api_base(request))
+        record = await state.service.wait(prediction_id, CANCEL_WAIT_S)
+    return state.service.respond(record, state.api_base(request))
 
 
 @stream_router.get("/v1/predictions/{prediction_id}/stream", summary="Server-sent events of a prediction",

@@ -12,7 +12,7 @@ from server.files import FileStore
 from server.predictions import PredictionService
 from server.protocol import PredictionRequest
 from server.settings import Settings
-from server.store import Store
+from server.store import SqliteStore
 from server.worker import Worker
 from tests.helpers import box_mask, fast_input, noise_image
 
@@ -21,30 +21,32 @@ def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
     """A prediction created just after the worker found the queue empty, before it went to sleep,
     still starts at once: the create's notification is not sent to nobody (which would leave it
     waiting for the worker's next 5 s re-check)."""
-    store = Store(tmp_path / "flux-fill.sqlite3")
+    store = SqliteStore(tmp_path / "flux-fill.sqlite3")
     service = PredictionService(Settings(data_dir=tmp_path), store, FileStore(tmp_path, store, 24), Hub())
     request = PredictionRequest(input=fast_input(noise_image(64, 64), box_mask(64, 64, (8, 8, 40, 40))))
     admission = Admission(version="hidden", wait=None, cancel_after_s=None)
     created: list[str] = []
     found_empty = store.claim_next
 
-    def claim_next(at):
-        row = found_empty(at)
-        if row is None and not created:  # the create lands in the gap between looking and sleeping
+    def claim_next(at, lease):
+        record = found_empty(at, lease)
+        if record is None and not created:  # the create lands in the gap between looking and sleeping
             creator = threading.Thread(
-                target=lambda: created.append(service.create(request, admission, NOBODY)["id"]))
+                target=lambda: created.append(service.create(request, admission, NOBODY).id))
             creator.start()
             creator.join(0.5)
-        return row
+        return record
 
     store.claim_next = claim_next
     worker = Worker(engine, service, "cpu")
     started = time.monotonic()
     worker.start()
     try:
-        while not (created and store.get_prediction(created[0])["status"] == "succeeded"):
+        while not (created and store.get_prediction(created[0]).status != "starting"):
             assert time.monotonic() - started < 4.0, "the worker slept through the create"
             time.sleep(0.02)
+        while store.get_prediction(created[0]).status == "processing":  # let it finish before stopping
+            time.sleep(0.05)
     finally:
         worker.stop()
         worker.join(10)
@@ -56,12 +58,12 @@ def test_a_prediction_stopped_by_a_shutdown_goes_back_to_the_queue_until_its_las
     the queue, unless this run was its --max-attempts-th, when it fails in words instead."""
     from tests.test_red_team import Origin
 
-    store = Store(tmp_path / "flux-fill.sqlite3")
+    store = SqliteStore(tmp_path / "flux-fill.sqlite3")
     service = PredictionService(Settings(data_dir=tmp_path, max_attempts=2), store, FileStore(tmp_path, store, 24), Hub())
     admission = Admission(version="hidden", wait=None, cancel_after_s=None)
     with Origin(drip_s=0.05) as origin:
         inp = {**fast_input(noise_image(16, 16), box_mask(16, 16, (2, 2, 14, 14))), "image": origin.url("/drip")}
-        pid = service.create(PredictionRequest(input=inp), admission, NOBODY)["id"]
+        pid = service.create(PredictionRequest(input=inp), admission, NOBODY).id
         outcomes = []
         for _ in range(2):
             worker = Worker(engine, service, "cpu")
@@ -71,14 +73,14 @@ def test_a_prediction_stopped_by_a_shutdown_goes_back_to_the_queue_until_its_las
                 while worker.current != pid:
                     assert time.monotonic() < deadline, "the worker did not take the prediction"
                     time.sleep(0.01)
-                service.requeue_requested.add(pid)  # what a shutdown does after its grace time
+                service.lifecycle.requeue_requested.add(pid)  # what a shutdown does after its grace time
                 worker.stop()
                 worker.join(10)
                 assert not worker.is_alive()
             finally:
                 worker.stop()
-            row = store.get_prediction(pid)
-            outcomes.append((row["status"], row["attempts"], row["error"]))
+            record = store.get_prediction(pid)
+            outcomes.append((record.status, record.attempts, record.error))
     store.close()
     assert outcomes[0] == ("starting", 1, None)
     assert outcomes[1] == ("failed", 2, "This prediction was interrupted 2 times while it ran (the server stopped "

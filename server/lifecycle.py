@@ -1,0 +1,233 @@
+"""The prediction lifecycle: the one module that moves a status.
+
+    create -> starting --claim--> processing --> succeeded | failed | canceled
+                 |                    |
+                 +--cancel/deadline---+--> canceled      processing --requeue--> starting
+
+Every move is written to the store first (a conditional update: it happens only from the states
+it may come from, and a run's outcome only while its claim still holds the prediction), then
+published: to the event hub (streams, ``Prefer: wait``), and from there to the webhook sender and
+the metrics. Routes, the worker and the deadline watcher ask; this module moves.
+
+A worker's claim carries a lease token. An outcome, a log write or a requeue names the lease it
+was claimed under, and the store refuses it once the prediction has moved on without that claim:
+every prediction ends once, with one set of outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+from .events import Hub
+from .protocol import Status
+from .records import PredictionRecord
+from .settings import Settings
+from .store import Store, now
+
+if TYPE_CHECKING:
+    from .files import FileStore
+    from .metrics import ServerMetrics
+    from .webhooks import WebhookSender
+
+log = logging.getLogger(__name__)
+DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without looking
+DEADLINE_BATCH = 200  # deadlines looked at in one go
+
+
+def interrupted_too_often(attempts: int) -> str:
+    return (f"This prediction was interrupted {attempts} times while it ran (the server stopped or was killed "
+            "each time), so it is not run again.")
+
+
+class Lifecycle:
+    def __init__(self, settings: Settings, store: Store, files: FileStore, hub: Hub,
+                 metrics: ServerMetrics | None = None):
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.hub = hub
+        self.metrics = metrics
+        self.work_available = threading.Condition()  # notified on each create (and to stop workers)
+        self.cancel_requested: set[str] = set()  # running predictions asked to stop
+        self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
+        self.requeue_requested: set[str] = set()  # running predictions a stopping server puts back
+        self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
+        self.webhooks: WebhookSender | None = None
+        self._snapshot: Callable[[PredictionRecord], dict] | None = None
+        self._secret_for: Callable[[str | None], str] | None = None
+        hub.listeners.append(self._delivered)
+
+    def send_webhooks(self, sender: WebhookSender, snapshot: Callable[[PredictionRecord], dict],
+                      secret_for: Callable[[str | None], str]) -> None:
+        """Hand each event of a prediction with a webhook to ``sender``: its body is ``snapshot`` of
+        the record at send time, signed with its tenant's secret."""
+        self.webhooks, self._snapshot, self._secret_for = sender, snapshot, secret_for
+
+    # -- create and claim ---------------------------------------------------------------------
+
+    def create(self, **fields: Any) -> PredictionRecord:
+        """Queue a new prediction (``starting``) and wake a worker."""
+        self.store.insert_prediction(**fields)
+        with self.work_available:
+            self.work_available.notify()
+        if fields.get("cancel_at") is not None:
+            self.deadline_added.set()
+        return self.store.get_prediction(fields["id"])
+
+    def claim(self) -> PredictionRecord | None:
+        """The oldest queued prediction, now ``processing`` under a fresh lease; None if none waits."""
+        record = self.store.claim_next(now(), secrets.token_hex(16))
+        if record is not None:
+            self.hub.publish(record.id, "start")
+        return record
+
+    # -- while it runs ------------------------------------------------------------------------
+
+    def logs(self, run: PredictionRecord, text: str) -> None:
+        """The run's logs so far, written while its claim holds, then told to listeners."""
+        if self.store.update_prediction(run.id, held_by=run.lease, logs=text):
+            self.hub.publish(run.id, "logs")
+
+    def stop_wanted(self, prediction_id: str) -> bool:
+        """A cancel (a user's, or a deadline's) waits for this running prediction."""
+        return prediction_id in self.cancel_requested
+
+    # -- outcomes of a run --------------------------------------------------------------------
+
+    def succeed(self, run: PredictionRecord, output: list[str], logs: str, predict_time: float) -> bool:
+        return self._end(run, Status.SUCCEEDED, output=output, logs=logs, predict_time=predict_time,
+                         output_bytes=self.files.outputs_size(run.id, output))
+
+    def fail(self, run: PredictionRecord, error: str, logs: str, predict_time: float) -> bool:
+        return self._end(run, Status.FAILED, error=error, logs=logs, predict_time=predict_time)
+
+    def end_canceled(self, run: PredictionRecord, logs: str, predict_time: float) -> bool:
+        return self._end(run, Status.CANCELED, logs=logs, predict_time=predict_time)
+
+    def cancel_reason(self, prediction_id: str) -> str:
+        return self.cancel_reasons.get(prediction_id) or "Prediction canceled."
+
+    def requeue(self, run: PredictionRecord, logs: str, predict_time: float) -> Status | None:
+        """A stopping server puts the run back in the queue, unless a cancel came meanwhile (it ends
+        canceled) or this was its last attempt (it fails in words). The status it ends in; None
+        when the run no longer holds the prediction (nothing is written)."""
+        self.requeue_requested.discard(run.id)
+        if self.stop_wanted(run.id):
+            ended = self.end_canceled(run, logs + self.cancel_reason(run.id) + "\n", predict_time)
+            return Status.CANCELED if ended else None
+        if run.attempts >= self.settings.max_attempts:
+            error = interrupted_too_often(run.attempts)
+            return Status.FAILED if self.fail(run, error, logs + f"Error: {error}\n", predict_time) else None
+        logs += "The server is stopping; this prediction goes back to the queue.\n"
+        moved = self.store.move(run.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=run.lease,
+                                started_at=None, lease=None, logs=logs)
+        return Status.STARTING if moved is not None else None
+
+    def _end(self, run: PredictionRecord, status: Status, **fields: Any) -> bool:
+        moved = self.store.move(run.id, status, only_from=(Status.PROCESSING,), held_by=run.lease,
+                                completed_at=now(), **fields)
+        if moved is None:
+            log.warning("prediction %s: this run no longer holds it; its outcome (%s) is not recorded",
+                        run.id, status.value)
+            return False
+        self._ended(moved)
+        return True
+
+    def _ended(self, record: PredictionRecord) -> None:
+        self.cancel_requested.discard(record.id)
+        self.cancel_reasons.pop(record.id, None)
+        if record.output:
+            self.hub.publish(record.id, "output")
+        self.hub.publish(record.id, "completed")
+
+    # -- cancel and deadlines -----------------------------------------------------------------
+
+    def cancel(self, prediction_id: str, reason: str | None = None) -> PredictionRecord | None:
+        """Cancel a queued prediction at once, a running one at its next denoising step. ``reason``
+        goes in its logs (a user's cancel needs none). The record as it now is; None if unknown."""
+        record = self.store.get_prediction(prediction_id)
+        if record is None:
+            return None
+        if record.status == Status.STARTING:
+            logs = record.logs + (f"{reason}\n" if reason else "")
+            moved = self.store.move(prediction_id, Status.CANCELED, only_from=(Status.STARTING,),
+                                    completed_at=now(), logs=logs)
+            if moved is not None:
+                self._ended(moved)
+                return moved
+            record = self.store.get_prediction(prediction_id)  # claimed meanwhile
+        if record.status == Status.PROCESSING:
+            if reason:
+                self.cancel_reasons.setdefault(prediction_id, reason)
+            self.cancel_requested.add(prediction_id)
+            self.store.request_cancel(prediction_id, now())  # a restart before it stops ends it canceled
+            record = self.store.get_prediction(prediction_id)
+        return record
+
+    async def watch_deadlines(self) -> None:
+        """Cancel each prediction whose Cancel-After deadline passes, queued or running. Runs on the
+        event loop for the server's life; the database is the record of the deadlines."""
+        while True:
+            try:
+                wait = self.enforce_deadlines(now())
+            except Exception:
+                log.exception("checking Cancel-After deadlines failed")
+                wait = DEADLINE_POLL_S
+            self.deadline_added.clear()
+            try:
+                await asyncio.wait_for(self.deadline_added.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def enforce_deadlines(self, at: float) -> float:
+        """Cancel the predictions due at ``at``; return the seconds until the next deadline."""
+        records = self.store.deadlines(limit=DEADLINE_BATCH)
+        for record in records:
+            if record.id in self.cancel_requested:
+                continue  # already being stopped
+            if record.cancel_at > at:
+                return min(DEADLINE_POLL_S, max(0.01, record.cancel_at - at))
+            after = f"{record.cancel_at - record.created_at:g} s"
+            when = "before the prediction started" if record.status == Status.STARTING else "while the prediction was running"
+            self.cancel(record.id, f"Canceled: the Cancel-After deadline ({after} after creation) passed {when}.")
+        return 0.0 if len(records) == DEADLINE_BATCH else DEADLINE_POLL_S  # a full batch: more may be due
+
+    # -- restarts -----------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """At startup, what was running when the server stopped: it runs again, unless it was asked to
+        stop (it ends canceled) or it has been interrupted ``--max-attempts`` times already (it fails:
+        a prediction that takes its worker down with it must not do so after every restart). The
+        ids queued again."""
+        for record in self.store.interrupted():
+            if record.cancel_requested_at is not None:
+                logs = record.logs + "The server restarted after this prediction was canceled; it does not run again.\n"
+                self._end(record, Status.CANCELED, logs=logs)
+                log.warning("prediction %s was canceled before a restart; it ends canceled", record.id)
+            elif record.attempts >= self.settings.max_attempts:
+                error = interrupted_too_often(record.attempts)
+                self._end(record, Status.FAILED, error=error, logs=record.logs + f"Error: {error}\n")
+                log.warning("prediction %s was interrupted %d times; it fails", record.id, record.attempts)
+        ids = self.store.requeue_interrupted()
+        for pid in ids:
+            log.warning("prediction %s was interrupted by a restart; it runs again", pid)
+        return ids
+
+    # -- events to webhooks and metrics (on the event loop) ------------------------------------
+
+    def _delivered(self, prediction_id: str, event: str) -> None:
+        if self.webhooks is None and self.metrics is None:
+            return
+        record = self.store.get_prediction(prediction_id)
+        if record is None:
+            return
+        if self.webhooks is not None and record.webhook:
+            self.webhooks.notify(prediction_id, record.webhook, record.webhook_events, event,
+                                 lambda: self._snapshot(self.store.get_prediction(prediction_id) or record),
+                                 secret=self._secret_for(record.owner))
+        if event == "completed" and self.metrics is not None and record.predict_time is not None:
+            self.metrics.predict_time.observe(record.predict_time)

@@ -1,0 +1,60 @@
+"""Typed records of what the store keeps: a prediction and an uploaded file.
+
+The store backends turn their rows into these and nothing else reads rows; every other module
+reads attributes, so a renamed or retyped column fails in one place, not in six.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import Status
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    id: str
+    status: Status
+    version: str
+    input: dict[str, Any]  # as sent, its long strings replaced (see server.stored_inputs)
+    created_at: float
+    output_token: str
+    seq: int = 0
+    logs: str = ""
+    output: list[str] | None = None  # file names under the prediction's output folder
+    error: str | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    predict_time: float | None = None
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
+    data_removed: bool = False
+    attempts: int = 0
+    owner: str | None = None
+    cancel_at: float | None = None  # the Cancel-After deadline
+    input_blobs: list[list] = field(default_factory=list)  # refs of the long strings stored apart
+    input_bytes: int = 0
+    output_bytes: int = 0
+    cancel_requested_at: float | None = None  # a cancel asked while it ran
+    lease: str | None = None  # the claim's token: only its holder may record an outcome
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    md5: str
+    metadata: dict[str, Any]
+    created_at: float
+    path: str
+    seq: int = 0
+    expires_at: float | None = None
+    owner: str | None = None

@@ -1,0 +1,154 @@
+"""Both store backends, on a real SQLite file and a real PostgreSQL database: the same calls give the
+same records, pages, counts and claims; a claim is taken once however many connections race for it;
+a run's lease fences its writes; one server per database."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from server.protocol import Status
+from server.records import FileRecord, PredictionRecord
+from server.store import SqliteStore, open_store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path):
+    if request.param == "sqlite":
+        return tmp_path / "flux-fill.sqlite3"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(location):
+    store = open_store(location)
+    yield store
+    store.close()
+
+
+def add(store, pid, created, **fields):
+    store.insert_prediction(id=pid, version="hidden", input={"prompt": pid}, created_at=created,
+                            output_token="t", **fields)
+
+
+def test_records_pages_and_counts_read_the_same_on_both_backends(store):
+    for n in range(5):
+        add(store, f"p{n}", 100.0 + n, owner="alice" if n % 2 else None, webhook_events=["completed"],
+            input_blobs=[["image", 0]], input_bytes=10 * n)
+    record = store.get_prediction("p3")
+    assert isinstance(record, PredictionRecord)
+    assert (record.status, record.owner, record.input, record.webhook_events, record.input_blobs, record.logs) == (
+        Status.STARTING, "alice", {"prompt": "p3"}, ["completed"], [["image", 0]], "")
+    assert record.seq > store.get_prediction("p2").seq and record.data_removed is False
+    newest = store.list_predictions(limit=2)
+    assert [r.id for r in newest] == ["p4", "p3"]
+    older = store.list_predictions(limit=10, before_seq=newest[-1].seq)
+    assert [r.id for r in older] == ["p2", "p1", "p0"]
+    newer = store.list_predictions(limit=1, after_seq=older[0].seq)
+    assert [r.id for r in newer] == ["p3"]
+    assert [r.id for r in store.list_predictions(limit=10, owner="alice")] == ["p3", "p1"]
+    assert [r.id for r in store.list_predictions(limit=10, created_after=101.5, created_before=103.5)] == ["p3", "p2"]
+    assert store.count_queued() == 5 and store.count_queued("alice") == 2 and store.count_predictions("alice") == 2
+    assert store.stored_bytes("alice") == 40 and store.stored_bytes(None) == 60  # None is the implicit tenant
+    assert store.count_by_status() == {"starting": 5}
+    assert store.mean_predict_time() is None
+    assert store.setting("k", lambda: "first") == "first" and store.setting("k", lambda: "second") == "first"
+
+
+def test_a_run_moves_under_its_lease_and_a_taken_over_one_writes_nothing(store):
+    add(store, "a", 1.0)
+    run = store.claim_next(2.0, "lease-1")
+    assert (run.status, run.lease, run.attempts, run.started_at) == (Status.PROCESSING, "lease-1", 1, 2.0)
+    assert store.claim_next(2.0, "lease-2") is None
+    assert store.update_prediction("a", held_by="lease-1", logs="step 1\n")
+    assert store.requeue_interrupted() == ["a"]
+    again = store.claim_next(3.0, "lease-2")
+    assert again.attempts == 2 and again.lease == "lease-2"
+    assert not store.update_prediction("a", held_by="lease-1", logs="stale\n")
+    assert store.move("a", Status.SUCCEEDED, only_from=(Status.PROCESSING,), held_by="lease-1") is None
+    done = store.move("a", Status.SUCCEEDED, only_from=(Status.PROCESSING,), held_by="lease-2",
+                      output=["out-0.webp"], predict_time=4.0, completed_at=5.0)
+    assert (done.status, done.output, done.predict_time) == (Status.SUCCEEDED, ["out-0.webp"], 4.0)
+    assert "it runs again" in done.logs and "stale" not in done.logs
+    assert store.mean_predict_time() == 4.0
+    with pytest.raises(ValueError):
+        store.update_prediction("a", status="starting")
+
+
+def test_deadlines_expiry_and_retention(store):
+    add(store, "soon", 1.0, cancel_at=10.0)
+    add(store, "late", 2.0, cancel_at=20.0)
+    add(store, "none", 3.0)
+    assert [r.id for r in store.deadlines()] == ["soon", "late"]
+    assert store.claim_next(15.0, "l").id == "late"  # past its deadline, "soon" is never claimed
+    store.move("late", Status.SUCCEEDED, only_from=(Status.PROCESSING,), completed_at=16.0, output=["out-0.png"],
+               output_bytes=7)
+    assert store.expired_predictions(17.0) == ["late"] and store.expired_predictions(15.0) == []
+    store.remove_data("late")
+    gone = store.get_prediction("late")
+    assert gone.data_removed and gone.output is None and gone.input == {} and gone.output_bytes == 0
+
+
+def test_files_page_by_upload_order(store):
+    for n in range(3):
+        store.insert_file(id=f"f{n}", name=f"{n}.png", content_type="image/png", size=n + 1, sha256="s", md5="m",
+                          metadata={"n": n}, created_at=float(n), expires_at=10.0 + n, path=f"/x/{n}",
+                          owner="bob" if n else None)
+    record = store.get_file("f1")
+    assert isinstance(record, FileRecord) and (record.metadata, record.owner, record.size) == ({"n": 1}, "bob", 2)
+    page = store.list_files(limit=2)
+    assert [f.id for f in page] == ["f2", "f1"]
+    assert [f.id for f in store.list_files(limit=5, before_seq=page[-1].seq)] == ["f0"]
+    assert [f.id for f in store.list_files(limit=5, owner="bob")] == ["f2", "f1"]
+    assert store.stored_bytes("bob") == 5
+    assert [f.id for f in store.expired_files(11.5)] == ["f0", "f1"]
+    assert store.delete_file("f0") and not store.delete_file("f0")
+
+
+def test_racing_connections_claim_each_prediction_once(location):
+    """Four connections (as four workers would hold) claim from one queue of 60: every prediction is
+    claimed exactly once."""
+    first = open_store(location)
+    for n in range(60):
+        add(first, f"q{n:02d}", float(n))
+    stores = [first] + [open_store(location) for _ in range(3)]
+    claimed: list[list[str]] = [[] for _ in stores]
+
+    def claim_all(i):
+        while (run := stores[i].claim_next(1000.0, f"lease-{i}")) is not None:
+            claimed[i].append(run.id)
+
+    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        every = sorted(pid for ids in claimed for pid in ids)
+        assert every == [f"q{n:02d}" for n in range(60)]
+        assert first.count_by_status() == {"processing": 60}
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_one_server_per_postgresql_database(postgres_url):
+    first, second = open_store(postgres_url), open_store(postgres_url)
+    try:
+        assert first.hold_exclusive()
+        assert not second.hold_exclusive()
+    finally:
+        first.close()
+    third = open_store(postgres_url)  # the first server's connection ended: its hold went with it
+    try:
+        assert third.hold_exclusive()
+    finally:
+        third.close()
+        second.close()
+
+
+def test_a_sqlite_file_is_its_own_backend(tmp_path):
+    store = open_store(tmp_path / "x.sqlite3")
+    assert isinstance(store, SqliteStore)
+    store.close()
