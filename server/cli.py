@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from inference.cli import add_predict_parser
@@ -69,7 +70,8 @@ def run_node(args: argparse.Namespace, role: str | None) -> int:
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     if role == "worker":
-        given.setdefault("port", WORKER_PORT)
+        if "port" not in given and "FLUX_FILL_PORT" not in os.environ:
+            given["port"] = WORKER_PORT
         given["workers"] = True
     settings = Settings(**given)
     settings.check_exposure()

@@ -47,7 +47,7 @@ DEADLINE_BATCH = 200  # deadlines looked at in one go
 QUEUED = "queued"  # told to other nodes only: their workers look at the queue
 WEBHOOK_TIMEOUT_S = 10.0  # one webhook POST, connect to answer
 WEBHOOK_SWEEP_S = 10.0  # how often each node looks for final webhooks nobody holds
-CANCEL_CHECK_S = 0.2  # a running prediction's worker looks for a cancel in the database this often
+CANCEL_CHECK_S = 0.1  # a running prediction's worker looks for a cancel in the database this often
 
 
 def interrupted_too_often(attempts: int) -> str:
