@@ -92,6 +92,18 @@ class LiveServer:
             time.sleep(0.1)
         raise RuntimeError(f"server did not become ready:\n{self.log()}")
 
+    @property
+    def database(self) -> str:
+        """The server's --database, or its SQLite file."""
+        given = self.args[self.args.index("--database") + 1] if "--database" in self.args else None
+        return given or str(self.data_dir / "flux-fill.sqlite3")
+
+    def store(self):
+        """The server's store, opened beside it (close it when done)."""
+        from server.store import open_store
+
+        return open_store(self.database)
+
     def _limits(self) -> None:
         import resource
 
