@@ -22,7 +22,7 @@ from .fetching import OwnFetches, lora_settings
 from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
 from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
-from .lifecycle import Lifecycle
+from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from .routes import files as files_routes
@@ -36,6 +36,7 @@ from .store import open_store
 
 log = logging.getLogger("flux_fill.server")
 JANITOR_S = 15.0
+SHARED_LEFTOVER_S = 3600.0  # an unfinished file in a shared blob folder this old has no writer left
 SHUTDOWN_GRACE_S = 20.0
 GZIP_MIN_BYTES = 1024
 
@@ -59,11 +60,20 @@ def _request_validation(exc: RequestValidationError) -> ApiError:
     return validation_failed(fields)
 
 
-def create_app(settings: Settings | None = None, *, load_model=None, data_lock: DataDirLock | None = None) -> FastAPI:
+ROLES = ("all", "api", "worker")
+
+
+def create_app(settings: Settings | None = None, *, load_model=None, data_lock: DataDirLock | None = None,
+               role: str | None = None) -> FastAPI:
     """The ASGI app. ``load_model(weights, components, device)`` can be swapped for tests.
     ``data_lock``: the data folder's lock, already taken by the caller; without it the app takes
-    (and releases) its own at startup, before it reads anything there."""
+    (and releases) its own at startup, before it reads anything there. ``role``: "all" (the API and
+    its workers, the default), "api" (the API alone: --no-workers) or "worker" (GPU workers, with
+    only /health and /metrics: `flux-fill worker`)."""
     settings = settings or Settings()
+    role = role or ("all" if settings.workers else "api")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
     if load_model is None:
         from inference.weights import load_model
     own_fetches = OwnFetches()
@@ -75,12 +85,12 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         data = settings.data_dir
         lock = (data_lock or DataDirLock(data)).acquire()  # before the queue is read: one server per folder
         clean_leftovers(data)
+        blobs = settings.blob_dir or data
+        if blobs != data:  # shared with other nodes: only what no live upload can still be writing
+            clean_leftovers(blobs, older_than_s=SHARED_LEFTOVER_S)
         trim_lora_cache(data, lora_settings(settings).cache_bytes)
         store = open_store(settings.database or data / "flux-fill.sqlite3")
-        if not store.hold_exclusive():
-            store.close()
-            raise RuntimeError("another flux-fill server uses this database; one server per database")
-        files = FileStore(data, store, settings.file_expiry_hours)
+        files = FileStore(blobs, store, settings.file_expiry_hours)
         hub = Hub()
         hub.bind(asyncio.get_running_loop())
         metrics = ServerMetrics()
@@ -91,22 +101,32 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                          metrics=metrics)
         app.state.flux = state
         sender = WebhookSender(state.webhook_secret(None), allow_private=not settings.block_private_urls,
+                               retry_for_s=settings.webhook_retry_s, timeout_s=WEBHOOK_TIMEOUT_S,
                                max_concurrency=settings.webhook_slots,
                                max_per_destination=settings.webhook_slots_per_destination)
         await sender.start()
         state.webhooks = sender
         lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret)
         service.recover()  # after the webhooks: a prediction it ends (canceled, failed) gets its webhook
-        loader = threading.Thread(target=_setup, args=(state, load_model, own_fetches), name="model-loader", daemon=True)
-        loader.start()
-        janitor = asyncio.create_task(_janitor(service))
-        deadlines = asyncio.create_task(lifecycle.watch_deadlines())
+        listening = threading.Event()
+        if store.shared:  # the other nodes' moves wake this node's streams and waiting requests
+            threading.Thread(target=store.listen, args=(lifecycle.remote_event, listening), name="db-events",
+                             daemon=True).start()
+        if role == "api":
+            state.phase = "READY"
+        else:
+            threading.Thread(target=_setup, args=(state, load_model, own_fetches), name="model-loader",
+                             daemon=True).start()
+        tasks = [asyncio.create_task(lifecycle.watch_leases()), asyncio.create_task(lifecycle.watch_owed_webhooks())]
+        if role != "worker":
+            tasks += [asyncio.create_task(_janitor(service)), asyncio.create_task(lifecycle.watch_deadlines())]
         try:
             yield
         finally:
             service.stop_waiting()
-            janitor.cancel()
-            deadlines.cancel()
+            listening.set()
+            for task in tasks:
+                task.cancel()
             await asyncio.get_running_loop().run_in_executor(None, _stop_workers, state)
             await sender.close()
             store.close()
@@ -144,8 +164,12 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         log.exception("unexpected error")
         return problem_response(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500))
 
-    for router in (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
-                   files_routes.outputs_router, system_routes.router, system_routes.public_router, ui_routes.router):
+    routers = (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
+               files_routes.outputs_router, system_routes.router, system_routes.metrics_router, system_routes.public_router,
+               ui_routes.router)
+    if role == "worker":  # a worker node answers its health and metrics, nothing else
+        routers = (system_routes.public_router, system_routes.metrics_router)
+    for router in routers:
         app.include_router(router)
         if settings.prefix:
             app.include_router(router, prefix=settings.prefix, include_in_schema=False)

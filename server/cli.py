@@ -1,9 +1,11 @@
-"""The `flux-fill` command: `serve` (the API server) and `predict` (one prediction offline)."""
+"""The `flux-fill` command: `serve` (the API server, with its GPU workers unless --no-workers),
+`worker` (GPU workers alone, on the --database of API nodes) and `predict` (one prediction offline)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from inference.cli import add_predict_parser
@@ -11,12 +13,16 @@ from inference.cli import add_predict_parser
 FLAG_NAMES = {"api_tokens": "--api-token", "admin_tokens": "--admin-token", "gpus": "--gpus"}
 
 
-def add_serve_parser(sub) -> None:
+WORKER_PORT = 9100  # a worker node's /health and /metrics
+NOT_WORKER_FLAGS = ("workers",)  # a worker node always runs workers
+
+
+def add_settings_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     from .settings import Settings
 
-    p = sub.add_parser("serve", help="Serve Replicate's predictions API for flux-fill-dev.",
-                       description="Every option can also be set as FLUX_FILL_<NAME> in the environment.")
     for name, info in Settings.model_fields.items():
+        if name in skip:
+            continue
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         kwargs: dict = {"dest": name, "default": argparse.SUPPRESS, "help": info.description}
         annotation = info.annotation
@@ -29,16 +35,44 @@ def add_serve_parser(sub) -> None:
         elif annotation in (int, float):
             kwargs["type"] = annotation
         p.add_argument(flag, **kwargs)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="Serve Replicate's predictions API for flux-fill-dev.",
+                       description="Every option can also be set as FLUX_FILL_<NAME> in the environment.")
+    add_settings_flags(p)
     p.set_defaults(func=serve)
 
 
+def add_worker_parser(sub) -> None:
+    p = sub.add_parser("worker", help="Run GPU workers for the API nodes of a shared --database.",
+                       description="GPU workers that take predictions from the queue of a --database shared with "
+                                   "`flux-fill serve --no-workers` API nodes, on this host or any other; /health and "
+                                   f"/metrics on --port (default {WORKER_PORT}). Every option can also be set as "
+                                   "FLUX_FILL_<NAME> in the environment.")
+    add_settings_flags(p, skip=NOT_WORKER_FLAGS)
+    p.set_defaults(func=worker)
+
+
 def serve(args: argparse.Namespace) -> int:
+    return run_node(args, None)
+
+
+def worker(args: argparse.Namespace) -> int:
+    return run_node(args, "worker")
+
+
+def run_node(args: argparse.Namespace, role: str | None) -> int:
     from . import serving
     from .app import begin_shutdown, create_app
     from .datadir import EXIT_DATA_DIR_IN_USE, DataDirInUse, DataDirLock
     from .settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    if role == "worker":
+        if "port" not in given and "FLUX_FILL_PORT" not in os.environ:
+            given["port"] = WORKER_PORT
+        given["workers"] = True
     settings = Settings(**given)
     settings.check_exposure()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -48,10 +82,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
     except DataDirInUse as exc:
-        print(f"flux-fill serve: {exc}", file=sys.stderr)
+        print(f"flux-fill {args.command}: {exc}", file=sys.stderr)
         return EXIT_DATA_DIR_IN_USE
     try:
-        app = create_app(settings, data_lock=lock)
+        app = create_app(settings, data_lock=lock, role=role)
         serving.run(app, settings, on_exit=lambda: begin_shutdown(app))
     finally:
         lock.release()
@@ -62,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flux-fill", description="FLUX.1 Fill [dev] with Replicate's API, locally.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
+    add_worker_parser(sub)
     add_predict_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import filelock
@@ -61,14 +62,25 @@ class DataDirLock:
             self._lock = None
 
 
-def clean_leftovers(data_dir: Path) -> int:
+def clean_leftovers(data_dir: Path, older_than_s: float | None = None) -> int:
     """Delete what a server killed mid-write left behind: uploads still being received
     (``tmp/``), outputs still being written (``outputs/<id>/.out-0.png.tmp``) and LoRA downloads
-    still running (``loras/*.part``). Only safe while holding the lock. Returns the count."""
+    still running (``loras/*.part``). Only safe while holding the lock, or, in a folder shared with
+    other nodes, for files untouched for ``older_than_s``. Returns the count."""
     removed = 0
     tmp = data_dir / "tmp"
+    cutoff = time.time() - older_than_s if older_than_s is not None else None
+
+    def stale(entry: Path) -> bool:
+        try:
+            return cutoff is None or entry.lstat().st_mtime < cutoff
+        except OSError:
+            return False
+
     if tmp.is_dir():
         for entry in tmp.iterdir():
+            if not stale(entry):
+                continue
             try:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -83,6 +95,8 @@ def clean_leftovers(data_dir: Path) -> int:
         if not root.is_dir():
             continue
         for entry in root.glob(pattern):
+            if not stale(entry):
+                continue
             try:
                 entry.unlink()
                 removed += 1

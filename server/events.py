@@ -1,8 +1,9 @@
 """Fan-out of prediction events from worker threads to the event loop.
 
-The worker publishes ``start``, ``logs``, ``output`` and ``completed`` for a prediction; streams,
-``Prefer: wait`` requests and the webhook sender listen. The database stays the record: an event
-only says "look again".
+The lifecycle publishes ``start``, ``logs``, ``output`` and ``completed`` for a prediction; streams,
+``Prefer: wait`` requests and the webhook sender listen. On a shared database the events of other
+nodes arrive too (see Lifecycle.remote_event). The database stays the record: an event only says
+"look again".
 """
 
 from __future__ import annotations
@@ -23,21 +24,24 @@ class Hub:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
 
-    def publish(self, prediction_id: str, event: str) -> None:
-        """Thread-safe: hand the event to the loop."""
+    def publish(self, prediction_id: str, event: str, remote: bool = False) -> None:
+        """Thread-safe: hand the event to the loop. A ``remote`` event (another node made the move)
+        wakes this node's streams and waiting requests but not its listeners: the webhook and the
+        metrics of a move belong to the node that made it."""
         loop = self.loop
         if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(self._dispatch, prediction_id, event)
+            loop.call_soon_threadsafe(self._dispatch, prediction_id, event, remote)
         except RuntimeError:  # the loop is shutting down
             pass
 
-    def _dispatch(self, prediction_id: str, event: str) -> None:
+    def _dispatch(self, prediction_id: str, event: str, remote: bool = False) -> None:
         for queue in list(self.queues.get(prediction_id, ())):
             queue.put_nowait(event)
-        for listener in self.listeners:
-            listener(prediction_id, event)
+        if not remote:
+            for listener in self.listeners:
+                listener(prediction_id, event)
 
     def wake_all(self, event: str = "stopping") -> None:
         """On the loop: wake every subscriber (the server is stopping), without telling listeners."""

@@ -110,7 +110,7 @@ class FileStore:
         record = self.store.get_file(file_id)
         if record is None:
             return False
-        Path(record.path).unlink(missing_ok=True)
+        (self.uploads / record.id).unlink(missing_ok=True)
         return self.store.delete_file(file_id)
 
     def resolve(self, value: str, sees=lambda owner: True) -> bytes | None:
@@ -123,7 +123,7 @@ class FileStore:
         if record is None or not sees(record.owner):
             return None
         try:
-            return Path(record.path).read_bytes()
+            return (self.uploads / record.id).read_bytes()
         except FileNotFoundError:
             return None
 
@@ -162,6 +162,13 @@ class FileStore:
 
     def stored_input_ids(self) -> list[str]:
         return [p.name for p in self.inputs.iterdir() if p.is_dir()]
+
+    def inputs_written_at(self, prediction_id: str) -> float:
+        """When a prediction's stored inputs were written (their folder's time)."""
+        try:
+            return (self.inputs / prediction_id).stat().st_mtime
+        except OSError:
+            return 0.0
 
     def remove_inputs(self, prediction_id: str) -> None:
         shutil.rmtree(self.inputs / prediction_id, ignore_errors=True)

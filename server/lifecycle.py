@@ -9,9 +9,16 @@ it may come from, and a run's outcome only while its claim still holds the predi
 published: to the event hub (streams, ``Prefer: wait``), and from there to the webhook sender and
 the metrics. Routes, the worker and the deadline watcher ask; this module moves.
 
-A worker's claim carries a lease token. An outcome, a log write or a requeue names the lease it
-was claimed under, and the store refuses it once the prediction has moved on without that claim:
-every prediction ends once, with one set of outputs.
+A worker's claim carries a lease token, held for ``--lease-s`` and renewed by the worker's
+heartbeat. An outcome, a log write or a requeue names the lease it was claimed under, and the store
+refuses it once the prediction has moved on without that claim: every prediction ends once, with
+one set of outputs. A lease that runs out (its worker was killed, lost power or the network) puts
+the prediction back in the queue for any worker, up to ``--max-attempts`` runs.
+
+On a database shared by several nodes (PostgreSQL), each move is also told to the other nodes
+(``Store.notify``), whose streams and waiting requests wake as if it were their own; the webhook
+of a move is sent by the node that made it, so each event is sent once. A cancel is recorded in
+the database, where the worker running the prediction, on any node, looks at each step.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .events import Hub
@@ -36,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without looking
 DEADLINE_BATCH = 200  # deadlines looked at in one go
+QUEUED = "queued"  # told to other nodes only: their workers look at the queue
+WEBHOOK_TIMEOUT_S = 10.0  # one webhook POST, connect to answer
+WEBHOOK_SWEEP_S = 10.0  # how often each node looks for final webhooks nobody holds
+CANCEL_CHECK_S = 0.1  # a running prediction's worker looks for a cancel in the database this often
 
 
 def interrupted_too_often(attempts: int) -> str:
@@ -56,6 +68,10 @@ class Lifecycle:
         self.cancel_reasons: dict[str, str] = {}  # why a running prediction is being canceled, for its logs
         self.requeue_requested: set[str] = set()  # running predictions a stopping server puts back
         self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
+        self.node = secrets.token_hex(6)  # this process, in the events it tells other nodes
+        self._cancel_checked: dict[str, float] = {}  # when each running prediction's cancel was last read
+        # A node holds an owed final webhook this long (its POSTs and retries fit) before another may send it.
+        self.webhook_hold_s = settings.webhook_retry_s + 2 * WEBHOOK_TIMEOUT_S + 10
         self.webhooks: WebhookSender | None = None
         self._snapshot: Callable[[PredictionRecord], dict] | None = None
         self._secret_for: Callable[[str | None], str] | None = None
@@ -72,29 +88,45 @@ class Lifecycle:
     def create(self, **fields: Any) -> PredictionRecord:
         """Queue a new prediction (``starting``) and wake a worker."""
         self.store.insert_prediction(**fields)
-        with self.work_available:
-            self.work_available.notify()
+        self._queued(fields["id"])
         if fields.get("cancel_at") is not None:
             self.deadline_added.set()
         return self.store.get_prediction(fields["id"])
 
     def claim(self) -> PredictionRecord | None:
         """The oldest queued prediction, now ``processing`` under a fresh lease; None if none waits."""
-        record = self.store.claim_next(now(), secrets.token_hex(16))
+        record = self.store.claim_next(now(), secrets.token_hex(16), self.settings.lease_s)
         if record is not None:
-            self.hub.publish(record.id, "start")
+            self._publish(record.id, "start")
         return record
+
+    def renew(self, run: PredictionRecord) -> bool:
+        """The heartbeat of a run: its lease holds ``--lease-s`` more; False once the run lost it."""
+        return self.store.renew(run.id, run.lease, now() + self.settings.lease_s)
+
+    def forget(self, prediction_id: str) -> None:
+        """A run ended on this node (however it ended): drop what was kept for it."""
+        self._cancel_checked.pop(prediction_id, None)
 
     # -- while it runs ------------------------------------------------------------------------
 
     def logs(self, run: PredictionRecord, text: str) -> None:
         """The run's logs so far, written while its claim holds, then told to listeners."""
         if self.store.update_prediction(run.id, held_by=run.lease, logs=text):
-            self.hub.publish(run.id, "logs")
+            self._publish(run.id, "logs")
 
     def stop_wanted(self, prediction_id: str) -> bool:
-        """A cancel (a user's, or a deadline's) waits for this running prediction."""
-        return prediction_id in self.cancel_requested
+        """A cancel (a user's, or a deadline's, asked of any node) waits for this running prediction."""
+        if prediction_id in self.cancel_requested:
+            return True
+        at = time.monotonic()
+        if at - self._cancel_checked.get(prediction_id, 0.0) < CANCEL_CHECK_S:
+            return False
+        self._cancel_checked[prediction_id] = at
+        if self.store.cancel_requested(prediction_id):
+            self.cancel_requested.add(prediction_id)
+            return True
+        return False
 
     # -- outcomes of a run --------------------------------------------------------------------
 
@@ -124,12 +156,15 @@ class Lifecycle:
             return Status.FAILED if self.fail(run, error, logs + f"Error: {error}\n", predict_time) else None
         logs += "The server is stopping; this prediction goes back to the queue.\n"
         moved = self.store.move(run.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=run.lease,
-                                started_at=None, lease=None, logs=logs)
+                                started_at=None, lease=None, lease_expires_at=None, logs=logs)
         return Status.STARTING if moved is not None else None
 
-    def _end(self, run: PredictionRecord, status: Status, **fields: Any) -> bool:
+    def _end(self, run: PredictionRecord, status: Status, expired_before: float | None = None, **fields: Any) -> bool:
+        at = now()
+        if run.wants_completed_webhook:
+            fields["webhook_due"] = at + self.webhook_hold_s  # owed, and held by this node's sender
         moved = self.store.move(run.id, status, only_from=(Status.PROCESSING,), held_by=run.lease,
-                                completed_at=now(), **fields)
+                                expired_before=expired_before, completed_at=at, **fields)
         if moved is None:
             log.warning("prediction %s: this run no longer holds it; its outcome (%s) is not recorded",
                         run.id, status.value)
@@ -140,9 +175,10 @@ class Lifecycle:
     def _ended(self, record: PredictionRecord) -> None:
         self.cancel_requested.discard(record.id)
         self.cancel_reasons.pop(record.id, None)
+        self.forget(record.id)
         if record.output:
-            self.hub.publish(record.id, "output")
-        self.hub.publish(record.id, "completed")
+            self._publish(record.id, "output")
+        self._publish(record.id, "completed")
 
     # -- cancel and deadlines -----------------------------------------------------------------
 
@@ -154,8 +190,10 @@ class Lifecycle:
             return None
         if record.status == Status.STARTING:
             logs = record.logs + (f"{reason}\n" if reason else "")
+            at = now()
+            owed = {"webhook_due": at + self.webhook_hold_s} if record.wants_completed_webhook else {}
             moved = self.store.move(prediction_id, Status.CANCELED, only_from=(Status.STARTING,),
-                                    completed_at=now(), logs=logs)
+                                    completed_at=at, logs=logs, **owed)
             if moved is not None:
                 self._ended(moved)
                 return moved
@@ -202,20 +240,92 @@ class Lifecycle:
         """At startup, what was running when the server stopped: it runs again, unless it was asked to
         stop (it ends canceled) or it has been interrupted ``--max-attempts`` times already (it fails:
         a prediction that takes its worker down with it must not do so after every restart). The
-        ids queued again."""
-        for record in self.store.interrupted():
-            if record.cancel_requested_at is not None:
-                logs = record.logs + "The server restarted after this prediction was canceled; it does not run again.\n"
-                self._end(record, Status.CANCELED, logs=logs)
-                log.warning("prediction %s was canceled before a restart; it ends canceled", record.id)
-            elif record.attempts >= self.settings.max_attempts:
-                error = interrupted_too_often(record.attempts)
-                self._end(record, Status.FAILED, error=error, logs=record.logs + f"Error: {error}\n")
-                log.warning("prediction %s was interrupted %d times; it fails", record.id, record.attempts)
+        ids queued again. On a shared database a running prediction may be another node's: only those
+        whose lease ran out are settled (see expire_leases), the rest when theirs does."""
+        if self.store.shared:
+            return self.expire_leases()
+        for record in self.store.interrupted():  # a database of one: every run in it was this server's
+            self._settle_interrupted(record, None)
         ids = self.store.requeue_interrupted()
         for pid in ids:
             log.warning("prediction %s was interrupted by a restart; it runs again", pid)
         return ids
+
+    def expire_leases(self) -> list[str]:
+        """Settle the running predictions whose lease ran out (their worker is gone): canceled if a
+        cancel was asked, failed after ``--max-attempts`` runs, else back in the queue. The ids
+        queued again."""
+        at, queued = now(), []
+        for record in self.store.expired_leases(at):
+            if self._settle_interrupted(record, at):
+                continue
+            logs = record.logs + "The worker running this prediction stopped answering (its lease ran out); it runs again.\n"
+            moved = self.store.move(record.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=record.lease,
+                                    expired_before=at, started_at=None, lease=None, lease_expires_at=None, logs=logs)
+            if moved is not None:
+                log.warning("prediction %s: its worker stopped answering; it runs again", record.id)
+                queued.append(record.id)
+        for pid in queued:
+            self._queued(pid)
+        return queued
+
+    def _settle_interrupted(self, record: PredictionRecord, at: float | None) -> bool:
+        """End an interrupted run that must not run again (canceled, or out of attempts); True if it ended."""
+        if record.cancel_requested_at is not None:
+            logs = record.logs + "The server restarted after this prediction was canceled; it does not run again.\n"
+            self._end(record, Status.CANCELED, expired_before=at, logs=logs)
+            log.warning("prediction %s was canceled before its run was interrupted; it ends canceled", record.id)
+            return True
+        if record.attempts >= self.settings.max_attempts:
+            error = interrupted_too_often(record.attempts)
+            self._end(record, Status.FAILED, expired_before=at, error=error, logs=record.logs + f"Error: {error}\n")
+            log.warning("prediction %s was interrupted %d times; it fails", record.id, record.attempts)
+            return True
+        return False
+
+    async def watch_leases(self) -> None:
+        """Look for runs whose lease ran out, for the server's life (every node does; each run is
+        settled by one)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.5, min(5.0, self.settings.lease_s / 3)))
+            try:
+                await loop.run_in_executor(None, self.expire_leases)
+            except Exception:
+                log.exception("looking for runs whose worker stopped answering failed")
+
+    # -- events, here and on the other nodes ---------------------------------------------------
+
+    def _publish(self, prediction_id: str, event: str) -> None:
+        self.hub.publish(prediction_id, event)
+        if self.store.shared:
+            try:
+                self.store.notify(f"{self.node} {prediction_id} {event}")
+            except Exception as exc:  # the other nodes' streams then see it at their next look
+                log.warning("could not tell the other nodes of %s's %s: %s", prediction_id, event, exc)
+
+    def _queued(self, prediction_id: str) -> None:
+        """A prediction waits to run: wake a worker here, and tell the workers of other nodes."""
+        with self.work_available:
+            self.work_available.notify()
+        if self.store.shared:
+            try:
+                self.store.notify(f"{self.node} {prediction_id} {QUEUED}")
+            except Exception as exc:  # the other nodes' workers then find it at their next look
+                log.warning("could not tell the other nodes of queued prediction %s: %s", prediction_id, exc)
+
+    def remote_event(self, payload: str) -> None:
+        """Another node's move (its Store.notify payload): wake this node's streams and waiting
+        requests, or, for a queued prediction, one of its workers."""
+        node, _, rest = payload.partition(" ")
+        prediction_id, _, event = rest.partition(" ")
+        if node == self.node or not prediction_id or not event:
+            return
+        if event == QUEUED:
+            with self.work_available:
+                self.work_available.notify()
+        else:
+            self.hub.publish(prediction_id, event, remote=True)
 
     # -- events to webhooks and metrics (on the event loop) ------------------------------------
 
@@ -226,8 +336,34 @@ class Lifecycle:
         if record is None:
             return
         if self.webhooks is not None and record.webhook:
-            self.webhooks.notify(prediction_id, record.webhook, record.webhook_events, event,
-                                 lambda: self._snapshot(self.store.get_prediction(prediction_id) or record),
-                                 secret=self._secret_for(record.owner))
+            self._send_webhook(record, event)
         if event == "completed" and self.metrics is not None and record.predict_time is not None:
             self.metrics.predict_time.observe(record.predict_time)
+
+    def _send_webhook(self, record: PredictionRecord, event: str) -> None:
+        pid = record.id
+        done = (lambda: self.store.webhook_sent(pid)) if event == "completed" and record.webhook_due else None
+        self.webhooks.notify(pid, record.webhook, record.webhook_events, event,
+                             lambda: self._snapshot(self.store.get_prediction(pid) or record),
+                             secret=self._secret_for(record.owner), done=done)
+
+    def resend_owed_webhooks(self) -> int:
+        """Send the final webhooks that are owed and that no node holds: their sender's node died or
+        stopped before it settled them (the final webhook outlives a restart). The number taken."""
+        if self.webhooks is None:
+            return 0
+        records = self.store.claim_owed_webhooks(now(), now() + self.webhook_hold_s)
+        for record in records:
+            log.info("prediction %s: sending its final webhook, which a stopped node still owed", record.id)
+            self._send_webhook(record, "completed")
+        return len(records)
+
+    async def watch_owed_webhooks(self) -> None:
+        """Look for owed final webhooks nobody holds, for the server's life (on the event loop: the
+        sender's own)."""
+        while True:
+            try:
+                self.resend_owed_webhooks()
+            except Exception:
+                log.exception("looking for owed webhooks failed")
+            await asyncio.sleep(WEBHOOK_SWEEP_S)

@@ -55,6 +55,7 @@ from .store import Store, now
 from .stored_inputs import Stored
 
 log = logging.getLogger(__name__)
+ORPHAN_INPUTS_S = 3600.0  # on a shared database, stored inputs without a row this old are a crash's
 DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
 
 
@@ -362,8 +363,10 @@ class PredictionService:
         the two); then the lifecycle settles what was running when the server stopped (see
         Lifecycle.recover). The ids queued again."""
         self.store_inputs_apart()
+        # On a shared database another node may be between writing a create's inputs and its row.
+        settled = time.time() - ORPHAN_INPUTS_S if self.store.shared else None
         for pid in self.files.stored_input_ids():
-            if self.store.get_prediction(pid) is None:
+            if self.store.get_prediction(pid) is None and (settled is None or self.files.inputs_written_at(pid) < settled):
                 self.files.remove_inputs(pid)
         return self.lifecycle.recover()
 

@@ -38,6 +38,12 @@ class PredictionRecord:
     output_bytes: int = 0
     cancel_requested_at: float | None = None  # a cancel asked while it ran
     lease: str | None = None  # the claim's token: only its holder may record an outcome
+    lease_expires_at: float | None = None  # unless renewed by then, the run is taken as dead
+    webhook_due: float | None = None  # a final webhook is owed; its sender holds it until then
+
+    @property
+    def wants_completed_webhook(self) -> bool:
+        return bool(self.webhook) and (self.webhook_events is None or "completed" in self.webhook_events)
 
     @property
     def terminal(self) -> bool:

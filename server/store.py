@@ -8,6 +8,7 @@ where they stood (``input_blobs``), so rows and list pages stay small whatever a
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -17,6 +18,8 @@ from typing import Any, Iterable
 
 from .protocol import Status
 from .records import FileRecord, PredictionRecord
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -44,7 +47,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     input_bytes INTEGER NOT NULL DEFAULT 0,
     output_bytes INTEGER NOT NULL DEFAULT 0,
     cancel_requested_at REAL,
-    lease TEXT
+    lease TEXT,
+    lease_expires_at REAL,
+    webhook_due REAL
 );
 CREATE INDEX IF NOT EXISTS predictions_status ON predictions(status, seq);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
@@ -71,13 +76,15 @@ CREATE TABLE IF NOT EXISTS settings (
 _ADDED_COLUMNS = {
     "predictions": (("cancel_at", "REAL"), ("input_blobs", "TEXT"), ("input_bytes", "INTEGER NOT NULL DEFAULT 0"),
                     ("output_bytes", "INTEGER NOT NULL DEFAULT 0"), ("cancel_requested_at", "REAL"),
-                    ("lease", "TEXT")),
+                    ("lease", "TEXT"), ("lease_expires_at", "REAL"),
+                    ("webhook_due", "REAL")),
     "files": (("owner", "TEXT"),),
 }
 # Indexes on added columns: made once the columns exist.
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS predictions_owner ON predictions(owner, seq);
 CREATE INDEX IF NOT EXISTS files_owner ON files(owner);
+CREATE INDEX IF NOT EXISTS predictions_webhook_due ON predictions(webhook_due) WHERE webhook_due IS NOT NULL;
 """
 _ACTIVE = "('starting', 'processing')"
 _JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs")
@@ -126,10 +133,15 @@ class Store:
         with self.lock:
             self.db.close()
 
-    def hold_exclusive(self) -> bool:
-        """Hold the database for this server alone while it runs (a SQLite file is held by its data
-        folder's lock); False when another server holds it."""
-        return True
+    # Whether other processes use this database too (PostgreSQL): then what was running when this
+    # one started may be another node's, and only an expired lease puts it back in the queue.
+    shared = False
+
+    def notify(self, payload: str) -> None:
+        """Tell the other nodes of a shared database (see listen); nothing on a database of one."""
+
+    def listen(self, on_message, stopping) -> None:
+        """Hand each other node's notify() payload to ``on_message`` until ``stopping`` is set."""
 
     def _sql(self, sql: str) -> str:
         """The shared SQL in this backend's words (placeholders, NULL-safe equality, claim locking)."""
@@ -187,9 +199,11 @@ class Store:
         return self._run(sql, params) > 0
 
     def move(self, prediction_id: str, to: Status, *, only_from: tuple[Status, ...], held_by: str | None = None,
-             **fields: Any) -> PredictionRecord | None:
+             expired_before: float | None = None, **fields: Any) -> PredictionRecord | None:
         """Move one prediction to ``to`` while its status is one of ``only_from`` (and, with
-        ``held_by``, while that claim's lease holds it); the record as it now is, or None if nothing moved."""
+        ``held_by``, while that claim's lease holds it; with ``expired_before``, only if that lease ran
+        out before then: a run that renewed it meanwhile keeps it). The record as it now is, or None
+        if nothing moved."""
         fields = _encode(dict(fields, status=to.value))
         sql = (f"UPDATE predictions SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ? "
                f"AND status IN ({', '.join('?' for _ in only_from)})")
@@ -197,18 +211,51 @@ class Store:
         if held_by is not None:
             sql += " AND lease = ?"
             params.append(held_by)
+        if expired_before is not None:
+            sql += " AND (lease_expires_at IS NULL OR lease_expires_at < ?)"
+            params.append(expired_before)
         return _record(self._one(sql + " RETURNING *", params))
 
-    def claim_next(self, now: float, lease: str) -> PredictionRecord | None:
-        """Atomically move the oldest queued prediction to processing under ``lease`` and return it.
-        One whose Cancel-After deadline has passed is left for the deadline watcher to cancel."""
+    def claim_next(self, now: float, lease: str, lease_s: float = 3600.0) -> PredictionRecord | None:
+        """Atomically move the oldest queued prediction to processing under ``lease`` (held for
+        ``lease_s`` unless renewed) and return it. One whose Cancel-After deadline has passed is left
+        for the deadline watcher to cancel."""
         return _record(self._one(
-            "UPDATE predictions SET status = 'processing', started_at = ?, attempts = attempts + 1, lease = ? "
+            "UPDATE predictions SET status = 'processing', started_at = ?, attempts = attempts + 1, lease = ?, "
+            "lease_expires_at = ? "
             "WHERE seq = (SELECT seq FROM predictions WHERE status = 'starting' "
             "AND (cancel_at IS NULL OR cancel_at > ?) ORDER BY seq LIMIT 1 {skip_locked}) "
             "RETURNING *",
-            (now, lease, now),
+            (now, lease, now + lease_s, now),
         ))
+
+    def renew(self, prediction_id: str, lease: str, until: float) -> bool:
+        """Hold a running prediction's lease until ``until``; False once the lease is no longer its."""
+        return self._run("UPDATE predictions SET lease_expires_at = ? WHERE id = ? AND lease = ? "
+                         "AND status = 'processing'", (until, prediction_id, lease)) > 0
+
+    def expired_leases(self, now: float, limit: int = 100) -> list[PredictionRecord]:
+        """Running predictions whose lease ran out (their worker died or lost the database), oldest first."""
+        rows = self._all("SELECT * FROM predictions WHERE status = 'processing' "
+                         "AND (lease_expires_at IS NULL OR lease_expires_at < ?) ORDER BY seq LIMIT ?", (now, limit))
+        return [_record(r) for r in rows]
+
+    def claim_owed_webhooks(self, now: float, until: float, limit: int = 50) -> list[PredictionRecord]:
+        """Ended predictions whose final webhook is owed and no longer held by a sender (its node
+        died or stopped first), now held by the caller until ``until``."""
+        rows = self._all("UPDATE predictions SET webhook_due = ? WHERE id IN (SELECT id FROM predictions "
+                         "WHERE webhook_due IS NOT NULL AND webhook_due < ? ORDER BY webhook_due LIMIT ? "
+                         "{skip_locked}) RETURNING *", (until, now, limit))
+        return [_record(r) for r in rows]
+
+    def webhook_sent(self, prediction_id: str) -> None:
+        """The final webhook is settled (delivered, or given up after its retries): owed no more."""
+        self._run("UPDATE predictions SET webhook_due = NULL WHERE id = ?", (prediction_id,))
+
+    def cancel_requested(self, prediction_id: str) -> bool:
+        """Whether a cancel was asked of this running prediction (on any node)."""
+        return self._one("SELECT 1 AS asked FROM predictions WHERE id = ? AND status = 'processing' "
+                         "AND cancel_requested_at IS NOT NULL", (prediction_id,)) is not None
 
     def request_cancel(self, prediction_id: str, at: float) -> bool:
         """Record that a running prediction was asked to stop, so that a restart ends it canceled."""
@@ -223,7 +270,7 @@ class Store:
     def requeue_interrupted(self) -> list[str]:
         """At startup: predictions that were running when the server stopped go back to the queue."""
         rows = self._all(
-            "UPDATE predictions SET status = 'starting', started_at = NULL, lease = NULL, "
+            "UPDATE predictions SET status = 'starting', started_at = NULL, lease = NULL, lease_expires_at = NULL, "
             "logs = logs || 'Server restarted while this prediction was running; it runs again.\n' "
             "WHERE status = 'processing' RETURNING id")
         return [r["id"] for r in rows]
@@ -417,6 +464,10 @@ class PostgresStore(Store):
         self.url = url
         self.lock = threading.RLock()
         self.db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+        # As SQLite's synchronous=NORMAL: a commit survives this process's kill -9 (the server has it),
+        # and PostgreSQL stays consistent after its own crash or a power cut, losing at most the last
+        # fraction of a second of commits; each write then costs no disk flush of its own.
+        self.db.execute("SET synchronous_commit TO off")
         with self.lock:
             # One node at a time makes or upgrades the tables.
             self.db.execute("SELECT pg_advisory_lock(815373)")
@@ -430,11 +481,30 @@ class PostgresStore(Store):
             finally:
                 self.db.execute("SELECT pg_advisory_unlock(815373)")
 
-    def hold_exclusive(self) -> bool:
-        """A session lock on the database, released when this connection ends (a killed server's too):
-        startup re-queues what was running, which only the one server using the queue may do."""
-        with self.lock:
-            return bool(self.db.execute("SELECT pg_try_advisory_lock(815374) AS held").fetchone()["held"])
+    shared = True
+    CHANNEL = "flux_fill_events"
+
+    def notify(self, payload: str) -> None:
+        self._run("SELECT pg_notify(?, ?)", (self.CHANNEL, payload))
+
+    def listen(self, on_message, stopping) -> None:
+        """LISTEN on a connection of its own, reconnecting after a lost connection, until ``stopping``
+        (a threading.Event) is set."""
+        import psycopg
+
+        delay = 0.5
+        while not stopping.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True) as db:
+                    db.execute(f"LISTEN {self.CHANNEL}")
+                    delay = 0.5
+                    while not stopping.is_set():
+                        for note in db.notifies(timeout=1.0):
+                            on_message(note.payload)
+            except psycopg.Error as exc:
+                log.warning("lost the database's notifications (%s); listening again in %.1f s", exc, delay)
+                stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
 
     def _sql(self, sql: str) -> str:
         return (sql.replace("?", "%s").replace("{is}", "IS NOT DISTINCT FROM")

@@ -71,6 +71,7 @@ class _Job:
     url: str
     snapshot: Callable[[], dict]
     secret: str | None = None  # the prediction's tenant's, when not the sender's own
+    done: Callable[[], None] | None = None  # called once a "completed" is settled (delivered or given up)
 
 
 @dataclasses.dataclass
@@ -169,12 +170,15 @@ class WebhookSender:
         event: str,
         snapshot: Callable[[], dict],
         secret: str | None = None,
+        done: Callable[[], None] | None = None,
     ) -> None:
         """Queue the webhook for one prediction event; never blocks, never raises.
 
         events_filter: the events the prediction asked for; None means all of them.
         snapshot: returns the prediction as GET /v1/predictions/{id} shows it; called at send time.
         secret: the signing secret of the prediction's tenant; None signs with the sender's own.
+        done: for "completed", called once the delivery is settled: delivered, refused, or given up
+            after its retries (not when the sender stops first: it is then still owed).
         Meant for the event loop thread; a call from another thread is handed over to the loop.
         """
         try:
@@ -187,7 +191,7 @@ class WebhookSender:
                 on_loop = asyncio.get_running_loop() is self._loop
             except RuntimeError:
                 on_loop = False
-            args = (prediction_id, url, events_filter, event, snapshot, secret)
+            args = (prediction_id, url, events_filter, event, snapshot, secret, done)
             if on_loop:
                 self._enqueue(*args)
             else:
@@ -203,7 +207,7 @@ class WebhookSender:
         except Exception:
             logger.exception("webhooks: event not queued")
 
-    def _enqueue(self, prediction_id, url, events_filter, event, snapshot, secret=None) -> None:
+    def _enqueue(self, prediction_id, url, events_filter, event, snapshot, secret=None, done=None) -> None:
         if event not in EVENTS:
             logger.warning("webhooks: unknown event %r for %s ignored", event, prediction_id)
             return
@@ -218,7 +222,7 @@ class WebhookSender:
             channel = self._channels[prediction_id] = _Channel()
         if channel.completed:
             return  # nothing follows completed, whether it was sent or filtered out
-        job = _Job(event, url, snapshot, secret)
+        job = _Job(event, url, snapshot, secret, done if event == "completed" else None)
         if event == "completed":
             channel.completed = True  # even when filtered out: no events follow the end
             if wanted:  # the final body carries everything: pending output/logs sends are moot
@@ -282,6 +286,14 @@ class WebhookSender:
 
     async def _deliver(self, prediction_id: str, job: _Job) -> None:
         """POST one event; retry a failing "completed" with backoff, under one webhook-id."""
+        await self._send(prediction_id, job)
+        if job.done is not None:
+            try:
+                job.done()
+            except Exception:
+                logger.exception("webhooks: recording the delivery of %s's completed event failed", prediction_id)
+
+    async def _send(self, prediction_id: str, job: _Job) -> None:
         try:
             body = json.dumps(job.snapshot(), separators=(",", ":")).encode()
         except Exception:  # snapshot() is the caller's code
@@ -289,7 +301,10 @@ class WebhookSender:
             self.stats["dropped"] += 1
             return
         loop = asyncio.get_running_loop()
-        msg_id = "msg_" + secrets.token_hex(16)
+        # One message per prediction event: a completed event sent again (by another node, after a
+        # restart) keeps its webhook-id, by which receivers drop what they already have.
+        msg_id = "msg_" + hashlib.sha256(f"{prediction_id}:{job.event}".encode()).hexdigest()[:32] \
+            if job.event == "completed" else "msg_" + secrets.token_hex(16)
         deadline = loop.time() + self._retry_for_s
         delay = self._backoff_base_s
         where = _host_of(job.url)  # the URL itself may carry a token: log only the host

@@ -32,6 +32,10 @@ class Requeued(Exception):
     """The server is stopping: the running prediction goes back to the queue."""
 
 
+class LeaseLost(Exception):
+    """The run's lease ran out and the prediction was settled without it: stop, record nothing."""
+
+
 class LogBuffer:
     """A run's logs: appended by the engine, persisted and published at most every 0.5 s."""
 
@@ -70,11 +74,38 @@ class Worker(threading.Thread):
         self.own_fetches, self.fetch_mark = own_fetches, fetch_mark
         self.stopping = threading.Event()
         self.current: str | None = None
+        self.run_held: PredictionRecord | None = None  # the claim the heartbeat keeps alive
+        self.lost: str | None = None  # the prediction whose lease the heartbeat found gone
+        self.heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{device}", daemon=True)
+
+    def start(self) -> None:
+        super().start()
+        self.heartbeat.start()
 
     def stop(self) -> None:
         self.stopping.set()
         with self.lifecycle.work_available:
             self.lifecycle.work_available.notify_all()
+
+    def _beat(self) -> None:
+        """Renew the running prediction's lease every third of --lease-s, whatever the GPU is doing;
+        after stop(), until the last run ends."""
+        every = self.service.settings.lease_s / 3
+        while True:
+            if self.stopping.is_set():
+                if self.run_held is None:
+                    return
+                time.sleep(every)
+            else:
+                self.stopping.wait(every)
+            run = self.run_held
+            if run is None:
+                continue
+            try:
+                if not self.lifecycle.renew(run) and self.run_held is run:
+                    self.lost = run.id
+            except Exception:  # the database is away: the lease may run out, and the run then stops
+                log.warning("could not renew the lease of prediction %s", run.id, exc_info=True)
 
     def run(self) -> None:
         cond = self.lifecycle.work_available
@@ -102,11 +133,13 @@ class Worker(threading.Thread):
     def process(self, run: PredictionRecord) -> None:
         """Run one claimed prediction to its outcome, recorded by the lifecycle under the claim's lease."""
         pid, service, lifecycle = run.id, self.service, self.lifecycle
-        self.current = pid
+        self.current, self.run_held, self.lost = pid, run, None
         logs = LogBuffer(lifecycle, run)
         started = time.monotonic()
 
         def cancelled() -> bool:
+            if self.lost == pid:
+                raise LeaseLost()
             if lifecycle.stop_wanted(pid):  # a cancel wins over going back to the queue
                 return True
             if pid in lifecycle.requeue_requested:
@@ -129,6 +162,9 @@ class Worker(threading.Thread):
             lifecycle.succeed(run, names, logs.text, time.monotonic() - started)
         except Requeued:
             lifecycle.requeue(run, logs.text, time.monotonic() - started)
+        except LeaseLost:
+            log.warning("prediction %s: this worker's lease ran out and it was settled elsewhere; "
+                        "this run stops and records nothing", pid)
         except Cancelled:
             self.canceled(run, logs, started)
         except Exception as exc:  # one prediction's failure never stops the worker
@@ -137,7 +173,8 @@ class Worker(threading.Thread):
             else:
                 self.failed(run, exc, logs, started)
         finally:
-            self.current = None
+            self.current = self.run_held = None
+            lifecycle.forget(pid)
 
     def canceled(self, run: PredictionRecord, logs: LogBuffer, started: float) -> None:
         text = logs.text + self.lifecycle.cancel_reason(run.id) + "\n"

@@ -55,9 +55,9 @@ def server_factory(tmp_path, tiny_dir):
     """Start servers with extra options; each is stopped at the end of the test."""
     started: list[LiveServer] = []
 
-    def start(*args: str, data_dir=None, env=None, open_files=None, **kw) -> LiveServer:
+    def start(*args: str, data_dir=None, env=None, open_files=None, command="serve", **kw) -> LiveServer:
         server = LiveServer(data_dir or tmp_path / f"data{len(started)}", args=["--weights", str(tiny_dir), *args],
-                            env=env or {}, open_files=open_files)
+                            env=env or {}, open_files=open_files, command=command)
         started.append(server)
         return server.start(**kw)
 

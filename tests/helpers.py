@@ -62,6 +62,7 @@ class LiveServer:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     open_files: int | None = None  # the process's limit on open files (soft and hard), when given
+    command: str = "serve"  # or "worker": a worker node, whose /health is on its own port
 
     @property
     def url(self) -> str:
@@ -71,7 +72,7 @@ class LiveServer:
         self.port = self.port or free_port()
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "server.cli", self.command, "--port", str(self.port), "--data-dir", str(self.data_dir),
                *self.args]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log_path, "ab"),
                                         stderr=subprocess.STDOUT, start_new_session=True,
@@ -90,6 +91,18 @@ class LiveServer:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server did not become ready:\n{self.log()}")
+
+    @property
+    def database(self) -> str:
+        """The server's --database, or its SQLite file."""
+        given = self.args[self.args.index("--database") + 1] if "--database" in self.args else None
+        return given or str(self.data_dir / "flux-fill.sqlite3")
+
+    def store(self):
+        """The server's store, opened beside it (close it when done)."""
+        from server.store import open_store
+
+        return open_store(self.database)
 
     def _limits(self) -> None:
         import resource

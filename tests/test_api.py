@@ -364,11 +364,12 @@ def test_files_list_is_paged_with_cursors(server_factory):
 
 
 def count_rows(server) -> int:
-    """Predictions recorded in the server's SQLite file, read directly (a failed create adds none)."""
-    import sqlite3
-
-    with sqlite3.connect(f"file:{server.data_dir / 'flux-fill.sqlite3'}?mode=ro", uri=True) as db:
-        return db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    """Predictions recorded in the server's database, read directly (a failed create adds none)."""
+    store = server.store()
+    try:
+        return store.count_predictions()
+    finally:
+        store.close()
 
 
 def test_models_versions_and_deployments_through_the_client(client, auth_server):
@@ -593,10 +594,9 @@ def test_a_list_page_of_100_predictions_with_four_1_mp_outputs_is_under_1_mb(ser
     import numpy as np
 
     from server.files import new_id
-    from server.store import SqliteStore
 
     server = server_factory()
-    store = SqliteStore(server.data_dir / "flux-fill.sqlite3")
+    store = server.store()
     rng = np.random.default_rng(0)
     pictures = []
     for i in range(4):  # a photo-like 1 MP picture: smooth shapes and some grain

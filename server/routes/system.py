@@ -14,6 +14,7 @@ HIDDEN_SETUP_ERROR = "The model failed to load; the server log has the details."
 
 router = APIRouter(tags=["system"])
 public_router = APIRouter(tags=["system"])
+metrics_router = APIRouter(tags=["system"])
 
 
 @public_router.get("/health", response_model=Health, summary="Readiness and the model loaded")
@@ -35,7 +36,7 @@ async def health(caller: Caller | None = Depends(optional_auth), state: AppState
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@metrics_router.get("/metrics", summary="Prometheus metrics")
 async def metrics(_=Depends(require_auth), state: AppState = Depends(get_state)):
     stats = getattr(state.webhooks, "stats", None)
     body = state.metrics.render(state.store, [m.device for m in state.models], stats)

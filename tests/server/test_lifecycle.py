@@ -30,17 +30,19 @@ class RecordingHub(Hub):
         super().__init__()
         self.events: list[tuple[str, str]] = []
 
-    def publish(self, prediction_id: str, event: str) -> None:
-        self.events.append((prediction_id, event))
-        self._dispatch(prediction_id, event)
+    def publish(self, prediction_id: str, event: str, remote: bool = False) -> None:
+        self.events.append((prediction_id, event) if not remote else (prediction_id, f"remote {event}"))
+        self._dispatch(prediction_id, event, remote)
 
 
 class RecordingSender:
     def __init__(self):
         self.sent: list[tuple[str, str, str, dict, str]] = []
 
-    def notify(self, prediction_id, url, events, event, snapshot, secret=None):
+    def notify(self, prediction_id, url, events, event, snapshot, secret=None, done=None):
         self.sent.append((prediction_id, url, event, snapshot(), secret))
+        if done is not None:
+            done()
 
 
 @pytest.fixture
@@ -199,3 +201,85 @@ def test_a_running_prediction_past_its_deadline_is_asked_to_stop_once(service):
     assert lifecycle.enforce_deadlines(now() + 7) == 30.0  # already stopping: not asked again
     assert lifecycle.stop_wanted(created.id)
     assert "passed while the prediction was running" in lifecycle.cancel_reason(created.id)
+
+
+def node_on(service, settings=None):
+    """Another node's lifecycle on the same database (as a second process would hold)."""
+    return Lifecycle(settings or service.settings, service.store, service.files, RecordingHub())
+
+
+def test_a_run_whose_lease_ran_out_runs_again_ends_canceled_or_fails(tmp_path, monkeypatch):
+    import server.lifecycle as lifecycle_module
+
+    store = SqliteStore(tmp_path / "flux-fill.sqlite3")
+    settings = Settings(data_dir=tmp_path, max_attempts=2, lease_s=10)
+    files = FileStore(tmp_path, store, 24)
+    service = PredictionService(settings, store, files, RecordingHub(), Lifecycle(settings, store, files, RecordingHub()))
+    lifecycle = service.lifecycle
+    again, canceled, last, alive = (service.create(REQUEST, QUEUE, NOBODY).id for _ in range(4))
+    runs = {lifecycle.claim().id: None for _ in range(3)}
+    assert set(runs) == {again, canceled, last}
+    service.cancel(canceled)
+    store.update_prediction(last, attempts=2)
+    clock = now()
+    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + 11)  # the three leases ran out ...
+    alive_run = lifecycle.claim()  # ... but this one was claimed just now, and it holds
+    assert alive_run.id == alive
+    assert lifecycle.expire_leases() == [again]
+    records = {pid: store.get_prediction(pid) for pid in (again, canceled, last, alive)}
+    assert records[again].status == Status.STARTING and "its lease ran out" in records[again].logs
+    assert records[canceled].status == Status.CANCELED
+    assert records[last].status == Status.FAILED and "interrupted 2 times" in records[last].error
+    assert records[alive].status == Status.PROCESSING
+    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + 18)
+    assert lifecycle.renew(alive_run)  # its heartbeat holds it past the time it would have run out
+    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + 25)
+    assert lifecycle.expire_leases() == [] and store.get_prediction(alive).status == Status.PROCESSING
+    store.close()
+
+
+def test_a_cancel_asked_of_another_node_reaches_the_running_prediction(service):
+    here, there = service.lifecycle, node_on(service)
+    service.create(REQUEST, QUEUE, NOBODY)
+    run = here.claim()
+    assert not here.stop_wanted(run.id)
+    assert there.cancel(run.id).status == Status.PROCESSING  # asked of the other node
+    deadline = now() + 2
+    while not here.stop_wanted(run.id):  # the running node reads it from the database within 0.2 s
+        assert now() < deadline
+    assert here.end_canceled(run, "", 0.1)
+
+
+def test_other_nodes_moves_wake_streams_here_but_send_no_webhook_from_here(service):
+    lifecycle = service.lifecycle
+    sender = RecordingSender()
+    lifecycle.send_webhooks(sender, lambda record: {"id": record.id}, lambda owner: "s")
+    pid = service.create(PredictionRequest(input=REQUEST.input, webhook="https://example.com/h"), QUEUE, NOBODY).id
+    lifecycle.remote_event(f"another-node {pid} completed")
+    lifecycle.remote_event(f"{lifecycle.node} {pid} logs")  # this node's own, heard back: ignored
+    assert events_of(service, pid) == ["remote completed"]
+    assert sender.sent == []  # the node that made the move sends its webhook
+
+
+def test_a_final_webhook_its_node_could_not_settle_is_sent_by_another(service, monkeypatch):
+    import server.lifecycle as lifecycle_module
+
+    here, there = service.lifecycle, node_on(service)
+
+    class DyingSender(RecordingSender):  # the node dies before the delivery settles: done() never comes
+        def notify(self, prediction_id, url, events, event, snapshot, secret=None, done=None):
+            self.sent.append((prediction_id, url, event, snapshot(), secret))
+
+    dying, other = DyingSender(), RecordingSender()
+    here.send_webhooks(dying, lambda record: {"status": record.status.value}, lambda owner: "s")
+    there.send_webhooks(other, lambda record: {"status": record.status.value}, lambda owner: "s")
+    pid = service.create(PredictionRequest(input=REQUEST.input, webhook="https://example.com/h",
+                                           webhook_events_filter=["completed"]), QUEUE, NOBODY).id
+    here.fail(here.claim(), "no", "", 1.0)
+    assert [e for _, _, e, _, _ in dying.sent] == ["start", "completed"]
+    assert there.resend_owed_webhooks() == 0  # held by the first node's sender for its retries
+    clock = now()
+    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + here.webhook_hold_s + 1)
+    assert there.resend_owed_webhooks() == 1
+    assert [(p, e, body) for p, _, e, body, _ in other.sent] == [(pid, "completed", {"status": "failed"})]
+    assert there.resend_owed_webhooks() == 0 and service.store.get_prediction(pid).webhook_due is None

@@ -1,6 +1,6 @@
-"""The server on a real PostgreSQL database (--database postgresql://…): the official client's calls,
-files, a kill -9 with a queue in flight and the restart that finishes it, and one server per
-database."""
+"""The server on a real PostgreSQL database (--database postgresql://…): the official client's calls
+on one node; an API node and a worker node in separate processes (runs, waits, streams, cancels and
+files across them); a kill -9 whose running prediction another run takes over once its lease runs out."""
 
 from __future__ import annotations
 
@@ -8,21 +8,29 @@ import io
 import time
 
 import httpx
-import pytest
 import replicate
 
 from tests.helpers import box_mask, fast_input, noise_image, png_bytes
 
 MODEL = "black-forest-labs/flux-fill-dev"
+TERMINAL = ("succeeded", "failed", "canceled")
 
 
 def wait_all(url: str, ids: list[str], timeout: float = 240) -> dict[str, dict]:
     deadline = time.monotonic() + timeout
     while True:
         found = {pid: httpx.get(f"{url}/v1/predictions/{pid}").json() for pid in ids}
-        if all(p["status"] in ("succeeded", "failed", "canceled") for p in found.values()) or time.monotonic() > deadline:
+        if all(p["status"] in TERMINAL for p in found.values()) or time.monotonic() > deadline:
             return found
         time.sleep(0.3)
+
+
+def wait_status(url: str, pid: str, status: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (p := httpx.get(f"{url}/v1/predictions/{pid}").json())["status"] != status:
+        assert time.monotonic() < deadline, p["status"]
+        time.sleep(0.05)
+    return p
 
 
 def test_the_official_client_runs_predictions_on_a_postgresql_store(server_factory, postgres_url):
@@ -44,27 +52,52 @@ def test_the_official_client_runs_predictions_on_a_postgresql_store(server_facto
     assert not (server.data_dir / "flux-fill.sqlite3").exists()  # the records are in PostgreSQL alone
 
 
-def test_a_killed_server_on_postgresql_loses_nothing_and_a_second_server_is_refused(server_factory, postgres_url,
-                                                                                    tmp_path):
+def test_an_api_node_and_a_worker_node_share_one_queue(server_factory, postgres_url, tmp_path):
+    """Two processes: `serve --no-workers` answers the API, `flux-fill worker` runs the predictions. The
+    client sees one server: waits, streams, outputs and cancels cross from one node to the other."""
+    blobs = str(tmp_path / "blobs")
+    api = server_factory("--database", postgres_url, "--blob-dir", blobs, "--no-workers")
+    assert httpx.get(f"{api.url}/health").json()["devices"] == []
+    worker = server_factory("--database", postgres_url, "--blob-dir", blobs, command="worker")
+    assert httpx.get(f"{worker.url}/v1/predictions").status_code == 404  # a worker node serves no API
+    assert "flux_fill_queue_depth" in httpx.get(f"{worker.url}/metrics").text
+    client = replicate.Client(base_url=api.url, api_token="unused")
+    img, mask = noise_image(64, 64, seed=5), box_mask(64, 64, (8, 8, 40, 40))
+    upload = client.files.create(io.BytesIO(png_bytes(img)), filename="image.png")  # on the API node
+    inp = fast_input(img, mask)
+    inp["image"] = upload.urls["get"]
+    started = time.monotonic()
+    waited = httpx.post(f"{api.url}/v1/models/{MODEL}/predictions", json={"input": inp}, headers={"Prefer": "wait=50"},
+                        timeout=60).json()
+    assert waited["status"] == "succeeded" and waited["output"][0].startswith("data:image/png")
+    assert time.monotonic() - started < 45  # the worker's "completed" woke the waiting request at once
+    streamed = client.predictions.create(model=MODEL, input=fast_input(img, mask, num_inference_steps=3))
+    events = [(getattr(e.event, "value", e.event), e.data) for e in streamed.stream()]
+    assert events[-1][0] == "done" and any(name == "output" for name, _ in events)
+    assert any(name == "logs" and "Using seed" in data for name, data in events)
+    running = client.predictions.create(model=MODEL, input=fast_input(img, mask, num_inference_steps=50,
+                                                                      megapixels="1"))
+    wait_status(api.url, running.id, "processing")
+    asked = time.monotonic()
+    client.predictions.cancel(running.id)
+    ended = wait_status(api.url, running.id, "canceled")
+    assert time.monotonic() - asked < 20 and ended["logs"].rstrip().endswith("Prediction canceled.")
+
+
+def test_a_killed_node_s_running_prediction_runs_again_once_its_lease_runs_out(server_factory, postgres_url,
+                                                                              tmp_path):
     data = tmp_path / "pg-data"
-    server = server_factory("--database", postgres_url, data_dir=data)
+    server = server_factory("--database", postgres_url, "--lease-s", "3", data_dir=data)
     img, mask = noise_image(64, 64, seed=1), box_mask(64, 64, (8, 8, 40, 40))
     ids = []
     for i in range(4):
         steps = 50 if i == 0 else 3  # the first one is still running when the server dies
         body = {"input": fast_input(img, mask, seed=i, num_inference_steps=steps, megapixels="1")}
         ids.append(httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", json=body).json()["id"])
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{server.url}/v1/predictions/{ids[0]}").json()["status"] != "processing":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-    with pytest.raises(RuntimeError, match="one server per database"):  # another data folder, the same database
-        server_factory("--database", postgres_url, timeout=60)
-
+    wait_status(server.url, ids[0], "processing", timeout=30)
     server.kill()
-    again = server_factory("--database", postgres_url, data_dir=data)
+    again = server_factory("--database", postgres_url, "--lease-s", "3", data_dir=data)
     found = wait_all(again.url, ids)
     assert all(p["status"] == "succeeded" for p in found.values()), {k: v["status"] for k, v in found.items()}
-    assert "Server restarted while this prediction was running" in found[ids[0]]["logs"]
+    assert "stopped answering (its lease ran out); it runs again" in found[ids[0]]["logs"]
     assert sorted(p["id"] for p in httpx.get(f"{again.url}/v1/predictions").json()["results"]) == sorted(ids)

@@ -5,6 +5,7 @@ a run's lease fences its writes; one server per database."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -133,19 +134,61 @@ def test_racing_connections_claim_each_prediction_once(location):
             s.close()
 
 
-def test_one_server_per_postgresql_database(postgres_url):
-    first, second = open_store(postgres_url), open_store(postgres_url)
+def test_leases_run_out_unless_renewed(store):
+    add(store, "a", 1.0)
+    run = store.claim_next(0.0, "lease-1", lease_s=10.0)
+    assert run.lease_expires_at == 10.0
+    assert store.expired_leases(5.0) == []
+    assert store.renew("a", "lease-1", 20.0) and not store.renew("a", "someone else's", 99.0)
+    assert store.expired_leases(15.0) == []
+    assert [r.id for r in store.expired_leases(25.0)] == ["a"]
+    # Settling an expired run is refused if it renewed meanwhile (before the time it was seen expired).
+    assert store.move("a", Status.STARTING, only_from=(Status.PROCESSING,), held_by="lease-1", expired_before=15.0) is None
+    moved = store.move("a", Status.STARTING, only_from=(Status.PROCESSING,), held_by="lease-1", expired_before=25.0,
+                       lease=None, lease_expires_at=None)
+    assert moved.status == Status.STARTING and moved.lease is None
+    assert not store.renew("a", "lease-1", 30.0)  # the run lost it: its heartbeat now says so
+
+
+def test_an_owed_final_webhook_is_held_by_one_sender_at_a_time(store):
+    add(store, "a", 1.0, webhook="https://example.com/hook")
+    store.claim_next(0.0, "l")
+    store.move("a", Status.SUCCEEDED, only_from=(Status.PROCESSING,), completed_at=1.0, webhook_due=100.0)
+    assert store.claim_owed_webhooks(50.0, 300.0) == []  # its own sender holds it until 100
+    taken = store.claim_owed_webhooks(150.0, 300.0)
+    assert [r.id for r in taken] == ["a"] and taken[0].webhook_due == 300.0
+    assert store.claim_owed_webhooks(200.0, 400.0) == []  # held by the one who took it
+    store.webhook_sent("a")
+    assert store.claim_owed_webhooks(999.0, 1200.0) == []
+
+
+def test_a_cancel_is_read_only_while_the_prediction_runs(store):
+    add(store, "a", 1.0)
+    store.claim_next(0.0, "l")
+    assert not store.cancel_requested("a")
+    assert store.request_cancel("a", 2.0) and store.cancel_requested("a")
+    store.move("a", Status.CANCELED, only_from=(Status.PROCESSING,), completed_at=3.0)
+    assert not store.cancel_requested("a")
+
+
+def test_every_node_on_a_postgresql_database_hears_the_others(postgres_url):
+    hearing, speaking = open_store(postgres_url), open_store(postgres_url)
+    heard: list[str] = []
+    stop = threading.Event()
+    listener = threading.Thread(target=hearing.listen, args=(heard.append, stop))
+    listener.start()
     try:
-        assert first.hold_exclusive()
-        assert not second.hold_exclusive()
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:  # LISTEN takes a moment to begin
+            speaking.notify("node-b p1 completed")
+            time.sleep(0.2)
+        assert heard and set(heard) == {"node-b p1 completed"}
     finally:
-        first.close()
-    third = open_store(postgres_url)  # the first server's connection ended: its hold went with it
-    try:
-        assert third.hold_exclusive()
-    finally:
-        third.close()
-        second.close()
+        stop.set()
+        listener.join(10)
+        hearing.close()
+        speaking.close()
+    assert not listener.is_alive()
 
 
 def test_a_sqlite_file_is_its_own_backend(tmp_path):
