@@ -117,6 +117,7 @@ class Accelerator:
     fast_unavailable: str | None = None  # why go_fast runs the normal path
     step_cache_on: bool = False
     compiled: bool = False
+    warmup_s: float = 0.0  # what the warm-up took
     _fast_notice_logged: bool = False
 
     # -- per request ------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class Accelerator:
                 engine.predict(inp, log=lambda _m: None)
                 log.info("warm-up %dx%d x%d%s: %.1f s", width, height, outputs, " go_fast" if go_fast else "",
                          time.monotonic() - t)
-        elapsed = time.monotonic() - started
+        elapsed = self.warmup_s = time.monotonic() - started
         self.applied.append(f"warm-up {elapsed:.1f} s")
         return elapsed
 

@@ -17,6 +17,7 @@ from PIL import Image
 from inference import accel, images, sizing
 from inference.engine import EngineSettings
 from inference.errors import FetchError
+from inference.factory import EngineOptions
 from inference.inputs import MAX_OUTPUTS, PredictionInput
 from server.protocol import WEBHOOK_EVENTS, PredictionRequest
 from server.settings import Settings
@@ -71,7 +72,7 @@ def test_webhook_events_are_the_filters_choices():
 
 def test_the_servers_defaults_are_the_engines():
     settings = Settings()
-    assert settings.max_batch == MAX_OUTPUTS == EngineSettings().max_batch
+    assert settings.max_batch == MAX_OUTPUTS == EngineSettings().max_batch == EngineOptions().max_batch
     assert Settings.model_fields["max_batch"].metadata[-1].le == MAX_OUTPUTS
     assert PredictionInput.model_json_schema()["properties"]["num_outputs"]["maximum"] == MAX_OUTPUTS
     assert settings.max_image_pixels == images.DEFAULT_MAX_PIXELS == EngineSettings().max_pixels
