@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from inference.factory import EngineOptions
 
+from .datadir import COMPILE_CACHE
 from .fetching import fetch_policy, lora_settings
 from .settings import Settings
-
-COMPILE_CACHE = "compile-cache"  # under --data-dir: compiled kernels kept across restarts
 
 
 def engine_options(settings: Settings, device: str | None = None, mark: str | None = None) -> EngineOptions:
