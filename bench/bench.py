@@ -339,16 +339,14 @@ def print_gpu_report(args, results: dict, cases) -> None:
 def run_cpu(args) -> int:
     import torch
 
-    from inference.engine import Engine
+    from inference.factory import EngineOptions, build_engine
     from inference.inputs import parse_input
     from inference.tiny import ensure_tiny_weights
-    from inference.weights import load_model
 
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-"))
     weights = str(ensure_tiny_weights(workdir / "tiny")) if args.weights in ("tiny", "random-real") else args.weights
-    model = load_model(weights, device="cpu")
-    engine = Engine(model)
-    pipe = model.pipeline
+    engine = build_engine(EngineOptions(weights=weights, device="cpu"))  # as the server builds its own
+    pipe = engine.pipeline
     sides = [int(s) for s in args.sizes.split(",")]
     rows = []
     server = Server(weights, [], workdir, args.start_timeout)

@@ -182,12 +182,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # -- the sections ----------------------------------------------------------------------------------
 
 
+def options(check: Check, **speed):
+    """The engine options of this run's weights and device, with the speed options given (the
+    factory the server builds its engines with: inference.factory)."""
+    from inference.factory import EngineOptions
+
+    return EngineOptions(weights=check.args.weights, device=check.args.device, **speed)
+
+
 def build(check: Check, state: dict) -> dict:
-    from inference.weights import load_model
+    from inference import factory
 
     reset_peak(check.cuda)
     t = time.perf_counter()
-    state["model"] = load_model(check.args.weights, device=check.args.device)
+    state["model"] = factory.load(options(check))
     sync(check.cuda)
     return {"seconds": round(time.perf_counter() - t, 1), "name": state["model"].name,
             "dtype": state["model"].dtype, "peak_gib": peak(check.cuda)}
@@ -223,12 +231,9 @@ def baseline(check: Check, state: dict) -> dict:
 
 
 def eager(check: Check, state: dict) -> dict:
-    from inference import accel
-    from inference.engine import Engine
+    from inference import factory
 
-    model = state["model"]
-    engine = state["engine"] = Engine(model)
-    engine.accelerator = accel.apply(model, accel.AccelOptions(compile=False))
+    engine = state["engine"] = factory.assemble(state["model"], options(check, compile=False))
     timed_engine_run(check, engine, engine_input(check, steps=2))  # the same warm-up the baseline had
     run = timed_engine_run(check, engine, engine_input(check))
     state["eager"] = run
@@ -350,18 +355,17 @@ def step_cache(check: Check, state: dict) -> dict:
 
 
 def compiled(check: Check, state: dict) -> dict:
-    from inference import accel
+    from inference import factory
 
-    engine, model = state["engine"], state["model"]
     # On the CPU (the smoke test) the blocks go through dynamo to its "eager" backend: the same path, no
     # minutes of C++ compiling.
-    options = accel.AccelOptions(compile=None if check.cuda else True,
-                                 compile_backend="inductor" if check.cuda else "eager",
-                                 warmup_shapes=((check.args.side, check.args.side, 1),
-                                                (check.args.side // 2, check.args.side // 2, 1)))
+    compiling = options(check, compile=None if check.cuda else True,
+                        compile_backend="inductor" if check.cuda else "eager",
+                        warmup_shapes=((check.args.side, check.args.side, 1),
+                                       (check.args.side // 2, check.args.side // 2, 1)))
     t = time.perf_counter()
-    engine.accelerator = accel.apply(model, options)
-    warm = engine.accelerator.warm_up(engine)
+    engine = state["engine"] = factory.assemble(state["model"], compiling)
+    warm = engine.accelerator.warmup_s
     compile_s = time.perf_counter() - t
     run = timed_engine_run(check, engine, engine_input(check))
     base = check.report["sections"].get("baseline", {})
@@ -409,8 +413,7 @@ def memory_modes(check: Check, state: dict) -> dict:
     """Each mode's peak over a 1 MP prediction, from the weights in host memory (as the mode loads)."""
     import torch
 
-    from inference import accel
-    from inference.engine import Engine
+    from inference import accel, factory
 
     model = state.pop("model")
     engine = state.pop("engine")
@@ -422,7 +425,7 @@ def memory_modes(check: Check, state: dict) -> dict:
     del engine
     results = {}
     reset_peak(check.cuda)
-    run = timed_engine_run(check, Engine(model), engine_input(check))
+    run = timed_engine_run(check, factory.assemble(model, options(check, compile=False)), engine_input(check))
     results["default"] = {"peak_gib": peak(check.cuda), "e2e_s": run["e2e_s"]}
     pipe.to("cpu")
     torch.cuda.empty_cache()
@@ -437,12 +440,11 @@ def memory_modes(check: Check, state: dict) -> dict:
             torch.cuda.empty_cache()
             reset_peak(check.cuda)
             t = time.perf_counter()
-            speed = accel.apply(model, accel.AccelOptions(memory_mode=mode, compile=False))
+            engine = factory.assemble(model, options(check, memory_mode=mode, compile=False))
+            speed = engine.accelerator
             load_s = time.perf_counter() - t
             load_peak = peak(check.cuda)
             reset_peak(check.cuda)
-            engine = Engine(model)
-            engine.accelerator = speed
             run = timed_engine_run(check, engine, engine_input(check))
             results[mode] = {"peak_gib": peak(check.cuda), "load_peak_gib": load_peak, "apply_s": round(load_s, 1),
                              "e2e_s": run["e2e_s"], "step_s": run["step_s"], "applied": speed.applied,
@@ -469,20 +471,17 @@ def fp8_compiled(check: Check, _state: dict) -> dict:
 
 def child_fp8_compile(args) -> None:
     """Build, quantise to row-wise fp8 with compiling, warm up, time one run; print one JSON line."""
-    from inference import accel
-    from inference.engine import Engine
-    from inference.weights import load_model
+    from inference import factory
 
     check = Check(args)
     t = time.perf_counter()
-    model = load_model(args.weights, device=args.device)
+    # Built on the device (as random-real is fastest made), then quantised there block by block.
+    model = factory.load(options(check))
     built = time.perf_counter() - t
     t = time.perf_counter()
-    speed = accel.apply(model, accel.AccelOptions(memory_mode="fp8", compile=True,
-                                                  warmup_shapes=((args.side, args.side, 1),)))
-    engine = Engine(model)
-    engine.accelerator = speed
-    speed.warm_up(engine)
+    engine = factory.assemble(model, options(check, memory_mode="fp8", compile=True,
+                                             warmup_shapes=((args.side, args.side, 1),)))
+    speed = engine.accelerator
     compile_s = time.perf_counter() - t
     reset_peak(check.cuda)
     run = timed_engine_run(check, engine, engine_input(check))

@@ -258,10 +258,10 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="weights folder (default: the built-in demo model)")
     args = parser.parse_args()
 
+    from inference.factory import EngineOptions, build_engine
     from inference.tiny import ensure_tiny_weights
-    from inference.weights import load_model
 
-    engine = Engine(load_model(args.weights or str(ensure_tiny_weights()), device="cpu"))
+    engine = build_engine(EngineOptions(weights=args.weights or str(ensure_tiny_weights()), device="cpu"))
     args.out.mkdir(parents=True, exist_ok=True)
     total = 0
     for name, make in PICTURES.items():

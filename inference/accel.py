@@ -66,10 +66,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 log = logging.getLogger(__name__)
 
-MEMORY_MODES = ("default", "fp8", "fp8-offload", "offload", "sequential-offload")
+MemoryMode = Literal["default", "fp8", "fp8-offload", "offload", "sequential-offload"]  # --memory-mode's choices
+MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
 FP8_MEMORY_MODES = ("fp8", "fp8-offload")
 OFFLOAD_MODES = {"fp8-offload": "model", "offload": "model", "sequential-offload": "sequential"}
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
@@ -93,7 +95,7 @@ class AccelOptions:
     compile: bool | None = None  # None: on with a CUDA GPU, off on the CPU
     compile_backend: object = "inductor"
     fast_mode: bool = False
-    memory_mode: str = "default"  # one of MEMORY_MODES
+    memory_mode: MemoryMode = "default"
     step_cache: float = 0.0  # First Block Cache threshold; 0 is off
     attention_backend: str = "default"  # "default": PyTorch SDPA's own choice
     cache_dir: Path | None = None  # persistent compile caches
@@ -115,6 +117,7 @@ class Accelerator:
     fast_unavailable: str | None = None  # why go_fast runs the normal path
     step_cache_on: bool = False
     compiled: bool = False
+    warmup_s: float = 0.0  # what the warm-up took
     _fast_notice_logged: bool = False
 
     # -- per request ------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ class Accelerator:
                 engine.predict(inp, log=lambda _m: None)
                 log.info("warm-up %dx%d x%d%s: %.1f s", width, height, outputs, " go_fast" if go_fast else "",
                          time.monotonic() - t)
-        elapsed = time.monotonic() - started
+        elapsed = self.warmup_s = time.monotonic() - started
         self.applied.append(f"warm-up {elapsed:.1f} s")
         return elapsed
 
@@ -545,5 +548,5 @@ def _free_gpu_bytes(device: str) -> int:
     return free
 
 
-__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "apply", "configure_compile_cache",
+__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "MemoryMode", "apply", "configure_compile_cache",
            "loads_in_host_memory", "quantise_blockwise"]

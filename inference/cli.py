@@ -49,10 +49,10 @@ def add_predict_parser(sub) -> None:
 def predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .engine import Engine, EngineSettings
+    from .accel import AccelError
+    from .factory import EngineOptions, build_engine
     from .lora import LoraSettings
     from .tiny import default_tiny_dir
-    from .weights import load_model
 
     raw = {k[len("input_"):]: v for k, v in vars(args).items() if k.startswith("input_") and v is not None}
     try:
@@ -61,16 +61,18 @@ def predict(args: argparse.Namespace) -> int:
         for e in exc.errors:
             print(f"error: {_flag(e.field) if e.field in PredictionInput.model_fields else e.field}: {e.description}", file=sys.stderr)
         return 2
-    try:
-        model = load_model(args.weights, components=args.components, device=args.device)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if model.demo:
-        print("Demo model: tiny FLUX Fill with random weights; outputs are noise. Pass --weights for the real model.", file=sys.stderr)
     lora = LoraSettings(folder=Path(args.lora_dir) if args.lora_dir else None,
                         cache_dir=default_tiny_dir().parent / "loras", allow_paths=True)
-    engine = Engine(model, EngineSettings(allow_paths=True, lora=lora))
+    # One prediction: compiling the blocks and warming up would cost more than they save.
+    options = EngineOptions(weights=args.weights, components=args.components, device=args.device, compile=False,
+                            warm_up=False, allow_paths=True, lora=lora)
+    try:
+        engine = build_engine(options)
+    except (WeightsError, AccelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if engine.model.demo:
+        print("Demo model: tiny FLUX Fill with random weights; outputs are noise. Pass --weights for the real model.", file=sys.stderr)
     bar = tqdm(total=None, unit="step", file=sys.stderr)
 
     def on_step(done: int, total: int) -> None:

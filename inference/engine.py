@@ -34,7 +34,7 @@ from PIL import Image, ImageChops
 
 from . import images as imageio
 from .errors import Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
-from .inputs import PredictionInput
+from .inputs import MAX_OUTPUTS, PredictionInput
 from .lora import LoraManager, LoraSettings
 from .sizing import output_size
 from .weights import LoadedModel
@@ -59,7 +59,7 @@ class EngineSettings:
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS
     fetch_policy: imageio.FetchPolicy = field(default_factory=imageio.FetchPolicy)
     allow_paths: bool = False  # local file paths as image inputs (the CLI)
-    max_batch: int = 4  # outputs denoised together in one batch
+    max_batch: int = MAX_OUTPUTS  # outputs denoised together in one batch
     max_regions: int = 16  # crop_to_mask: separate mask regions generated, each a model run per output
     lora: LoraSettings = field(default_factory=LoraSettings)
     fast_mode: bool = False  # honour go_fast with the accelerated transformer

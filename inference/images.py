@@ -15,7 +15,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 from PIL import Image, ImageOps
 
@@ -25,12 +25,18 @@ from .errors import Cancelled, FetchError
 # refused before a single pixel is decoded. 100 MP covers any camera photo.
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+USER_AGENT = "flux-fill-server"  # on every request this server makes: input fetches and webhooks
 
-OUTPUT_CONTENT_TYPES = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}
-# The formats decoded: what people send the hosted model (the JPEG reader also opens phones' MPO files).
-# Pillow would open about forty more (EPS through Ghostscript among them); none of them is tried.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-_PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+OutputFormat = Literal["webp", "jpg", "png"]  # the output_format input's choices
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+# The formats decoded, with their media types: what people send the hosted model (the JPEG reader
+# also opens phones' MPO files). Pillow would open about forty more (EPS through Ghostscript among
+# them); none of them is tried.
+ACCEPTED_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
+                  "BMP": "image/bmp", "TIFF": "image/tiff"}
+ACCEPTED_FORMATS = tuple(ACCEPTED_TYPES)
+_PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}  # output format -> Pillow's name
+OUTPUT_CONTENT_TYPES = {fmt: ACCEPTED_TYPES[_PIL_FORMATS[fmt]] for fmt in OUTPUT_FORMATS}
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class FetchPolicy:
     timeout_s: float = 30.0
     max_redirects: int = 5
     allow_private: bool = True  # False refuses loopback, private and link-local addresses (SSRF)
-    user_agent: str = "flux-fill-server"
+    user_agent: str = USER_AGENT
     headers: tuple = ()  # (name, value) pairs sent with every fetch (the server marks its own fetches)
 
 
@@ -77,10 +83,8 @@ def check_host_allowed(url: str, field: str, policy: FetchPolicy) -> str | None:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError):
         raise FetchError.one(field, "fetch", f"could not resolve the host of {field}") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if not is_public(addr):
-            raise FetchError.one(field, "forbidden", f"{field} points to a private or loopback address, which this server refuses")
+    if non_public_address(info[4][0] for info in infos) is not None:
+        raise FetchError.one(field, "forbidden", f"{field} points to a private or loopback address, which this server refuses")
     if not infos:
         raise FetchError.one(field, "fetch", f"could not resolve the host of {field}")
     return infos[0][4][0]
@@ -101,6 +105,16 @@ def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if addr.is_site_local:
             return False
     return addr.is_global and not addr.is_multicast
+
+
+def non_public_address(hosts) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The first of ``hosts`` (the address strings of a ``getaddrinfo`` answer, an IPv6 scope id
+    allowed) that is not public, or None: the check of input URLs and webhook URLs alike."""
+    for host in hosts:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+        if not is_public(addr):
+            return addr
+    return None
 
 
 def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import FieldError, InvalidInput
+from .images import OutputFormat
+from .sizing import MATCH_INPUT_MAX_SIDE, MULTIPLE, Megapixels
 
 Outpaint = Literal[
     "None",
@@ -26,6 +28,7 @@ Outpaint = Literal[
 OUTPAINT_PRESETS: tuple[str, ...] = get_args(Outpaint)
 
 MAX_SEED = 2**63 - 1
+MAX_OUTPUTS = 4  # num_outputs' maximum, and so the largest batch worth denoising at once
 
 
 class PredictionInput(BaseModel):
@@ -52,7 +55,7 @@ class PredictionInput(BaseModel):
         "Grey values are kept soft.",
         json_schema_extra={"format": "uri", "x-order": 2},
     )
-    num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate.")
+    num_outputs: int = Field(1, ge=1, le=MAX_OUTPUTS, description="Number of outputs to generate.")
     num_inference_steps: int = Field(
         28, ge=1, le=50, description="Number of denoising steps. More is slower and can be better."
     )
@@ -63,12 +66,12 @@ class PredictionInput(BaseModel):
         le=MAX_SEED,
         description="Random seed. Output i is made from seed + i. Random when not set.",
     )
-    megapixels: Literal["1", "0.25", "match_input"] = Field(
+    megapixels: Megapixels = Field(
         "1",
         description="Approximate number of megapixels of the generated image; match_input keeps the "
-        "input's size (capped at 1440 px a side). Sides are floored to a multiple of 32.",
+        f"input's size (capped at {MATCH_INPUT_MAX_SIDE} px a side). Sides are floored to a multiple of {MULTIPLE}.",
     )
-    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Format of the output images.")
+    output_format: OutputFormat = Field("webp", description="Format of the output images.")
     output_quality: int = Field(
         80, ge=0, le=100, description="Quality when saving webp or jpg, 0 to 100. Ignored for png."
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
-MEGAPIXELS = ("1", "0.25", "match_input")
+Megapixels = Literal["1", "0.25", "match_input"]  # the megapixels input's choices
+MEGAPIXELS: tuple[str, ...] = get_args(Megapixels)
 TARGET_PIXELS = {"1": 1024 * 1024, "0.25": 512 * 512}
 MATCH_INPUT_MAX_SIDE = 1440
 MULTIPLE = 32

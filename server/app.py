@@ -194,10 +194,9 @@ def begin_shutdown(app: FastAPI) -> None:
 
 def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
     """Load one engine per device, then start its worker. Runs beside the event loop."""
-    from inference import accel
-    from inference.engine import Engine, EngineSettings
+    from inference.factory import build_engine
 
-    from .fetching import fetch_policy
+    from .engines import engine_options
     from .worker import Worker
 
     settings = state.settings
@@ -205,23 +204,8 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
     try:
         for index, device in enumerate(devices):
             mark = own_fetches.mark(index)  # each worker's fetches carry their own mark
-            # The memory modes place the weights on the GPU themselves (fp8 block by block, or offloaded).
-            offload = {"offload": True} if accel.loads_in_host_memory(settings.memory_mode) else {}
-            model = load_model(settings.weights, components=settings.components, device=device, **offload)
-            speed = accel.apply(model, accel.AccelOptions(
-                compile=settings.compile, fast_mode=settings.fast_mode, memory_mode=settings.memory_mode,
-                step_cache=settings.step_cache, attention_backend=settings.attention_backend,
-                cache_dir=settings.data_dir / "compile-cache"))
-            engine = Engine(model, EngineSettings(
-                max_pixels=settings.max_image_pixels,
-                fetch_policy=fetch_policy(settings, mark),
-                max_batch=settings.max_batch,
-                fast_mode=settings.fast_mode,
-                lora=lora_settings(settings, mark),
-            ))
-            engine.accelerator = speed
-            speed.warm_up(engine)
-            model.extras["speed"] = speed.describe()
+            engine = build_engine(engine_options(settings, device, mark), load_model=load_model)
+            model = engine.model
             log.info("speed on %s: %s", model.device, model.extras["speed"])
             state.models.append(model)
             state.workers.append(Worker(engine, state.service, model.device, own_fetches=own_fetches, fetch_mark=mark))

@@ -18,6 +18,8 @@ import filelock
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "flux-fill.lock"
+LORA_CACHE = "loras"  # downloaded LoRAs (inference.lora), least recently used out first
+COMPILE_CACHE = "compile-cache"  # compiled kernels kept across restarts (inference.accel)
 EXIT_DATA_DIR_IN_USE = 75  # EX_TEMPFAIL: the other server may stop; then this one can start
 
 
@@ -89,7 +91,7 @@ def clean_leftovers(data_dir: Path, older_than_s: float | None = None) -> int:
                 removed += 1
             except OSError:
                 log.warning("could not remove %s", entry)
-    patterns = (("outputs", "*/.*.tmp"), ("loras", "*.part"))
+    patterns = (("outputs", "*/.*.tmp"), (LORA_CACHE, "*.part"))
     for folder, pattern in patterns:
         root = data_dir / folder
         if not root.is_dir():
@@ -111,6 +113,6 @@ def trim_lora_cache(data_dir: Path, budget_bytes: int) -> None:
     """Hold the LoRA download cache to its budget at start (the budget may have been lowered)."""
     from inference.lora import trim_cache
 
-    folder = data_dir / "loras"
+    folder = data_dir / LORA_CACHE
     if folder.is_dir():
         trim_cache(folder, budget_bytes)

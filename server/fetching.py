@@ -18,6 +18,7 @@ from inference.errors import FetchError
 from inference.images import FetchPolicy
 from inference.lora import LoraSettings
 
+from .datadir import LORA_CACHE
 from .settings import Settings
 
 HEADER = "flux-fill-fetch"
@@ -61,7 +62,7 @@ def lora_settings(settings: Settings, mark: str | None = None) -> LoraSettings:
     policy = FetchPolicy(max_bytes=settings.max_lora_bytes, timeout_s=settings.lora_fetch_timeout_s,
                          max_redirects=settings.fetch_max_redirects, allow_private=not settings.block_private_urls,
                          headers=_headers(mark))
-    return LoraSettings(folder=settings.lora_dir, cache_dir=settings.data_dir / "loras",
+    return LoraSettings(folder=settings.lora_dir, cache_dir=settings.data_dir / LORA_CACHE,
                         allow_paths=settings.allow_lora_paths, fetch_policy=policy,
                         cache_bytes=int(settings.lora_cache_gb * 1024**3))
 

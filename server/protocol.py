@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -12,7 +12,8 @@ from inference.inputs import PredictionInput
 MODEL_OWNER = "black-forest-labs"
 MODEL_NAME = "flux-fill-dev"
 MODEL_REF = f"{MODEL_OWNER}/{MODEL_NAME}"
-WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
 
 
 class Status(str, enum.Enum):
@@ -38,7 +39,7 @@ class PredictionRequest(BaseModel):
     input: PredictionInput = Field(..., description="The model's input.")
     version: str | None = Field(None, description="Model version: owner/name, owner/name:id or a bare id (POST /v1/predictions).")
     webhook: str | None = Field(None, description="URL to POST the prediction to on the events below.")
-    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = Field(
+    webhook_events_filter: list[WebhookEvent] | None = Field(
         None, description="Events that trigger the webhook; all when absent."
     )
     webhook_completed: str | None = Field(None, description="Legacy: a webhook called on completion only.")

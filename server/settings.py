@@ -11,6 +11,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from inference.accel import MemoryMode
+from inference.images import DEFAULT_MAX_PIXELS, FetchPolicy
+from inference.inputs import MAX_OUTPUTS
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -46,7 +50,7 @@ class Settings(BaseSettings):
     allow_lora_paths: bool = Field(False, description="Accept local file paths as lora_weights.")
     fast_mode: bool = Field(False, description="Honour go_fast: fp8 (torchao) on the GPU; a second transformer when memory allows, else every request runs fp8.")
     compile: bool | None = Field(None, description="Compile the transformer blocks at startup (cache in <data-dir>/compile-cache) and warm up the common sizes. Default: on with a CUDA GPU, off on the CPU; --no-compile turns it off.")
-    memory_mode: Literal["default", "fp8", "fp8-offload", "offload", "sequential-offload"] = Field("default", description="default: bf16, everything on the GPU (about 34 GB: 40 GB+ cards); fp8: fp8 weights for the transformer and T5, everything on the GPU (24 GB cards); fp8-offload: fp8 weights, each model on the GPU only while it runs (16 GB cards); offload: bf16, each model on the GPU only while it runs (32 GB cards); sequential-offload: layer by layer (slowest, least memory).")
+    memory_mode: MemoryMode = Field("default", description="default: bf16, everything on the GPU (about 34 GB: 40 GB+ cards); fp8: fp8 weights for the transformer and T5, everything on the GPU (24 GB cards); fp8-offload: fp8 weights, each model on the GPU only while it runs (16 GB cards); offload: bf16, each model on the GPU only while it runs (32 GB cards); sequential-offload: layer by layer (slowest, least memory).")
     step_cache: float = Field(0.0, ge=0, description="First-block step cache threshold (e.g. 0.05): skip the other blocks when a step changes little; 0 is off.")
     attention_backend: str = Field("default", description="diffusers attention backend name (e.g. _flash_3); default: PyTorch SDPA's choice (cuDNN on an H100).")
     max_queue: int = Field(5000, ge=1, description="Overload guard: predictions waiting at once before creates are refused with 429 and a Retry-After (the queue is durable; clients do not retry a POST, so keep it large).")
@@ -54,9 +58,9 @@ class Settings(BaseSettings):
     file_expiry_hours: float = Field(24.0, gt=0, description="Hours an uploaded file is kept.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, description="Largest upload to /v1/files.")
     max_body_bytes: int = Field(96 * 1024 * 1024, description="Largest request body (data URIs included).")
-    max_image_pixels: int = Field(100_000_000, description="Largest image accepted, in pixels (decompression bombs).")
-    fetch_timeout_s: float = Field(30.0, description="Time limit to fetch an input URL.")
-    fetch_max_redirects: int = Field(5, description="Redirects followed when fetching an input URL.")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, description="Largest image accepted, in pixels (decompression bombs).")
+    fetch_timeout_s: float = Field(FetchPolicy.timeout_s, description="Time limit to fetch an input URL.")
+    fetch_max_redirects: int = Field(FetchPolicy.max_redirects, description="Redirects followed when fetching an input URL.")
     max_lora_bytes: int = Field(2 * 1024**3, ge=1, description="Largest LoRA download, in bytes (FLUX.1 LoRAs run from a few MB to over a GB).")
     lora_fetch_timeout_s: float = Field(600.0, gt=0, description="Time limit to download a LoRA (the whole download).")
     lora_cache_gb: float = Field(20.0, ge=0, description="Downloaded LoRAs kept in <data-dir>/loras, in GB; the least recently used go first.")
@@ -68,7 +72,7 @@ class Settings(BaseSettings):
     webhook_retry_s: float = Field(60.0, ge=0, description="How long a failing final (completed) webhook is retried, with backoff, before it is given up. A final webhook its node could not settle (the node died) is sent by another node, or after a restart, under the same webhook-id.")
     webhook_slots: int = Field(64, ge=1, description="Webhook POSTs in flight at once, all receivers together.")
     webhook_slots_per_destination: int = Field(4, ge=1, description="Webhook POSTs in flight at once to one receiver (scheme, host and port), so a slow receiver delays only its own webhooks.")
-    max_batch: int = Field(4, ge=1, le=4, description="Outputs denoised together in one batch.")
+    max_batch: int = Field(MAX_OUTPUTS, ge=1, le=MAX_OUTPUTS, description="Outputs denoised together in one batch.")
     rate_limit_per_minute: int = Field(0, ge=0, description="Creates per token per minute; 0 is unlimited.")
     min_free_disk_mb: int = Field(64, ge=0, description="Below this much free disk (MB) uploads and creates are refused with 507 and queued predictions fail cleanly instead of half-writing outputs.")
     tenant_max_queued: int = Field(1000, ge=0, description="With tokens: predictions one tenant may have waiting at once before its creates get 429; 0 is unlimited.")

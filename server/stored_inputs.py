@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from inference.images import ACCEPTED_TYPES
+
 INLINE_LIMIT = 4096  # characters: longer input strings are stored apart from the row
 CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 # Types served as what they say: the images the engine reads. Anything else is a download, so that
 # a client's data URI is never served as a page (HTML, SVG, ...) of this server's origin.
-IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"}
+IMAGE_TYPES = frozenset(ACCEPTED_TYPES.values())
 _BASE64_ALPHABET = re.compile(rb"[^A-Za-z0-9+/]")
 
 

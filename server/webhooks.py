@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -40,11 +39,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from inference.images import is_public, pinned_request
+from inference.images import USER_AGENT, non_public_address, pinned_request
+
+from .protocol import WEBHOOK_EVENTS
 
 logger = logging.getLogger(__name__)
 
-EVENTS = ("start", "output", "logs", "completed")
+EVENTS = WEBHOOK_EVENTS
 _PROGRESS = frozenset({"output", "logs"})  # the throttled events
 _SECRET_PREFIX = "whsec_"
 
@@ -110,7 +111,7 @@ class WebhookSender:
         timeout_s: float = 10.0,
         throttle_s: float = 0.5,
         retry_for_s: float = 60.0,
-        user_agent: str = "flux-fill-server",
+        user_agent: str = USER_AGENT,
         backoff_base_s: float = 1.0,
         max_concurrency: int = 64,
         max_per_destination: int = 4,
@@ -393,10 +394,9 @@ class WebhookSender:
             return
         port = port or (443 if parts.scheme == "https" else 80)
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        for *_, sockaddr in infos:
-            address = ipaddress.ip_address(sockaddr[0].split("%")[0])
-            if not is_public(address):
-                raise _Refused(f"{host} resolves to the non-public address {address}")
+        address = non_public_address(sockaddr[0] for *_, sockaddr in infos)
+        if address is not None:
+            raise _Refused(f"{host} resolves to the non-public address {address}")
         if not infos:
             raise OSError("no address")
         return infos[0][4][0]

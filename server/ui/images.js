@@ -68,7 +68,11 @@ export async function fetchImage(src) {
   return blob;
 }
 
+// inference/sizing.py's TARGET_PIXELS, MATCH_INPUT_MAX_SIDE and MULTIPLE (tests/test_ui_contract.py
+// checks that they agree).
 const TARGETS = { "1": 1024 * 1024, "0.25": 512 * 512 };
+const MATCH_INPUT_MAX_SIDE = 1440;
+const MULTIPLE = 32;
 
 /** The size the server generates at for an image of w×h (SPEC part B, "Output size"). */
 export function outputSize(w, h, megapixels) {
@@ -78,10 +82,10 @@ export function outputSize(w, h, megapixels) {
     const s = Math.sqrt(TARGETS[megapixels] / (w * h));
     width = Math.trunc(w * s);
     height = Math.trunc(h * s);
-  } else if (w > 1440 || h > 1440) {
-    const s = Math.min(1440 / w, 1440 / h);
+  } else if (w > MATCH_INPUT_MAX_SIDE || h > MATCH_INPUT_MAX_SIDE) {
+    const s = Math.min(MATCH_INPUT_MAX_SIDE / w, MATCH_INPUT_MAX_SIDE / h);
     width = Math.trunc(w * s);
     height = Math.trunc(h * s);
   }
-  return { width: width - (width % 32), height: height - (height % 32) };
+  return { width: width - (width % MULTIPLE), height: height - (height % MULTIPLE) };
 }
