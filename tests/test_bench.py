@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -31,6 +33,7 @@ def test_bench_help_lists_the_modes_and_cases():
         assert word in out
 
 
+@pytest.mark.timeout(900)  # a whole benchmark run on the CPU; slow on a loaded machine
 def test_gpu_report_runs_on_the_cpu(tiny_dir):
     """The GPU report's own code (modes as server processes, the diffusers baseline, the error check,
     the tables and ratios), run on the CPU so that a GPU session spends its time measuring."""
@@ -56,6 +59,7 @@ def test_gpu_report_runs_on_the_cpu(tiny_dir):
     assert all(" vs baseline (speed-up): 0.25mp " in r for r in ratios)
 
 
+@pytest.mark.timeout(900)  # a whole benchmark run on the CPU; slow on a loaded machine
 def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     """bench/gpu_check.py, the one command a GPU session runs, on the CPU with the tiny model: every
     section it can run here reports figures, the CUDA-only ones say why they did not run."""
