@@ -76,7 +76,7 @@ class LiveServer:
                *self.args]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log_path, "ab"),
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=self._limits if self.open_files else None)
+                                        preexec_fn=self._in_child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -103,6 +103,18 @@ class LiveServer:
         from server.store import open_store
 
         return open_store(self.database)
+
+    def _in_child(self) -> None:
+        """In the server's process before it starts: it is stopped (SIGTERM) when the test process
+        dies, even by kill -9, so no server outlives its tests; and its open-files limit, if given."""
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: stop() and the fixtures' teardown still stop it
+            pass
+        if self.open_files:
+            self._limits()
 
     def _limits(self) -> None:
         import resource
