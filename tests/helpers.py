@@ -148,3 +148,61 @@ def fast_input(img: Image.Image, mask: Image.Image | None = None, **extra) -> di
         inp["mask"] = data_uri(mask)
     inp.update(extra)
     return inp
+
+
+class ServerFactory:
+    """Starts servers on the tiny model with extra options; ``stop_all`` stops every one. With
+    ``database_for``, each data folder gets that database (the same one again for the same folder)."""
+
+    def __init__(self, folder: Path, weights: Path, database_for=None):
+        self.folder, self.weights, self.database_for = folder, weights, database_for
+        self.started: list[LiveServer] = []
+        self.databases: dict = {}
+
+    def __call__(self, *args: str, data_dir=None, env=None, open_files=None, command="serve", **kw) -> LiveServer:
+        data = data_dir or self.folder / f"data{len(self.started)}"
+        extra: list[str] = []
+        if self.database_for is not None:
+            if data not in self.databases:
+                self.databases[data] = self.database_for()
+            extra = ["--database", self.databases[data]]
+        server = LiveServer(data, args=["--weights", str(self.weights), *extra, *args], env=env or {},
+                            open_files=open_files, command=command)
+        self.started.append(server)
+        return server.start(**kw)
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+class PostgresDatabases:
+    """Fresh, empty databases on the PostgreSQL server FLUX_FILL_TEST_DATABASE names (a URL whose role
+    may create databases; .ci/run sets it up), all dropped by ``drop_all``. Without that server the
+    test is skipped, unless FLUX_FILL_REQUIRE_POSTGRES=1 (CI) makes that a failure."""
+
+    def __init__(self):
+        import pytest
+
+        self.admin = os.environ.get("FLUX_FILL_TEST_DATABASE")
+        if not self.admin:
+            if os.environ.get("FLUX_FILL_REQUIRE_POSTGRES") == "1":
+                pytest.fail("FLUX_FILL_TEST_DATABASE is not set, and FLUX_FILL_REQUIRE_POSTGRES=1")
+            pytest.skip("no PostgreSQL server to test on (set FLUX_FILL_TEST_DATABASE)")
+        self.psycopg = pytest.importorskip("psycopg")
+        self.made: list[str] = []
+
+    def make(self) -> str:
+        import secrets
+        from urllib.parse import urlsplit, urlunsplit
+
+        name = f"flux_fill_test_{secrets.token_hex(6)}"
+        with self.psycopg.connect(self.admin, autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        self.made.append(name)
+        return urlunsplit(urlsplit(self.admin)._replace(path=f"/{name}"))
+
+    def drop_all(self) -> None:
+        with self.psycopg.connect(self.admin, autocommit=True) as db:
+            for name in self.made:
+                db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
