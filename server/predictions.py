@@ -251,9 +251,11 @@ class PredictionService:
 
     # -- create / read ------------------------------------------------------------------------
 
-    def create(self, request: PredictionRequest, admission: Admission, caller: Caller) -> PredictionRecord:
+    def create(self, request: PredictionRequest, admission: Admission, caller: Caller, *,
+               api: str | None = None, api_data: dict[str, Any] | None = None) -> PredictionRecord:
         """Write an admitted prediction to the queue (the input as it was sent, its long strings in
-        files of their own) and wake a worker."""
+        files of their own) and wake a worker. ``api`` and ``api_data``: the other API (OpenAI's,
+        BFL's) whose adapter made the request, and what it keeps to answer in that API's shape."""
         queued = self.store.count_queued()
         if queued >= self.settings.max_queue:
             raise ApiError(429, f"The server is overloaded: {queued} predictions are waiting. Try again later.",
@@ -283,6 +285,8 @@ class PredictionService:
                     output_token=secrets.token_urlsafe(24),
                     owner=caller.tenant,
                     cancel_at=created + admission.cancel_after_s if admission.cancel_after_s is not None else None,
+                    api=api,
+                    api_data=api_data,
                 )
             except BaseException:
                 self.files.remove_inputs(pid)

@@ -40,6 +40,8 @@ class PredictionRecord:
     lease: str | None = None  # the claim's token: only its holder may record an outcome
     lease_expires_at: float | None = None  # unless renewed by then, the run is taken as dead
     webhook_due: float | None = None  # a final webhook is owed; its sender holds it until then
+    api: str | None = None  # the API that created it: None (Replicate's), "openai" or "bfl"
+    api_data: dict[str, Any] | None = None  # what that API's adapter keeps of the request (never shown by Replicate's)
 
     @property
     def wants_completed_webhook(self) -> bool:

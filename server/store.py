@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     cancel_requested_at REAL,
     lease TEXT,
     lease_expires_at REAL,
-    webhook_due REAL
+    webhook_due REAL,
+    api TEXT,
+    api_data TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_status ON predictions(status, seq);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
@@ -77,7 +79,7 @@ _ADDED_COLUMNS = {
     "predictions": (("cancel_at", "REAL"), ("input_blobs", "TEXT"), ("input_bytes", "INTEGER NOT NULL DEFAULT 0"),
                     ("output_bytes", "INTEGER NOT NULL DEFAULT 0"), ("cancel_requested_at", "REAL"),
                     ("lease", "TEXT"), ("lease_expires_at", "REAL"),
-                    ("webhook_due", "REAL")),
+                    ("webhook_due", "REAL"), ("api", "TEXT"), ("api_data", "TEXT")),
     "files": (("owner", "TEXT"),),
 }
 # Indexes on added columns: made once the columns exist.
@@ -87,7 +89,7 @@ CREATE INDEX IF NOT EXISTS files_owner ON files(owner);
 CREATE INDEX IF NOT EXISTS predictions_webhook_due ON predictions(webhook_due) WHERE webhook_due IS NOT NULL;
 """
 _ACTIVE = "('starting', 'processing')"
-_JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs")
+_JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs", "api_data")
 
 
 _PREDICTION_FIELDS = frozenset(f.name for f in dataclass_fields(PredictionRecord))
