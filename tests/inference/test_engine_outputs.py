@@ -24,7 +24,7 @@ def run(engine, img, mask=None, log=None, **kw):
 
 
 def test_a_flagged_output_leaves_a_gap_and_the_others_keep_their_seed(tmp_path, tiny_dir):
-    from tests.test_safety import add_safety_checker
+    from tests.inference.test_safety import add_safety_checker
 
     folder = tmp_path / "weights"
     shutil.copytree(tiny_dir, folder)

@@ -56,7 +56,7 @@ def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
 def test_a_prediction_stopped_by_a_shutdown_goes_back_to_the_queue_until_its_last_attempt(tmp_path, engine):
     """The server stops while a prediction runs (here: while its picture drips in): it goes back to
     the queue, unless this run was its --max-attempts-th, when it fails in words instead."""
-    from tests.test_red_team import Origin
+    from tests.server.test_red_team import Origin
 
     store = SqliteStore(tmp_path / "flux-fill.sqlite3")
     service = PredictionService(Settings(data_dir=tmp_path, max_attempts=2), store, FileStore(tmp_path, store, 24), Hub())
