@@ -14,8 +14,6 @@ either way.
 
 from __future__ import annotations
 
-WEIGHTS_NAME = "random-real"
-
 TRANSFORMER_CONFIG = dict(
     patch_size=1,
     in_channels=384,
