@@ -90,7 +90,12 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
             clean_leftovers(blobs, older_than_s=SHARED_LEFTOVER_S)
         trim_lora_cache(data, lora_settings(settings).cache_bytes)
         store = open_store(settings.database or data / "flux-fill.sqlite3")
-        files = FileStore(blobs, store, settings.file_expiry_hours)
+        if store.shared and settings.blob_dir is None:  # files in the database, this folder their cache
+            from .blobs import DatabaseFileStore
+
+            files = DatabaseFileStore(data, store, settings.file_expiry_hours)
+        else:
+            files = FileStore(blobs, store, settings.file_expiry_hours)
         hub = Hub()
         hub.bind(asyncio.get_running_loop())
         metrics = ServerMetrics()
@@ -119,7 +124,9 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                              daemon=True).start()
         tasks = [asyncio.create_task(lifecycle.watch_leases()), asyncio.create_task(lifecycle.watch_owed_webhooks())]
         if role != "worker":
-            tasks += [asyncio.create_task(_janitor(service)), asyncio.create_task(lifecycle.watch_deadlines())]
+            tasks += [asyncio.create_task(_janitor(service.expire)), asyncio.create_task(lifecycle.watch_deadlines())]
+        else:  # a worker keeps copies of the files it read and wrote: those removed elsewhere go
+            tasks.append(asyncio.create_task(_janitor(files.sweep)))
         try:
             yield
         finally:
@@ -238,10 +245,11 @@ def _stop_workers(state: AppState) -> None:
             worker.join(timeout=10)
 
 
-async def _janitor(service: PredictionService) -> None:
+async def _janitor(clean) -> None:
+    """Run ``clean`` (retention: PredictionService.expire) every JANITOR_S, for the server's life."""
     while True:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, service.expire)
+            await asyncio.get_running_loop().run_in_executor(None, clean)
         except Exception:
             log.exception("cleaning expired outputs failed")
         await asyncio.sleep(JANITOR_S)

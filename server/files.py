@@ -46,9 +46,12 @@ _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """A write that ran out of disk: a file's (ENOSPC, EDQUOT) or SQLite's "database or disk is full"."""
+    """A write that ran out of disk: a file's (ENOSPC, EDQUOT), SQLite's "database or disk is full"
+    or PostgreSQL's disk_full (SQLSTATE 53100)."""
     if isinstance(exc, OSError):
         return exc.errno in _NO_SPACE
+    if getattr(exc, "sqlstate", None) == "53100":
+        return True
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
@@ -57,7 +60,7 @@ def disk_guard():
     """Running out of disk inside is a 507, never a 500."""
     try:
         yield
-    except (OSError, sqlite3.OperationalError) as exc:
+    except Exception as exc:
         if is_disk_full(exc):
             log.warning("the disk is full: %s", exc)
             raise disk_full() from None
@@ -65,7 +68,13 @@ def disk_guard():
 
 
 class FileStore:
+    """The files of a data folder (or of a --blob-dir shared by the nodes). Every file is written
+    in place, then handed to :meth:`_kept`; every read finds it through :meth:`_local`; every removal
+    ends in :meth:`_dropped`: the hooks by which :class:`server.blobs.DatabaseFileStore` keeps
+    the files in the database and this folder as their cache."""
+
     def __init__(self, data_dir: Path, store: Store, expiry_hours: float):
+        self.root = data_dir
         self.uploads = data_dir / "files"
         self.outputs = data_dir / "outputs"
         self.inputs = data_dir / "inputs"
@@ -88,7 +97,13 @@ class FileStore:
                 md5.update(chunk)
                 size += len(chunk)
         target = self.uploads / file_id
+        self._placing(target)
         os.replace(tmp_path, target)
+        try:
+            self._kept(target)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
         content_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
         created = now()
         self.store.insert_file(
@@ -111,6 +126,7 @@ class FileStore:
         if record is None:
             return False
         (self.uploads / record.id).unlink(missing_ok=True)
+        self._dropped(self.uploads / record.id)
         return self.store.delete_file(file_id)
 
     def resolve(self, value: str, sees=lambda owner: True) -> bytes | None:
@@ -122,15 +138,18 @@ class FileStore:
         record = self.store.get_file(match.group(1))
         if record is None or not sees(record.owner):
             return None
+        path = self._local(self.uploads / record.id)
         try:
-            return (self.uploads / record.id).read_bytes()
+            return path.read_bytes() if path is not None else None
         except FileNotFoundError:
             return None
 
     # -- inputs stored apart ------------------------------------------------------------------
 
     def input_path(self, prediction_id: str, index: int) -> Path:
-        return self.inputs / prediction_id / str(index)
+        """Where a stored input string is read (it may be gone: check before reading)."""
+        path = self.inputs / prediction_id / str(index)
+        return self._local(path) or path
 
     def write_inputs(self, prediction_id: str, values: list[str]) -> list[int]:
         """Write each value (UTF-8); return their sizes in bytes. Nothing is left behind on failure."""
@@ -147,7 +166,9 @@ class FileStore:
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
+                self._placing(folder / str(index))
                 os.replace(tmp, folder / str(index))
+                self._kept(folder / str(index))
                 sizes.append(len(data))
         except BaseException:
             self.remove_inputs(prediction_id)
@@ -155,8 +176,9 @@ class FileStore:
         return sizes
 
     def read_input(self, prediction_id: str, index: int) -> str | None:
+        path = self._local(self.inputs / prediction_id / str(index))
         try:
-            return self.input_path(prediction_id, index).read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8") if path is not None else None
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -172,6 +194,7 @@ class FileStore:
 
     def remove_inputs(self, prediction_id: str) -> None:
         shutil.rmtree(self.inputs / prediction_id, ignore_errors=True)
+        self._dropped(self.inputs / prediction_id, folder=True)
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -189,23 +212,23 @@ class FileStore:
                 fh.write(out.data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            self._placing(folder / out.name)
             os.replace(tmp, folder / out.name)
+            self._kept(folder / out.name)
             names.append(out.name)
         return names
 
     def read_output(self, prediction_id: str, name: str) -> bytes | None:
-        if not _SAFE_NAME.match(name):
-            return None
+        path = self.output_path(prediction_id, name)
         try:
-            return (self.output_dir(prediction_id) / name).read_bytes()
+            return path.read_bytes() if path is not None else None
         except (FileNotFoundError, NotADirectoryError):
             return None
 
     def output_path(self, prediction_id: str, name: str) -> Path | None:
         if not _SAFE_NAME.match(name):
             return None
-        path = self.output_dir(prediction_id) / name
-        return path if path.is_file() else None
+        return self._local(self.output_dir(prediction_id) / name)
 
     def data_uri(self, prediction_id: str, name: str) -> str | None:
         data = self.read_output(prediction_id, name)
@@ -216,6 +239,7 @@ class FileStore:
 
     def remove_outputs(self, prediction_id: str) -> None:
         shutil.rmtree(self.output_dir(prediction_id), ignore_errors=True)
+        self._dropped(self.output_dir(prediction_id), folder=True)
 
     def outputs_size(self, prediction_id: str, names: list[str]) -> int:
         total = 0
@@ -226,6 +250,25 @@ class FileStore:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.outputs).free
+
+    def sweep(self) -> int:
+        """Remove what this folder keeps of files removed elsewhere (nothing here: it is the record)."""
+        return 0
+
+    # -- where the files are kept (see server.blobs) ------------------------------------------
+
+    def _placing(self, path: Path) -> None:
+        """A file is about to be written in place at ``path`` (then :meth:`_kept`)."""
+
+    def _kept(self, path: Path) -> None:
+        """A file was written in place at ``path`` (the folder is the record: nothing more to do)."""
+
+    def _local(self, path: Path) -> Path | None:
+        """``path`` if the file is there to read, else None."""
+        return path if path.is_file() else None
+
+    def _dropped(self, path: Path, folder: bool = False) -> None:
+        """The file (or, with ``folder``, every file under the folder) at ``path`` was removed."""
 
 
 def content_type_for(name: str) -> str:

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     block_private_urls: bool = Field(False, description="Refuse input and webhook URLs that point to private or loopback addresses (SSRF).")
     lease_s: float = Field(30.0, ge=1, description="How long a worker holds a running prediction without its heartbeat (renewed every third of it): a worker that stops answering this long (killed, powered off, cut off) has the prediction run again by another.")
     workers: bool = Field(True, description="Run GPU workers in this process. --no-workers makes an API node: it answers the API and leaves the running to `flux-fill worker` processes on the same --database.")
-    blob_dir: Path | None = Field(None, description="Where uploads, long inputs and outputs live (default: --data-dir). Nodes that share a --database must share this folder (a shared volume).")
+    blob_dir: Path | None = Field(None, description="A folder for uploads, long inputs and outputs, shared by every node of a --database (a shared volume). Default: --data-dir; with a postgresql:// --database, the files are kept in the database and each node's --data-dir holds its copies.")
     max_attempts: int = Field(3, ge=1, description="Runs a prediction gets: one interrupted this many times (the server stopped or was killed while it ran) fails instead of running again.")
     webhook_retry_s: float = Field(60.0, ge=0, description="How long a failing final (completed) webhook is retried, with backoff, before it is given up. A final webhook its node could not settle (the node died) is sent by another node, or after a restart, under the same webhook-id.")
     webhook_slots: int = Field(64, ge=1, description="Webhook POSTs in flight at once, all receivers together.")

@@ -452,6 +452,22 @@ PG_SCHEMA = (SCHEMA.replace("seq INTEGER PRIMARY KEY AUTOINCREMENT", "seq BIGSER
              .replace(" INTEGER NOT NULL,", " BIGINT NOT NULL,"))
 
 
+# Files kept in the database itself (PostgreSQL without --blob-dir, see server.blobs): each in parts
+# of BLOB_PART bytes, no huge single value; every part carries the whole file's size and time. The
+# "C" collation lets the key's index serve prefix matches (a prediction's folder).
+BLOB_PART = 1 << 20
+PG_BLOBS = """
+CREATE TABLE IF NOT EXISTS blobs (
+    key TEXT COLLATE "C" NOT NULL,
+    part INTEGER NOT NULL,
+    data BYTEA NOT NULL,
+    size BIGINT NOT NULL,
+    mtime_ns BIGINT NOT NULL,
+    PRIMARY KEY (key, part)
+);
+"""
+
+
 class PostgresStore(Store):
     """A PostgreSQL database (``postgresql://…``), through psycopg 3. Queued predictions are claimed
     with ``FOR UPDATE SKIP LOCKED``, so any number of processes can claim from one queue, each
@@ -480,6 +496,7 @@ class PostgresStore(Store):
                         kind = kind.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
                 self.db.execute(_INDEXES)
+                self.db.execute(PG_BLOBS)
             finally:
                 self.db.execute("SELECT pg_advisory_unlock(815373)")
 
@@ -508,9 +525,70 @@ class PostgresStore(Store):
                 stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
 
+    # -- files kept in the database (server.blobs: PostgreSQL without --blob-dir) ------------------
+
+    def put_blob(self, key: str, path: Path, mtime_ns: int) -> None:
+        """Keep the file at ``path`` under ``key`` (replacing what was there), in parts of
+        BLOB_PART bytes, in one transaction on a connection of its own: other nodes see it whole
+        or not at all, and the store's own connection is not held while megabytes travel."""
+        import psycopg
+
+        size = path.stat().st_size
+        with psycopg.connect(self.url) as db, open(path, "rb") as fh:  # committed as the block ends
+            db.execute("DELETE FROM blobs WHERE key = %s", (key,))
+            with db.cursor().copy("COPY blobs (key, part, data, size, mtime_ns) FROM STDIN") as copy:
+                part = 0
+                while True:
+                    chunk = fh.read(BLOB_PART)
+                    if not chunk and part:
+                        break
+                    copy.write_row((key, part, chunk, size, mtime_ns))
+                    part += 1
+                    if len(chunk) < BLOB_PART:
+                        break
+
+    def blob_info(self, key: str) -> tuple[int, int] | None:
+        """(size, mtime in ns) of a file kept under ``key``, or None."""
+        row = self._one("SELECT size, mtime_ns FROM blobs WHERE key = ? AND part = 0", (key,))
+        return None if row is None else (int(row["size"]), int(row["mtime_ns"]))
+
+    def blob_parts(self, key: str) -> Iterable[bytes]:
+        """The parts of a file kept under ``key``, in order, a few at a time (a server-side cursor on a
+        connection of its own, in one snapshot); nothing if there is none."""
+        import psycopg
+
+        with psycopg.connect(self.url) as db, db.cursor(name="blob_parts") as cursor:
+            cursor.itersize = 4
+            cursor.execute("SELECT data FROM blobs WHERE key = %s ORDER BY part", (key,))
+            for (data,) in cursor:
+                yield bytes(data)
+
+    def delete_blobs(self, prefix: str) -> int:
+        """Remove every file kept under a key starting with ``prefix``; the number of parts removed."""
+        return self._run("DELETE FROM blobs WHERE key LIKE ?", (_prefix_pattern(prefix),))
+
+    def blobs_present(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` are kept."""
+        rows = self._all("SELECT key FROM blobs WHERE part = 0 AND key = ANY(?)", (list(keys),))
+        return {r["key"] for r in rows}
+
+    def blob_folders(self, prefix: str) -> dict[str, int]:
+        """The folders under ``prefix`` (``inputs/``: one per prediction) and when their newest file
+        was written (ns)."""
+        folders: dict[str, int] = {}
+        for row in self._all("SELECT key, mtime_ns FROM blobs WHERE key LIKE ? AND part = 0", (_prefix_pattern(prefix),)):
+            name = row["key"][len(prefix):].split("/", 1)[0]
+            folders[name] = max(folders.get(name, 0), int(row["mtime_ns"]))
+        return folders
+
     def _sql(self, sql: str) -> str:
         return (sql.replace("?", "%s").replace("{is}", "IS NOT DISTINCT FROM")
                 .replace("{skip_locked}", "FOR UPDATE SKIP LOCKED").replace("{files_seq}", "seq"))
+
+
+def _prefix_pattern(prefix: str) -> str:
+    """A LIKE pattern for the keys that start with ``prefix``."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def open_store(location: str | Path) -> Store:
