@@ -16,7 +16,7 @@ from inference import __version__
 from inference.inputs import describe_errors
 
 from .auth import Auth
-from .datadir import DataDirLock, clean_leftovers, trim_lora_cache
+from .datadir import DataDirLock, clean_leftovers, node_holder, trim_lora_cache
 from .events import Hub
 from .fetching import OwnFetches, lora_settings
 from .files import FileStore, is_disk_full
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         hub = Hub()
         hub.bind(asyncio.get_running_loop())
         metrics = ServerMetrics()
-        lifecycle = Lifecycle(settings, store, files, hub, metrics)
+        lifecycle = Lifecycle(settings, store, files, hub, metrics, holder=node_holder(data))
         service = PredictionService(settings, store, files, hub, lifecycle)
         state = AppState(settings=settings, store=store, files=files, hub=hub, service=service,
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute, settings.admin_tokens),

@@ -9,7 +9,10 @@ prediction (which would then run twice).
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "flux-fill.lock"
 LORA_CACHE = "loras"  # downloaded LoRAs (inference.lora), least recently used out first
 COMPILE_CACHE = "compile-cache"  # compiled kernels kept across restarts (inference.accel)
+NODE_ID = "node-id"  # this data folder's node, in the leases it holds on a shared database
 EXIT_DATA_DIR_IN_USE = 75  # EX_TEMPFAIL: the other server may stop; then this one can start
 
 
@@ -62,6 +66,23 @@ class DataDirLock:
         if self._lock is not None:
             self._lock.release(force=True)
             self._lock = None
+
+
+def node_holder(data_dir: Path) -> str:
+    """This node's name in its leases: ``<host>-<id>``, the id made once and kept in
+    ``<data-dir>/node-id``, so a server restarted on the same folder (whose lock it holds) knows
+    the runs it held before. Only call while holding the lock."""
+    path = Path(data_dir) / NODE_ID
+    try:
+        node = path.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        node = ""
+    if not node.isalnum():
+        node = secrets.token_hex(8)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(node + "\n", encoding="ascii")
+        os.replace(tmp, path)
+    return f"{socket.gethostname()}-{node}"
 
 
 def clean_leftovers(data_dir: Path, older_than_s: float | None = None) -> int:

@@ -9,8 +9,10 @@ it may come from, and a run's outcome only while its claim still holds the predi
 published: to the event hub (streams, ``Prefer: wait``), and from there to the webhook sender and
 the metrics. Routes, the worker and the deadline watcher ask; this module moves.
 
-A worker's claim carries a lease token, held for ``--lease-s`` and renewed by the worker's
-heartbeat. An outcome, a log write or a requeue names the lease it was claimed under, and the store
+A worker's claim carries a lease token, ``<holder>/<random>``, held for ``--lease-s`` and renewed
+by the worker's heartbeat. The holder names the node (its host and the id kept in its data folder,
+see server.datadir.node_id), so a node that restarts settles the runs it held at once, without
+waiting for their leases to run out: no other process can hold its data folder. An outcome, a log write or a requeue names the lease it was claimed under, and the store
 refuses it once the prediction has moved on without that claim: every prediction ends once, with
 one set of outputs. A lease that runs out (its worker was killed, lost power or the network) puts
 the prediction back in the queue for any worker, up to ``--max-attempts`` runs.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -57,7 +60,7 @@ def interrupted_too_often(attempts: int) -> str:
 
 class Lifecycle:
     def __init__(self, settings: Settings, store: Store, files: FileStore, hub: Hub,
-                 metrics: ServerMetrics | None = None):
+                 metrics: ServerMetrics | None = None, holder: str | None = None):
         self.settings = settings
         self.store = store
         self.files = files
@@ -69,6 +72,8 @@ class Lifecycle:
         self.requeue_requested: set[str] = set()  # running predictions a stopping server puts back
         self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
         self.node = secrets.token_hex(6)  # this process, in the events it tells other nodes
+        # This node in its leases: the same after a restart on the same data folder (see recover).
+        self.holder = holder or f"{socket.gethostname()}-{self.node}"
         self._cancel_checked: dict[str, float] = {}  # when each running prediction's cancel was last read
         # A node holds an owed final webhook this long (its POSTs and retries fit) before another may send it.
         self.webhook_hold_s = settings.webhook_retry_s + 2 * WEBHOOK_TIMEOUT_S + 10
@@ -95,7 +100,7 @@ class Lifecycle:
 
     def claim(self) -> PredictionRecord | None:
         """The oldest queued prediction, now ``processing`` under a fresh lease; None if none waits."""
-        record = self.store.claim_next(now(), secrets.token_hex(16), self.settings.lease_s)
+        record = self.store.claim_next(now(), f"{self.holder}/{secrets.token_hex(16)}", self.settings.lease_s)
         if record is not None:
             self._publish(record.id, "start")
         return record
@@ -123,10 +128,13 @@ class Lifecycle:
         if at - self._cancel_checked.get(prediction_id, 0.0) < CANCEL_CHECK_S:
             return False
         self._cancel_checked[prediction_id] = at
-        if self.store.cancel_requested(prediction_id):
-            self.cancel_requested.add(prediction_id)
-            return True
-        return False
+        reason = self.store.cancel_request(prediction_id)
+        if reason is None:
+            return False
+        if reason:  # a deadline's words, set on whichever node saw it pass
+            self.cancel_reasons.setdefault(prediction_id, reason)
+        self.cancel_requested.add(prediction_id)
+        return True
 
     # -- outcomes of a run --------------------------------------------------------------------
 
@@ -157,7 +165,10 @@ class Lifecycle:
         logs += "The server is stopping; this prediction goes back to the queue.\n"
         moved = self.store.move(run.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=run.lease,
                                 started_at=None, lease=None, lease_expires_at=None, logs=logs)
-        return Status.STARTING if moved is not None else None
+        if moved is None:
+            return None
+        self._queued(run.id)  # idle workers of the other nodes take it now, not at their next look
+        return Status.STARTING
 
     def _end(self, run: PredictionRecord, status: Status, expired_before: float | None = None, **fields: Any) -> bool:
         at = now()
@@ -202,7 +213,8 @@ class Lifecycle:
             if reason:
                 self.cancel_reasons.setdefault(prediction_id, reason)
             self.cancel_requested.add(prediction_id)
-            self.store.request_cancel(prediction_id, now())  # a restart before it stops ends it canceled
+            # Recorded with its reason: the node running it logs the same words; a restart ends it canceled.
+            self.store.request_cancel(prediction_id, now(), reason)
             record = self.store.get_prediction(prediction_id)
         return record
 
@@ -240,10 +252,11 @@ class Lifecycle:
         """At startup, what was running when the server stopped: it runs again, unless it was asked to
         stop (it ends canceled) or it has been interrupted ``--max-attempts`` times already (it fails:
         a prediction that takes its worker down with it must not do so after every restart). The
-        ids queued again. On a shared database a running prediction may be another node's: only those
-        whose lease ran out are settled (see expire_leases), the rest when theirs does."""
+        ids queued again. On a shared database a running prediction may be another node's: those
+        this node held before it restarted are settled now, the others once their lease runs out
+        (see expire_leases)."""
         if self.store.shared:
-            return self.expire_leases()
+            return self.settle_own_leases() + self.expire_leases()
         for record in self.store.interrupted():  # a database of one: every run in it was this server's
             self._settle_interrupted(record, None)
         ids = self.store.requeue_interrupted()
@@ -269,10 +282,29 @@ class Lifecycle:
             self._queued(pid)
         return queued
 
+    def settle_own_leases(self) -> list[str]:
+        """At startup on a shared database: the runs this node (its holder id) held when it stopped.
+        No process of it runs them now (it holds its data folder alone), so they are settled at once,
+        as after a restart on SQLite. The ids queued again."""
+        queued = []
+        for record in self.store.leases_held_by(self.holder):
+            if self._settle_interrupted(record, None):
+                continue
+            logs = record.logs + "The node running this prediction restarted; it runs again.\n"
+            moved = self.store.move(record.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=record.lease,
+                                    started_at=None, lease=None, lease_expires_at=None, logs=logs)
+            if moved is not None:
+                log.warning("prediction %s was interrupted by this node's restart; it runs again", record.id)
+                queued.append(record.id)
+        for pid in queued:
+            self._queued(pid)
+        return queued
+
     def _settle_interrupted(self, record: PredictionRecord, at: float | None) -> bool:
         """End an interrupted run that must not run again (canceled, or out of attempts); True if it ended."""
         if record.cancel_requested_at is not None:
-            logs = record.logs + "The server restarted after this prediction was canceled; it does not run again.\n"
+            logs = record.logs + (f"{record.cancel_reason}\n" if record.cancel_reason else "")
+            logs += "The server restarted after this prediction was canceled; it does not run again.\n"
             self._end(record, Status.CANCELED, expired_before=at, logs=logs)
             log.warning("prediction %s was canceled before its run was interrupted; it ends canceled", record.id)
             return True

@@ -37,6 +37,7 @@ class PredictionRecord:
     input_bytes: int = 0
     output_bytes: int = 0
     cancel_requested_at: float | None = None  # a cancel asked while it ran
+    cancel_reason: str | None = None  # why (a deadline's words), for the logs of whichever node stops it
     lease: str | None = None  # the claim's token: only its holder may record an outcome
     lease_expires_at: float | None = None  # unless renewed by then, the run is taken as dead
     webhook_due: float | None = None  # a final webhook is owed; its sender holds it until then

@@ -79,7 +79,8 @@ _ADDED_COLUMNS = {
     "predictions": (("cancel_at", "REAL"), ("input_blobs", "TEXT"), ("input_bytes", "INTEGER NOT NULL DEFAULT 0"),
                     ("output_bytes", "INTEGER NOT NULL DEFAULT 0"), ("cancel_requested_at", "REAL"),
                     ("lease", "TEXT"), ("lease_expires_at", "REAL"),
-                    ("webhook_due", "REAL"), ("api", "TEXT"), ("api_data", "TEXT")),
+                    ("webhook_due", "REAL"), ("api", "TEXT"), ("api_data", "TEXT"),
+                    ("cancel_reason", "TEXT")),
     "files": (("owner", "TEXT"),),
 }
 # Indexes on added columns: made once the columns exist.
@@ -242,6 +243,13 @@ class Store:
                          "AND (lease_expires_at IS NULL OR lease_expires_at < ?) ORDER BY seq LIMIT ?", (now, limit))
         return [_record(r) for r in rows]
 
+    def leases_held_by(self, holder: str) -> list[PredictionRecord]:
+        """Running predictions claimed under a lease of ``holder`` (a node: ``<holder>/<token>``), oldest first."""
+        prefix = f"{holder}/"
+        rows = self._all("SELECT * FROM predictions WHERE status = 'processing' AND substr(lease, 1, ?) = ? "
+                         "ORDER BY seq", (len(prefix), prefix))
+        return [_record(r) for r in rows]
+
     def claim_owed_webhooks(self, now: float, until: float, limit: int = 50) -> list[PredictionRecord]:
         """Ended predictions whose final webhook is owed and no longer held by a sender (its node
         died or stopped first), now held by the caller until ``until``."""
@@ -256,13 +264,21 @@ class Store:
 
     def cancel_requested(self, prediction_id: str) -> bool:
         """Whether a cancel was asked of this running prediction (on any node)."""
-        return self._one("SELECT 1 AS asked FROM predictions WHERE id = ? AND status = 'processing' "
-                         "AND cancel_requested_at IS NOT NULL", (prediction_id,)) is not None
+        return self.cancel_request(prediction_id) is not None
 
-    def request_cancel(self, prediction_id: str, at: float) -> bool:
-        """Record that a running prediction was asked to stop, so that a restart ends it canceled."""
-        return self._run("UPDATE predictions SET cancel_requested_at = ? WHERE id = ? AND status = 'processing'",
-                          (at, prediction_id)) > 0
+    def cancel_request(self, prediction_id: str) -> str | None:
+        """The reason of the cancel asked of this running prediction (on any node): "" when it was
+        given none (a user's cancel); None when none was asked."""
+        row = self._one("SELECT cancel_reason FROM predictions WHERE id = ? AND status = 'processing' "
+                        "AND cancel_requested_at IS NOT NULL", (prediction_id,))
+        return None if row is None else (row["cancel_reason"] or "")
+
+    def request_cancel(self, prediction_id: str, at: float, reason: str | None = None) -> bool:
+        """Record that a running prediction was asked to stop (and why: the first reason given stays),
+        so that the node running it logs that reason and a restart ends it canceled."""
+        return self._run("UPDATE predictions SET cancel_requested_at = COALESCE(cancel_requested_at, ?), "
+                         "cancel_reason = COALESCE(cancel_reason, ?) WHERE id = ? AND status = 'processing'",
+                         (at, reason, prediction_id)) > 0
 
     def interrupted(self) -> list[PredictionRecord]:
         """At startup: the predictions that were running when the server stopped."""
