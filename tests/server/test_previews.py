@@ -257,3 +257,20 @@ def test_no_previews_turns_them_off(server_factory, big_picture):
     prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW), stream=True)
     text = httpx.get(prediction.urls["stream"] + "?previews=true", timeout=120).text
     assert [e["event"] for e in sse_events(text)][-2:] == ["output", "done"] and "preview" not in text
+
+
+def test_previews_made_on_a_worker_node_reach_an_api_node_s_stream(server_factory, postgres_url, tmp_path,
+                                                                   big_picture):
+    """PostgreSQL: the worker keeps each preview in the shared database and tells the other nodes;
+    the API node's stream (and its GET preview) serve it."""
+    blobs = str(tmp_path / "blobs")
+    api = server_factory("--database", postgres_url, "--blob-dir", blobs, "--no-workers")
+    server_factory("--database", postgres_url, "--blob-dir", blobs, "--preview-interval-s", "0.01", command="worker")
+    client = replicate.Client(base_url=api.url, api_token="none")
+    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW), stream=True)
+    text = httpx.get(prediction.urls["stream"] + "?previews=true", timeout=120).text
+    events = sse_events(text)
+    assert [e["event"] for e in events][-2:] == ["output", "done"]
+    previews = [json.loads(e["data"]) for e in events if e["event"] == "preview"]
+    assert previews and previews[0]["image"].startswith("data:image/webp;base64,")
+    assert httpx.get(f"{api.url}/v1/predictions/{prediction.id}/preview", timeout=10).status_code == 404  # it ended
