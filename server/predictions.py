@@ -49,7 +49,7 @@ from .protocol import (
     not_unicode,
 )
 from .quotas import Quotas
-from .records import PredictionRecord
+from .records import PredictionRecord, PreviewRecord
 from .settings import Settings
 from .store import Store, now
 from .stored_inputs import Stored
@@ -305,6 +305,12 @@ class PredictionService:
             return None
         return record
 
+    def preview(self, prediction_id: str, caller: Caller | None = None) -> PreviewRecord | None:
+        """The latest preview of a running prediction the caller may see; None if there is none."""
+        if self.get(prediction_id, caller) is None:
+            return None
+        return self.store.get_preview(prediction_id)
+
     def page(self, caller: Caller, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
              created_before: str | None) -> Response:
         """A list page of the caller's predictions (an admin's: everyone's); data: outputs, when
@@ -417,6 +423,7 @@ class PredictionService:
         for f in self.store.expired_files(now()):
             self.files.delete_upload(f.id)
         self.files.sweep()  # copies of files another node removed (files kept in the database)
+        self.store.drop_stale_previews()
         return removed
 
 

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=16, description="Connections open at once (at most the open-files limit less 256). Past it the connection idle the longest is closed; when all are busy with a request, a new one gets 503.")
     backlog: int = Field(2048, ge=1, description="Connections the operating system queues before the server accepts them.")
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request line and headers, in bytes (400 past it).")
+    previews: bool = Field(True, description="Keep a preview of each running prediction's picture as it forms (a cheap linear projection of the latents, a WebP at most every --preview-interval-s, at most 8 a prediction), for GET /v1/predictions/{id}/preview, streams opened with ?previews=true and the web page. --no-previews turns them off; the denoising then does nothing for them.")
+    preview_interval_s: float = Field(0.5, gt=0, description="Least time between two previews of a running prediction, in seconds.")
     log_level: str = Field("info")
 
     @field_validator("gpus", "api_tokens", "admin_tokens", mode="before")
