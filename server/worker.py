@@ -158,7 +158,7 @@ class Worker(threading.Thread):
                 cancelled=cancelled,
                 log=logs.line,
             )
-            names = service.files.write_outputs(pid, outputs)
+            names = service.files.write_outputs(pid, service.final_outputs(run, outputs))
             lifecycle.succeed(run, names, logs.text, time.monotonic() - started)
         except Requeued:
             lifecycle.requeue(run, logs.text, time.monotonic() - started)
