@@ -36,6 +36,7 @@ from . import images as imageio
 from .errors import Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
 from .inputs import MAX_OUTPUTS, PredictionInput
 from .lora import LoraManager, LoraSettings
+from .previews import Known, PreviewCallback, Previews, PreviewWanted
 from .sizing import output_size
 from .weights import LoadedModel
 
@@ -90,9 +91,11 @@ class Scene:
 
 
 class _Progress:
-    def __init__(self, total: int, on_step: StepCallback | None, cancelled: CancelCheck | None):
+    def __init__(self, total: int, on_step: StepCallback | None, cancelled: CancelCheck | None,
+                 previews: Previews | None = None):
         self.total, self.done = total, 0
         self.on_step, self.cancelled = on_step, cancelled
+        self.previews = previews  # None: the loop takes none (and does nothing more than without them)
 
     def check(self) -> None:
         if self.cancelled is not None and self.cancelled():
@@ -143,7 +146,14 @@ class Engine:
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
         log: LogFn | None = None,
+        on_preview: PreviewCallback | None = None,
+        preview_wanted: PreviewWanted | None = None,
     ) -> list[Output]:
+        """Run one prediction. ``on_step(done, total)`` after each denoising step; ``cancelled()`` is
+        asked between steps (True stops it with :class:`Cancelled`); ``log`` gets the prediction's
+        log lines. ``on_preview`` gets a few :class:`inference.previews.Preview` of the picture as
+        it forms (at most ``MAX_PREVIEWS``), each when ``preview_wanted()`` (asked at a few steps)
+        says yes; without ``on_preview`` the loop takes none."""
         import torch
 
         log = log or logger.info
@@ -164,10 +174,11 @@ class Engine:
             with torch.inference_mode():
                 embeds = self.encode_prompt(inp.prompt, log)
                 stop.check()
+                previews = (on_preview, preview_wanted) if on_preview is not None else None
                 if inp.crop_to_mask:
-                    pictures = self.generate_regions(inp, scene, seeds, embeds, on_step, cancelled, log)
+                    pictures = self.generate_regions(inp, scene, seeds, embeds, on_step, cancelled, log, previews)
                 else:
-                    pictures = self.generate_whole(inp, scene, seeds, embeds, on_step, cancelled, log)
+                    pictures = self.generate_whole(inp, scene, seeds, embeds, on_step, cancelled, log, previews)
                 kept = self.check_safety(inp, pictures, seeds, log)
         stop.check()
         return self.encode(inp, kept, seeds)
@@ -240,10 +251,11 @@ class Engine:
             self._prompts.popitem(last=False)
         return prompt_embeds, pooled
 
-    def generate_whole(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log) -> list[Image.Image]:
+    def generate_whole(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log,
+                       previews=None) -> list[Image.Image]:
         size = _generated_size(scene.image.width, scene.image.height, inp.megapixels)
         log(f"Generating {len(seeds)} output(s) at {size[0]}x{size[1]}")
-        progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)), on_step, cancelled)
+        progress = _progress(inp.num_inference_steps * self._calls(len(seeds)), on_step, cancelled, previews)
         image = _resized(scene.image, size)
         user_mask = scene.mask_at(size)
         scale = size[0] / scene.image.width
@@ -256,7 +268,8 @@ class Engine:
             pictures = [composite(image, p, user_mask, grow, blur) for p in pictures]
         return pictures
 
-    def generate_regions(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log) -> list[Image.Image]:
+    def generate_regions(self, inp, scene: Scene, seeds, embeds, on_step, cancelled, log,
+                         previews=None) -> list[Image.Image]:
         """crop_to_mask: generate each masked region at the megapixel budget, stitch it into the
         full-resolution image, which keeps its size."""
         from .compositing import composite, mask_regions, region_size_for_budget
@@ -279,7 +292,8 @@ class Engine:
             sizes = [region_size_for_budget(x1 - x0, y1 - y0, inp.megapixels) for x0, y0, x1, y1 in boxes]
         except ValueError as exc:
             raise InvalidInput.one("mask", "size", f"a masked region cannot be generated: {exc}") from None
-        progress = _Progress(inp.num_inference_steps * self._calls(len(seeds)) * len(boxes), on_step, cancelled)
+        progress = _progress(inp.num_inference_steps * self._calls(len(seeds)) * len(boxes), on_step, cancelled,
+                             previews)
         for box, size in zip(boxes, sizes):
             x0, y0, x1, y1 = box
             log(f"Region {x0},{y0}-{x1},{y1} generated at {size[0]}x{size[1]}")
@@ -298,6 +312,8 @@ class Engine:
         width, height = image.size
         prompt_embeds, pooled = embeds
         condition = self.masked_image_latents(image, mask, prompt_embeds.dtype)
+        if progress.previews is not None:  # a preview shows the known pixels outside the mask as they are
+            progress.previews.known = Known(image.convert("RGB"), mask.convert("L"))
         pictures: list[Image.Image] = []
         for start in range(0, len(seeds), self.settings.max_batch):
             chunk = seeds[start : start + self.settings.max_batch]
@@ -342,8 +358,9 @@ class Engine:
         encoder_states = prompt_embeds.expand(n, -1, -1)
         pooled = pooled.expand(n, -1)
         condition = condition.expand(n, -1, -1)
+        previews = progress.previews
         with torch.inference_mode():
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
                 noise_pred = pipe.transformer(
                     hidden_states=torch.cat((latents, condition), dim=2),
                     timestep=t.expand(n).to(latents.dtype) / 1000,
@@ -354,6 +371,10 @@ class Engine:
                     img_ids=image_ids,
                     return_dict=False,
                 )[0]
+                if previews is not None and previews.due(progress.done + 1):
+                    # x0 from the latents before this step; sigmas[i] stays on the device (no sync).
+                    previews.take(latents, noise_pred, scheduler.sigmas[i], progress.done + 1, width, height,
+                                  pipe.vae_scale_factor)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 progress.advance()
         return latents
@@ -465,6 +486,12 @@ class Engine:
             go_fast = inp.go_fast and self.settings.fast_mode
             return self.accelerator.run(go_fast=go_fast, lora_active=bool(inp.lora_weights))
         return contextlib.nullcontext()
+
+
+def _progress(total: int, on_step, cancelled, previews) -> _Progress:
+    """A prediction's progress; ``previews`` is (on_preview, wanted) or None."""
+    taker = Previews(previews[0], previews[1], total) if previews is not None else None
+    return _Progress(total, on_step, cancelled, taker)
 
 
 def _resized(img: Image.Image, size: tuple[int, int]) -> Image.Image:

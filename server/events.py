@@ -1,7 +1,8 @@
 """Fan-out of prediction events from worker threads to the event loop.
 
-The lifecycle publishes ``start``, ``logs``, ``output`` and ``completed`` for a prediction; streams,
-``Prefer: wait`` requests and the webhook sender listen. On a shared database the events of other
+The lifecycle publishes ``start``, ``logs``, ``output`` and ``completed`` for a prediction, and
+``preview`` when a running prediction has a new preview of its picture (see server.previews);
+streams, ``Prefer: wait`` requests and the webhook sender listen (webhooks never carry previews). On a shared database the events of other
 nodes arrive too (see Lifecycle.remote_event). The database stays the record: an event only says
 "look again".
 """
@@ -13,6 +14,9 @@ from collections import defaultdict
 from typing import Callable
 
 Listener = Callable[[str, str], None]  # (prediction_id, event)
+
+START, LOGS, OUTPUT, COMPLETED = "start", "logs", "output", "completed"
+PREVIEW = "preview"  # a new latest preview (Store.get_preview); only while the prediction runs
 
 
 class Hub:

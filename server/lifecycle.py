@@ -30,7 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .events import Hub
+from .events import PREVIEW, Hub
 from .protocol import Status
 from .records import PredictionRecord
 from .settings import Settings
@@ -115,6 +115,15 @@ class Lifecycle:
         if self.store.update_prediction(run.id, held_by=run.lease, logs=text):
             self._publish(run.id, "logs")
 
+    def preview(self, run: PredictionRecord, step: int, total: int, content_type: str, data: bytes) -> bool:
+        """The run's latest preview (an encoded image after ``step`` of ``total`` steps), kept while
+        its claim holds it, then told to streams here and on the other nodes (never to webhooks).
+        False when the run no longer holds the prediction: nothing is kept."""
+        if not self.store.put_preview(run.id, run.lease, step, total, content_type, data, now()):
+            return False
+        self._publish(run.id, PREVIEW)
+        return True
+
     def stop_wanted(self, prediction_id: str) -> bool:
         """A cancel (a user's, or a deadline's, asked of any node) waits for this running prediction."""
         if prediction_id in self.cancel_requested:
@@ -173,6 +182,10 @@ class Lifecycle:
         return True
 
     def _ended(self, record: PredictionRecord) -> None:
+        try:
+            self.store.drop_preview(record.id)  # a preview is of a running prediction only
+        except Exception as exc:  # retention drops it later
+            log.warning("could not drop the preview of prediction %s: %s", record.id, exc)
         self.cancel_requested.discard(record.id)
         self.cancel_reasons.pop(record.id, None)
         self.forget(record.id)
@@ -330,8 +343,8 @@ class Lifecycle:
     # -- events to webhooks and metrics (on the event loop) ------------------------------------
 
     def _delivered(self, prediction_id: str, event: str) -> None:
-        if self.webhooks is None and self.metrics is None:
-            return
+        if event == PREVIEW or (self.webhooks is None and self.metrics is None):
+            return  # previews are for streams; a webhook event list has no such event
         record = self.store.get_prediction(prediction_id)
         if record is None:
             return

@@ -427,6 +427,7 @@ class PredictionService:
                 removed += 1
         for f in self.store.expired_files(now()):
             self.files.delete_upload(f.id)
+        self.store.drop_stale_previews()
         return removed
 
 

@@ -1,4 +1,4 @@
-"""Typed records of what the store keeps: a prediction and an uploaded file.
+"""Typed records of what the store keeps: a prediction, an uploaded file, a running prediction's preview.
 
 The store backends turn their rows into these and nothing else reads rows; every other module
 reads attributes, so a renamed or retyped column fails in one place, not in six.
@@ -66,3 +66,16 @@ class FileRecord:
     seq: int = 0
     expires_at: float | None = None
     owner: str | None = None
+
+
+@dataclass(frozen=True)
+class PreviewRecord:
+    """The latest preview of a running prediction: an encoded image of the picture as it forms,
+    after ``step`` of ``total`` denoising steps. Kept only while the prediction runs."""
+
+    prediction_id: str
+    step: int
+    total: int
+    content_type: str
+    data: bytes
+    created_at: float

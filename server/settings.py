@@ -88,6 +88,8 @@ class Settings(BaseSettings):
         default_factory=lambda: list(OPENAI_MODELS),
         description="Model names OpenAI's image API (/v1/images/edits, /v1/images/generations) accepts, comma-separated; "
                     "all run this server's model. A request without a model is accepted; '*' accepts any name.")
+    previews: bool = Field(True, description="Keep a preview of each running prediction's picture as it forms (a cheap linear projection of the latents, a WebP at most every --preview-interval-s, at most 8 a prediction), for GET /v1/predictions/{id}/preview, streams opened with ?previews=true and the web page. --no-previews turns them off; the denoising then does nothing for them.")
+    preview_interval_s: float = Field(0.5, gt=0, description="Least time between two previews of a running prediction, in seconds.")
     log_level: str = Field("info")
 
     @field_validator("gpus", "api_tokens", "admin_tokens", "openai_models", mode="before")

@@ -17,7 +17,7 @@ from dataclasses import fields as dataclass_fields
 from typing import Any, Iterable
 
 from .protocol import Status
-from .records import FileRecord, PredictionRecord
+from .records import FileRecord, PredictionRecord, PreviewRecord
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,14 @@ CREATE TABLE IF NOT EXISTS files (
     expires_at REAL,
     path TEXT NOT NULL,
     owner TEXT
+);
+CREATE TABLE IF NOT EXISTS previews (
+    prediction_id TEXT PRIMARY KEY,
+    step INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
@@ -378,6 +386,38 @@ class Store:
         with self.lock:
             self.db.execute("VACUUM")
 
+    # -- previews -----------------------------------------------------------------------------
+    # One row per running prediction, its latest preview, replaced in place; dropped when it ends.
+
+    def put_preview(self, prediction_id: str, held_by: str, step: int, total: int, content_type: str,
+                    data: bytes, at: float) -> bool:
+        """Keep this preview as the prediction's latest, only while the claim ``held_by`` holds the
+        running prediction (a run that lost it, or one that ended, writes nothing). True if kept."""
+        return self._run(
+            "INSERT INTO previews (prediction_id, step, total, content_type, data, created_at) "
+            "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM predictions WHERE id = ? AND lease = ? "
+            "AND status = 'processing') ON CONFLICT (prediction_id) DO UPDATE SET step = excluded.step, "
+            "total = excluded.total, content_type = excluded.content_type, data = excluded.data, "
+            "created_at = excluded.created_at",
+            (prediction_id, step, total, content_type, data, at, prediction_id, held_by)) > 0
+
+    def get_preview(self, prediction_id: str) -> PreviewRecord | None:
+        row = self._one("SELECT * FROM previews WHERE prediction_id = ?", (prediction_id,))
+        if row is None:
+            return None
+        return PreviewRecord(prediction_id=row["prediction_id"], step=int(row["step"]), total=int(row["total"]),
+                             content_type=row["content_type"], data=bytes(row["data"]),
+                             created_at=float(row["created_at"]))
+
+    def drop_preview(self, prediction_id: str) -> None:
+        self._run("DELETE FROM previews WHERE prediction_id = ?", (prediction_id,))
+
+    def drop_stale_previews(self) -> int:
+        """Retention: the previews of predictions that no longer run (a node died before it dropped
+        them, or a preview was written as its prediction ended). The number dropped."""
+        return self._run("DELETE FROM previews WHERE prediction_id NOT IN "
+                         "(SELECT id FROM predictions WHERE status = 'processing')")
+
     # -- files --------------------------------------------------------------------------------
 
     def insert_file(self, **fields: Any) -> None:
@@ -449,7 +489,7 @@ class SqliteStore(Store):
 PG_SCHEMA = (SCHEMA.replace("seq INTEGER PRIMARY KEY AUTOINCREMENT", "seq BIGSERIAL PRIMARY KEY")
              .replace(" REAL", " DOUBLE PRECISION").replace(" INTEGER NOT NULL DEFAULT 0", " BIGINT NOT NULL DEFAULT 0")
              .replace("CREATE TABLE IF NOT EXISTS files (\n", "CREATE TABLE IF NOT EXISTS files (\n    seq BIGSERIAL UNIQUE,\n")
-             .replace(" INTEGER NOT NULL,", " BIGINT NOT NULL,"))
+             .replace(" INTEGER NOT NULL,", " BIGINT NOT NULL,").replace(" BLOB ", " BYTEA "))
 
 
 class PostgresStore(Store):

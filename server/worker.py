@@ -22,6 +22,7 @@ from inference.inputs import parse_input
 from .fetching import OwnFetches, came_back
 from .lifecycle import Lifecycle
 from .predictions import PredictionService
+from .previews import PreviewSender
 from .records import PredictionRecord
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Worker(threading.Thread):
         self.run_held: PredictionRecord | None = None  # the claim the heartbeat keeps alive
         self.lost: str | None = None  # the prediction whose lease the heartbeat found gone
         self.heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{device}", daemon=True)
+        self.previews = PreviewSender(self.lifecycle, service.settings, name=f"previews-{device}")
 
     def start(self) -> None:
         super().start()
@@ -129,6 +131,7 @@ class Worker(threading.Thread):
                 self.process(run)
             except Exception:  # recording the outcome failed; the prediction is re-queued at the next start
                 log.exception("could not record the outcome of prediction %s", run.id)
+        self.previews.close()
 
     def process(self, run: PredictionRecord) -> None:
         """Run one claimed prediction to its outcome, recorded by the lifecycle under the claim's lease."""
@@ -157,6 +160,7 @@ class Worker(threading.Thread):
                 on_step=logs.progress,
                 cancelled=cancelled,
                 log=logs.line,
+                **self.previews.for_run(run),
             )
             names = service.files.write_outputs(pid, service.final_outputs(run, outputs))
             lifecycle.succeed(run, names, logs.text, time.monotonic() - started)
