@@ -104,3 +104,12 @@ def fit_outputs(outputs: list, api_data: dict[str, Any] | None) -> list:
         data = fitted(out.data, (size[0], size[1]), engine_format, quality)
         fitted_outputs.append(out if data is None else dataclasses.replace(out, data=data, width=size[0], height=size[1]))
     return fitted_outputs
+
+
+def converted(data: bytes, size: tuple[int, int], output_format: str, quality: int) -> bytes:
+    """A preview (any image) in the request's format and exact size."""
+    with Image.open(io.BytesIO(data)) as img:
+        picture = img.convert("RGB")
+        if picture.size != tuple(size):
+            picture = picture.resize(tuple(size), Image.Resampling.LANCZOS)
+        return encode_image(picture, output_format, quality)

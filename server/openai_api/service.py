@@ -29,7 +29,7 @@ from ..auth import Caller
 from ..protocol import ApiError, PredictionRequest, Status
 from ..records import PredictionRecord
 from ..state import AppState
-from .pictures import Pictures, edit_pictures, generation_pictures
+from .pictures import Pictures, converted, edit_pictures, generation_pictures
 from .protocol import (
     ENGINE_FORMATS,
     CompletedEvent,
@@ -255,16 +255,28 @@ class OpenAIImages:
 
     async def events(self, ids: list[str], options: ImageOptions, pictures: Pictures,
                      endpoint: str) -> AsyncIterator[ServerSentEvent]:
-        """OpenAI's streamed events: ``<kind>.partial_image`` while each prediction denoises (up to
-        ``partial_images`` of each), then ``<kind>.completed`` for each image. A client that goes
-        away cancels what is still running; a failure is an ``error`` event in OpenAI's error shape."""
+        """OpenAI's streamed events: ``<kind>.partial_image`` while each prediction denoises (its
+        live previews, up to ``partial_images`` of each prediction, in the request's format and
+        size), then ``<kind>.completed`` for each image. A client that goes away cancels what is
+        still running; a failure is an ``error`` event in OpenAI's error shape."""
         prefix = EVENT_PREFIX[endpoint]
         shape = {"size": "x".join(map(str, pictures.size)), "quality": self.quality_name(options),
                  "output_format": options.output_format}
-        finished = False
+        finished, index = False, 0  # index: of the partial images, all predictions of the request together
         try:
             for pid in ids:
-                record = await self.until_ended(pid)
+                record = None
+                async for item in self.progress(pid, options.partial_images):
+                    if isinstance(item, bytes):
+                        data = await run_in_threadpool(converted, item, pictures.size,
+                                                       ENGINE_FORMATS[options.output_format], options.output_compression)
+                        event = PartialImageEvent(type=f"{prefix}.partial_image", b64_json=base64.b64encode(data).decode(),
+                                                  partial_image_index=index, created_at=int(time.time()),
+                                                  **shape)
+                        index += 1
+                        yield ServerSentEvent(event=event.type, data=event.model_dump_json())
+                    else:
+                        record = item
                 try:
                     self.check_succeeded([record])
                 except OpenAIError as exc:
@@ -281,17 +293,28 @@ class OpenAIImages:
             if not finished:
                 self.cancel(ids)
 
-    async def until_ended(self, prediction_id: str) -> PredictionRecord:
+    async def progress(self, prediction_id: str, partial_images: int) -> AsyncIterator[bytes | PredictionRecord | None]:
+        """A prediction's new previews (their bytes, at most ``partial_images``) while it runs, then
+        its record once it has ended (None if it is gone)."""
         queue = self.service.hub.subscribe(prediction_id)
+        sent, last_step = 0, -1
         try:
             while True:
                 record = self.service.get(prediction_id)
                 if record is None or record.status.terminal:
-                    return record
+                    yield record
+                    return
+                if sent < partial_images:
+                    preview = self.service.store.get_preview(prediction_id)
+                    if preview is not None and preview.step > last_step:
+                        last_step, sent = preview.step, sent + 1
+                        yield preview.data
                 try:
                     await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
                 except asyncio.TimeoutError:
-                    pass
+                    continue
+                while not queue.empty():  # an event only says "look again": once is enough
+                    queue.get_nowait()
         finally:
             self.service.hub.unsubscribe(prediction_id, queue)
 

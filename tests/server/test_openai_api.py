@@ -35,7 +35,8 @@ def server(tmp_path_factory, tiny_dir):
     from tests.helpers import LiveServer
 
     live = LiveServer(tmp_path_factory.mktemp("openai") / "data",
-                      args=["--weights", str(tiny_dir), "--api-token", TOKEN]).start()
+                      args=["--weights", str(tiny_dir), "--api-token", TOKEN,
+                                "--preview-interval-s", "0.02"]).start()
     yield live
     live.stop()
 
@@ -214,4 +215,24 @@ def test_streaming_sends_openais_events(client):
     assert [e.type for e in events] == ["image_edit.completed", "image_edit.completed"]
     assert picture(events[0].b64_json).size == (64, 64) and events[0].size == "64x64"
     stream = client.images.generate(prompt="x", size="32x32", quality="low", stream=True)
+    assert [e.type for e in stream] == ["image_generation.completed"]
+
+
+def test_streaming_sends_the_live_previews_as_partial_images(client):
+    """50 steps: the previews taken while it denoises come first, in the asked format and size."""
+    stream = client.images.generate(prompt="x", size="160x96", quality="max", stream=True, partial_images=2,
+                                    output_format="jpeg")
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "image_generation.completed" and 1 <= len(kinds) - 1 <= 2, kinds
+    partials = events[:-1]
+    assert {e.type for e in partials} == {"image_generation.partial_image"}
+    assert [e.partial_image_index for e in partials] == list(range(len(partials)))
+    for event in partials + [events[-1]]:
+        shown = picture(event.b64_json)
+        assert shown.format == "JPEG" and shown.size == (160, 96) and event.size == "160x96"
+
+
+def test_without_partial_images_no_preview_is_streamed(client):
+    stream = client.images.generate(prompt="x", size="64x64", quality="max", stream=True)
     assert [e.type for e in stream] == ["image_generation.completed"]
