@@ -27,6 +27,7 @@ from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from .routes import files as files_routes
 from .routes import models as model_routes
+from .routes import openai as openai_routes
 from .routes import predictions as prediction_routes
 from .routes import system as system_routes
 from .routes import ui as ui_routes
@@ -173,7 +174,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
 
     routers = (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
                files_routes.outputs_router, system_routes.router, system_routes.metrics_router, system_routes.public_router,
-               ui_routes.router)
+               ui_routes.router, openai_routes.router)
     if role == "worker":  # a worker node answers its health and metrics, nothing else
         routers = (system_routes.public_router, system_routes.metrics_router)
     for router in routers:

@@ -35,6 +35,7 @@ from .bodies import LargeStrings, data_uri_file, text_file
 from .events import Hub
 from .files import FileStore, disk_guard, is_disk_full, new_id
 from .lifecycle import Lifecycle
+from .openai_api.pictures import fit_outputs
 from .pages import paginate, parse_cursor
 from .protocol import (
     MODEL_REF,
@@ -120,13 +121,23 @@ class PredictionService:
             return None
         if self.output_form(listing) == "url":
             base = self.base_for(request_base)
-            return [f"{base}/outputs/{record.id}/{record.output_token}/{name}" for name in names]
+            return [self.output_url(record, name, base) for name in names]
         if body is not None:
             paths = [(self.files.output_path(record.id, name), name) for name in names]
             return [body.add(data_uri_file(path, OUTPUT_CONTENT_TYPES[name.rsplit(".", 1)[-1]]))
                     for path, name in paths if path is not None]
         uris = [self.files.data_uri(record.id, name) for name in names]
         return [u for u in uris if u is not None]
+
+    def output_url(self, record: PredictionRecord, name: str, base: str) -> str:
+        """Where this server serves one output: no token, an unguessable URL (routes/files.py)."""
+        return f"{base}/outputs/{record.id}/{record.output_token}/{name}"
+
+    def final_outputs(self, record: PredictionRecord, outputs: list) -> list:
+        """The engine's outputs as they are recorded: an OpenAI request's are scaled to its exact size."""
+        if record.api == "openai":
+            return fit_outputs(outputs, record.api_data)
+        return outputs
 
     def stored(self, record: PredictionRecord) -> list[Stored]:
         return [Stored.of(ref) for ref in record.input_blobs]

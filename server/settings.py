@@ -16,6 +16,7 @@ from inference.images import DEFAULT_MAX_PIXELS, FetchPolicy
 from inference.inputs import MAX_OUTPUTS
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+OPENAI_MODELS = ("flux-fill-dev", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3")
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -83,11 +84,15 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=16, description="Connections open at once (at most the open-files limit less 256). Past it the connection idle the longest is closed; when all are busy with a request, a new one gets 503.")
     backlog: int = Field(2048, ge=1, description="Connections the operating system queues before the server accepts them.")
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request line and headers, in bytes (400 past it).")
+    openai_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(OPENAI_MODELS),
+        description="Model names OpenAI's image API (/v1/images/edits, /v1/images/generations) accepts, comma-separated; "
+                    "all run this server's model. A request without a model is accepted; '*' accepts any name.")
     previews: bool = Field(True, description="Keep a preview of each running prediction's picture as it forms (a cheap linear projection of the latents, a WebP at most every --preview-interval-s, at most 8 a prediction), for GET /v1/predictions/{id}/preview, streams opened with ?previews=true and the web page. --no-previews turns them off; the denoising then does nothing for them.")
     preview_interval_s: float = Field(0.5, gt=0, description="Least time between two previews of a running prediction, in seconds.")
     log_level: str = Field("info")
 
-    @field_validator("gpus", "api_tokens", "admin_tokens", mode="before")
+    @field_validator("gpus", "api_tokens", "admin_tokens", "openai_models", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):

@@ -162,7 +162,7 @@ class Worker(threading.Thread):
                 log=logs.line,
                 **self.previews.for_run(run),
             )
-            names = service.files.write_outputs(pid, outputs)
+            names = service.files.write_outputs(pid, service.final_outputs(run, outputs))
             lifecycle.succeed(run, names, logs.text, time.monotonic() - started)
         except Requeued:
             lifecycle.requeue(run, logs.text, time.monotonic() - started)

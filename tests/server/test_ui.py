@@ -476,3 +476,29 @@ def test_the_picture_forms_in_a_preview_while_the_progress_bar_moves(page, serve
     # Once the outputs are in, they take the preview's place.
     assert page.locator("#run-preview").is_hidden()
     page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
+
+
+def test_predictions_made_through_openais_api_are_in_the_history(page, live_server):
+    """An edit made with the official openai client is one of the server's predictions: the page
+    lists it and reopens it with its image, mask and output."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+    picture = Image.new("RGBA", (96, 64), (40, 90, 160, 255))
+    picture.paste((0, 0, 0, 0), (0, 0, 48, 64))  # the left half is transparent: edited
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    client.images.edit(image=("photo.png", buf.getvalue(), "image/png"), prompt="a lighthouse from the openai client",
+                       quality="low")
+    prediction_id = httpx.get(f"{live_server.url}/v1/predictions").json()["results"][0]["id"]
+
+    open_page(page, live_server.url + "/")
+    item = page.locator(f"#history-list li[data-id='{prediction_id}'] button")
+    item.wait_for()
+    assert "a lighthouse from the openai client" in item.inner_text() and "Succeeded" in item.inner_text()
+    item.click()
+    page.wait_for_function("document.querySelector('#image-info').textContent.includes('96×64')")
+    assert page.input_value("#f-prompt") == "a lighthouse from the openai client"
+    assert page.locator(".output").count() == 1
+    page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
+    assert mask_coverage(page) > 0.3  # the transparent half is the mask

@@ -1,0 +1,328 @@
+"""OpenAI's image API as predictions: a request becomes one prediction per four images (consecutive
+seeds), made, queued, cancelled and recorded by the same service and lifecycle as Replicate's
+creates (``api="openai"``, with what is needed to answer in ``api_data``); the answer waits for
+them and is written in OpenAI's shape, or streamed as OpenAI's server-sent events.
+
+A client that goes away before its images are made cancels its predictions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from inference.inputs import MAX_OUTPUTS, MAX_SEED
+
+from ..admission import admit
+from ..auth import Caller
+from ..protocol import ApiError, PredictionRequest, Status
+from ..records import PredictionRecord
+from ..state import AppState
+from .pictures import Pictures, converted, edit_pictures, generation_pictures
+from .protocol import (
+    ENGINE_FORMATS,
+    CompletedEvent,
+    ImageData,
+    ImageOptions,
+    ImagesResponse,
+    OpenAIError,
+    PartialImageEvent,
+    from_validation,
+    invalid,
+)
+
+log = logging.getLogger(__name__)
+API = "openai"
+EDITS, GENERATIONS = "edits", "generations"
+EVENT_PREFIX = {EDITS: "image_edit", GENERATIONS: "image_generation"}
+KEEPALIVE_S = 15.0
+MAX_FORM_FILES = 17  # OpenAI takes up to 16 images, and a mask
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body.model_dump(mode="json"), status_code=exc.status, headers=exc.headers)
+
+
+def from_api_error(exc: ApiError) -> OpenAIError:
+    """One of the server's own refusals (overload, quota, full disk) in OpenAI's shape and status."""
+    problem = exc.problem
+    if problem.status == 401:
+        return unauthenticated()
+    if problem.status == 429:
+        return OpenAIError(429, problem.detail, type="requests", code="rate_limit_exceeded", headers=exc.headers)
+    if problem.status >= 500:
+        return OpenAIError(problem.status, problem.detail, type="server_error", code=None, headers=exc.headers)
+    return OpenAIError(400 if problem.status == 422 else problem.status, problem.detail, headers=exc.headers)
+
+
+def unauthenticated() -> OpenAIError:
+    return OpenAIError(401, "Incorrect API key provided. Pass one of this server's API tokens as "
+                            "'Authorization: Bearer <token>'.", code="invalid_api_key")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its images were made."""
+
+
+class OpenAIImages:
+    def __init__(self, state: AppState):
+        self.state = state
+        self.service = state.service
+
+    # -- reading a request ---------------------------------------------------------------------
+
+    def caller(self, request: Request) -> Caller:
+        caller = self.state.auth.identify(request)
+        if caller is None:
+            raise unauthenticated()
+        return caller
+
+    def options(self, fields: dict[str, Any]) -> ImageOptions:
+        try:
+            options = ImageOptions.model_validate(fields)
+        except ValidationError as exc:
+            raise from_validation(exc) from None
+        accepted = self.state.settings.openai_models
+        if options.model is not None and "*" not in accepted and options.model not in accepted:
+            raise OpenAIError(400, f"Invalid value: '{options.model}'. Supported values are: "
+                                   f"{', '.join(repr(m) for m in accepted)}.", param="model", code="invalid_value")
+        return options
+
+    async def read_edit(self, request: Request) -> tuple[ImageOptions, Pictures]:
+        """The multipart form of an edit, as the openai clients send it: ``image`` (or ``image[]``,
+        of which the first is edited), an optional ``mask``, and the options as text fields."""
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise invalid("The body must be multipart/form-data with an 'image' file and a 'prompt'.", None,
+                          "invalid_request")
+        try:
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=64)
+        except Exception:
+            raise invalid("The body is not a valid multipart/form-data form.", None, "invalid_request") from None
+        try:
+            images = [part for key in ("image", "image[]") for part in form.getlist(key) if not isinstance(part, str)]
+            if not images:
+                raise invalid("Missing required parameter: 'image'.", "image", "missing_required_parameter")
+            mask = form.get("mask")
+            if isinstance(mask, str):
+                raise invalid("Invalid 'mask': it must be an image file.", "mask")
+            fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+            options = self.options(fields)
+            image_bytes = await images[0].read()
+            mask_bytes = await mask.read() if mask is not None else None
+        finally:
+            await form.close()
+        pictures = await run_in_threadpool(edit_pictures, image_bytes, mask_bytes, options.dimensions,
+                                           self.state.settings.max_image_pixels)
+        return options, pictures
+
+    async def read_generation(self, request: Request) -> tuple[ImageOptions, Pictures]:
+        try:
+            fields = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            raise invalid("The body must be a JSON object.", None, "invalid_json") from None
+        if not isinstance(fields, dict):
+            raise invalid("The body must be a JSON object.", None, "invalid_json")
+        options = self.options(fields)
+        size = options.dimensions or (1024, 1024)
+        return options, await run_in_threadpool(generation_pictures, size)
+
+    # -- making the predictions ----------------------------------------------------------------
+
+    def create(self, caller: Caller, options: ImageOptions, pictures: Pictures, endpoint: str) -> list[str]:
+        """One prediction per four images, from consecutive seeds: image i is made from seed + i."""
+        state = self.state
+        if state.phase == "SETUP_FAILED":
+            raise OpenAIError(503, f"The model failed to load: {state.setup_error}", type="server_error")
+        seed = random.randint(0, MAX_SEED - options.n)
+        made: list[str] = []
+        try:
+            state.auth.charge(caller)
+            for first in range(0, options.n, MAX_OUTPUTS):
+                count = min(MAX_OUTPUTS, options.n - first)
+                body = PredictionRequest.model_validate({"input": {
+                    "prompt": options.prompt, "image": pictures.image, "mask": pictures.mask,
+                    "num_outputs": count, "num_inference_steps": options.steps, "seed": seed + first,
+                    "megapixels": "match_input", "output_format": ENGINE_FORMATS[options.output_format],
+                    "output_quality": options.output_compression,
+                }})
+                api_data = {"endpoint": endpoint, "size": list(pictures.size), "model": options.model,
+                            "quality": options.quality, "output_format": options.output_format,
+                            "output_compression": options.output_compression,
+                            "response_format": options.response_format, "user": options.user, "n": options.n,
+                            "first": first, "stream": options.stream, "partial_images": options.partial_images}
+                record = self.service.create(body, admit(body, "hidden", None, None), caller, api=API,
+                                             api_data=api_data)
+                made.append(record.id)
+        except ApiError as exc:
+            self.cancel(made)
+            state.metrics.refused.inc()
+            raise from_api_error(exc) from None
+        except BaseException:
+            self.cancel(made)
+            raise
+        for _ in made:
+            state.metrics.created.inc()
+        return made
+
+    def cancel(self, ids: list[str]) -> None:
+        for pid in ids:
+            record = self.service.get(pid)
+            if record is not None and not record.status.terminal:
+                self.service.cancel(pid)
+
+    # -- answering -----------------------------------------------------------------------------
+
+    async def answer(self, request: Request, endpoint: str) -> Response:
+        caller = self.caller(request)
+        options, pictures = await (self.read_edit(request) if endpoint == EDITS else self.read_generation(request))
+        ids = self.create(caller, options, pictures, endpoint)
+        base = self.state.api_base(request)
+        if options.stream:
+            return EventSourceResponse(self.events(ids, options, pictures, endpoint), ping=KEEPALIVE_S)
+        try:
+            records = await self.settled(ids, request)
+        except ClientGone:
+            log.info("an OpenAI image request was closed by its client: predictions %s canceled", ", ".join(ids))
+            return Response(status_code=499)
+        self.check_succeeded(records)
+        data = [await run_in_threadpool(self.image_data, record, name, options, base)
+                for record in records for name in record.output or []]
+        answer = ImagesResponse(created=int(records[0].created_at), data=data, output_format=options.output_format,
+                                quality=self.quality_name(options), size="x".join(map(str, pictures.size)))
+        return JSONResponse(answer.model_dump(mode="json"))
+
+    async def settled(self, ids: list[str], request: Request) -> list[PredictionRecord]:
+        """The predictions once all have ended; a client that goes away first cancels them."""
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            while True:
+                records = [self.service.get(pid) for pid in ids]
+                pending = [r.id for r in records if r is None or not r.status.terminal]
+                if not pending:
+                    return records
+                if self.service.stopping:
+                    raise OpenAIError(503, "The server is shutting down; the images will be made after it restarts "
+                                           f"(predictions {', '.join(ids)}).", type="server_error")
+                waiting = asyncio.create_task(self.service.wait(pending[0], KEEPALIVE_S))
+                done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    waiting.cancel()
+                    self.cancel(ids)
+                    raise ClientGone()
+        finally:
+            gone.cancel()
+
+    @staticmethod
+    def check_succeeded(records: list[PredictionRecord | None]) -> None:
+        for record in records:
+            if record is None:
+                raise OpenAIError(500, "The image request's prediction was deleted.", type="server_error")
+            if record.status == Status.FAILED:
+                raise OpenAIError(500, f"The image could not be made: {record.error}", type="server_error")
+            if record.status == Status.CANCELED:
+                raise OpenAIError(500, f"The image request was canceled (prediction {record.id}).",
+                                  type="server_error", code="canceled")
+            if record.data_removed:
+                raise OpenAIError(500, "The images were removed by the retention time.", type="server_error")
+
+    @staticmethod
+    def quality_name(options: ImageOptions) -> str:
+        return "high" if options.quality in ("auto", "standard", "hd") else options.quality
+
+    def image_data(self, record: PredictionRecord, name: str, options: ImageOptions, base: str) -> ImageData:
+        if options.response_format == "url":
+            return ImageData(url=self.service.output_url(record, name, base))
+        return ImageData(b64_json=self.b64(record, name))
+
+    def b64(self, record: PredictionRecord, name: str) -> str:
+        data = self.service.files.read_output(record.id, name)
+        if data is None:
+            raise OpenAIError(500, f"The output {name} of prediction {record.id} is missing.", type="server_error")
+        return base64.b64encode(data).decode()
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    async def events(self, ids: list[str], options: ImageOptions, pictures: Pictures,
+                     endpoint: str) -> AsyncIterator[ServerSentEvent]:
+        """OpenAI's streamed events: ``<kind>.partial_image`` while each prediction denoises (its
+        live previews, up to ``partial_images`` of each prediction, in the request's format and
+        size), then ``<kind>.completed`` for each image. A client that goes away cancels what is
+        still running; a failure is an ``error`` event in OpenAI's error shape."""
+        prefix = EVENT_PREFIX[endpoint]
+        shape = {"size": "x".join(map(str, pictures.size)), "quality": self.quality_name(options),
+                 "output_format": options.output_format}
+        finished, index = False, 0  # index: of the partial images, all predictions of the request together
+        try:
+            for pid in ids:
+                record = None
+                async for item in self.progress(pid, options.partial_images):
+                    if isinstance(item, bytes):
+                        data = await run_in_threadpool(converted, item, pictures.size,
+                                                       ENGINE_FORMATS[options.output_format], options.output_compression)
+                        event = PartialImageEvent(type=f"{prefix}.partial_image", b64_json=base64.b64encode(data).decode(),
+                                                  partial_image_index=index, created_at=int(time.time()),
+                                                  **shape)
+                        index += 1
+                        yield ServerSentEvent(event=event.type, data=event.model_dump_json())
+                    else:
+                        record = item
+                try:
+                    self.check_succeeded([record])
+                except OpenAIError as exc:
+                    yield ServerSentEvent(event="error", data=exc.body.model_dump_json())
+                    finished = True
+                    return
+                for name in record.output or []:
+                    b64 = await run_in_threadpool(self.b64, record, name)
+                    event = CompletedEvent(type=f"{prefix}.completed", b64_json=b64, created_at=int(time.time()),
+                                           **shape)
+                    yield ServerSentEvent(event=event.type, data=event.model_dump_json())
+            finished = True
+        finally:
+            if not finished:
+                self.cancel(ids)
+
+    async def progress(self, prediction_id: str, partial_images: int) -> AsyncIterator[bytes | PredictionRecord | None]:
+        """A prediction's new previews (their bytes, at most ``partial_images``) while it runs, then
+        its record once it has ended (None if it is gone)."""
+        queue = self.service.hub.subscribe(prediction_id)
+        sent, last_step = 0, -1
+        try:
+            while True:
+                record = self.service.get(prediction_id)
+                if record is None or record.status.terminal:
+                    yield record
+                    return
+                if sent < partial_images:
+                    preview = self.service.store.get_preview(prediction_id)
+                    if preview is not None and preview.step > last_step:
+                        last_step, sent = preview.step, sent + 1
+                        yield preview.data
+                try:
+                    await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    continue
+                while not queue.empty():  # an event only says "look again": once is enough
+                    queue.get_nowait()
+        finally:
+            self.service.hub.unsubscribe(prediction_id, queue)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+

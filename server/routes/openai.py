@@ -1,0 +1,44 @@
+"""OpenAI's image API: edits and generations, answered by this server's model (see server/openai_api)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from ..openai_api.protocol import ErrorResponse, ImagesResponse, OpenAIError
+from ..openai_api.service import EDITS, GENERATIONS, OpenAIImages, error_response
+from ..protocol import ApiError
+from ..state import AppState, get_state
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["openai"])
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 429, 500)}
+
+
+async def answer(request: Request, state: AppState, endpoint: str) -> Response:
+    try:
+        return await OpenAIImages(state).answer(request, endpoint)
+    except OpenAIError as exc:
+        return error_response(exc)
+    except ApiError as exc:  # a limit enforced below the adapter (the body's size, say)
+        from ..openai_api.service import from_api_error
+
+        return error_response(from_api_error(exc))
+    except Exception:
+        log.exception("an OpenAI image request failed")
+        return error_response(OpenAIError(500, "An unexpected error occurred; the server log has the details.",
+                                          type="server_error"))
+
+
+@router.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS,
+             summary="OpenAI: edit an image (multipart: image or image[], mask, prompt, n, size, ...)")
+async def edit_image(request: Request, state: AppState = Depends(get_state)):
+    return await answer(request, state, EDITS)
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS,
+             summary="OpenAI: generate an image (JSON: prompt, n, size, ...)")
+async def generate_image(request: Request, state: AppState = Depends(get_state)):
+    return await answer(request, state, GENERATIONS)

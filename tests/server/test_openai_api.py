@@ -1,0 +1,238 @@
+"""OpenAI's image API, driven by the official `openai` Python client against a live server: edits
+(with a mask, with the image's own alpha, with several images), n over four, exact sizes, URLs and
+base64, errors in OpenAI's shape, model names, streaming, and the predictions it makes (listed,
+cancelled when the client goes away)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import TOKEN
+from tests.helpers import noise_image, png_bytes
+
+
+def rgba_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """OpenAI's mask: opaque everywhere but the box, which is transparent (edited)."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), box)
+    return mask
+
+
+def picture(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir):
+    from tests.helpers import LiveServer
+
+    live = LiveServer(tmp_path_factory.mktemp("openai") / "data",
+                      args=["--weights", str(tiny_dir), "--api-token", TOKEN,
+                                "--preview-interval-s", "0.02"]).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+
+
+def input_picture(value: str) -> np.ndarray:
+    """A prediction's image or mask input as listed: a data: URI, or the URL of a long one."""
+    data = base64.b64decode(value.split(",", 1)[1]) if value.startswith("data:") else httpx.get(value).content
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+def openai_predictions(server) -> list:
+    response = httpx.get(f"{server.url}/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"})
+    return response.json()["results"]
+
+
+def test_edit_with_a_mask_changes_only_what_it_marks_transparent(client, server):
+    image = noise_image(64, 64, seed=3)
+    result = client.images.edit(model="gpt-image-1", image=("photo.png", png_bytes(image), "image/png"),
+                                mask=("mask.png", png_bytes(rgba_mask(64, 64, (16, 16, 48, 48))), "image/png"),
+                                prompt="a red door", quality="low", size="64x64")
+    assert result.created > 0 and len(result.data) == 1 and result.data[0].url is None
+    out = picture(result.data[0].b64_json)
+    assert out.format == "PNG" and out.size == (64, 64)
+    assert result.size == "64x64" and result.output_format == "png" and result.quality == "low"
+    # The prediction behind it: our mask is white where OpenAI's is transparent; quality low is 12 steps.
+    made = openai_predictions(server)[0]
+    assert made["status"] == "succeeded" and made["input"]["num_inference_steps"] == 12
+    mask = input_picture(made["input"]["mask"])
+    assert mask[32, 32] == 255 and mask[2, 2] == 0 and mask[16:48, 16:48].min() == 255
+    assert mask.sum() == 255 * 32 * 32
+
+
+def test_without_a_mask_the_images_transparent_pixels_are_edited(client, server):
+    image = noise_image(64, 64, seed=4, mode="RGBA")
+    arr = np.asarray(image).copy()
+    arr[:32, :, 3] = 0  # the top half is transparent
+    result = client.images.edit(image=("photo.png", png_bytes(Image.fromarray(arr, "RGBA")), "image/png"),
+                                prompt="sky")
+    out = picture(result.data[0].b64_json)
+    assert out.size == (64, 64)  # size auto: the input's size
+    made = openai_predictions(server)[0]
+    mask = input_picture(made["input"]["mask"])
+    assert (mask[:32] == 255).all() and (mask[32:] == 0).all()
+    assert made["input"]["num_inference_steps"] == 28  # quality auto
+
+
+def test_of_several_images_the_first_is_edited(client, server):
+    first, second = noise_image(64, 48, seed=5), noise_image(32, 32, seed=6)
+    result = client.images.edit(image=[("a.png", png_bytes(first), "image/png"), ("b.png", png_bytes(second), "image/png")],
+                                prompt="x", quality="low")
+    assert picture(result.data[0].b64_json).size == (64, 48)
+
+
+def test_more_than_four_images_run_as_several_predictions_of_consecutive_seeds(client, server):
+    before = {p["id"] for p in openai_predictions(server)}
+    result = client.images.generate(model="dall-e-2", prompt="a lighthouse", n=6, size="64x64", quality="low",
+                                    output_format="webp")
+    assert len(result.data) == 6
+    assert all(picture(d.b64_json).format == "WEBP" for d in result.data)
+    made = sorted((p for p in openai_predictions(server) if p["id"] not in before), key=lambda p: p["input"]["seed"])
+    assert [p["input"]["num_outputs"] for p in made] == [4, 2]
+    assert made[1]["input"]["seed"] == made[0]["input"]["seed"] + 4
+    # The sixth image is the second prediction's second: made from seed + 5, as one run re-makes it.
+    assert len({d.b64_json for d in result.data}) == 6
+
+
+@pytest.mark.parametrize("size", ["100x60", "48x96"])
+def test_a_size_is_the_outputs_exact_size(client, size):
+    result = client.images.edit(image=("p.png", png_bytes(noise_image(64, 64, seed=7)), "image/png"), prompt="x",
+                                size=size, quality="low", output_format="jpeg", output_compression=70)
+    out = picture(result.data[0].b64_json)
+    assert out.format == "JPEG" and "x".join(map(str, out.size)) == size and result.size == size
+
+
+def test_url_results_are_served_by_this_server(client, server):
+    result = client.images.generate(prompt="x", size="64x64", quality="low", response_format="url", n=2)
+    assert [d.b64_json for d in result.data] == [None, None]
+    for item in result.data:
+        assert item.url.startswith(f"{server.url}/outputs/")
+        got = httpx.get(item.url)  # no token: an unguessable URL
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(got.content)).size == (64, 64)
+
+
+def test_generation_makes_a_fully_masked_canvas(client, server):
+    result = client.images.generate(prompt="a cat", size="96x64", quality="low")
+    assert picture(result.data[0].b64_json).size == (96, 64)
+    made = openai_predictions(server)[0]
+    mask = input_picture(made["input"]["mask"])
+    assert mask.shape == (64, 96) and (mask == 255).all()
+
+
+def test_errors_have_openais_shape_and_status(client, server):
+    image = ("p.png", png_bytes(noise_image(64, 64, seed=8)), "image/png")
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    assert err.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(image=image, prompt="x", n=11)
+    assert err.value.param == "n" and err.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(image=image, prompt="x", size="12x5000")
+    assert err.value.param == "size" and "WIDTHxHEIGHT" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(image=("p.png", b"not a picture", "image/png"), prompt="x")
+    assert err.value.param == "image"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(image=image, mask=("m.png", png_bytes(rgba_mask(32, 32, (0, 0, 8, 8))), "image/png"),
+                           prompt="x")
+    assert err.value.param == "mask" and "must match" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(image=image, mask=("m.png", png_bytes(noise_image(64, 64)), "image/png"), prompt="x")
+    assert err.value.param == "mask" and "alpha" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="x", response_format="gif")
+    assert err.value.param == "response_format"
+    raw = httpx.post(f"{server.url}/v1/images/generations", headers={"Authorization": f"Bearer {TOKEN}"},
+                     json={"size": "64x64"})
+    assert raw.status_code == 400
+    assert raw.json() == {"error": {"message": "Missing required parameter: 'prompt'.", "type": "invalid_request_error",
+                                    "param": "prompt", "code": "missing_required_parameter"}}
+
+
+def test_model_names_are_the_configured_ones(client, server_factory):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(model="stable-diffusion", prompt="x", size="64x64", quality="low")
+    assert err.value.param == "model" and err.value.code == "invalid_value" and "'gpt-image-1'" in err.value.message
+    for name in ("flux-fill-dev", "gpt-image-1", "dall-e-2"):
+        assert client.images.generate(model=name, prompt="x", size="32x32", quality="low").data
+    mine = server_factory("--openai-models", "my-flux,other")
+    own = openai.OpenAI(base_url=f"{mine.url}/v1", api_key="unused", max_retries=0)
+    assert own.images.generate(model="my-flux", prompt="x", size="32x32", quality="low").data
+    with pytest.raises(openai.BadRequestError):
+        own.images.generate(model="gpt-image-1", prompt="x", size="32x32", quality="low")
+
+
+def test_the_predictions_are_the_servers_own(client, server):
+    """Listed with Replicate's predictions, recorded as made by OpenAI's API, and read by the web page's list."""
+    client.images.generate(prompt="listed", size="32x32", quality="low", user="someone")
+    made = openai_predictions(server)[0]
+    assert made["input"]["prompt"] == "listed" and made["status"] == "succeeded"
+    store = server.store()
+    try:
+        record = store.get_prediction(made["id"])
+    finally:
+        store.close()
+    assert record.api == "openai"
+    assert record.api_data["endpoint"] == "generations" and record.api_data["user"] == "someone"
+
+
+def test_a_client_that_goes_away_cancels_its_predictions(server):
+    """The request is closed while its prediction runs (50 steps of a large image): it is canceled."""
+    body = {"prompt": "slow", "size": "1024x1024", "quality": "max", "n": 4}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=httpx.Timeout(5, read=1.5),
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        made = openai_predictions(server)[0]
+        if made["status"] == "canceled":
+            break
+        time.sleep(0.2)
+    assert made["input"]["prompt"] == "slow" and made["status"] == "canceled"
+
+
+def test_streaming_sends_openais_events(client):
+    stream = client.images.edit(image=("p.png", png_bytes(noise_image(64, 64, seed=9)), "image/png"), prompt="x",
+                                quality="low", stream=True, n=2)
+    events = list(stream)
+    assert [e.type for e in events] == ["image_edit.completed", "image_edit.completed"]
+    assert picture(events[0].b64_json).size == (64, 64) and events[0].size == "64x64"
+    stream = client.images.generate(prompt="x", size="32x32", quality="low", stream=True)
+    assert [e.type for e in stream] == ["image_generation.completed"]
+
+
+def test_streaming_sends_the_live_previews_as_partial_images(client):
+    """50 steps: the previews taken while it denoises come first, in the asked format and size."""
+    stream = client.images.generate(prompt="x", size="160x96", quality="max", stream=True, partial_images=2,
+                                    output_format="jpeg")
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "image_generation.completed" and 1 <= len(kinds) - 1 <= 2, kinds
+    partials = events[:-1]
+    assert {e.type for e in partials} == {"image_generation.partial_image"}
+    assert [e.partial_image_index for e in partials] == list(range(len(partials)))
+    for event in partials + [events[-1]]:
+        shown = picture(event.b64_json)
+        assert shown.format == "JPEG" and shown.size == (160, 96) and event.size == "160x96"
+
+
+def test_without_partial_images_no_preview_is_streamed(client):
+    stream = client.images.generate(prompt="x", size="64x64", quality="max", stream=True)
+    assert [e.type for e in stream] == ["image_generation.completed"]
