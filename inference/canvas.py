@@ -1,7 +1,8 @@
 """Outpaint geometry: where the image sits on a larger canvas, and the canvas and mask to fill it.
 
-The presets are those of Replicate's FLUX.1 Fill [pro]. Sizes are in pixels of the input image;
-the engine then sizes the canvas by the megapixel rules like any other picture.
+The presets are those of Replicate's FLUX.1 Fill [pro]; explicit per-side pixels (``expand_*``)
+are those of FLUX.1 Expand [pro]. Sizes are in pixels of the input image; the engine then sizes
+the canvas by the megapixel rules like any other picture.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .inputs import OUTPAINT_PRESETS
+from .inputs import MAX_EXPAND, OUTPAINT_PRESETS
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,20 @@ def outpaint_plan(width: int, height: int, preset: str) -> OutpaintPlan:
         raise ValueError(f"outpaint must be one of {', '.join(OUTPAINT_PRESETS)}, got {preset!r}")
     x0, y0 = (cw - w) // 2, (ch - h) // 2
     return OutpaintPlan(cw, ch, (x0, y0, x0 + w, y0 + h))
+
+
+def expand_plan(width: int, height: int, top: int = 0, bottom: int = 0, left: int = 0,
+                right: int = 0) -> OutpaintPlan:
+    """Where an image of ``width`` x ``height`` px goes when ``top``, ``bottom``, ``left`` and
+    ``right`` pixels are added on those sides: a canvas of (left + width + right) x (top + height +
+    bottom) px with the image at (left, top). Each side takes 0 to ``MAX_EXPAND`` px. Raises
+    ValueError for a size that is not positive or a side out of that range."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    for name, pixels in (("top", top), ("bottom", bottom), ("left", left), ("right", right)):
+        if not 0 <= pixels <= MAX_EXPAND:
+            raise ValueError(f"{name} must be 0 to {MAX_EXPAND} px, got {pixels}")
+    return OutpaintPlan(left + width + right, top + height + bottom, (left, top, left + width, top + height))
 
 
 def build_outpaint_canvas(

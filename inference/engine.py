@@ -197,7 +197,7 @@ class Engine:
             mask = imageio.to_mask(mask)  # kept at its own size: resized once, to the size it is used at
         elif imageio.has_alpha(raw):
             mask = imageio.mask_from_alpha(raw)
-        elif inp.outpaint != "None":
+        elif inp.extends_canvas:
             mask = Image.new("L", raw.size, 0)
         else:
             raise InvalidInput.one(
@@ -206,15 +206,25 @@ class Engine:
         return Scene(image=imageio.to_rgb(raw), mask=mask)
 
     def plan_canvas(self, inp: PredictionInput, scene: Scene) -> Scene:
-        """Outpaint: put the image on a larger canvas whose new area (and a seam band) is masked."""
-        if inp.outpaint == "None":
+        """Outpaint (a preset, or expand_* pixels per side): put the image on a larger canvas whose
+        new area (and a seam band) is masked."""
+        if not inp.extends_canvas:
             return scene
-        from .canvas import build_outpaint_canvas, outpaint_plan, paste_mask_on_canvas
+        from .canvas import build_outpaint_canvas, expand_plan, outpaint_plan, paste_mask_on_canvas
+        from .inputs import EXPAND_SIDES
 
-        plan = outpaint_plan(scene.image.width, scene.image.height, inp.outpaint)
+        w, h = scene.image.size
+        if inp.expands:
+            plan = expand_plan(w, h, inp.expand_top, inp.expand_bottom, inp.expand_left, inp.expand_right)
+            field = next(side for side in EXPAND_SIDES if getattr(inp, side))
+            what = (f"expand_top={inp.expand_top}, expand_bottom={inp.expand_bottom}, expand_left={inp.expand_left}, "
+                    f"expand_right={inp.expand_right}")
+        else:
+            plan = outpaint_plan(w, h, inp.outpaint)
+            field, what = "outpaint", f"outpaint {inp.outpaint!r}"
         if plan.canvas_width * plan.canvas_height > self.settings.max_pixels:
-            raise InvalidInput.one("outpaint", "size", (
-                f"outpaint {inp.outpaint!r} makes a {plan.canvas_width}x{plan.canvas_height} canvas, more than the "
+            raise InvalidInput.one(field, "size", (
+                f"{what} makes a {plan.canvas_width}x{plan.canvas_height} canvas, more than the "
                 f"{self.settings.max_pixels // 1_000_000} megapixel limit; send a smaller image"))
         canvas, outpaint_mask = build_outpaint_canvas(scene.image, plan)
         mask = ImageChops.lighter(paste_mask_on_canvas(scene.mask_at(scene.image.size), plan), outpaint_mask)

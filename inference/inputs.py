@@ -28,6 +28,8 @@ Outpaint = Literal[
 OUTPAINT_PRESETS: tuple[str, ...] = get_args(Outpaint)
 
 MAX_SEED = 2**63 - 1
+MAX_EXPAND = 2048  # pixels added on one side by expand_*, as FLUX.1 Expand [pro] allows
+EXPAND_SIDES = ("expand_top", "expand_bottom", "expand_left", "expand_right")
 MAX_OUTPUTS = 4  # num_outputs' maximum, and so the largest batch worth denoising at once
 
 
@@ -121,8 +123,25 @@ class PredictionInput(BaseModel):
         description="Extend the image outward: the canvas presets of FLUX.1 Fill [pro].",
     )
 
+    expand_top: int = Field(
+        0, ge=0, le=MAX_EXPAND,
+        description="Extend the image upward by this many pixels (of the input image); the new area is generated.",
+    )
+    expand_bottom: int = Field(
+        0, ge=0, le=MAX_EXPAND,
+        description="Extend the image downward by this many pixels (of the input image); the new area is generated.",
+    )
+    expand_left: int = Field(
+        0, ge=0, le=MAX_EXPAND,
+        description="Extend the image to the left by this many pixels (of the input image); the new area is generated.",
+    )
+    expand_right: int = Field(
+        0, ge=0, le=MAX_EXPAND,
+        description="Extend the image to the right by this many pixels (of the input image); the new area is generated.",
+    )
+
     @field_validator("num_outputs", "num_inference_steps", "seed", "output_quality", "mask_grow", "mask_blur",
-                     "crop_margin", mode="before")
+                     "crop_margin", *EXPAND_SIDES, mode="before")
     @classmethod
     def _whole_number(cls, value: Any) -> Any:
         """JSON Schema counts 2.0 as an integer (2.5 and "2" are not)."""
@@ -132,7 +151,21 @@ class PredictionInput(BaseModel):
     def _combinations(self) -> "PredictionInput":
         if self.crop_to_mask and self.outpaint != "None":
             raise ValueError("crop_to_mask cannot be combined with outpaint")
+        if self.expands and self.outpaint != "None":
+            raise ValueError("expand_top/bottom/left/right cannot be combined with an outpaint preset")
+        if self.expands and self.crop_to_mask:
+            raise ValueError("crop_to_mask cannot be combined with expand_top/bottom/left/right")
         return self
+
+    @property
+    def expands(self) -> bool:
+        """Some side is extended by expand_top/bottom/left/right."""
+        return any(getattr(self, side) for side in EXPAND_SIDES)
+
+    @property
+    def extends_canvas(self) -> bool:
+        """The picture is put on a larger canvas: an outpaint preset, or expand_* pixels."""
+        return self.outpaint != "None" or self.expands
 
     def effective_lora_scale(self) -> float:
         return self.lora_scale * 1.5 if self.go_fast else self.lora_scale

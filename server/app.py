@@ -25,6 +25,8 @@ from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, Tra
 from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
+from . import bfl
+from .routes import bfl as bfl_routes
 from .routes import files as files_routes
 from .routes import models as model_routes
 from .routes import openai as openai_routes
@@ -112,7 +114,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                                max_per_destination=settings.webhook_slots_per_destination)
         await sender.start()
         state.webhooks = sender
-        lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret)
+        lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret,
+                                styles={bfl.API: bfl.webhook_style(service)})
         service.recover()  # after the webhooks: a prediction it ends (canceled, failed) gets its webhook
         listening = threading.Event()
         if store.shared:  # the other nodes' moves wake this node's streams and waiting requests
@@ -149,12 +152,19 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         lifespan=lifespan,
     )
 
+    def bfl_route(request: Request) -> bool:  # BFL's routes answer errors in BFL's shape
+        return bfl.answers_in_bfl_shape(request.url.path, settings.prefix or "")
+
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
+    async def _api_error(request: Request, exc: ApiError):
+        if bfl_route(request):
+            return bfl.problem_response(exc.problem, exc.headers)
         return problem_response(exc.problem, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
+        if bfl_route(request):
+            return bfl.validation_response(exc.errors())
         err = _request_validation(exc)
         return problem_response(err.problem)
 
@@ -174,7 +184,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
 
     routers = (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
                files_routes.outputs_router, system_routes.router, system_routes.metrics_router, system_routes.public_router,
-               ui_routes.router, openai_routes.router)
+               ui_routes.router, openai_routes.router, bfl_routes.router)
     if role == "worker":  # a worker node answers its health and metrics, nothing else
         routers = (system_routes.public_router, system_routes.metrics_router)
     for router in routers:

@@ -1,6 +1,7 @@
 """API tokens and the tenants they stand for.
 
-``Authorization: Bearer <t>`` or the legacy ``Token <t>``, compared in constant time. Each token
+``Authorization: Bearer <t>`` or the legacy ``Token <t>``, or BFL's ``x-key: <t>`` (the same
+tokens), compared in constant time. Each token
 is a tenant: it sees, cancels and reads only the predictions and files it made. ``NAME:TOKEN``
 names the tenant, so several tokens can share one; an admin token sees everything. With no tokens
 at all there is one implicit tenant and everything is visible, as on a loopback-only server.
@@ -80,7 +81,8 @@ class Auth:
         scheme, _, value = header.partition(" ")
         if scheme.lower() in ("bearer", "token") and value.strip():
             return value.strip()
-        return None
+        key = request.headers.get("x-key", "").strip()
+        return key or None
 
     def identify(self, request: Request) -> Caller | None:
         """The caller of a valid token, NOBODY when the server has no tokens, else None."""

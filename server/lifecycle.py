@@ -42,7 +42,7 @@ from .store import Store, now
 if TYPE_CHECKING:
     from .files import FileStore
     from .metrics import ServerMetrics
-    from .webhooks import WebhookSender
+    from .webhooks import WebhookSender, WebhookStyle
 
 log = logging.getLogger(__name__)
 DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without looking
@@ -80,13 +80,16 @@ class Lifecycle:
         self.webhooks: WebhookSender | None = None
         self._snapshot: Callable[[PredictionRecord], dict] | None = None
         self._secret_for: Callable[[str | None], str] | None = None
+        self._styles: dict[str, WebhookStyle] = {}
         hub.listeners.append(self._delivered)
 
     def send_webhooks(self, sender: WebhookSender, snapshot: Callable[[PredictionRecord], dict],
-                      secret_for: Callable[[str | None], str]) -> None:
+                      secret_for: Callable[[str | None], str], styles: dict[str, WebhookStyle] | None = None) -> None:
         """Hand each event of a prediction with a webhook to ``sender``: its body is ``snapshot`` of
-        the record at send time, signed with its tenant's secret."""
+        the record at send time, signed with its tenant's secret; a prediction made through another
+        API (its ``api``) is sent in that API's style from ``styles``."""
         self.webhooks, self._snapshot, self._secret_for = sender, snapshot, secret_for
+        self._styles = dict(styles or {})
 
     # -- create and claim ---------------------------------------------------------------------
 
@@ -388,6 +391,12 @@ class Lifecycle:
     def _send_webhook(self, record: PredictionRecord, event: str) -> None:
         pid = record.id
         done = (lambda: self.store.webhook_sent(pid)) if event == "completed" and record.webhook_due else None
+        style = self._styles.get(record.api) if record.api else None
+        if style is not None:
+            self.webhooks.notify(pid, record.webhook, record.webhook_events, event,
+                                 lambda: style.snapshot(self.store.get_prediction(pid) or record),
+                                 done=done, signer=style.signer(record))
+            return
         self.webhooks.notify(pid, record.webhook, record.webhook_events, event,
                              lambda: self._snapshot(self.store.get_prediction(pid) or record),
                              secret=self._secret_for(record.owner), done=done)

@@ -17,6 +17,8 @@ sender keeps one ordered channel per prediction, served by its own short-lived a
 
 Bodies are signed with the Standard Webhooks scheme (https://www.standardwebhooks.com), which the
 official clients validate: `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
+A prediction made through another API's adapter is sent in that API's style (`WebhookStyle`): its
+own body and signature headers, through the same channels, retries and owed-webhook records.
 """
 
 from __future__ import annotations
@@ -62,6 +64,25 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+def sign_bfl(secret: str, body: bytes) -> str:
+    """BFL's signature header value: "sha256=" + hex HMAC-SHA256 of the body, keyed by the
+    request's ``webhook_secret`` as UTF-8."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+Signer = Callable[[bytes], dict]  # a body -> the signature headers of its delivery
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookStyle:
+    """How the webhooks of predictions made through one API's adapter look: ``snapshot(record)``
+    is the body, ``signer(record)`` gives the headers that sign a body (None: the Standard
+    Webhooks signature with the tenant's secret)."""
+
+    snapshot: Callable[[object], dict]
+    signer: Callable[[object], Signer | None]
+
+
 class _Refused(Exception):
     """The URL must never be posted to (bad scheme, or a non-public address): drop, don't retry."""
 
@@ -73,6 +94,7 @@ class _Job:
     snapshot: Callable[[], dict]
     secret: str | None = None  # the prediction's tenant's, when not the sender's own
     done: Callable[[], None] | None = None  # called once a "completed" is settled (delivered or given up)
+    signer: Signer | None = None  # another API's signature headers, in place of the Standard Webhooks one
 
 
 @dataclasses.dataclass
@@ -172,6 +194,7 @@ class WebhookSender:
         snapshot: Callable[[], dict],
         secret: str | None = None,
         done: Callable[[], None] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         """Queue the webhook for one prediction event; never blocks, never raises.
 
@@ -180,6 +203,8 @@ class WebhookSender:
         secret: the signing secret of the prediction's tenant; None signs with the sender's own.
         done: for "completed", called once the delivery is settled: delivered, refused, or given up
             after its retries (not when the sender stops first: it is then still owed).
+        signer: for a prediction of another API, the signature headers of a body (replacing the
+            Standard Webhooks ``webhook-signature``).
         Meant for the event loop thread; a call from another thread is handed over to the loop.
         """
         try:
@@ -192,7 +217,7 @@ class WebhookSender:
                 on_loop = asyncio.get_running_loop() is self._loop
             except RuntimeError:
                 on_loop = False
-            args = (prediction_id, url, events_filter, event, snapshot, secret, done)
+            args = (prediction_id, url, events_filter, event, snapshot, secret, done, signer)
             if on_loop:
                 self._enqueue(*args)
             else:
@@ -208,7 +233,8 @@ class WebhookSender:
         except Exception:
             logger.exception("webhooks: event not queued")
 
-    def _enqueue(self, prediction_id, url, events_filter, event, snapshot, secret=None, done=None) -> None:
+    def _enqueue(self, prediction_id, url, events_filter, event, snapshot, secret=None, done=None,
+                 signer=None) -> None:
         if event not in EVENTS:
             logger.warning("webhooks: unknown event %r for %s ignored", event, prediction_id)
             return
@@ -223,7 +249,7 @@ class WebhookSender:
             channel = self._channels[prediction_id] = _Channel()
         if channel.completed:
             return  # nothing follows completed, whether it was sent or filtered out
-        job = _Job(event, url, snapshot, secret, done if event == "completed" else None)
+        job = _Job(event, url, snapshot, secret, done if event == "completed" else None, signer)
         if event == "completed":
             channel.completed = True  # even when filtered out: no events follow the end
             if wanted:  # the final body carries everything: pending output/logs sends are moot
@@ -238,6 +264,7 @@ class WebhookSender:
             channel.pending_progress.url = url  # coalesced: the queued send will snapshot the newest state
             channel.pending_progress.snapshot = snapshot
             channel.pending_progress.secret = secret
+            channel.pending_progress.signer = signer
             return
         else:
             if event in _PROGRESS:
@@ -311,7 +338,7 @@ class WebhookSender:
         where = _host_of(job.url)  # the URL itself may carry a token: log only the host
         while True:
             try:
-                failure = await self._attempt(job.url, msg_id, body, job.secret)
+                failure = await self._attempt(job.url, msg_id, body, job.secret, job.signer)
             except _Refused as refusal:
                 logger.warning("webhooks: %s event of %s to %s refused: %s", job.event, prediction_id, where, refusal)
                 self.stats["dropped"] += 1
@@ -332,7 +359,8 @@ class WebhookSender:
             self.stats["retried"] += 1
             await asyncio.sleep(pause)
 
-    async def _attempt(self, url: str, msg_id: str, body: bytes, secret: str | None = None) -> str | None:
+    async def _attempt(self, url: str, msg_id: str, body: bytes, secret: str | None = None,
+                       signer: Signer | None = None) -> str | None:
         """POST once: None on a 2xx, else why it failed. Raises _Refused for a forbidden URL."""
         try:
             address = await asyncio.wait_for(self._check_destination(url), self._timeout_s)
@@ -344,8 +372,11 @@ class WebhookSender:
             "user-agent": self._user_agent,
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secret or self._secret, msg_id, timestamp, body),
         }
+        if signer is not None:
+            headers.update(signer(body))
+        else:
+            headers["webhook-signature"] = sign(secret or self._secret, msg_id, timestamp, body)
         # The destination's slot first: a delivery waiting on a slow receiver holds no shared slot.
         async with self._destination_slot(url), self._slots:
             try:

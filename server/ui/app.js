@@ -77,6 +77,8 @@ function fitStage() {
 new ResizeObserver(fitStage).observe(stageWrap);
 window.addEventListener("resize", fitStage);
 
+const EXPAND_SIDES = ["expand_top", "expand_bottom", "expand_left", "expand_right"];
+
 function describeImage() {
   const info = $("#image-info");
   if (!editor.hasImage) {
@@ -89,7 +91,8 @@ function describeImage() {
   const converted = source?.reencoded ? " (sent as PNG)" : "";
   info.textContent = `${source?.name || "image"}${converted} · ${editor.width}×${editor.height} px · ${mask}`;
   $("#size-preview").textContent =
-    form.control("outpaint").value === "None" && !form.control("crop_to_mask").checked
+    form.control("outpaint").value === "None" && !form.control("crop_to_mask").checked &&
+    EXPAND_SIDES.every((name) => Number(form.control(name).value) === 0)
       ? `Generates at ${size.width}×${size.height}.`
       : "";
 }
@@ -240,10 +243,10 @@ document.addEventListener("keydown", (e) => {
 
 form.form.addEventListener("input", (e) => {
   if (e.target.name) form.clearError(e.target.name);
-  if (["megapixels", "outpaint", "crop_to_mask"].includes(e.target.name)) describeImage();
+  if (["megapixels", "outpaint", "crop_to_mask", ...EXPAND_SIDES].includes(e.target.name)) describeImage();
 });
 form.form.addEventListener("change", (e) => {
-  if (["megapixels", "outpaint", "crop_to_mask"].includes(e.target.name)) describeImage();
+  if (["megapixels", "outpaint", "crop_to_mask", ...EXPAND_SIDES].includes(e.target.name)) describeImage();
 });
 $("#seed-clear").addEventListener("click", () => {
   const seed = form.control("seed");

@@ -1,0 +1,46 @@
+"""Black Forest Labs' API routes: Fill [pro] and Expand [pro] creates, and get_result (see server.bfl).
+A key goes in ``x-key`` (or ``Authorization: Bearer``); errors are answered in BFL's shape."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from .. import bfl
+from ..auth import Caller
+from ..protocol import ApiError
+from ..state import AppState, get_state, require_auth
+
+router = APIRouter(tags=["bfl"])
+
+
+async def _create(state: AppState, request: Request, endpoint: str, body, caller: Caller) -> bfl.AsyncResponse:
+    state.auth.charge(caller)
+    if state.phase == "SETUP_FAILED":
+        raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
+    try:
+        answer = bfl.create(state.service, endpoint, body, caller, state.api_base(request))
+    except ApiError:
+        state.metrics.refused.inc()
+        raise
+    state.metrics.created.inc()
+    return answer
+
+
+@router.post(f"/v1/{bfl.FILL}", response_model=bfl.AsyncResponse,
+             summary="BFL: inpaint an image (FLUX.1 Fill [pro]'s request, run by FLUX.1 Fill [dev])")
+async def fill(body: bfl.FillRequest, request: Request, caller: Caller = Depends(require_auth),
+               state: AppState = Depends(get_state)):
+    return await _create(state, request, bfl.FILL, body, caller)
+
+
+@router.post(f"/v1/{bfl.EXPAND}", response_model=bfl.AsyncResponse,
+             summary="BFL: expand an image by pixels on any side (FLUX.1 Expand [pro]'s request)")
+async def expand(body: bfl.ExpandRequest, request: Request, caller: Caller = Depends(require_auth),
+                 state: AppState = Depends(get_state)):
+    return await _create(state, request, bfl.EXPAND, body, caller)
+
+
+@router.get("/v1/get_result", response_model=bfl.ResultResponse, summary="BFL: a task's status and result")
+async def get_result(request: Request, id: str = Query(..., max_length=200), caller: Caller = Depends(require_auth),
+                     state: AppState = Depends(get_state)):
+    return bfl.result(state.service, id, state.service.get(id, caller), state.api_base(request))

@@ -1,0 +1,271 @@
+"""Black Forest Labs' API on a real server on loopback, called with plain httpx as BFL's own examples
+call it: ``x-key``, POST a task, poll ``get_result`` until ``Ready``, download ``result.sample``;
+errors in BFL's shape; webhooks signed with ``X-BFL-Signature``."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.server
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from server.bfl import dev_guidance, file_input
+from tests.conftest import TOKEN
+from tests.helpers import LiveServer, box_mask, noise_image, png_bytes
+
+OTHER = "other-tenant-token-456"
+KEY = {"x-key": TOKEN}
+
+
+def b64(img: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def bfl_server(tmp_path_factory, tiny_dir):
+    server = LiveServer(tmp_path_factory.mktemp("bfl") / "data",
+                        args=["--weights", str(tiny_dir), "--api-token", TOKEN, "--api-token", OTHER]).start()
+    yield server
+    server.stop()
+
+
+def post(server, endpoint: str, body, headers=KEY) -> httpx.Response:
+    kw = {"json": body} if not isinstance(body, bytes) else {"content": body}
+    return httpx.post(f"{server.url}/v1/{endpoint}", headers=headers, timeout=30, **kw)
+
+
+def poll(polling_url: str, headers=KEY, until=("Ready", "Error", "Content Moderated"), timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    seen = set()
+    while True:
+        answer = httpx.get(polling_url, headers=headers, timeout=10)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        seen.add(body["status"])
+        if body["status"] in until:
+            body["seen"] = seen
+            return body
+        assert body["status"] == "Pending", body
+        assert body["progress"] is None or 0 <= body["progress"] <= 1
+        assert time.monotonic() < deadline, f"still {body} after {timeout} s"
+        time.sleep(0.1)
+
+
+def fill_body(**extra) -> dict:
+    img = noise_image(64, 64, seed=3)
+    return {"image": b64(img), "mask": b64(box_mask(64, 64, (16, 16, 48, 48))), "prompt": "a red door",
+            "steps": 15, "seed": 1234, **extra}
+
+
+def test_fill_polled_to_ready_gives_a_sample_to_download(bfl_server):
+    created = post(bfl_server, "flux-pro-1.0-fill", fill_body(safety_tolerance=6, prompt_upsampling=True))
+    assert created.status_code == 200, created.text
+    task = created.json()
+    assert set(task) == {"id", "polling_url"}
+    assert task["polling_url"] == f"{bfl_server.url}/v1/get_result?id={task['id']}"
+
+    done = poll(task["polling_url"])
+    assert done["status"] == "Ready", done
+    assert done["id"] == task["id"] and done["progress"] == 1.0
+    result = done["result"]
+    assert result["prompt"] == "a red door" and result["seed"] == 1234
+    assert result["end_time"] >= result["start_time"] and result["duration"] >= 0
+    sample = httpx.get(result["sample"], timeout=10)  # no key needed: the URL is the capability
+    assert sample.status_code == 200 and sample.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(sample.content)).size == (64, 64)
+
+    # The same prediction in Replicate's API (and so in the web page's history), its input translated.
+    listed = httpx.get(f"{bfl_server.url}/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    mine = next(p for p in listed.json()["results"] if p["id"] == task["id"])
+    assert mine["status"] == "succeeded"
+    assert mine["input"]["guidance"] == 30 and mine["input"]["num_inference_steps"] == 15
+    assert mine["input"]["output_format"] == "jpg" and mine["input"]["megapixels"] == "match_input"
+    assert "webhook_secret" not in json.dumps(mine)
+
+
+def test_expand_gives_the_canvas_size_and_the_format_asked_for(bfl_server):
+    body = {"image": b64(noise_image(64, 64, seed=5)), "top": 32, "right": 64, "steps": 15, "seed": 1,
+            "output_format": "png", "guidance": 100}
+    task = post(bfl_server, "flux-pro-1.0-expand", body).json()
+    done = poll(task["polling_url"])
+    assert done["status"] == "Ready", done
+    sample = httpx.get(done["result"]["sample"], timeout=10)
+    assert sample.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(sample.content)).size == (128, 96)
+    shown = httpx.get(f"{bfl_server.url}/v1/predictions/{task['id']}", headers=KEY, timeout=10).json()
+    assert {k: shown["input"].get(k) for k in ("expand_top", "expand_right", "guidance")} == \
+        {"expand_top": 32, "expand_right": 64, "guidance": 50}
+
+
+def test_the_images_alpha_is_the_mask_and_without_either_the_task_fails_in_words(bfl_server):
+    rgba = noise_image(64, 64, seed=6).convert("RGBA")
+    rgba.paste((0, 0, 0, 0), (8, 8, 40, 40))
+    done = poll(post(bfl_server, "flux-pro-1.0-fill", {"image": b64(rgba), "steps": 15}).json()["polling_url"])
+    assert done["status"] == "Ready", done
+
+    opaque = {"image": b64(noise_image(64, 64, seed=6), "JPEG"), "steps": 15}
+    failed = poll(post(bfl_server, "flux-pro-1.0-fill", opaque).json()["polling_url"])
+    assert failed["status"] == "Error" and failed["result"] is None
+    assert "mask is required" in failed["details"]["error"]
+
+
+def test_an_image_url_and_a_data_uri_are_taken_as_they_are():
+    assert file_input(" https://example.com/a.png ", "image") == "https://example.com/a.png"
+    assert file_input("data:image/png;base64,AAAA", "mask") == "data:image/png;base64,AAAA"
+    assert file_input(b64(noise_image(8, 8), "JPEG"), "image").startswith("data:image/jpeg;base64,/9j/")
+    assert file_input(b64(noise_image(8, 8), "WEBP"), "image").startswith("data:image/webp;base64,")
+
+
+@pytest.mark.parametrize("bfl, dev", [(60, 30), (1.5, 0.75), (100, 50), (37, 18.5)])
+def test_guidance_is_halved_for_the_dev_model(bfl, dev):
+    assert dev_guidance(bfl) == dev
+
+
+def test_x_key_and_bearer_are_the_same_tokens_and_anything_else_is_401(bfl_server):
+    url = f"{bfl_server.url}/v1/get_result?id=whatever"
+    assert httpx.get(url, headers={"x-key": TOKEN}).json()["status"] == "Task not found"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    for headers in ({}, {"x-key": "wrong"}, {"x-key": ""}):
+        answer = httpx.get(url, headers=headers)
+        assert answer.status_code == 401
+        assert set(answer.json()) == {"detail"} and "token" in answer.json()["detail"]
+    refused = post(bfl_server, "flux-pro-1.0-fill", fill_body(), headers={"x-key": "wrong"})
+    assert refused.status_code == 401 and set(refused.json()) == {"detail"}
+    # x-key works on Replicate's routes too.
+    assert httpx.get(f"{bfl_server.url}/v1/predictions", headers=KEY).status_code == 200
+
+
+def count(server) -> int:
+    return len(httpx.get(f"{server.url}/v1/predictions", headers=KEY, timeout=10).json()["results"])
+
+
+@pytest.mark.parametrize("endpoint, change, loc", [
+    ("flux-pro-1.0-fill", {"steps": 5}, ["body", "steps"]),
+    ("flux-pro-1.0-fill", {"steps": 51}, ["body", "steps"]),
+    ("flux-pro-1.0-fill", {"guidance": 1.0}, ["body", "guidance"]),
+    ("flux-pro-1.0-fill", {"output_format": "webp"}, ["body", "output_format"]),
+    ("flux-pro-1.0-fill", {"safety_tolerance": 7}, ["body", "safety_tolerance"]),
+    ("flux-pro-1.0-fill", {"seed": -1}, ["body", "seed"]),
+    ("flux-pro-1.0-fill", {"image": None}, ["body", "image"]),
+    ("flux-pro-1.0-fill", {"image": "bm90IGFuIGltYWdl"}, ["body", "image"]),
+    ("flux-pro-1.0-fill", {"mask": "ftp://example.com/m.png"}, ["body", "mask"]),
+    ("flux-pro-1.0-fill", {"webhook_url": "ftp://example.com/hook"}, ["body", "webhook_url"]),
+    ("flux-pro-1.0-expand", {"top": -1}, ["body", "top"]),
+    ("flux-pro-1.0-expand", {"left": 2049}, ["body", "left"]),
+])
+def test_bad_values_are_422_in_bfls_shape_and_write_nothing(bfl_server, endpoint, change, loc):
+    before = count(bfl_server)
+    body = {k: v for k, v in {**fill_body(), **change}.items() if v is not None}
+    answer = post(bfl_server, endpoint, body)
+    assert answer.status_code == 422, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    detail = answer.json()["detail"]
+    assert [d["loc"] for d in detail] == [loc], detail
+    assert all(d["msg"] and d["type"] for d in detail)
+    assert "input" not in detail[0]  # the value sent (perhaps a whole image) is not echoed
+    assert count(bfl_server) == before
+
+
+def test_a_body_that_is_not_json_is_422_in_bfls_shape(bfl_server):
+    answer = post(bfl_server, "flux-pro-1.0-fill", b"{not json")
+    assert answer.status_code == 422 and isinstance(answer.json()["detail"], list)
+
+
+def test_unknown_and_other_tenants_ids_are_task_not_found(bfl_server):
+    task = post(bfl_server, "flux-pro-1.0-fill", fill_body()).json()
+    for key, expected in ((OTHER, "Task not found"), (TOKEN, None)):
+        body = httpx.get(task["polling_url"], headers={"x-key": key}).json()
+        if expected:
+            assert body == {"id": task["id"], "status": expected, "result": None, "progress": None,
+                            "details": None, "preview": None}
+        else:
+            assert body["status"] != "Task not found"
+    assert httpx.get(f"{bfl_server.url}/v1/get_result?id=nope", headers=KEY).json()["status"] == "Task not found"
+    missing = httpx.get(f"{bfl_server.url}/v1/get_result", headers=KEY)
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["query", "id"]
+    poll(task["polling_url"])
+
+
+def test_a_canceled_task_is_an_error_that_says_so(bfl_server):
+    # A long task holds the one worker; the next one is canceled while it waits.
+    big = {"image": b64(noise_image(256, 256, seed=1)), "mask": b64(box_mask(256, 256, (0, 0, 128, 128))),
+           "steps": 50}
+    first = post(bfl_server, "flux-pro-1.0-fill", big).json()
+    second = post(bfl_server, "flux-pro-1.0-fill", fill_body()).json()
+    for task in (second, first):
+        canceled = httpx.post(f"{bfl_server.url}/v1/predictions/{task['id']}/cancel", headers=KEY, timeout=10)
+        assert canceled.status_code == 200
+    done = poll(second["polling_url"])
+    assert done["status"] == "Error" and done["details"]["reason"] == "canceled"
+    assert poll(first["polling_url"])["status"] in ("Error", "Ready")
+
+
+class Receiver:
+    """Webhook POSTs on 127.0.0.1, as (headers, raw body)."""
+
+    def __init__(self):
+        self.posts: list[tuple[dict, bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+    def wait(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_the_webhook_is_bfl_shaped_signed_with_the_secret_and_sent_once(bfl_server, receiver):
+    secret = "my-webhook-secret"
+    task = post(bfl_server, "flux-pro-1.0-fill", fill_body(webhook_url=receiver.url, webhook_secret=secret)).json()
+    unsigned = post(bfl_server, "flux-pro-1.0-fill", fill_body(webhook_url=receiver.url + "?plain=1")).json()
+    receiver.wait(2)
+    time.sleep(1.0)  # nothing more comes: one POST per task, on completion only
+    assert len(receiver.posts) == 2, receiver.posts
+    by_id = {json.loads(body)["id"]: (headers, body) for headers, body in receiver.posts}
+
+    headers, body = by_id[task["id"]]
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["x-bfl-signature"], expected)
+    assert "webhook-signature" not in headers  # not Replicate's signature: BFL's receivers check BFL's
+    payload = json.loads(body)
+    assert payload["status"] == "Ready" and payload["timestamp"].endswith("Z")
+    assert payload["result"] == poll(task["polling_url"])["result"]
+    assert httpx.get(payload["result"]["sample"]).status_code == 200
+
+    headers, body = by_id[unsigned["id"]]
+    assert "x-bfl-signature" not in headers and json.loads(body)["status"] == "Ready"
