@@ -3,7 +3,8 @@
 Uploads live in ``<data>/files/<id>``, outputs in ``<data>/outputs/<prediction id>/out-<i>.<ext>``,
 a prediction's long input strings in ``<data>/inputs/<prediction id>/<n>`` (UTF-8 text, exactly as
 sent). File URLs that clients send back as inputs (``.../v1/files/<id>``) are resolved here, without
-HTTP, for the tenant that uploaded them only.
+HTTP, for the tenant that uploaded them only. On PostgreSQL without --blob-dir the same folders
+are each node's copies of files kept in the database (:mod:`server.blobs`).
 """
 
 from __future__ import annotations

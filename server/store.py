@@ -1,8 +1,10 @@
 """The durable record of predictions and files, in SQLite or PostgreSQL. The only module with SQL.
 
-Rows come out of here as records (:mod:`server.records`); nothing else reads a row. Images are not stored here; outputs and uploads are files on disk whose
-names are recorded here, and so are a prediction's long input strings (data URIs): the row keeps
-where they stood (``input_blobs``), so rows and list pages stay small whatever a client sends.
+Rows come out of here as records (:mod:`server.records`); nothing else reads a row. Images are not
+kept in the rows; outputs and uploads are files whose names are recorded here, and so are a
+prediction's long input strings (data URIs): the row keeps where they stood (``input_blobs``), so
+rows and list pages stay small whatever a client sends. On PostgreSQL without --blob-dir the files'
+bytes are kept here too, in a table of their own (``blobs``, see :mod:`server.blobs`).
 """
 
 from __future__ import annotations

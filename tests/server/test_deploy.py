@@ -1,6 +1,6 @@
 """deploy/ (Docker Compose, Kubernetes), Dockerfile.cuda and the README's "Scale out" section: the
-files parse and hold what they say (API nodes, GPU workers, the shared blob volume, PostgreSQL, the
-KEDA scaler), and every `flux-fill` flag and FLUX_FILL_* variable they use exists in the real
+files parse and hold what they say (API nodes, GPU workers, PostgreSQL holding the files, the
+optional shared blob volume, the KEDA scaler), and every `flux-fill` flag and FLUX_FILL_* variable they use exists in the real
 command line parser and settings. Nothing here starts a container or a cluster."""
 
 from __future__ import annotations
@@ -280,7 +280,8 @@ def test_compose_runs_postgresql_api_nodes_gpu_workers_and_a_load_balancer():
     for name, service in ours.items():
         env = service["environment"]
         assert env["FLUX_FILL_DATABASE"].startswith("postgresql://") and "@postgres:5432/" in env["FLUX_FILL_DATABASE"]
-        assert f"blobs:{env['FLUX_FILL_BLOB_DIR']}" in service["volumes"], name  # one shared volume
+        assert "FLUX_FILL_BLOB_DIR" not in env, name  # the files are in PostgreSQL: no shared volume
+        assert not any(str(v).startswith("blobs:") for v in service.get("volumes", [])), name
         assert env["FLUX_FILL_API_TOKENS"]
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert service["healthcheck"]["test"]
@@ -292,7 +293,7 @@ def test_compose_runs_postgresql_api_nodes_gpu_workers_and_a_load_balancer():
             devices += reservation.get("device_ids", [])
             assert "9100/health" in " ".join(service["healthcheck"]["test"])
     assert len(devices) == len(set(devices)), "two workers on one GPU"
-    assert {"postgres", "blobs"} <= set(doc["volumes"])
+    assert "postgres" in doc["volumes"] and "blobs" not in doc["volumes"]
 
     lb = services["nginx"]
     assert {n: c["condition"] for n, c in lb["depends_on"].items()} == {n: "service_healthy" for n in apis}
@@ -322,7 +323,7 @@ def port_number(container: dict, port) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
 
 
-def test_kubernetes_has_api_nodes_gpu_workers_a_shared_claim_and_a_keda_scaler():
+def test_kubernetes_has_api_nodes_gpu_workers_and_a_keda_scaler_and_the_files_in_postgresql():
     docs = k8s_docs()
     kinds = Counter(d["kind"] for d in docs)
     assert kinds["Deployment"] == 2 and kinds["ScaledObject"] == 1 and kinds["Service"] >= 1
@@ -340,16 +341,15 @@ def test_kubernetes_has_api_nodes_gpu_workers_a_shared_claim_and_a_keda_scaler()
     assert box["livenessProbe"]["httpGet"]["path"] == "/health"
     assert f"127.0.0.1:{cli.WORKER_PORT}/health" in " ".join(box["readinessProbe"]["exec"]["command"])
 
-    # The blob claim is ReadWriteMany and mounted by both at the ConfigMap's FLUX_FILL_BLOB_DIR.
-    blob_dir = next(d for d in by_kind("ConfigMap"))["data"]["FLUX_FILL_BLOB_DIR"]
-    claims = {c["metadata"]["name"]: c for c in by_kind("PersistentVolumeClaim")}
+    # The files are in the database: no blob folder, and the only claim the nodes mount is the
+    # workers' weights (read-only).
+    assert "FLUX_FILL_BLOB_DIR" not in next(d for d in by_kind("ConfigMap"))["data"]
     (secret,) = by_kind("Secret")
     assert {"FLUX_FILL_DATABASE", "FLUX_FILL_API_TOKENS"} <= set(secret["stringData"])
     for deployment in (api, worker):
         spec = deployment["spec"]["template"]["spec"]
-        (volume,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v
-                     and any(m["name"] == v["name"] and m["mountPath"] == blob_dir for m in containers(deployment)[0]["volumeMounts"])]
-        assert claims[volume["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+        claimed = [v["persistentVolumeClaim"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        assert all(c.get("readOnly") for c in claimed), deployment["metadata"]["name"]
         box_ = containers(deployment)[0]
         given = {e["secretRef"]["name"] for e in box_["envFrom"] if "secretRef" in e}
         given |= {e["valueFrom"]["secretKeyRef"]["name"] for e in box_.get("env", []) if "valueFrom" in e}
@@ -370,12 +370,56 @@ def test_kubernetes_has_api_nodes_gpu_workers_a_shared_claim_and_a_keda_scaler()
     assert "FLUX_FILL_DATABASE" in {e["name"] for e in box["env"]}  # named in env: KEDA reads it there
 
 
+def test_the_shared_blobs_component_mounts_one_read_write_many_claim_at_the_blob_dir_of_every_node():
+    """deploy/kubernetes/shared-blobs, the optional component: its claim is ReadWriteMany, its
+    ConfigMap patch sets FLUX_FILL_BLOB_DIR, and its patches mount the claim there in the containers
+    of both Deployments, by the names the base uses."""
+    component = K8S / "shared-blobs"
+    kustomization = load(component / "kustomization.yaml")[0]
+    assert kustomization["kind"] == "Component"
+    docs = [doc for name in kustomization["resources"] for doc in load(component / name)]
+    patches = [doc for patch in kustomization["patches"] for doc in load(component / patch["path"])]
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    base = {(d["kind"], d["metadata"]["name"]): d for d in k8s_docs()}
+    (config,) = [d for d in patches if d["kind"] == "ConfigMap"]
+    assert ("ConfigMap", config["metadata"]["name"]) in base
+    blob_dir = config["data"]["FLUX_FILL_BLOB_DIR"]
+    patched = {d["metadata"]["name"]: d for d in patches if d["kind"] == "Deployment"}
+    assert set(patched) == {name for kind, name in base if kind == "Deployment"}
+    for name, patch in patched.items():
+        (box,) = containers(patch)
+        assert box["name"] == containers(base[("Deployment", name)])[0]["name"]
+        (mount,) = box["volumeMounts"]
+        (volume,) = patch["spec"]["template"]["spec"]["volumes"]
+        assert mount == {"name": volume["name"], "mountPath": blob_dir}
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_the_kustomization_renders():
+def test_the_kustomization_renders_with_and_without_the_shared_blobs_component(tmp_path):
     out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     kinds = Counter(d["kind"] for d in yaml.safe_load_all(out.stdout) if d)
     assert kinds["Deployment"] == 2 and kinds["ScaledObject"] == 1
+    assert "FLUX_FILL_BLOB_DIR" not in out.stdout and "flux-fill-blobs" not in out.stdout
+    # An overlay of the base with the component, as a user adds it.
+    shutil.copytree(K8S, tmp_path / "kubernetes")
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(
+        "resources:\n  - ../kubernetes\ncomponents:\n  - ../kubernetes/shared-blobs\n")
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path / "overlay")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert config["data"]["FLUX_FILL_BLOB_DIR"] == "/blobs" and config["data"]["FLUX_FILL_PUBLIC_URL"]
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        (box,) = containers(deployment)
+        mounts = {m["mountPath"]: m["name"] for m in box["volumeMounts"]}
+        assert mounts["/blobs"] == "blobs" and "/data" in mounts  # added to the base's, not in place of them
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["blobs"]["persistentVolumeClaim"]["claimName"] == "flux-fill-blobs"
 
 
 # -- the image ---------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The server on a real PostgreSQL database (--database postgresql://…): the official client's calls
 on one node; an API node and a worker node in separate processes (runs, waits, streams, cancels and
-files across them); a kill -9 whose running prediction another run takes over once its lease runs out."""
+files across them); a kill -9 whose running prediction another node takes over once its lease runs out,
+or the same node at once when it restarts; a deadline's words and a requeue cross from node to node."""
 
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 import httpx
@@ -96,8 +98,92 @@ def test_a_killed_node_s_running_prediction_runs_again_once_its_lease_runs_out(s
         ids.append(httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", json=body).json()["id"])
     wait_status(server.url, ids[0], "processing", timeout=30)
     server.kill()
-    again = server_factory("--database", postgres_url, "--lease-s", "3", data_dir=data)
+    again = server_factory("--database", postgres_url, "--lease-s", "3", data_dir=tmp_path / "another-node")
     found = wait_all(again.url, ids)
     assert all(p["status"] == "succeeded" for p in found.values()), {k: v["status"] for k, v in found.items()}
     assert "stopped answering (its lease ran out); it runs again" in found[ids[0]]["logs"]
     assert sorted(p["id"] for p in httpx.get(f"{again.url}/v1/predictions").json()["results"]) == sorted(ids)
+
+
+def slow_input(seed: int = 0) -> dict:
+    """About a minute of work on the tiny model on a CPU: four regions of a mask, each generated
+    alone at one megapixel, four outputs, 50 steps."""
+    img = noise_image(256, 256, seed=seed)
+    mask = box_mask(256, 256, (10, 10, 30, 30))
+    for box in ((200, 10, 220, 30), (10, 200, 30, 220), (200, 200, 220, 220)):
+        mask.paste(255, box)
+    return fast_input(img, mask, seed=seed, num_inference_steps=50, megapixels="1", num_outputs=4,
+                      crop_to_mask=True, crop_margin=0)
+
+
+def test_a_deadline_s_words_reach_the_worker_on_another_node(server_factory, postgres_url, tmp_path):
+    """The API node sees the Cancel-After deadline pass; the worker node, which runs the prediction,
+    ends it with the same words in its logs, not a bare "Prediction canceled."."""
+    pg = ("--database", postgres_url)
+    api = server_factory(*pg, "--no-workers", data_dir=tmp_path / "api")
+    server_factory(*pg, data_dir=tmp_path / "worker", command="worker")
+    created = httpx.post(f"{api.url}/v1/models/{MODEL}/predictions", json={"input": slow_input()},
+                         headers={"Cancel-After": "6s"}).json()
+    wait_status(api.url, created["id"], "processing", timeout=30)
+    ended = wait_status(api.url, created["id"], "canceled", timeout=60)
+    words = "Canceled: the Cancel-After deadline (6 s after creation) passed while the prediction was running."
+    assert ended["logs"].rstrip().endswith(words), ended["logs"][-300:]
+    assert "Prediction canceled." not in ended["logs"]
+
+
+def test_a_stopping_node_s_requeue_wakes_an_idle_worker_elsewhere_at_once(server_factory, postgres_url, tmp_path):
+    """A node stopped (SIGTERM) in the middle of a long prediction puts it back in the queue after
+    its grace time, and tells the others: an idle worker on another node takes it at once, not at
+    its next look at the queue (every 5 s)."""
+    pg = ("--database", postgres_url)
+    first = server_factory(*pg, data_dir=tmp_path / "first")
+    pid = httpx.post(f"{first.url}/v1/models/{MODEL}/predictions", json={"input": slow_input(1)}).json()["id"]
+    wait_status(first.url, pid, "processing", timeout=30)
+    store = first.store()
+    try:
+        held = store.get_prediction(pid).lease
+        server_factory(*pg, data_dir=tmp_path / "second", command="worker")  # idle: the queue is empty
+        stopping = threading.Thread(target=first.stop, kwargs={"timeout": 90})
+        stopping.start()
+        last_held = time.time()
+        deadline = time.monotonic() + 90
+        while (record := store.get_prediction(pid)).lease in (held, None) or record.started_at is None:
+            if record.lease == held:
+                last_held = time.time()
+            assert time.monotonic() < deadline, record.status
+            time.sleep(0.02)
+        stopping.join()
+        assert "goes back to the queue" in record.logs and record.attempts == 2
+        # Between the last look that saw the first node's claim and the second node's claim: far
+        # less than the 5 s an idle worker sleeps between looks.
+        assert record.started_at - last_held < 1.5, record.started_at - last_held
+    finally:
+        store.close()
+
+
+def test_a_node_restarted_after_kill_9_runs_its_prediction_again_at_once(server_factory, postgres_url, tmp_path):
+    """Its lease (60 s) has not run out, but the node restarted on the same data folder knows the run
+    was its own (its holder id is kept there) and settles it at start."""
+    data = tmp_path / "node"
+    args = ("--database", postgres_url, "--lease-s", "60")
+    server = server_factory(*args, data_dir=data)
+    img, mask = noise_image(64, 64, seed=2), box_mask(64, 64, (8, 8, 40, 40))
+    body = {"input": fast_input(img, mask, num_inference_steps=50, megapixels="0.25")}
+    pid = httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", json=body).json()["id"]
+    wait_status(server.url, pid, "processing", timeout=30)
+    store = server.store()
+    try:
+        held = store.get_prediction(pid)
+        server.kill()
+        assert store.get_prediction(pid).status.value == "processing"  # killed in the middle of it
+        again = server_factory(*args, data_dir=data)
+        ended = wait_all(again.url, [pid], timeout=240)[pid]
+        assert ended["status"] == "succeeded", ended["status"]
+        assert "The node running this prediction restarted; it runs again." in ended["logs"]
+        rerun = store.get_prediction(pid)
+        assert rerun.attempts == 2 and rerun.lease != held.lease
+        assert rerun.lease.split("/")[0] == held.lease.split("/")[0]  # the same node, by its holder id
+        assert rerun.started_at < held.lease_expires_at  # taken again before the old lease would run out
+    finally:
+        store.close()
+    assert (data / "node-id").is_file()
