@@ -236,3 +236,48 @@ def test_streaming_sends_the_live_previews_as_partial_images(client):
 def test_without_partial_images_no_preview_is_streamed(client):
     stream = client.images.generate(prompt="x", size="64x64", quality="max", stream=True)
     assert [e.type for e in stream] == ["image_generation.completed"]
+
+
+def test_limits_are_answered_as_openai_answers_them(server_factory):
+    """A rate limit is 429 rate_limit_exceeded with Retry-After (the client's RateLimitError); a full
+    disk is a 5xx server_error; neither leaves a prediction behind."""
+    limited = server_factory("--rate-limit-per-minute", "1", "--api-token", TOKEN)
+    client = openai.OpenAI(base_url=f"{limited.url}/v1", api_key=TOKEN, max_retries=0)
+    assert client.images.generate(prompt="x", size="32x32", quality="low").data
+    with pytest.raises(openai.RateLimitError) as err:
+        client.images.generate(prompt="x", size="32x32", quality="low")
+    assert err.value.status_code == 429 and err.value.code == "rate_limit_exceeded"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    listed = httpx.get(f"{limited.url}/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert len(listed.json()["results"]) == 1
+
+    full = server_factory("--min-free-disk-mb", str(1 << 40))
+    client = openai.OpenAI(base_url=f"{full.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.images.generate(prompt="x", size="32x32", quality="low")
+    assert err.value.status_code == 507 and err.value.type == "server_error" and "disk" in err.value.message
+    assert httpx.get(f"{full.url}/v1/predictions").json()["results"] == []
+
+
+def test_a_stream_closed_early_cancels_its_predictions(client, server):
+    stream = client.images.generate(prompt="closed stream", size="1024x1024", quality="max", n=4, stream=True)
+    time.sleep(1.0)
+    stream.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        made = openai_predictions(server)[0]
+        if made["status"] == "canceled":
+            break
+        time.sleep(0.2)
+    assert made["input"]["prompt"] == "closed stream" and made["status"] == "canceled"
+
+
+def test_each_token_sees_only_its_own(server_factory):
+    """The tokens are tenants here too: another tenant's OpenAI predictions are not listed to it."""
+    shared = server_factory("--api-token", "alice:tok-a", "--api-token", "bob:tok-b")
+    alice = openai.OpenAI(base_url=f"{shared.url}/v1", api_key="tok-a", max_retries=0)
+    alice.images.generate(prompt="alice's", size="32x32", quality="low")
+    listed = lambda token: httpx.get(f"{shared.url}/v1/predictions",  # noqa: E731
+                                     headers={"Authorization": f"Bearer {token}"}).json()["results"]
+    assert [p["input"]["prompt"] for p in listed("tok-a")] == ["alice's"]
+    assert listed("tok-b") == []
