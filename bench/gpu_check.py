@@ -12,6 +12,9 @@ on the weights' values), then each section runs on it in an order that needs no 
 2. ``baseline``: plain diffusers, ``FluxFillPipeline.__call__``, bf16 eager: end to end and per step.
 3. ``eager``: this server's engine, nothing compiled: end to end, per step, ratio to the baseline.
    Every timed run starts with the engine's prompt cache empty, so T5 runs as in the baseline.
+3b. ``previews``: the same prediction with previews off and on (every preview the cadence allows,
+   encoded as the server does), alternating: the previews' share of a prediction's time, and one
+   projection's cost (bench/previews.py); on a GPU it must stay within 2%.
 4. ``formats``: what only a GPU can check of the loading paths: a LoRA with norms applied and
    removed on the real model (the base back bit for bit), and one-block real-width checkpoints (BFL
    bf16, fp8, ComfyUI scaled fp8, GGUF) loaded onto the GPU in bf16 and compared with their values.
@@ -240,6 +243,12 @@ def eager(check: Check, state: dict) -> dict:
     base = check.report["sections"].get("baseline", {})
     return {**figures(run), "speedup_vs_baseline": ratio(base.get("e2e_s"), run["e2e_s"]),
             "step_speedup_vs_baseline": ratio(base.get("step_s"), run["step_s"])}
+
+
+def previews(check: Check, state: dict) -> dict:
+    from previews import measure  # bench/previews.py
+
+    return measure(state["engine"], engine_input(check), cuda=check.cuda, repeats=2)
 
 
 def formats(check: Check, state: dict) -> dict:
@@ -531,6 +540,7 @@ def main(argv=None) -> int:
     check.section("baseline", lambda: baseline(check, state), needs_s=20 if cuda else 0)
     check.section("eager", lambda: eager(check, state), needs_s=20 if cuda else 0)
     if "engine" in state:
+        check.section("previews", lambda: previews(check, state), needs_s=40 if cuda else 0)
         check.section("formats", lambda: formats(check, state), needs_s=40 if cuda else 0)
         check.section("step_cache", lambda: step_cache(check, state), needs_s=15 if cuda else 0)
         check.section("compiled", lambda: compiled(check, state), needs_s=90 if cuda else 0)

@@ -50,7 +50,7 @@ from .protocol import (
     not_unicode,
 )
 from .quotas import Quotas
-from .records import PredictionRecord
+from .records import PredictionRecord, PreviewRecord
 from .settings import Settings
 from .store import Store, now
 from .stored_inputs import Stored
@@ -315,6 +315,12 @@ class PredictionService:
         if record is None or (caller is not None and not caller.sees(record.owner)):
             return None
         return record
+
+    def preview(self, prediction_id: str, caller: Caller | None = None) -> PreviewRecord | None:
+        """The latest preview of a running prediction the caller may see; None if there is none."""
+        if self.get(prediction_id, caller) is None:
+            return None
+        return self.store.get_preview(prediction_id)
 
     def page(self, caller: Caller, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
              created_before: str | None) -> Response:

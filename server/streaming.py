@@ -3,26 +3,42 @@
 Event names are only ``output``, ``logs``, ``error`` and ``done``, and every event has an ``id``.
 ``output`` carries a file string, ``logs`` new log text, ``error`` JSON with ``detail``, and
 ``done`` ``{}`` or ``{"reason": "canceled"|"error"}``.
+
+A stream opened with ``?previews=true`` (this server's own addition) also carries ``preview``
+events while the prediction runs: JSON ``{"image": "data:image/webp;base64,...", "step": 12,
+"total": 28}``, the latest preview of the picture as it forms, each sent once. Without it the
+stream is exactly what the official clients read; they know no other event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import AsyncIterator
 
 from sse_starlette.sse import ServerSentEvent
 
+from .events import PREVIEW
 from .predictions import PredictionService
 from .protocol import Status
 
 KEEPALIVE_S = 15.0
 
 
-async def prediction_events(service: PredictionService, prediction_id: str) -> AsyncIterator[ServerSentEvent]:
+def preview_data(preview) -> str:
+    """A ``preview`` event's data: the image as a data URI, and the step it was taken at."""
+    uri = f"data:{preview.content_type};base64,{base64.b64encode(preview.data).decode()}"
+    return json.dumps({"image": uri, "step": preview.step, "total": preview.total})
+
+
+async def prediction_events(service: PredictionService, prediction_id: str,
+                            previews: bool = False) -> AsyncIterator[ServerSentEvent]:
     queue = service.hub.subscribe(prediction_id)
     counter = 0
     sent_logs = 0
+    look_for_preview = previews  # at the start, then at each preview event (or a quiet wait)
+    sent_preview: tuple | None = None
 
     def event(name: str, data: str) -> ServerSentEvent:
         nonlocal counter
@@ -52,9 +68,15 @@ async def prediction_events(service: PredictionService, prediction_id: str) -> A
                     yield event("error", json.dumps({"detail": record.error or "The prediction failed."}))
                     yield event("done", json.dumps({"reason": "error"}))
                 return
+            if look_for_preview:
+                preview = service.store.get_preview(prediction_id)
+                if preview is not None and (preview.step, preview.created_at) != sent_preview:
+                    sent_preview = (preview.step, preview.created_at)
+                    yield event("preview", preview_data(preview))
             try:
-                await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                woke = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                look_for_preview = previews and woke == PREVIEW
             except asyncio.TimeoutError:
-                pass
+                look_for_preview = previews
     finally:
         service.hub.unsubscribe(prediction_id, queue)

@@ -26,6 +26,20 @@ def test_cpu_bench_prints_its_table_and_ratios(tiny_dir):
     assert "over pipeline" in lines[-1]
 
 
+def test_the_previews_bench_prints_their_share_of_a_prediction(tiny_dir):
+    """bench/previews.py on the tiny model: previews off and on in one run, and what one costs."""
+    proc = subprocess.run(
+        [sys.executable, "bench/previews.py", "--device", "cpu", "--weights", str(tiny_dir), "--steps", "9",
+         "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("previews off ") and "(8 previews, every one wanted)" in lines[0]
+    assert lines[1].startswith("one projection ") and "of a step" in lines[1]
+    assert lines[-1].startswith("ratio previews' share of a prediction on cpu: ") and lines[-1].endswith("%")
+
+
 def test_bench_help_lists_the_modes_and_cases():
     out = subprocess.run([sys.executable, "bench/bench.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60).stdout
@@ -72,15 +86,16 @@ def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     sections = report["sections"]
-    assert list(sections) == ["build", "baseline", "eager", "formats", "step_cache", "compiled", "memory_flat",
-                              "memory_modes", "fp8_compiled"]
-    for name in ("build", "baseline", "eager", "formats", "step_cache", "compiled", "memory_flat"):
+    assert list(sections) == ["build", "baseline", "eager", "previews", "formats", "step_cache", "compiled",
+                              "memory_flat", "memory_modes", "fp8_compiled"]
+    for name in ("build", "baseline", "eager", "previews", "formats", "step_cache", "compiled", "memory_flat"):
         assert "error" not in sections[name] and "skipped" not in sections[name], sections[name]
     formats = sections["formats"]
     assert formats["lora"] == {"base_back_bit_for_bit": True, "changed_the_output": True}
     for layout in ("bfl", "fp8", "scaled_fp8", "gguf"):
         assert formats[layout]["finite"] and formats[layout]["rel_error_vs_source"] < 0.1, formats[layout]
     assert formats["fp8"]["weights_mib"] < 0.6 * formats["bfl"]["weights_mib"]
+    assert sections["previews"]["previews_per_prediction"] >= 1 and "share" in sections["previews"]
     for name in ("baseline", "eager", "step_cache", "compiled"):
         assert sections[name]["e2e_s"] > 0 and sections[name]["step_s"] > 0
     assert sections["compiled"]["rel_error_vs_eager"] < 0.01 and sections["compiled"]["speedup_vs_eager"] > 0

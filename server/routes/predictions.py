@@ -1,4 +1,4 @@
-"""Prediction routes: create (model, version, deployment), get, list, cancel, stream."""
+"""Prediction routes: create (model, version, deployment), get, list, cancel, stream, preview."""
 
 from __future__ import annotations
 
@@ -107,9 +107,24 @@ async def cancel_prediction(prediction_id: str, request: Request, caller: Caller
 @stream_router.get("/v1/predictions/{prediction_id}/stream", summary="Server-sent events of a prediction",
                    response_class=EventSourceResponse)
 async def stream_prediction(prediction_id: str, caller: Caller | None = Depends(optional_auth),
+                            previews: bool = Query(False, description="Also send `preview` events while the "
+                                                   "prediction runs (this server's own; the official clients "
+                                                   "know only output, logs, error and done)."),
                             state: AppState = Depends(get_state)):
     # No auth needed, as Replicate's stream URLs: the JS and Go clients fetch them without a token,
     # and the prediction id (130 random bits) is the capability. Another tenant's token is refused.
     if state.service.get(prediction_id, caller) is None:
         raise not_found()
-    return EventSourceResponse(prediction_events(state.service, prediction_id), ping=15)
+    return EventSourceResponse(prediction_events(state.service, prediction_id, previews), ping=15)
+
+
+@stream_router.get("/v1/predictions/{prediction_id}/preview", summary="The latest preview of a running prediction",
+                   response_class=Response, responses={200: {"content": {"image/webp": {}}}})
+async def get_preview(prediction_id: str, caller: Caller | None = Depends(optional_auth),
+                      state: AppState = Depends(get_state)):
+    # As the stream that carries the same previews: the prediction id is the capability.
+    preview = state.service.preview(prediction_id, caller)
+    if preview is None:
+        raise ApiError(404, "This prediction has no preview: it is not running, or no step has made one yet.")
+    return Response(preview.data, media_type=preview.content_type, headers={
+        "Cache-Control": "no-store", "Preview-Step": str(preview.step), "Preview-Total": str(preview.total)})

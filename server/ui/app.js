@@ -471,12 +471,29 @@ function render(prediction) {
   }
 
   const active = !TERMINAL.has(prediction.status);
+  if (!active) hidePreview(); // the outputs take its place
   $("#cancel").hidden = !active;
   $("#generate").disabled = active;
 }
 
+/** The picture as it forms: the latest `preview` event of the stream (asked for with ?previews=true). */
+function showPreview(data) {
+  let preview;
+  try { preview = JSON.parse(data); } catch { return; }
+  if (!preview || typeof preview.image !== "string" || !preview.image.startsWith("data:image/")) return;
+  $("#run-preview-img").src = preview.image;
+  $("#run-preview-text").textContent = `Preview at step ${preview.step} of ${preview.total}`;
+  $("#run-preview").hidden = false;
+}
+
+function hidePreview() {
+  $("#run-preview").hidden = true;
+  $("#run-preview-img").removeAttribute("src");
+}
+
 function track(prediction, before) {
   stopTracking();
+  hidePreview();
   tracked = { id: prediction.id, status: prediction.status, before, streamLogs: "", outputsKey: null };
   const mine = tracked;
   render(prediction);
@@ -484,8 +501,13 @@ function track(prediction, before) {
 
   const stream = prediction.urls?.stream;
   if (stream && "EventSource" in window) {
-    const es = new EventSource(stream);
+    const url = new URL(stream, window.location.href);
+    url.searchParams.set("previews", "true"); // this server's own events: the picture as it forms
+    const es = new EventSource(url.toString());
     mine.es = es;
+    es.addEventListener("preview", (e) => {
+      if (!mine.stopped && !TERMINAL.has(mine.status)) showPreview(e.data);
+    });
     es.addEventListener("logs", (e) => {
       mine.streamLogs += e.data;
       // A late event must not paint over a finished prediction's "Done" or "Canceled".

@@ -145,3 +145,132 @@ def test_previews_are_encoded_as_webp_off_the_denoising_thread(service):
     sender.close()
     off = PreviewSender(service.lifecycle, Settings(data_dir=service.settings.data_dir, previews=False))
     assert off.for_run(run) == {}
+
+
+# -- on a live server, through the official client and plain HTTP ------------------------------
+
+import base64  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+import replicate  # noqa: E402
+from replicate.stream import EventSource, ServerSentEvent  # noqa: E402
+
+from tests.helpers import box_mask, fast_input, noise_image  # noqa: E402
+
+MODEL = "black-forest-labs/flux-fill-dev"
+SLOW = dict(num_inference_steps=40, seed=7)  # a second or more on the tiny model: previews have time to form
+
+
+@pytest.fixture(scope="module")
+def preview_server(tmp_path_factory, tiny_dir):
+    from tests.helpers import LiveServer
+
+    server = LiveServer(tmp_path_factory.mktemp("previews") / "data",
+                        args=["--weights", str(tiny_dir), "--preview-interval-s", "0.01"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def big_picture():
+    return noise_image(128, 128, seed=4), box_mask(128, 128, (16, 16, 96, 96))
+
+
+def sse_events(text: str) -> list[dict]:
+    events = []
+    for block in text.replace("\r\n", "\n").strip().split("\n\n"):
+        fields: dict = {}
+        for line in block.splitlines():
+            name, _, value = line.partition(":")
+            if name and not line.startswith(":"):
+                fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+        if "event" in fields:
+            events.append({"event": fields["event"][0], "id": fields["id"][0], "data": "\n".join(fields.get("data", []))})
+    return events
+
+
+def test_a_stream_asked_for_previews_carries_them_before_the_output(preview_server, big_picture):
+    client = replicate.Client(base_url=preview_server.url, api_token="none")
+    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW), stream=True)
+    text = httpx.get(prediction.urls["stream"] + "?previews=true", timeout=120).text
+    events = sse_events(text)
+    names = [e["event"] for e in events]
+    assert names[-2:] == ["output", "done"] and "preview" in names
+    assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))
+    previews = [json.loads(e["data"]) for e in events if e["event"] == "preview"]
+    assert len(previews) <= 8
+    steps = [p["step"] for p in previews]
+    assert steps == sorted(set(steps)) and all(p["total"] == 40 and 0 < p["step"] < 40 for p in previews)
+    head, _, payload = previews[-1]["image"].partition(",")
+    assert head == "data:image/webp;base64"
+    image = Image.open(io.BytesIO(base64.b64decode(payload)))
+    assert image.format == "WEBP" and image.size == (128, 128)
+    # The official client's own parser knows no such event: that is why previews are asked for.
+    decoder = EventSource.Decoder()
+    with pytest.raises(ValueError):
+        for line in text.replace("\r\n", "\n").split("\n"):
+            decoder.decode(line)
+
+
+def test_the_official_clients_stream_is_unchanged_while_previews_form(preview_server, big_picture):
+    client = replicate.Client(base_url=preview_server.url, api_token="none")
+    events = list(client.stream(MODEL, input=fast_input(*big_picture, **SLOW)))
+    kinds = {e.event for e in events}
+    assert kinds <= set(ServerSentEvent.EventType) and ServerSentEvent.EventType.OUTPUT in kinds
+    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW), stream=True)
+    text = httpx.get(prediction.urls["stream"], timeout=120).text
+    assert {e["event"] for e in sse_events(text)} <= {"output", "logs", "done"}
+    assert "preview" not in text
+
+
+def test_get_preview_answers_the_forming_picture_then_404_once_it_ends(preview_server, big_picture):
+    client = replicate.Client(base_url=preview_server.url, api_token="none")
+    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW))
+    url = f"{preview_server.url}/v1/predictions/{prediction.id}/preview"
+    seen = None
+    deadline = time.monotonic() + 120
+    while seen is None and time.monotonic() < deadline:
+        answer = httpx.get(url, timeout=10)
+        if answer.status_code == 200:
+            seen = answer
+        else:
+            assert answer.status_code == 404 and answer.headers["content-type"] == "application/problem+json"
+            prediction.reload()
+            assert prediction.status in ("starting", "processing"), "it ended before a preview was seen"
+            time.sleep(0.02)
+    assert seen is not None
+    assert seen.headers["content-type"] == "image/webp" and seen.headers["cache-control"] == "no-store"
+    assert 0 < int(seen.headers["preview-step"]) < int(seen.headers["preview-total"]) == 40
+    assert Image.open(io.BytesIO(seen.content)).size == (128, 128)
+    prediction.wait()
+    assert prediction.status == "succeeded"
+    gone = httpx.get(url, timeout=10)
+    assert gone.status_code == 404 and "no preview" in gone.json()["detail"]
+    assert httpx.get(f"{preview_server.url}/v1/predictions/{'0' * 26}/preview", timeout=10).status_code == 404
+
+
+def test_no_previews_turns_them_off(server_factory, big_picture):
+    server = server_factory("--no-previews", "--preview-interval-s", "0.01")
+    client = replicate.Client(base_url=server.url, api_token="none")
+    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW), stream=True)
+    text = httpx.get(prediction.urls["stream"] + "?previews=true", timeout=120).text
+    assert [e["event"] for e in sse_events(text)][-2:] == ["output", "done"] and "preview" not in text
+
+
+def test_previews_made_on_a_worker_node_reach_an_api_node_s_stream(server_factory, postgres_url, tmp_path,
+                                                                   big_picture):
+    """PostgreSQL: the worker keeps each preview in the shared database and tells the other nodes;
+    the API node's stream (and its GET preview) serve it."""
+    blobs = str(tmp_path / "blobs")
+    api = server_factory("--database", postgres_url, "--blob-dir", blobs, "--no-workers")
+    server_factory("--database", postgres_url, "--blob-dir", blobs, "--preview-interval-s", "0.01", command="worker")
+    client = replicate.Client(base_url=api.url, api_token="none")
+    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW), stream=True)
+    text = httpx.get(prediction.urls["stream"] + "?previews=true", timeout=120).text
+    events = sse_events(text)
+    assert [e["event"] for e in events][-2:] == ["output", "done"]
+    previews = [json.loads(e["data"]) for e in events if e["event"] == "preview"]
+    assert previews and previews[0]["image"].startswith("data:image/webp;base64,")
+    assert httpx.get(f"{api.url}/v1/predictions/{prediction.id}/preview", timeout=10).status_code == 404  # it ended

@@ -476,3 +476,29 @@ def test_predictions_made_through_openais_api_are_in_the_history(page, live_serv
     assert page.locator(".output").count() == 1
     page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
     assert mask_coverage(page) > 0.3  # the transparent half is the mask
+
+
+def test_the_picture_forms_in_a_preview_while_the_progress_bar_moves(page, server_factory, tmp_path):
+    server = server_factory("--preview-interval-s", "0.01")
+    open_page(page, server.url + "/")
+    page.evaluate(
+        """() => {
+            window.__previews = [];
+            const img = document.querySelector('#run-preview-img');
+            img.addEventListener('load', () => window.__previews.push({
+                width: img.naturalWidth, shown: !document.querySelector('#run-preview').hidden,
+                caption: document.querySelector('#run-preview-text').textContent,
+                progress: Number(document.querySelector('#progress').getAttribute('aria-valuenow')),
+            }));
+        }"""
+    )
+    generate(page, tmp_path, prompt="a kite", size=(128, 128), num_inference_steps=40, seed=3)
+    assert wait_terminal(page) == "succeeded", page.inner_text("#run-error")
+    seen = page.evaluate("window.__previews")
+    assert seen, "no preview was shown while the prediction ran"
+    assert all(p["width"] == 128 and p["shown"] for p in seen)
+    assert all(re.fullmatch(r"Preview at step \d+ of 40", p["caption"]) for p in seen)
+    assert all(p["progress"] < 100 for p in seen)  # shown during the run, beside the moving bar
+    # Once the outputs are in, they take the preview's place.
+    assert page.locator("#run-preview").is_hidden()
+    page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
