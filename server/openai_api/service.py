@@ -305,7 +305,7 @@ class OpenAIImages:
                     yield record
                     return
                 if sent < partial_images:
-                    preview = self.service.store.get_preview(prediction_id)
+                    preview = self.service.preview(prediction_id)
                     if preview is not None and preview.step > last_step:
                         last_step, sent = preview.step, sent + 1
                         yield preview.data
