@@ -281,3 +281,19 @@ def test_each_token_sees_only_its_own(server_factory):
                                      headers={"Authorization": f"Bearer {token}"}).json()["results"]
     assert [p["input"]["prompt"] for p in listed("tok-a")] == ["alice's"]
     assert listed("tok-b") == []
+
+
+def test_on_postgresql_too(server_factory, postgres_url):
+    """On a PostgreSQL database: the request's predictions, their api_data and their outputs."""
+    server = server_factory("--database", postgres_url)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="on postgres", n=5, size="40x24", quality="low", response_format="url")
+    assert len(result.data) == 5
+    assert all(Image.open(io.BytesIO(httpx.get(d.url).content)).size == (40, 24) for d in result.data)
+    store = server.store()
+    try:
+        made = [store.get_prediction(p["id"]) for p in httpx.get(f"{server.url}/v1/predictions").json()["results"]]
+    finally:
+        store.close()
+    assert sorted(r.api_data["first"] for r in made) == [0, 4] and {r.api for r in made} == {"openai"}
+    assert all(r.api_data["size"] == [40, 24] and r.api_data["n"] == 5 for r in made)
