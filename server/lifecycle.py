@@ -48,6 +48,9 @@ QUEUED = "queued"  # told to other nodes only: their workers look at the queue
 WEBHOOK_TIMEOUT_S = 10.0  # one webhook POST, connect to answer
 WEBHOOK_SWEEP_S = 10.0  # how often each node looks for final webhooks nobody holds
 CANCEL_CHECK_S = 0.1  # a running prediction's worker looks for a cancel in the database this often
+PREVIEW_WATCH_S = 30.0  # a stream's (or a preview reader's) wish for previews holds this long unless renewed
+PREVIEW_WATCH_RENEW_S = 5.0  # a node writes one watcher's wish at most this often
+PREVIEW_CHECK_S = 0.2  # a running prediction's worker looks for watchers in the database at most this often
 
 
 def interrupted_too_often(attempts: int) -> str:
@@ -70,6 +73,8 @@ class Lifecycle:
         self.deadline_added = asyncio.Event()  # a create with Cancel-After: look at the deadlines again
         self.node = secrets.token_hex(6)  # this process, in the events it tells other nodes
         self._cancel_checked: dict[str, float] = {}  # when each running prediction's cancel was last read
+        self._watch_written: dict[str, float] = {}  # when this node last wrote a wish for previews, per prediction
+        self._watch_read: dict[str, tuple[float, bool]] = {}  # a running prediction's watchers, last read
         # A node holds an owed final webhook this long (its POSTs and retries fit) before another may send it.
         self.webhook_hold_s = settings.webhook_retry_s + 2 * WEBHOOK_TIMEOUT_S + 10
         self.webhooks: WebhookSender | None = None
@@ -107,6 +112,7 @@ class Lifecycle:
     def forget(self, prediction_id: str) -> None:
         """A run ended on this node (however it ended): drop what was kept for it."""
         self._cancel_checked.pop(prediction_id, None)
+        self._watch_read.pop(prediction_id, None)
 
     # -- while it runs ------------------------------------------------------------------------
 
@@ -123,6 +129,29 @@ class Lifecycle:
             return False
         self._publish(run.id, PREVIEW)
         return True
+
+    def watch_previews(self, prediction_id: str, seconds: float = PREVIEW_WATCH_S) -> None:
+        """Someone here wants this prediction's previews for ``seconds`` (a stream asked for them, a
+        page reads them): recorded in the database, where the worker running it, on any node, looks.
+        Written at most every few seconds per prediction by this node."""
+        at = time.monotonic()
+        if at - self._watch_written.get(prediction_id, float("-inf")) < PREVIEW_WATCH_RENEW_S:
+            return
+        self._watch_written[prediction_id] = at
+        if len(self._watch_written) > 10_000:  # old entries of ended predictions
+            cutoff = at - PREVIEW_WATCH_S
+            self._watch_written = {k: v for k, v in self._watch_written.items() if v > cutoff}
+        self.store.watch_previews(prediction_id, now() + seconds)
+
+    def previews_watched(self, prediction_id: str) -> bool:
+        """Whether anyone, on any node, wants this running prediction's previews now (read from the
+        database at most every PREVIEW_CHECK_S)."""
+        at = time.monotonic()
+        read_at, watched = self._watch_read.get(prediction_id, (float("-inf"), False))
+        if at - read_at >= PREVIEW_CHECK_S:
+            watched = self.store.previews_watched(prediction_id, now())
+            self._watch_read[prediction_id] = (at, watched)
+        return watched
 
     def stop_wanted(self, prediction_id: str) -> bool:
         """A cancel (a user's, or a deadline's, asked of any node) waits for this running prediction."""

@@ -317,9 +317,13 @@ class PredictionService:
         return record
 
     def preview(self, prediction_id: str, caller: Caller | None = None) -> PreviewRecord | None:
-        """The latest preview of a running prediction the caller may see; None if there is none."""
-        if self.get(prediction_id, caller) is None:
+        """The latest preview of a running prediction the caller may see; None if there is none. A
+        reader is a watcher: the next previews are made for it (while it keeps asking)."""
+        record = self.get(prediction_id, caller)
+        if record is None:
             return None
+        if not record.terminal:
+            self.lifecycle.watch_previews(prediction_id, seconds=10.0)
         return self.store.get_preview(prediction_id)
 
     def page(self, caller: Caller, request_base: str, list_url: str, cursor: str | None, created_after: str | None,

@@ -3,9 +3,10 @@
 The engine hands a :class:`inference.previews.Preview` as soon as its projection is queued; here
 it is turned into a WebP (quality ``QUALITY``) on a thread of its own, so the denoising never waits
 for an image to be made or encoded, then kept as the prediction's latest preview and published
-(``events.PREVIEW``) by the lifecycle, under the run's lease. A preview is wanted at most every
-``--preview-interval-s``, and never while the previous one is still being encoded: a slow encode
-skips previews, it never queues them. ``--no-previews`` turns all of it off (the engine then takes
+(``events.PREVIEW``) by the lifecycle, under the run's lease. A preview is wanted only while
+someone watches (a stream asked for previews, or a page reads them: ``Lifecycle.watch_previews``,
+on any node), at most every ``--preview-interval-s``, and never while the previous one is still
+being encoded: a slow encode skips previews, it never queues them. ``--no-previews`` turns all of it off (the engine then takes
 none).
 """
 
@@ -62,7 +63,12 @@ class _RunPreviews:
         self.pending = threading.Event()  # one is being encoded
 
     def wanted(self) -> bool:
-        return not self.pending.is_set() and time.monotonic() - self.last >= self.sender.interval_s
+        if self.pending.is_set() or time.monotonic() - self.last < self.sender.interval_s:
+            return False
+        try:
+            return self.sender.lifecycle.previews_watched(self.run.id)
+        except Exception:  # the database is away: no preview, the prediction goes on
+            return False
 
     def send(self, preview: Preview) -> None:
         self.last = time.monotonic()

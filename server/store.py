@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS previews (
     data BLOB NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS preview_watchers (
+    prediction_id TEXT PRIMARY KEY,
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -410,13 +414,31 @@ class Store:
                              created_at=float(row["created_at"]))
 
     def drop_preview(self, prediction_id: str) -> None:
-        self._run("DELETE FROM previews WHERE prediction_id = ?", (prediction_id,))
+        """The preview and its watchers go (the prediction ended)."""
+        with self.lock:
+            self._run("DELETE FROM previews WHERE prediction_id = ?", (prediction_id,))
+            self._run("DELETE FROM preview_watchers WHERE prediction_id = ?", (prediction_id,))
+
+    def watch_previews(self, prediction_id: str, until: float) -> None:
+        """Someone (a stream, a reader of the preview, on any node) wants this prediction's previews
+        until ``until``; a later ``until`` already recorded stays."""
+        self._run("INSERT INTO preview_watchers (prediction_id, until) VALUES (?, ?) ON CONFLICT (prediction_id) "
+                  "DO UPDATE SET until = excluded.until WHERE preview_watchers.until < excluded.until",
+                  (prediction_id, until))
+
+    def previews_watched(self, prediction_id: str, at: float) -> bool:
+        return self._one("SELECT 1 AS watched FROM preview_watchers WHERE prediction_id = ? AND until >= ?",
+                         (prediction_id, at)) is not None
 
     def drop_stale_previews(self) -> int:
-        """Retention: the previews of predictions that no longer run (a node died before it dropped
-        them, or a preview was written as its prediction ended). The number dropped."""
-        return self._run("DELETE FROM previews WHERE prediction_id NOT IN "
-                         "(SELECT id FROM predictions WHERE status = 'processing')")
+        """Retention: the previews (and watchers) of predictions that no longer run (a node died
+        before it dropped them, or a preview was written as its prediction ended). The number of
+        previews dropped."""
+        with self.lock:
+            self._run("DELETE FROM preview_watchers WHERE prediction_id NOT IN "
+                      "(SELECT id FROM predictions WHERE status IN " + _ACTIVE + ")")
+            return self._run("DELETE FROM previews WHERE prediction_id NOT IN "
+                             "(SELECT id FROM predictions WHERE status = 'processing')")
 
     # -- files --------------------------------------------------------------------------------
 

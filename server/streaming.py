@@ -68,6 +68,8 @@ async def prediction_events(service: PredictionService, prediction_id: str,
                     yield event("error", json.dumps({"detail": record.error or "The prediction failed."}))
                     yield event("done", json.dumps({"reason": "error"}))
                 return
+            if previews:
+                service.lifecycle.watch_previews(prediction_id)  # renewed while the stream lives
             if look_for_preview:
                 preview = service.store.get_preview(prediction_id)
                 if preview is not None and (preview.step, preview.created_at) != sent_preview:

@@ -5,6 +5,7 @@ published as ``preview`` events here and to other nodes, dropped when it ends; s
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -73,6 +74,37 @@ def test_retention_drops_the_previews_of_predictions_that_no_longer_run(service)
     assert store.get_preview(pid) is None
 
 
+def test_watchers_of_previews_are_kept_until_their_time_and_dropped_with_the_prediction(service):
+    store = service.store
+    pid = service.create(REQUEST, QUEUE, NOBODY).id
+    assert not store.previews_watched(pid, 100.0)
+    store.watch_previews(pid, 130.0)  # a stream opened while it was queued
+    store.watch_previews(pid, 110.0)  # a shorter wish does not cut a longer one
+    assert store.previews_watched(pid, 125.0) and not store.previews_watched(pid, 131.0)
+    assert store.drop_stale_previews() == 0 and store.previews_watched(pid, 125.0)  # queued: kept
+    store.drop_preview(pid)
+    assert not store.previews_watched(pid, 100.0)
+    store.watch_previews(pid, 130.0)
+    service.cancel(pid)
+    assert not store.previews_watched(pid, 100.0)  # it ended
+
+
+def test_previews_are_wanted_only_while_someone_watches(service, monkeypatch):
+    import server.lifecycle as lifecycle_module
+    from server.previews import PreviewSender
+
+    monkeypatch.setattr(lifecycle_module, "PREVIEW_CHECK_S", 0.0)
+    pid = service.create(REQUEST, QUEUE, NOBODY).id
+    run = service.lifecycle.claim()
+    wanted = PreviewSender(service.lifecycle, Settings(data_dir=service.settings.data_dir)).for_run(run)["preview_wanted"]
+    assert not wanted()  # nobody asked: no preview is made, encoded or written
+    there = Lifecycle(service.settings, service.store, service.files, RecordingHub())
+    there.watch_previews(pid)  # a stream on another node asks for them
+    assert wanted()
+    assert service.preview(pid) is None  # a reader of the preview is a watcher too
+    assert service.store.previews_watched(pid, time.time() + 5)
+
+
 def test_the_lifecycle_keeps_and_publishes_a_preview_only_while_the_run_holds_it(service):
     lifecycle = service.lifecycle
     sender = RecordingSender()
@@ -126,6 +158,7 @@ def test_previews_are_encoded_as_webp_off_the_denoising_thread(service):
 
     pid = service.create(REQUEST, QUEUE, NOBODY).id
     run = service.lifecycle.claim()
+    service.lifecycle.watch_previews(pid)
     sender = PreviewSender(service.lifecycle, Settings(data_dir=service.settings.data_dir, preview_interval_s=30))
     hooks = sender.for_run(run)
     assert hooks["preview_wanted"]()
@@ -151,7 +184,6 @@ def test_previews_are_encoded_as_webp_off_the_denoising_thread(service):
 
 import base64  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import httpx  # noqa: E402
 import replicate  # noqa: E402
