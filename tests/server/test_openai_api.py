@@ -297,3 +297,49 @@ def test_on_postgresql_too(server_factory, postgres_url):
         store.close()
     assert sorted(r.api_data["first"] for r in made) == [0, 4] and {r.api for r in made} == {"openai"}
     assert all(r.api_data["size"] == [40, 24] and r.api_data["n"] == 5 for r in made)
+
+
+def test_a_request_waiting_at_shutdown_is_answered_and_its_predictions_survive(server_factory):
+    """SIGTERM while a request waits behind a long prediction: it is answered 503 at once, its
+    prediction stays queued, and after a restart it runs and is read back at the asked size."""
+    import threading
+
+    server = server_factory()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    answers: dict = {}
+
+    def ask(name: str, **kw) -> None:
+        try:
+            answers[name] = client.images.generate(prompt=name, **kw)
+        except openai.APIStatusError as exc:
+            answers[name] = exc
+
+    long = threading.Thread(target=ask, args=("long",), kwargs={"size": "1024x1024", "quality": "max", "n": 4})
+    long.start()
+    deadline = time.monotonic() + 30
+    while not httpx.get(f"{server.url}/v1/predictions").json()["results"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    short = threading.Thread(target=ask, args=("short",), kwargs={"size": "40x24", "quality": "low"})
+    short.start()
+    while len(httpx.get(f"{server.url}/v1/predictions").json()["results"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.stop()
+    short.join(30)
+    long.join(30)
+    refused = answers["short"]
+    assert isinstance(refused, openai.InternalServerError) and refused.status_code == 503, refused
+    assert "shutting down" in refused.message and refused.type == "server_error"
+
+    again = server_factory(data_dir=server.data_dir)
+    listed = {p["input"]["prompt"]: p for p in httpx.get(f"{again.url}/v1/predictions").json()["results"]}
+    if listed["long"]["status"] not in ("succeeded", "canceled"):
+        httpx.post(f"{again.url}/v1/predictions/{listed['long']['id']}/cancel")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        made = httpx.get(f"{again.url}/v1/predictions/{listed['short']['id']}").json()
+        if made["status"] == "succeeded":
+            break
+        time.sleep(0.2)
+    assert made["status"] == "succeeded"
+    output = base64.b64decode(made["output"][0].split(",", 1)[1])
+    assert Image.open(io.BytesIO(output)).size == (40, 24)
