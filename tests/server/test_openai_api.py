@@ -251,11 +251,16 @@ def test_limits_are_answered_as_openai_answers_them(server_factory):
     listed = httpx.get(f"{limited.url}/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"})
     assert len(listed.json()["results"]) == 1
 
-    full = server_factory("--min-free-disk-mb", str(1 << 40))
+    full = server_factory("--min-free-disk-mb", str(1 << 40), "--max-body-bytes", "100000")
     client = openai.OpenAI(base_url=f"{full.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.InternalServerError) as err:
         client.images.generate(prompt="x", size="32x32", quality="low")
     assert err.value.status_code == 507 and err.value.type == "server_error" and "disk" in err.value.message
+    # A body over --max-body-bytes is refused before it is read, in OpenAI's shape too.
+    with pytest.raises(openai.APIStatusError) as err:
+        client.images.edit(image=("big.png", png_bytes(noise_image(256, 256)), "image/png"), prompt="x")
+    assert err.value.status_code == 413 and err.value.type == "invalid_request_error"
+    assert "larger than" in err.value.message
     assert httpx.get(f"{full.url}/v1/predictions").json()["results"] == []
 
 
