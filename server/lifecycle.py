@@ -195,7 +195,10 @@ class Lifecycle:
         logs += "The server is stopping; this prediction goes back to the queue.\n"
         moved = self.store.move(run.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=run.lease,
                                 started_at=None, lease=None, lease_expires_at=None, logs=logs)
-        return Status.STARTING if moved is not None else None
+        if moved is None:
+            return None
+        self.store.drop_preview(run.id, watchers=False)  # the next run makes its own
+        return Status.STARTING
 
     def _end(self, run: PredictionRecord, status: Status, expired_before: float | None = None, **fields: Any) -> bool:
         at = now()
@@ -306,6 +309,7 @@ class Lifecycle:
                                     expired_before=at, started_at=None, lease=None, lease_expires_at=None, logs=logs)
             if moved is not None:
                 log.warning("prediction %s: its worker stopped answering; it runs again", record.id)
+                self.store.drop_preview(record.id, watchers=False)  # the next run makes its own
                 queued.append(record.id)
         for pid in queued:
             self._queued(pid)

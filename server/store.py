@@ -413,11 +413,13 @@ class Store:
                              content_type=row["content_type"], data=bytes(row["data"]),
                              created_at=float(row["created_at"]))
 
-    def drop_preview(self, prediction_id: str) -> None:
-        """The preview and its watchers go (the prediction ended)."""
+    def drop_preview(self, prediction_id: str, watchers: bool = True) -> None:
+        """The preview goes, and its watchers with it unless ``watchers`` is False (the prediction
+        went back to the queue: whoever watched it still does)."""
         with self.lock:
             self._run("DELETE FROM previews WHERE prediction_id = ?", (prediction_id,))
-            self._run("DELETE FROM preview_watchers WHERE prediction_id = ?", (prediction_id,))
+            if watchers:
+                self._run("DELETE FROM preview_watchers WHERE prediction_id = ?", (prediction_id,))
 
     def watch_previews(self, prediction_id: str, until: float) -> None:
         """Someone (a stream, a reader of the preview, on any node) wants this prediction's previews

@@ -134,6 +134,17 @@ def test_a_run_that_lost_its_lease_keeps_no_preview(service):
     assert service.store.get_preview(pid).data == b"fresh"
 
 
+def test_a_run_put_back_in_the_queue_leaves_no_preview_and_keeps_its_watchers(service):
+    lifecycle = service.lifecycle
+    pid = service.create(REQUEST, QUEUE, NOBODY).id
+    run = lifecycle.claim()
+    lifecycle.watch_previews(pid)
+    assert lifecycle.preview(run, 3, 28, "image/webp", b"x")
+    assert lifecycle.requeue(run, "", 0.1) == Status.STARTING  # the server is stopping
+    assert service.store.get_preview(pid) is None
+    assert service.store.previews_watched(pid, time.time())
+
+
 def test_a_preview_reaches_the_streams_of_other_nodes(service):
     pid = service.create(REQUEST, QUEUE, NOBODY).id
     run = service.lifecycle.claim()
