@@ -7,6 +7,7 @@ Each is a plain ASGI wrapper (no BaseHTTPMiddleware), so streamed responses stay
 from __future__ import annotations
 
 import asyncio
+import re
 
 from fastapi.responses import JSONResponse
 from starlette.routing import Match, Router
@@ -17,11 +18,24 @@ from .protocol import Problem
 
 PROBLEM = "application/problem+json"
 FETCH_HEADER = HEADER.encode()
+_OPENAI_PATH = re.compile(r"/v1/images/(edits|generations)/?$")
 
 
 def problem_response(problem: Problem, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(problem.model_dump(mode="json", exclude_none=True), status_code=problem.status,
                         media_type=PROBLEM, headers=headers)
+
+
+def refusal(scope, problem: Problem, headers: dict | None = None) -> JSONResponse:
+    """A middleware's refusal in the shape the route's clients read: OpenAI's error on OpenAI's
+    image routes, problem+json everywhere else."""
+    if _OPENAI_PATH.search(scope.get("path", "")):
+        from .openai_api.protocol import OpenAIError
+
+        kind = "server_error" if problem.status >= 500 else "invalid_request_error"
+        body = OpenAIError(problem.status, problem.detail, type=kind).body
+        return JSONResponse(body.model_dump(mode="json"), status_code=problem.status, headers=headers)
+    return problem_response(problem, headers)
 
 
 class BodyLimit:
@@ -37,7 +51,7 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         too_big = Problem(title="Payload Too Large", detail=f"The request body is larger than {describe_bytes(self.limit)}.", status=413)
         if declared and declared.isdigit() and int(declared) > self.limit:
-            return await problem_response(too_big)(scope, receive, send)
+            return await refusal(scope, too_big)(scope, receive, send)
         seen, exceeded, answered = 0, False, False
 
         async def limited():
@@ -65,7 +79,7 @@ class BodyLimit:
             if not exceeded:
                 raise
         if exceeded and not answered:
-            await problem_response(too_big)(scope, receive, send)
+            await refusal(scope, too_big)(scope, receive, send)
 
 
 class _TooLarge(Exception):
@@ -116,7 +130,7 @@ class BodyTimeout:
         if timed_out and not answered:
             slow = Problem(title="Request Timeout", status=408,
                            detail=f"The request body did not arrive within {self.timeout_s:g} s.")
-            await problem_response(slow, {"connection": "close"})(scope, receive, send)
+            await refusal(scope, slow, {"connection": "close"})(scope, receive, send)
 
 
 class _SlowBody(Exception):

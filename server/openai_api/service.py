@@ -47,6 +47,7 @@ API = "openai"
 EDITS, GENERATIONS = "edits", "generations"
 EVENT_PREFIX = {EDITS: "image_edit", GENERATIONS: "image_generation"}
 KEEPALIVE_S = 15.0
+WATCH_RENEW_S = 5.0  # a stream that wants previews says so again this often while it waits
 MAX_FORM_FILES = 17  # OpenAI takes up to 16 images, and a mask
 
 
@@ -263,6 +264,9 @@ class OpenAIImages:
         shape = {"size": "x".join(map(str, pictures.size)), "quality": self.quality_name(options),
                  "output_format": options.output_format}
         finished, index = False, 0  # index: of the partial images, all predictions of the request together
+        if options.partial_images:
+            for pid in ids:  # previews are made only for predictions someone watches (see Lifecycle.watch_previews)
+                self.service.lifecycle.watch_previews(pid)
         try:
             for pid in ids:
                 record = None
@@ -305,12 +309,13 @@ class OpenAIImages:
                     yield record
                     return
                 if sent < partial_images:
-                    preview = self.service.store.get_preview(prediction_id)
+                    self.service.lifecycle.watch_previews(prediction_id)  # renewed while this stream waits
+                    preview = self.service.preview(prediction_id)
                     if preview is not None and preview.step > last_step:
                         last_step, sent = preview.step, sent + 1
                         yield preview.data
                 try:
-                    await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                    await asyncio.wait_for(queue.get(), timeout=WATCH_RENEW_S if sent < partial_images else KEEPALIVE_S)
                 except asyncio.TimeoutError:
                     continue
                 while not queue.empty():  # an event only says "look again": once is enough

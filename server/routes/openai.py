@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..openai_api.protocol import ErrorResponse, ImagesResponse, OpenAIError
-from ..openai_api.service import EDITS, GENERATIONS, OpenAIImages, error_response
+from ..openai_api.service import EDITS, GENERATIONS, OpenAIImages, error_response, from_api_error
 from ..protocol import ApiError
 from ..state import AppState, get_state
 
@@ -22,9 +22,7 @@ async def answer(request: Request, state: AppState, endpoint: str) -> Response:
         return await OpenAIImages(state).answer(request, endpoint)
     except OpenAIError as exc:
         return error_response(exc)
-    except ApiError as exc:  # a limit enforced below the adapter (the body's size, say)
-        from ..openai_api.service import from_api_error
-
+    except ApiError as exc:  # a refusal from below the adapter
         return error_response(from_api_error(exc))
     except Exception:
         log.exception("an OpenAI image request failed")

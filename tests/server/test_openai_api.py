@@ -236,3 +236,115 @@ def test_streaming_sends_the_live_previews_as_partial_images(client):
 def test_without_partial_images_no_preview_is_streamed(client):
     stream = client.images.generate(prompt="x", size="64x64", quality="max", stream=True)
     assert [e.type for e in stream] == ["image_generation.completed"]
+
+
+def test_limits_are_answered_as_openai_answers_them(server_factory):
+    """A rate limit is 429 rate_limit_exceeded with Retry-After (the client's RateLimitError); a full
+    disk is a 5xx server_error; neither leaves a prediction behind."""
+    limited = server_factory("--rate-limit-per-minute", "1", "--api-token", TOKEN)
+    client = openai.OpenAI(base_url=f"{limited.url}/v1", api_key=TOKEN, max_retries=0)
+    assert client.images.generate(prompt="x", size="32x32", quality="low").data
+    with pytest.raises(openai.RateLimitError) as err:
+        client.images.generate(prompt="x", size="32x32", quality="low")
+    assert err.value.status_code == 429 and err.value.code == "rate_limit_exceeded"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    listed = httpx.get(f"{limited.url}/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert len(listed.json()["results"]) == 1
+
+    full = server_factory("--min-free-disk-mb", str(1 << 40), "--max-body-bytes", "100000")
+    client = openai.OpenAI(base_url=f"{full.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.images.generate(prompt="x", size="32x32", quality="low")
+    assert err.value.status_code == 507 and err.value.type == "server_error" and "disk" in err.value.message
+    # A body over --max-body-bytes is refused before it is read, in OpenAI's shape too.
+    with pytest.raises(openai.APIStatusError) as err:
+        client.images.edit(image=("big.png", png_bytes(noise_image(256, 256)), "image/png"), prompt="x")
+    assert err.value.status_code == 413 and err.value.type == "invalid_request_error"
+    assert "larger than" in err.value.message
+    assert httpx.get(f"{full.url}/v1/predictions").json()["results"] == []
+
+
+def test_a_stream_closed_early_cancels_its_predictions(client, server):
+    stream = client.images.generate(prompt="closed stream", size="1024x1024", quality="max", n=4, stream=True)
+    time.sleep(1.0)
+    stream.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        made = openai_predictions(server)[0]
+        if made["status"] == "canceled":
+            break
+        time.sleep(0.2)
+    assert made["input"]["prompt"] == "closed stream" and made["status"] == "canceled"
+
+
+def test_each_token_sees_only_its_own(server_factory):
+    """The tokens are tenants here too: another tenant's OpenAI predictions are not listed to it."""
+    shared = server_factory("--api-token", "alice:tok-a", "--api-token", "bob:tok-b")
+    alice = openai.OpenAI(base_url=f"{shared.url}/v1", api_key="tok-a", max_retries=0)
+    alice.images.generate(prompt="alice's", size="32x32", quality="low")
+    listed = lambda token: httpx.get(f"{shared.url}/v1/predictions",  # noqa: E731
+                                     headers={"Authorization": f"Bearer {token}"}).json()["results"]
+    assert [p["input"]["prompt"] for p in listed("tok-a")] == ["alice's"]
+    assert listed("tok-b") == []
+
+
+def test_on_postgresql_too(server_factory, postgres_url):
+    """On a PostgreSQL database: the request's predictions, their api_data and their outputs."""
+    server = server_factory("--database", postgres_url)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="on postgres", n=5, size="40x24", quality="low", response_format="url")
+    assert len(result.data) == 5
+    assert all(Image.open(io.BytesIO(httpx.get(d.url).content)).size == (40, 24) for d in result.data)
+    store = server.store()
+    try:
+        made = [store.get_prediction(p["id"]) for p in httpx.get(f"{server.url}/v1/predictions").json()["results"]]
+    finally:
+        store.close()
+    assert sorted(r.api_data["first"] for r in made) == [0, 4] and {r.api for r in made} == {"openai"}
+    assert all(r.api_data["size"] == [40, 24] and r.api_data["n"] == 5 for r in made)
+
+
+def test_a_request_waiting_at_shutdown_is_answered_and_its_predictions_survive(server_factory):
+    """SIGTERM while a request waits behind a long prediction: it is answered 503 at once, its
+    prediction stays queued, and after a restart it runs and is read back at the asked size."""
+    import threading
+
+    server = server_factory()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    answers: dict = {}
+
+    def ask(name: str, **kw) -> None:
+        try:
+            answers[name] = client.images.generate(prompt=name, **kw)
+        except openai.APIStatusError as exc:
+            answers[name] = exc
+
+    long = threading.Thread(target=ask, args=("long",), kwargs={"size": "1024x1024", "quality": "max", "n": 4})
+    long.start()
+    deadline = time.monotonic() + 30
+    while not httpx.get(f"{server.url}/v1/predictions").json()["results"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    short = threading.Thread(target=ask, args=("short",), kwargs={"size": "40x24", "quality": "low"})
+    short.start()
+    while len(httpx.get(f"{server.url}/v1/predictions").json()["results"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.stop()
+    short.join(30)
+    long.join(30)
+    refused = answers["short"]
+    assert isinstance(refused, openai.InternalServerError) and refused.status_code == 503, refused
+    assert "shutting down" in refused.message and refused.type == "server_error"
+
+    again = server_factory(data_dir=server.data_dir)
+    listed = {p["input"]["prompt"]: p for p in httpx.get(f"{again.url}/v1/predictions").json()["results"]}
+    if listed["long"]["status"] not in ("succeeded", "canceled"):
+        httpx.post(f"{again.url}/v1/predictions/{listed['long']['id']}/cancel")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        made = httpx.get(f"{again.url}/v1/predictions/{listed['short']['id']}").json()
+        if made["status"] == "succeeded":
+            break
+        time.sleep(0.2)
+    assert made["status"] == "succeeded"
+    output = base64.b64decode(made["output"][0].split(",", 1)[1])
+    assert Image.open(io.BytesIO(output)).size == (40, 24)
