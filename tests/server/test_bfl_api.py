@@ -181,6 +181,16 @@ def test_a_body_that_is_not_json_is_422_in_bfls_shape(bfl_server):
     assert answer.status_code == 422 and isinstance(answer.json()["detail"], list)
 
 
+@pytest.mark.parametrize("field", ["webhook_secret", "prompt"])
+def test_a_lone_surrogate_is_422_not_a_server_error(bfl_server, field):
+    before = count(bfl_server)
+    body = json.dumps(fill_body()).replace("}", f', "{field}": "a\\ud800b"}}').encode()
+    answer = post(bfl_server, "flux-pro-1.0-fill", body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["loc"] == ["body", field]
+    assert count(bfl_server) == before
+
+
 def test_unknown_and_other_tenants_ids_are_task_not_found(bfl_server):
     task = post(bfl_server, "flux-pro-1.0-fill", fill_body()).json()
     for key, expected in ((OTHER, "Task not found"), (TOKEN, None)):
@@ -269,3 +279,26 @@ def test_the_webhook_is_bfl_shaped_signed_with_the_secret_and_sent_once(bfl_serv
 
     headers, body = by_id[unsigned["id"]]
     assert "x-bfl-signature" not in headers and json.loads(body)["status"] == "Ready"
+
+
+def test_a_queued_task_survives_a_restart_and_its_webhook_is_sent_once(server_factory, tmp_path, receiver):
+    data = tmp_path / "restart-data"
+    api_only = server_factory("--api-token", TOKEN, "--no-workers", data_dir=data)
+    task = post(api_only, "flux-pro-1.0-fill",
+                fill_body(webhook_url=receiver.url, webhook_secret="s3cret")).json()
+    assert httpx.get(task["polling_url"], headers=KEY).json()["status"] == "Pending"
+    api_only.stop()
+
+    server = server_factory("--api-token", TOKEN, data_dir=data)  # the same data, now with a worker
+    polling_url = task["polling_url"].replace(api_only.url, server.url)
+    assert poll(polling_url)["status"] == "Ready"
+    receiver.wait(1)
+    time.sleep(1.0)
+    assert len(receiver.posts) == 1
+    headers, body = receiver.posts[0]
+    assert headers["x-bfl-signature"] == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert json.loads(body)["id"] == task["id"]
+    server.stop()
+    server_factory("--api-token", TOKEN, data_dir=data)  # a second restart owes nothing: nothing sent again
+    time.sleep(2.0)
+    assert len(receiver.posts) == 1
