@@ -37,7 +37,16 @@ from inference.inputs import MAX_EXPAND, MAX_SEED, describe_errors
 from .admission import admit
 from .auth import Caller
 from .predictions import PredictionService, iso
-from .protocol import ApiError, InvalidField, PredictionRequest, Problem, Status, validation_failed
+from .protocol import (
+    ApiError,
+    InvalidField,
+    PredictionRequest,
+    Problem,
+    Status,
+    lone_surrogate_at,
+    not_unicode,
+    validation_failed,
+)
 from .records import PredictionRecord
 from .webhooks import Signer, WebhookStyle, sign_bfl
 
@@ -224,6 +233,9 @@ def create(service: PredictionService, endpoint: str, body: FillRequest | Expand
            base: str) -> AsyncResponse:
     """Write a BFL request as a prediction; its id and polling URL. Raises ApiError (the caller
     answers it in BFL's shape) when a value or the server refuses it; nothing is written then."""
+    bad = lone_surrogate_at(body.model_dump(exclude={"image", "mask"}))
+    if bad:
+        raise not_unicode(bad)
     try:
         request = PredictionRequest.model_validate({
             "input": model_input(body),

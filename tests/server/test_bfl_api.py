@@ -40,8 +40,10 @@ def bfl_server(tmp_path_factory, tiny_dir):
 
 
 def post(server, endpoint: str, body, headers=KEY) -> httpx.Response:
-    kw = {"json": body} if not isinstance(body, bytes) else {"content": body}
-    return httpx.post(f"{server.url}/v1/{endpoint}", headers=headers, timeout=30, **kw)
+    if isinstance(body, bytes):
+        return httpx.post(f"{server.url}/v1/{endpoint}", headers={**headers, "content-type": "application/json"},
+                          content=body, timeout=30)
+    return httpx.post(f"{server.url}/v1/{endpoint}", headers=headers, json=body, timeout=30)
 
 
 def poll(polling_url: str, headers=KEY, until=("Ready", "Error", "Content Moderated"), timeout: float = 90) -> dict:
@@ -178,7 +180,18 @@ def test_bad_values_are_422_in_bfls_shape_and_write_nothing(bfl_server, endpoint
 
 def test_a_body_that_is_not_json_is_422_in_bfls_shape(bfl_server):
     answer = post(bfl_server, "flux-pro-1.0-fill", b"{not json")
-    assert answer.status_code == 422 and isinstance(answer.json()["detail"], list)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize("field", ["webhook_secret", "prompt"])
+def test_a_lone_surrogate_is_422_not_a_server_error(bfl_server, field):
+    before = count(bfl_server)
+    body = json.dumps(fill_body()).replace("}", f', "{field}": "a\\ud800b"}}').encode()
+    answer = post(bfl_server, "flux-pro-1.0-fill", body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["loc"] == ["body", field], answer.text
+    assert count(bfl_server) == before
 
 
 def test_unknown_and_other_tenants_ids_are_task_not_found(bfl_server):
@@ -269,3 +282,26 @@ def test_the_webhook_is_bfl_shaped_signed_with_the_secret_and_sent_once(bfl_serv
 
     headers, body = by_id[unsigned["id"]]
     assert "x-bfl-signature" not in headers and json.loads(body)["status"] == "Ready"
+
+
+def test_a_queued_task_survives_a_restart_and_its_webhook_is_sent_once(server_factory, tmp_path, receiver):
+    data = tmp_path / "restart-data"
+    api_only = server_factory("--api-token", TOKEN, "--no-workers", data_dir=data)
+    task = post(api_only, "flux-pro-1.0-fill",
+                fill_body(webhook_url=receiver.url, webhook_secret="s3cret")).json()
+    assert httpx.get(task["polling_url"], headers=KEY).json()["status"] == "Pending"
+    api_only.stop()
+
+    server = server_factory("--api-token", TOKEN, data_dir=data)  # the same data, now with a worker
+    polling_url = task["polling_url"].replace(api_only.url, server.url)
+    assert poll(polling_url)["status"] == "Ready"
+    receiver.wait(1)
+    time.sleep(1.0)
+    assert len(receiver.posts) == 1
+    headers, body = receiver.posts[0]
+    assert headers["x-bfl-signature"] == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert json.loads(body)["id"] == task["id"]
+    server.stop()
+    server_factory("--api-token", TOKEN, data_dir=data)  # a second restart owes nothing: nothing sent again
+    time.sleep(2.0)
+    assert len(receiver.posts) == 1

@@ -11,6 +11,7 @@ import base64
 import io
 import os
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -260,6 +261,36 @@ def test_server_validation_errors_show_next_to_their_fields(page, live_server, t
     page.wait_for_selector("[data-field=crop_margin].invalid")
     assert page.get_attribute("#advanced", "open") is not None
     assert page.inner_text("[data-error-for=crop_margin]") == "Must be less than or equal to 2048"
+
+
+def test_expand_from_the_form_and_a_bfl_task_in_the_history(page, live_server, tmp_path):
+    open_page(page, live_server.url + "/")
+    prediction_id = generate(page, tmp_path, prompt="more sky", size=(64, 64), expand_top=32, expand_right=64)
+    assert wait_terminal(page) == "succeeded", page.inner_text("#run-error")
+    page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
+    assert page.evaluate("document.querySelector('.output img.cmp-after').naturalWidth") == 128
+    assert page.evaluate("document.querySelector('.output img.cmp-after').naturalHeight") == 96
+    sent = httpx.get(f"{live_server.url}/v1/predictions/{prediction_id}").json()["input"]
+    assert (sent["expand_top"], sent["expand_right"], sent.get("expand_left", 0)) == (32, 64, 0)
+
+    # A task made through BFL's API is in the page's history, its translated input in the form.
+    png = io.BytesIO()
+    scene(64, 64, transparent_left=16).save(png, format="PNG")
+    task = httpx.post(f"{live_server.url}/v1/flux-pro-1.0-expand", timeout=30, json={
+        "image": base64.b64encode(png.getvalue()).decode(), "prompt": "a bfl task", "bottom": 32, "steps": 15,
+    }).json()
+    deadline = time.monotonic() + 120
+    while httpx.get(task["polling_url"]).json()["status"] == "Pending":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    open_page(page, live_server.url + "/")
+    item = page.locator(f"#history-list li[data-id='{task['id']}'] button")
+    item.wait_for()
+    assert "a bfl task" in item.inner_text()
+    item.click()
+    page.wait_for_function("document.querySelector('#f-prompt').value === 'a bfl task'")
+    assert page.input_value("#f-expand_bottom") == "32"
+    assert page.input_value("#f-num_inference_steps") == "15"
 
 
 def test_a_failed_prediction_shows_its_error(page, live_server, tmp_path):
