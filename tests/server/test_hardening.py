@@ -417,12 +417,13 @@ def test_a_finished_prediction_never_runs_again_after_a_restart(server_factory, 
 # -- 3. auth -------------------------------------------------------------------------------------
 
 PUBLIC_PATHS = {"/health", "/outputs/{prediction_id}/{token}/{name}", "/inputs/{prediction_id}/{token}/{name}",
-                "/v1/predictions/{prediction_id}/stream"}
+                "/v1/predictions/{prediction_id}/stream", "/v1/predictions/{prediction_id}/preview"}
 PARAMS = {"owner": "black-forest-labs", "name": "flux-fill-dev", "prediction_id": "a" * 26, "file_id": "b" * 26,
           "version_id": "abc123", "token": "t" * 32}
 
 
 BFL_PATHS = {"/v1/flux-pro-1.0-fill", "/v1/flux-pro-1.0-expand", "/v1/get_result"}
+OPENAI_PATHS = {"/v1/images/edits", "/v1/images/generations"}
 
 
 def concrete(path: str) -> str:
@@ -450,6 +451,12 @@ def test_every_route_but_the_public_ones_needs_the_token(auth_server):
                 if path in BFL_PATHS:  # BFL's routes answer in BFL's shape
                     assert r.status_code == 401, (method, path, r.status_code)
                     assert r.json() == {"detail": "You did not pass a valid authentication token"}, (method, path)
+                    checked += 1
+                    continue
+                if path in OPENAI_PATHS:  # OpenAI's routes answer in OpenAI's shape
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    error = r.json()["error"]
+                    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error", error
                     checked += 1
                     continue
                 body = assert_problem(r, 401)
