@@ -9,6 +9,7 @@ import tempfile
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from .. import stored_inputs
 from ..auth import Caller
@@ -136,8 +137,11 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
     record = state.service.get(prediction_id)
     if record is None or record.data_removed or not hmac.compare_digest(token.encode(), record.output_token.encode()):
         raise not_found()
-    path = state.files.output_path(prediction_id, name)
-    if path is None or name not in (record.output or []):
+    if name not in (record.output or []):
+        raise not_found()
+    # Off the event loop: with the files in the database, a first read streams it into this node's copy.
+    path = await run_in_threadpool(state.files.output_path, prediction_id, name)
+    if path is None:
         raise not_found()
     # FileResponse answers Range requests (206) and sends an ETag; the file keeps its name.
     return FileResponse(path, media_type=content_type_for(name), filename=name, content_disposition_type="inline",
@@ -153,7 +157,7 @@ async def get_input(prediction_id: str, token: str, name: str, state: AppState =
             token.encode(), state.service.input_token(prediction_id).encode()):
         raise not_found()
     item = next((s for s in state.service.stored(record) if s.name == name), None)
-    path = state.files.input_path(prediction_id, item.index) if item else None
+    path = await run_in_threadpool(state.files.input_path, prediction_id, item.index) if item else None
     if path is None or not path.is_file():
         raise not_found()
     media_type, download = stored_inputs.served_form(path)
