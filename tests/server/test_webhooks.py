@@ -223,6 +223,31 @@ def test_completed_is_retried_after_two_500s_under_one_webhook_id():
     run(scenario())
 
 
+def test_another_apis_signer_replaces_the_standard_signature_on_every_attempt():
+    """BFL's style: X-BFL-Signature, the hex HMAC-SHA256 of the raw body, in place of webhook-signature."""
+    import hashlib
+    import hmac
+
+    from server.webhooks import sign_bfl
+
+    async def scenario():
+        async with Receiver() as receiver:
+            receiver.plan["/hook"] = [500]
+            sender = await started(retry_for_s=3, backoff_base_s=0.05)
+            sender.notify("p1", receiver.url("/hook"), ["completed"], "completed",
+                          snapshot_of("p1", status="Ready"),
+                          signer=lambda body: {"X-BFL-Signature": sign_bfl("k3y", body)})
+            await receiver.wait_for(lambda: len(receiver.requests) == 2)
+            await sender.close()
+        for request in receiver.requests:
+            assert request.headers["x-bfl-signature"] == \
+                "sha256=" + hmac.new(b"k3y", request.body, hashlib.sha256).hexdigest()
+            assert "webhook-signature" not in request.headers
+        assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1
+
+    run(scenario())
+
+
 def test_only_completed_is_retried_and_retries_stop_after_retry_for_s():
     async def scenario():
         async with Receiver() as receiver:
