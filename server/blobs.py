@@ -27,6 +27,8 @@ from .store import PostgresStore
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500  # cached copies looked up in the database in one query
+# In a data folder: its files are in the database (those kept before were moved there once).
+ADOPTED_MARK = "files-in-database"
 
 
 class DatabaseFileStore(FileStore):
@@ -35,6 +37,31 @@ class DatabaseFileStore(FileStore):
         self.store: PostgresStore = store
         self._writing: set[str] = set()  # keys written in place, not yet in the database
         self._lock = threading.Lock()
+        self.adopt()
+
+    def _files(self) -> list[Path]:
+        return [p for folder in (self.uploads, self.outputs, self.inputs)
+                for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+    def adopt(self) -> int:
+        """Once per data folder: put the files it kept before its files were kept in the database
+        (a server that ran on PostgreSQL with its files in this folder) into the database, so the
+        janitor's :meth:`sweep`, which removes copies of files the database no longer keeps, never
+        takes them for such copies. The number put there."""
+        mark = self.root / ADOPTED_MARK
+        if mark.exists():
+            return 0
+        files = self._files()
+        adopted = 0
+        for start in range(0, len(files), SWEEP_BATCH):
+            batch = {self._key(p): p for p in files[start:start + SWEEP_BATCH]}
+            for key in batch.keys() - self.store.blobs_present(list(batch)):
+                self.store.put_blob(key, batch[key], batch[key].stat().st_mtime_ns)
+                adopted += 1
+        if adopted:
+            log.info("put %d files this folder kept into the database", adopted)
+        mark.write_text("The files of this data folder are kept in the database; this folder holds copies.\n")
+        return adopted
 
     def _key(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -93,8 +120,7 @@ class DatabaseFileStore(FileStore):
     def sweep(self) -> int:
         """Remove this node's copies of files no longer kept in the database (removed by another
         node: retention, a deleted upload). The number removed."""
-        copies = [p for folder in (self.uploads, self.outputs, self.inputs)
-                  for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        copies = self._files()
         removed = 0
         for start in range(0, len(copies), SWEEP_BATCH):
             batch = {self._key(p): p for p in copies[start:start + SWEEP_BATCH]}

@@ -53,6 +53,31 @@ def test_a_file_written_on_one_node_is_read_on_another_in_parts_with_its_time(po
     assert b.read_input("q" * 26, 0) is not None
 
 
+def test_a_folder_that_kept_its_files_itself_puts_them_in_the_database_once(postgres_url, tmp_path):
+    """A server that ran on PostgreSQL with its files in its own folder, restarted with them kept in
+    the database: its files are put there (the janitor, which removes copies of files the database
+    no longer keeps, must not take them for such copies), once."""
+    from server.files import FileStore
+
+    store = PostgresStore(postgres_url)
+    before = FileStore(tmp_path / "a", store, 24)
+    tmp = before.tmp / "upload"
+    tmp.write_bytes(b"an upload from before")
+    record = before.save_upload(tmp, "photo.png", "image/png", {})
+    before.write_outputs("p" * 26, [SimpleNamespace(name="out-0.png", data=b"an output from before")])
+    assert store.blobs_present([f"files/{record.id}", f"outputs/{'p' * 26}/out-0.png"]) == set()
+
+    a = DatabaseFileStore(tmp_path / "a", store, 24)
+    assert a.sweep() == 0 and a.read_output("p" * 26, "out-0.png") == b"an output from before"
+    b = DatabaseFileStore(tmp_path / "b", PostgresStore(postgres_url), 24)
+    assert b.read_output("p" * 26, "out-0.png") == b"an output from before"
+    assert b.resolve(f"http://elsewhere/v1/files/{record.id}") == b"an upload from before"
+    # Once: removed elsewhere afterwards, the folder's copy goes with the next sweep, not back in.
+    b.remove_outputs("p" * 26)
+    assert DatabaseFileStore(tmp_path / "a", store, 24).adopt() == 0
+    assert a.sweep() == 1 and a.read_output("p" * 26, "out-0.png") is None
+
+
 def test_files_in_postgresql_cost_little_to_write_and_read(postgres_url, tmp_path, capsys):
     """The figure: writing a file to the database, its first read on another node (streamed into that
     node's copy) and the reads after it (the copy), for 1 MB and 64 MB."""
