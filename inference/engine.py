@@ -33,7 +33,7 @@ from typing import Callable
 from PIL import Image, ImageChops
 
 from . import images as imageio
-from .errors import Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
+from .errors import ALL_FLAGGED, Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
 from .inputs import MAX_OUTPUTS, PredictionInput
 from .lora import LoraManager, LoraSettings
 from .previews import Known, PreviewCallback, Previews, PreviewWanted
@@ -455,9 +455,7 @@ class Engine:
                 log(f"The safety checker flagged output {i} (seed {seed}); it is left out of the results")
             kept.append(None if bad else picture)
         if all(p is None for p in kept):
-            raise SafetyError(
-                "All generated images contained NSFW content. Try running it again with a different prompt."
-            )
+            raise SafetyError(ALL_FLAGGED)
         return kept
 
     def encode(self, inp: PredictionInput, pictures: list[Image.Image | None], seeds: list[int]) -> list[Output]:

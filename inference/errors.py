@@ -43,6 +43,11 @@ class Cancelled(Exception):
     """The prediction was canceled between two denoising steps."""
 
 
+# A prediction's error when the safety checker flagged every output: the hosted model's words,
+# which the other APIs' adapters also read (BFL's "Content Moderated", OpenAI's moderation_blocked).
+ALL_FLAGGED = "All generated images contained NSFW content. Try running it again with a different prompt."
+
+
 class SafetyError(RuntimeError):
     """Every output was flagged by the safety checker."""
 

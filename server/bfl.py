@@ -32,6 +32,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from inference.errors import ALL_FLAGGED
 from inference.inputs import MAX_EXPAND, MAX_SEED, describe_errors
 
 from .admission import admit
@@ -292,7 +293,7 @@ def result(service: PredictionService, prediction_id: str, record: PredictionRec
             if record.started_at and record.completed_at else None,
         })
     error = record.error or ("The task was canceled" if status == Status.CANCELED else "The task failed")
-    if status == Status.FAILED and "NSFW" in error:
+    if status == Status.FAILED and error == ALL_FLAGGED:
         return ResultResponse(id=record.id, status=ResultStatus.CONTENT_MODERATED,
                               details={"Moderation Reasons": ["NSFW"], "error": error})
     kind = "canceled" if status == Status.CANCELED else "failed"

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from inference.errors import ALL_FLAGGED
 from inference.inputs import MAX_OUTPUTS, MAX_SEED
 
 from ..admission import admit
@@ -229,6 +230,10 @@ class OpenAIImages:
         for record in records:
             if record is None:
                 raise OpenAIError(500, "The image request's prediction was deleted.", type="server_error")
+            if record.status == Status.FAILED and record.error == ALL_FLAGGED:
+                # OpenAI's answer to a refused image: a 400, which its clients do not retry.
+                raise OpenAIError(400, f"Your request was rejected by the safety system: {record.error}",
+                                  type="image_generation_user_error", code="moderation_blocked")
             if record.status == Status.FAILED:
                 raise OpenAIError(500, f"The image could not be made: {record.error}", type="server_error")
             if record.status == Status.CANCELED:
