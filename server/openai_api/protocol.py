@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_IMAGES = 10  # n: OpenAI's limit
 MAX_PARTIAL_IMAGES = 3
@@ -34,7 +34,8 @@ class ImageOptions(BaseModel):
     n: int = Field(1, ge=1, le=MAX_IMAGES)
     size: str = "auto"
     quality: Quality = "auto"
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    # OpenAI's default: url for the DALL·E models, b64_json for the others (see _default_format).
+    response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat = "png"
     output_compression: int = Field(100, ge=0, le=100)
     background: Literal["auto", "opaque"] = "auto"
@@ -61,6 +62,12 @@ class ImageOptions(BaseModel):
             raise ValueError(f"size must be 'auto' or WIDTHxHEIGHT with sides from {MIN_SIDE} to {MAX_SIDE} "
                              f"pixels (e.g. '1024x1024'), not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _default_format(self) -> "ImageOptions":
+        if self.response_format is None:
+            self.response_format = "url" if (self.model or "").startswith("dall-e") else "b64_json"
+        return self
 
     @property
     def dimensions(self) -> tuple[int, int] | None:

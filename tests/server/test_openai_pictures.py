@@ -57,6 +57,17 @@ def test_form_strings_and_nulls_read_as_the_clients_mean_them():
         ("auto", None, "auto", "b64_json", "png")
 
 
+@pytest.mark.parametrize("model, sent, answered", [
+    (None, None, "b64_json"), ("gpt-image-1", None, "b64_json"), ("flux-fill-dev", "", "b64_json"),
+    ("dall-e-2", None, "url"), ("dall-e-3", "", "url"), ("dall-e-2", "b64_json", "b64_json"),
+    ("gpt-image-1", "url", "url"),
+])
+def test_the_response_format_defaults_as_openais_does_for_each_model(model, sent, answered):
+    """OpenAI answers the DALL·E models with URLs unless asked otherwise, the others in base64."""
+    assert ImageOptions.model_validate({"prompt": "x", "model": model, "response_format": sent}).response_format \
+        == answered
+
+
 @pytest.mark.parametrize("fields, param, code", [
     ({}, "prompt", "missing_required_parameter"),
     ({"prompt": "x", "n": 0}, "n", "invalid_value"),
