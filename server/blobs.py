@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from .files import FileStore
@@ -27,6 +28,7 @@ from .store import PostgresStore
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500  # cached copies looked up in the database in one query
+EMPTY_FOLDER_AGE_S = 60.0  # the janitor removes a prediction's empty folder once it is this old
 # In a data folder: its files are in the database (those kept before were moved there once).
 ADOPTED_MARK = "files-in-database"
 
@@ -129,13 +131,14 @@ class DatabaseFileStore(FileStore):
             for key in gone:
                 batch[key].unlink(missing_ok=True)
                 removed += 1
+        settled = time.time() - EMPTY_FOLDER_AGE_S  # a folder made just now may be about to get its file
         for folder in (self.outputs, self.inputs):
             for entry in folder.iterdir():
-                if entry.is_dir():
-                    try:
+                try:
+                    if entry.is_dir() and entry.stat().st_mtime < settled:
                         entry.rmdir()  # only when empty
-                    except OSError:
-                        pass
+                except OSError:
+                    pass
         if removed:
             log.info("removed %d copies of files no longer kept", removed)
         return removed
