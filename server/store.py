@@ -538,6 +538,10 @@ PG_SCHEMA = (SCHEMA.replace("seq INTEGER PRIMARY KEY AUTOINCREMENT", "seq BIGSER
 # of BLOB_PART bytes, no huge single value; every part carries the whole file's size and time. The
 # "C" collation lets the key's index serve prefix matches (a prediction's folder).
 BLOB_PART = 1 << 20
+# Files travel on connections of their own: at most this many at once per process (more wait their
+# turn rather than use up the server's max_connections), each opened within BLOB_CONNECT_S.
+BLOB_CONNECTIONS = 8
+BLOB_CONNECT_S = 10
 PG_BLOBS = """
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT COLLATE "C" NOT NULL,
@@ -563,6 +567,7 @@ class PostgresStore(Store):
             raise RuntimeError("A PostgreSQL database needs psycopg: pip install 'flux-fill-server[postgres]'") from None
         self.url = url
         self.lock = threading.RLock()
+        self._blob_slots = threading.BoundedSemaphore(BLOB_CONNECTIONS)
         self.db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         # As SQLite's synchronous=NORMAL: a commit survives this process's kill -9 (the server has it),
         # and PostgreSQL stays consistent after its own crash or a power cut, losing at most the last
@@ -616,7 +621,8 @@ class PostgresStore(Store):
         import psycopg
 
         size = path.stat().st_size
-        with psycopg.connect(self.url) as db, open(path, "rb") as fh:  # committed as the block ends
+        with self._blob_slots, psycopg.connect(self.url, connect_timeout=BLOB_CONNECT_S) as db, \
+                open(path, "rb") as fh:  # committed as the block ends
             db.execute("DELETE FROM blobs WHERE key = %s", (key,))
             with db.cursor().copy("COPY blobs (key, part, data, size, mtime_ns) FROM STDIN") as copy:
                 part = 0
@@ -639,7 +645,8 @@ class PostgresStore(Store):
         connection of its own, in one snapshot); nothing if there is none."""
         import psycopg
 
-        with psycopg.connect(self.url) as db, db.cursor(name="blob_parts") as cursor:
+        with self._blob_slots, psycopg.connect(self.url, connect_timeout=BLOB_CONNECT_S) as db, \
+                db.cursor(name="blob_parts") as cursor:
             cursor.itersize = 4
             cursor.execute("SELECT data FROM blobs WHERE key = %s ORDER BY part", (key,))
             for (data,) in cursor:

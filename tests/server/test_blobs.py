@@ -147,3 +147,26 @@ def test_nodes_with_no_folder_in_common_share_uploads_inputs_and_outputs(server_
         assert httpx.get(urls[a.url][0]).status_code == 404
     finally:
         store.close()
+
+
+def test_files_travel_on_a_bounded_number_of_connections(postgres_url, tmp_path):
+    """Each process opens at most BLOB_CONNECTIONS connections for files: one more waits its turn
+    (instead of using up the database's max_connections) and goes on when one is free."""
+    import threading
+
+    from server.store import BLOB_CONNECTIONS
+
+    store = PostgresStore(postgres_url)
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    store.put_blob("files/a", path, 1)
+    readers = [store.blob_parts("files/a") for _ in range(BLOB_CONNECTIONS)]
+    assert all(next(r) == b"x" * 100 for r in readers)  # each holds its connection, mid-read
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (store.put_blob("files/b", path, 1), done.set()), daemon=True)
+    writer.start()
+    assert not done.wait(1.0) and store.blobs_present(["files/b"]) == set()
+    readers.pop().close()
+    assert done.wait(30) and store.blobs_present(["files/b"]) == {"files/b"}
+    for reader in readers:
+        reader.close()
