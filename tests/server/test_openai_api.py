@@ -98,6 +98,7 @@ def test_of_several_images_the_first_is_edited(client, server):
 def test_more_than_four_images_run_as_several_predictions_of_consecutive_seeds(client, server):
     before = {p["id"] for p in openai_predictions(server)}
     result = client.images.generate(model="dall-e-2", prompt="a lighthouse", n=6, size="64x64", quality="low",
+                                    response_format="b64_json",  # DALL·E's default is url
                                     output_format="webp")
     assert len(result.data) == 6
     assert all(picture(d.b64_json).format == "WEBP" for d in result.data)
