@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,3 +221,35 @@ class PostgresDatabases:
                         if attempt == 19:
                             warnings.warn(f"test database {name} left behind: {exc}")
                         time.sleep(0.5)
+
+
+class Receiver:
+    """Records webhook POSTs on 127.0.0.1, as (lower-cased headers, raw body)."""
+
+    def __init__(self):
+        self.posts: list[tuple[dict, bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+    def wait(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

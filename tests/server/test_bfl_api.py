@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import http.server
 import io
 import json
-import threading
 import time
 
 import httpx
@@ -19,7 +17,7 @@ from PIL import Image
 
 from server.bfl import dev_guidance, file_input
 from tests.conftest import TOKEN
-from tests.helpers import LiveServer, box_mask, noise_image, png_bytes
+from tests.helpers import LiveServer, Receiver, box_mask, noise_image, png_bytes
 
 OTHER = "other-tenant-token-456"
 KEY = {"x-key": TOKEN}
@@ -221,38 +219,6 @@ def test_a_canceled_task_is_an_error_that_says_so(bfl_server):
     done = poll(second["polling_url"])
     assert done["status"] == "Error" and done["details"]["reason"] == "canceled"
     assert poll(first["polling_url"])["status"] in ("Error", "Ready")
-
-
-class Receiver:
-    """Webhook POSTs on 127.0.0.1, as (headers, raw body)."""
-
-    def __init__(self):
-        self.posts: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                outer.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-
-    def wait(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.posts) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ each is answered as an unknown id is. Quotas answer 429 and 413 in words; a full
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -23,7 +21,7 @@ import pytest
 import replicate
 from replicate.exceptions import ReplicateError
 
-from tests.helpers import ROOT, LiveServer, box_mask, data_uri, fast_input, free_port, noise_image, png_bytes
+from tests.helpers import ROOT, LiveServer, Receiver, box_mask, data_uri, fast_input, free_port, noise_image, png_bytes
 
 MODEL = "black-forest-labs/flux-fill-dev"
 MODEL_PATH = f"/v1/models/{MODEL}/predictions"
@@ -187,38 +185,6 @@ def test_the_admin_token_sees_and_cancels_everything(tenants, alices_work):
     assert run_counts[ADMIN] > run_counts[BOB]  # a tenant counts its own runs only
 
 
-class Receiver:
-    """Records webhook POSTs on loopback."""
-
-    def __init__(self):
-        self.bodies: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                outer.bodies.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-
-    def wait(self, count: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.bodies) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_each_tenant_has_its_own_webhook_secret_and_its_webhooks_are_signed_with_it(tenants):
     from replicate.webhook import InvalidSignatureError, Webhooks, WebhookSigningSecret
 
@@ -233,8 +199,8 @@ def test_each_tenant_has_its_own_webhook_secret_and_its_webhooks_are_signed_with
         receiver.wait(2)
     finally:
         receiver.close()
-    assert len(receiver.bodies) == 2
-    for headers, body in receiver.bodies:
+    assert len(receiver.posts) == 2
+    for headers, body in receiver.posts:
         owner = made[json.loads(body)["id"]]
         other = BOB if owner == ALICE else ALICE
         Webhooks.validate(headers=headers, body=body.decode(), secret=WebhookSigningSecret(key=keys[owner]))
@@ -280,7 +246,7 @@ def test_no_client_chosen_host_is_stored_or_sent_in_webhooks(server_factory):
         receiver.close()
     again = httpx.get(f"{server.url}/v1/predictions/{p['id']}", headers=auth(BOB)).json()
     assert again["urls"]["get"] == f"{server.url}/v1/predictions/{p['id']}"
-    assert receiver.bodies and all(json.loads(b)["urls"]["get"] == again["urls"]["get"] for _, b in receiver.bodies)
+    assert receiver.posts and all(json.loads(b)["urls"]["get"] == again["urls"]["get"] for _, b in receiver.posts)
     import sqlite3
 
     with sqlite3.connect(f"file:{server.data_dir / 'flux-fill.sqlite3'}?mode=ro", uri=True) as db:
