@@ -57,6 +57,16 @@ def openai_predictions(server) -> list:
     return response.json()["results"]
 
 
+def newest_once_canceled(server, timeout: float = 30) -> dict:
+    """The newest prediction, once it is canceled (or as it is when the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        made = openai_predictions(server)[0]
+        if made["status"] == "canceled" or time.monotonic() > deadline:
+            return made
+        time.sleep(0.2)
+
+
 def test_edit_with_a_mask_changes_only_what_it_marks_transparent(client, server):
     image = noise_image(64, 64, seed=3)
     result = client.images.edit(model="gpt-image-1", image=("photo.png", png_bytes(image), "image/png"),
@@ -200,12 +210,7 @@ def test_a_client_that_goes_away_cancels_its_predictions(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=httpx.Timeout(5, read=1.5),
                    headers={"Authorization": f"Bearer {TOKEN}"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        made = openai_predictions(server)[0]
-        if made["status"] == "canceled":
-            break
-        time.sleep(0.2)
+    made = newest_once_canceled(server)
     assert made["input"]["prompt"] == "slow" and made["status"] == "canceled"
 
 
@@ -269,12 +274,7 @@ def test_a_stream_closed_early_cancels_its_predictions(client, server):
     stream = client.images.generate(prompt="closed stream", size="1024x1024", quality="max", n=4, stream=True)
     time.sleep(1.0)
     stream.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        made = openai_predictions(server)[0]
-        if made["status"] == "canceled":
-            break
-        time.sleep(0.2)
+    made = newest_once_canceled(server)
     assert made["input"]["prompt"] == "closed stream" and made["status"] == "canceled"
 
 
