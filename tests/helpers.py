@@ -6,6 +6,7 @@ import base64
 import io
 import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -253,3 +254,20 @@ class Receiver:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+JS_DIR = ROOT / "tests" / "js"
+NODE = shutil.which("node")
+
+
+def js_client_mark(module: str):
+    """The mark of a module of tests driving the npm package ``module`` from tests/js: skipped when
+    Node.js or the package is missing, a failure then if FLUX_FILL_REQUIRE_JS is set (CI)."""
+    import pytest
+
+    missing = ("needs Node.js (`node`)" if NODE is None else
+               f"needs the {module} npm module: (cd tests/js && npm ci)"
+               if not (JS_DIR / "node_modules" / module / "package.json").exists() else None)
+    if missing and os.environ.get("FLUX_FILL_REQUIRE_JS"):
+        pytest.fail(f"FLUX_FILL_REQUIRE_JS is set but the JavaScript client cannot run: {missing}", pytrace=False)
+    return pytest.mark.skipif(missing is not None, reason=missing or "")

@@ -11,25 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 
 import httpx
 import pytest
 
 from tests.conftest import TOKEN
-from tests.helpers import ROOT, box_mask, fast_input, noise_image, png_bytes
+from tests.helpers import JS_DIR, NODE, box_mask, fast_input, js_client_mark, noise_image, png_bytes
 
-JS_DIR = ROOT / "tests" / "js"
 MODEL = "black-forest-labs/flux-fill-dev"
-NODE = shutil.which("node")
-MISSING = ("needs Node.js (`node`)" if NODE is None else
-           "needs the replicate npm module: (cd tests/js && npm ci)"
-           if not (JS_DIR / "node_modules" / "replicate" / "package.json").exists() else None)
-
-if MISSING and os.environ.get("FLUX_FILL_REQUIRE_JS"):
-    pytest.fail(f"FLUX_FILL_REQUIRE_JS is set but the JavaScript client cannot run: {MISSING}", pytrace=False)
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+pytestmark = js_client_mark("replicate")
 
 
 @pytest.fixture(scope="module")

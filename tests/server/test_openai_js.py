@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 from PIL import Image
 
 from tests.conftest import TOKEN
-from tests.helpers import ROOT, LiveServer, noise_image, png_bytes
+from tests.helpers import JS_DIR, NODE, LiveServer, js_client_mark, noise_image, png_bytes
 
-JS_DIR = ROOT / "tests" / "js"
-NODE = shutil.which("node")
-MISSING = ("needs Node.js (`node`)" if NODE is None else
-           "needs the openai npm module: (cd tests/js && npm ci)"
-           if not (JS_DIR / "node_modules" / "openai" / "package.json").exists() else None)
-
-if MISSING and os.environ.get("FLUX_FILL_REQUIRE_JS"):
-    pytest.fail(f"FLUX_FILL_REQUIRE_JS is set but the JavaScript client cannot run: {MISSING}", pytrace=False)
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+pytestmark = js_client_mark("openai")
 
 
 @pytest.fixture(scope="module")
