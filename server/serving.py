@@ -6,8 +6,12 @@ serve. Without them, a thousand connections that send half a header each hold a 
 for good, and once the process runs out of file descriptors nothing is accepted any more, ``/health``
 included, while asyncio logs a traceback for every refused accept. Here:
 
-- a client has ``--header-timeout-s`` from connecting (or from the previous answer on its
-  connection) to send a request's headers; then it gets 408 and the connection is closed;
+- a client has ``--header-timeout-s`` from connecting (or, on a kept-alive connection, from the
+  first byte of its next request) to send a request's headers; then it gets 408 and the connection
+  is closed. A kept-alive connection that sends nothing is closed without a word after
+  ``--keep-alive-timeout-s``, which is longer than the idle time after which the usual clients drop a
+  pooled connection themselves (httpx 5 s, Node 4-5 s) and than a load balancer's idle timeout
+  (60 s), so a client never sends its request on a connection the server is closing at that moment;
 - at most ``--max-connections`` are open at once (and never more than the open-files limit allows,
   which is raised to its hard limit at start). Past it, the connection that has waited longest for
   a request is closed, so a crowd of idle or slow connections cannot keep out a client that sends
@@ -63,6 +67,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer = None
+        self._kept_alive = False  # answered; the next request's header time starts at its first byte
 
     # -- waiting for a request -------------------------------------------------------------------
 
@@ -73,6 +78,9 @@ class GuardedH11Protocol(H11Protocol):
             self._shed()
 
     def data_received(self, data: bytes) -> None:
+        if self._kept_alive:
+            self._kept_alive = False
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
         cycle = self.cycle
         super().data_received(data)
         if self.cycle is not cycle:  # a request's headers arrived
@@ -82,7 +90,8 @@ class GuardedH11Protocol(H11Protocol):
         cycle = self.cycle
         super().on_response_complete()
         if self.cycle is cycle and not self.transport.is_closing():  # no pipelined request: wait for one
-            self._await_request()
+            self._await_request(timed=False)
+            self._kept_alive = True
 
     def handle_websocket_upgrade(self, event) -> None:
         self._request_started()
@@ -92,13 +101,18 @@ class GuardedH11Protocol(H11Protocol):
         self._request_started()
         super().connection_lost(exc)
 
-    def _await_request(self) -> None:
+    def _await_request(self, timed: bool = True) -> None:
+        """Wait for a request (idle connections are shed longest first); ``timed``: its headers have
+        --header-timeout-s from now. Untimed (kept alive after an answer), uvicorn's keep-alive
+        timer closes it if nothing comes, and the header time starts at the first byte."""
         self._cancel_timer()
         self.waiting.pop(self, None)
         self.waiting[self] = None
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        if timed:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _request_started(self) -> None:
+        self._kept_alive = False
         self._cancel_timer()
         self.waiting.pop(self, None)
 

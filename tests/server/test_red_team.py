@@ -346,6 +346,63 @@ def test_eleven_hundred_connections_sending_half_a_header_keep_out_no_one(server
           f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} probes; log {len(log)} bytes")
 
 
+def _answer(conn: socket.socket) -> bytes:
+    """One whole answer to a GET /health (headers and a Content-Length body), read off ``conn``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += conn.recv(4096)
+    return head
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def test_a_kept_alive_connection_outlives_the_clients_own_idle_time_and_never_gets_an_unasked_408(server_factory):
+    """As found under load: the server closed idle connections after 5 s, the very idle time after
+    which httpx's pool drops one itself, so a request sent at that moment got no answer (ReadError).
+    By default a connection idle past 5 s (and past the header time, here 1 s) still answers; a
+    request's header time starts at its first byte (408 a second later); and past the keep-alive
+    time the connection is closed with no bytes, never with a 408 a client would take as its answer."""
+    default = server_factory()
+    conn = socket.create_connection(("127.0.0.1", default.port), timeout=10)
+    try:
+        conn.sendall(HEALTH)
+        assert _answer(conn).startswith(b"HTTP/1.1 200")
+        time.sleep(5.5)
+        conn.sendall(HEALTH)
+        assert _answer(conn).startswith(b"HTTP/1.1 200")
+    finally:
+        conn.close()
+
+    server = server_factory("--header-timeout-s", "1", "--keep-alive-timeout-s", "3")
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    quiet = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        for c in (conn, quiet):
+            c.sendall(HEALTH)
+            assert _answer(c).startswith(b"HTTP/1.1 200")
+        quiet_since = time.monotonic()
+        time.sleep(1.8)  # past the header time, within the keep-alive time
+        conn.sendall(HEALTH)
+        assert _answer(conn).startswith(b"HTTP/1.1 200")
+        began = time.monotonic()
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: 12")
+        answer = conn.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:200]
+        assert 0.8 < time.monotonic() - began < 2.5
+        assert quiet.recv(4096) == b""  # closed at the keep-alive time, without a word
+        assert 2.7 < time.monotonic() - quiet_since < 6
+    finally:
+        conn.close()
+        quiet.close()
+
+
 def test_past_the_connection_cap_the_longest_idle_connection_gives_way_and_busy_ones_do_not(server_factory):
     """--max-connections 16: sixteen idle connections, then a client: the idle one that waited
     longest is closed and the client is served. Sixteen streams (each busy with a request), then a
