@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.server
 import json
 import os
 import secrets
 import sqlite3
-import threading
 import time
 
 import httpx
@@ -23,7 +21,7 @@ import pytest
 import replicate
 
 from server import bodies, stored_inputs
-from tests.helpers import box_mask, data_uri, fast_input, noise_image, png_bytes
+from tests.helpers import Receiver, box_mask, data_uri, fast_input, noise_image, png_bytes
 
 MODEL = "black-forest-labs/flux-fill-dev"
 MODEL_PATH = f"/v1/models/{MODEL}/predictions"
@@ -58,30 +56,6 @@ def reset_peak(pid: int) -> bool:
         return True
     except OSError:
         return False
-
-
-class Receiver:
-    def __init__(self):
-        self.bodies: list[bytes] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                outer.bodies.append(self.rfile.read(int(self.headers.get("content-length") or 0)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # -- the pieces, as tables ----------------------------------------------------------------------------
@@ -224,9 +198,9 @@ def test_fifty_mb_inputs_keep_rows_pages_webhooks_and_memory_small(server_factor
     finally:
         receiver.close()
 
-    webhook_sizes = [len(b) for b in receiver.bodies]
+    webhook_sizes = [len(body) for _, body in receiver.posts]
     assert webhook_sizes and max(webhook_sizes) < 10_000, webhook_sizes
-    assert json.loads(receiver.bodies[-1])["input"]["image"].endswith(f"/inputs/{ids[0]}/" +
+    assert json.loads(receiver.posts[-1][1])["input"]["image"].endswith(f"/inputs/{ids[0]}/" +
                                                                       image_url.split("/")[-2] + "/image")
     assert health_s < 1.0
     grew = peak["VmHWM"] - base["VmRSS"]
