@@ -9,45 +9,16 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from tests.helpers import box_mask, fast_input, noise_image
+from tests.helpers import Receiver, box_mask, fast_input, noise_image
 
 MODEL = "black-forest-labs/flux-fill-dev"
 COUNT = 200
 TERMINAL = ("succeeded", "failed", "canceled")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
-
-class Receiver:
-    """Webhook POSTs, as (webhook-id, body), on 127.0.0.1."""
-
-    def __init__(self):
-        self.posts: list[tuple[str, dict]] = []
-        lock = threading.Lock()
-        posts = self.posts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                with lock:
-                    posts.append((self.headers["webhook-id"], body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def listed_ids(url: str) -> list[str]:
@@ -132,7 +103,7 @@ def test_two_api_nodes_and_three_workers_survive_kill_9(server_factory, postgres
     while True:
         found = {pid: httpx.get(f"{url}/v1/predictions/{pid}", timeout=20).json() for pid in ids}
         done = [p for p in found.values() if p["status"] in TERMINAL]
-        finals = {body["id"] for _, body in receiver.posts}
+        finals = {json.loads(body)["id"] for _, body in receiver.posts}
         if (len(done) == len(ids) and finals >= set(ids)) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -145,8 +116,9 @@ def test_two_api_nodes_and_three_workers_survive_kill_9(server_factory, postgres
     # Each final webhook arrived, one message per prediction (a resent one keeps its webhook-id), and it
     # says what the record says: the prediction reached one outcome.
     by_prediction: dict[str, set] = {}
-    for msg_id, body in receiver.posts:
-        by_prediction.setdefault(body["id"], set()).add((msg_id, body["status"]))
+    for headers, raw in receiver.posts:
+        body = json.loads(raw)
+        by_prediction.setdefault(body["id"], set()).add((headers["webhook-id"], body["status"]))
     assert set(by_prediction) == set(ids)
     assert all(len(v) == 1 and next(iter(v))[1] == statuses[pid] for pid, v in by_prediction.items()), \
         {pid: v for pid, v in by_prediction.items() if len(v) != 1}
