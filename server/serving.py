@@ -67,7 +67,6 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer = None
-        self._kept_alive = False  # answered; the next request's header time starts at its first byte
 
     # -- waiting for a request -------------------------------------------------------------------
 
@@ -78,8 +77,7 @@ class GuardedH11Protocol(H11Protocol):
             self._shed()
 
     def data_received(self, data: bytes) -> None:
-        if self._kept_alive:
-            self._kept_alive = False
+        if self._header_timer is None and self in self.waiting:  # kept alive: the header time starts now
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
         cycle = self.cycle
         super().data_received(data)
@@ -91,7 +89,6 @@ class GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
         if self.cycle is cycle and not self.transport.is_closing():  # no pipelined request: wait for one
             self._await_request(timed=False)
-            self._kept_alive = True
 
     def handle_websocket_upgrade(self, event) -> None:
         self._request_started()
@@ -112,7 +109,6 @@ class GuardedH11Protocol(H11Protocol):
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _request_started(self) -> None:
-        self._kept_alive = False
         self._cancel_timer()
         self.waiting.pop(self, None)
 
