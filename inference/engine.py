@@ -181,7 +181,7 @@ class Engine:
                     pictures = self.generate_whole(inp, scene, seeds, embeds, on_step, cancelled, log, previews)
                 kept = self.check_safety(inp, pictures, seeds, log)
         stop.check()
-        return self.encode(inp, kept, seeds)
+        return self.encode(inp, kept, seeds, stop)
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -458,21 +458,26 @@ class Engine:
             raise SafetyError(ALL_FLAGGED)
         return kept
 
-    def encode(self, inp: PredictionInput, pictures: list[Image.Image | None], seeds: list[int]) -> list[Output]:
-        """Encode each kept picture as out-<i>.<format>, i its index among the outputs asked for."""
+    def encode(self, inp: PredictionInput, pictures: list[Image.Image | None], seeds: list[int],
+               stop: _Progress | None = None) -> list[Output]:
+        """Encode each kept picture as out-<i>.<format>, i its index among the outputs asked for. A
+        cancel is looked for before each (a large picture takes seconds to encode)."""
         ext = inp.output_format
-        return [
-            Output(
+        outputs = []
+        for i, (p, seed) in enumerate(zip(pictures, seeds)):
+            if p is None:
+                continue
+            if stop is not None:
+                stop.check()
+            outputs.append(Output(
                 name=f"out-{i}.{ext}",
                 data=imageio.encode_image(p, ext, inp.output_quality),
                 content_type=imageio.OUTPUT_CONTENT_TYPES[ext],
                 seed=seed,
                 width=p.width,
                 height=p.height,
-            )
-            for i, (p, seed) in enumerate(zip(pictures, seeds))
-            if p is not None
-        ]
+            ))
+        return outputs
 
     # -- helpers --------------------------------------------------------------------------------
 

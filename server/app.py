@@ -21,7 +21,7 @@ from .events import Hub
 from .fetching import OwnFetches, lora_settings
 from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
-from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
+from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response, refusal
 from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
@@ -35,7 +35,8 @@ from .routes import system as system_routes
 from .routes import ui as ui_routes
 from .settings import Settings
 from .state import AppState
-from .store import open_store
+from .postgres import pool_options
+from .store import DatabaseUnavailable, open_store
 
 log = logging.getLogger("flux_fill.server")
 JANITOR_S = 15.0
@@ -92,7 +93,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         if blobs != data:  # shared with other nodes: only what no live upload can still be writing
             clean_leftovers(blobs, older_than_s=SHARED_LEFTOVER_S)
         trim_lora_cache(data, lora_settings(settings).cache_bytes)
-        store = open_store(settings.database or data / "flux-fill.sqlite3")
+        store = open_store(settings.database or data / "flux-fill.sqlite3", **(pool_options(settings)
+                                                                              if settings.database else {}))
         if store.shared and settings.blob_dir is None:  # files in the database, this folder their cache
             from .blobs import DatabaseFileStore
 
@@ -118,9 +120,10 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                                 styles={bfl.API: bfl.webhook_style(service)})
         service.recover()  # after the webhooks: a prediction it ends (canceled, failed) gets its webhook
         listening = threading.Event()
+        store.on_reconnect(lifecycle.look_again)  # the database is back: what was told meanwhile is read again
         if store.shared:  # the other nodes' moves wake this node's streams and waiting requests
-            threading.Thread(target=store.listen, args=(lifecycle.remote_event, listening), name="db-events",
-                             daemon=True).start()
+            threading.Thread(target=store.listen, args=(lifecycle.remote_event, listening, lifecycle.look_again),
+                             name="db-events", daemon=True).start()
         if role == "api":
             state.phase = "READY"
         else:
@@ -167,6 +170,17 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
             return bfl.validation_response(exc.errors())
         err = _request_validation(exc)
         return problem_response(err.problem)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_away(request: Request, exc: DatabaseUnavailable):
+        log.warning("answered 503: %s", exc)
+        problem = Problem(title="Service Unavailable", status=503,
+                          detail="The database is not reachable right now (it may be restarting); nothing was "
+                                 "changed by this request. Try again in a few seconds.")
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        if bfl_route(request):
+            return bfl.problem_response(problem, headers)
+        return refusal(request.scope, problem, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from .files import FileStore
-from .store import PostgresStore
+from .postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500  # cached copies looked up in the database in one query

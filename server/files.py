@@ -21,15 +21,18 @@ import secrets
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Callable
 
+from inference.errors import Cancelled
 from inference.images import OUTPUT_CONTENT_TYPES
 
 from .protocol import disk_full
 from .records import FileRecord
-from .store import Store, now
+from .store import OwnerLimits, Store
 
 _FILE_URL = re.compile(r"/v1/files/([a-z0-9]{20,40})/?$")
 _SAFE_NAME = re.compile(r"^out-\d+\.(webp|jpg|png)$")
+_SAFE_RUN = re.compile(r"^[a-z0-9]{1,32}$")
 
 
 # Replicate's ids today are 26 characters of Crockford's base32 in lower case: digits and letters
@@ -88,8 +91,10 @@ class FileStore:
     # -- uploads ------------------------------------------------------------------------------
 
     def save_upload(self, tmp_path: Path, name: str, content_type: str | None, metadata: dict,
-                    owner: str | None = None) -> FileRecord:
-        """Record a fully received upload (already size-checked) and move it in place."""
+                    owner: str | None = None, limits: OwnerLimits | None = None) -> FileRecord:
+        """Record a fully received upload (already size-checked) and move it in place. With
+        ``limits``, its row is written only if its owner stays within them (checked under the
+        owner's lock, see Store.insert_file_guarded): QuotaExceeded leaves nothing behind."""
         file_id = new_id()
         sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
         with open(tmp_path, "rb") as fh:
@@ -102,24 +107,19 @@ class FileStore:
         os.replace(tmp_path, target)
         try:
             self._kept(target)
+            content_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+            created = self.store.now()
+            fields = dict(id=file_id, name=name, content_type=content_type, size=size, sha256=sha256.hexdigest(),
+                          md5=md5.hexdigest(), metadata=metadata, created_at=created,
+                          expires_at=created + self.expiry_s, path=str(target), owner=owner)
+            if limits is not None:
+                limits.adds_bytes = size
+            self.store.insert_file_guarded(limits, **fields)
         except BaseException:
             target.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                self._dropped(target)
             raise
-        content_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
-        created = now()
-        self.store.insert_file(
-            id=file_id,
-            name=name,
-            content_type=content_type,
-            size=size,
-            sha256=sha256.hexdigest(),
-            md5=md5.hexdigest(),
-            metadata=metadata,
-            created_at=created,
-            expires_at=created + self.expiry_s,
-            path=str(target),
-            owner=owner,
-        )
         return self.store.get_file(file_id)
 
     def delete_upload(self, file_id: str) -> bool:
@@ -198,16 +198,28 @@ class FileStore:
         self._dropped(self.inputs / prediction_id, folder=True)
 
     # -- outputs ------------------------------------------------------------------------------
+    # Each run writes its outputs in a folder of its own, outputs/<prediction id>/<run>/, and the
+    # run that records the prediction's outcome records that folder (PredictionRecord.output_run):
+    # a run fenced out (its lease ran out while it was stopped, and another run finished the
+    # prediction) writes only its own folder, so what the prediction's URLs serve never changes.
+    # Predictions recorded before runs had folders (output_run None) keep outputs/<id>/<name>.
 
-    def output_dir(self, prediction_id: str) -> Path:
-        return self.outputs / prediction_id
+    def output_dir(self, prediction_id: str, run: str | None = None) -> Path:
+        folder = self.outputs / prediction_id
+        return folder / run if run else folder
 
-    def write_outputs(self, prediction_id: str, outputs) -> list[str]:
-        """Write each output atomically; return the names recorded in the database."""
-        folder = self.output_dir(prediction_id)
+    def write_outputs(self, prediction_id: str, outputs, run: str | None = None,
+                      cancelled: Callable[[], bool] | None = None) -> list[str]:
+        """Write each output atomically into the run's folder; return the names recorded in the
+        database. ``cancelled()`` is asked before each file: True stops with
+        :class:`inference.errors.Cancelled` (what was written stays in the run's folder, which
+        the caller removes)."""
+        folder = self.output_dir(prediction_id, run)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
         for out in outputs:
+            if cancelled is not None and cancelled():
+                raise Cancelled()
             tmp = folder / f".{out.name}.tmp"
             with open(tmp, "wb") as fh:
                 fh.write(out.data)
@@ -219,33 +231,35 @@ class FileStore:
             names.append(out.name)
         return names
 
-    def read_output(self, prediction_id: str, name: str) -> bytes | None:
-        path = self.output_path(prediction_id, name)
+    def read_output(self, prediction_id: str, name: str, run: str | None = None) -> bytes | None:
+        path = self.output_path(prediction_id, name, run)
         try:
             return path.read_bytes() if path is not None else None
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def output_path(self, prediction_id: str, name: str) -> Path | None:
-        if not _SAFE_NAME.match(name):
+    def output_path(self, prediction_id: str, name: str, run: str | None = None) -> Path | None:
+        if not _SAFE_NAME.match(name) or (run is not None and not _SAFE_RUN.match(run)):
             return None
-        return self._local(self.output_dir(prediction_id) / name)
+        return self._local(self.output_dir(prediction_id, run) / name)
 
-    def data_uri(self, prediction_id: str, name: str) -> str | None:
-        data = self.read_output(prediction_id, name)
+    def data_uri(self, prediction_id: str, name: str, run: str | None = None) -> str | None:
+        data = self.read_output(prediction_id, name, run)
         if data is None:
             return None
         ext = name.rsplit(".", 1)[-1]
         return f"data:{OUTPUT_CONTENT_TYPES[ext]};base64,{base64.b64encode(data).decode()}"
 
-    def remove_outputs(self, prediction_id: str) -> None:
-        shutil.rmtree(self.output_dir(prediction_id), ignore_errors=True)
-        self._dropped(self.output_dir(prediction_id), folder=True)
+    def remove_outputs(self, prediction_id: str, run: str | None = None) -> None:
+        """Remove a prediction's outputs: every run's, or one run's (a run that was fenced out)."""
+        folder = self.output_dir(prediction_id, run)
+        shutil.rmtree(folder, ignore_errors=True)
+        self._dropped(folder, folder=True)
 
-    def outputs_size(self, prediction_id: str, names: list[str]) -> int:
+    def outputs_size(self, prediction_id: str, names: list[str], run: str | None = None) -> int:
         total = 0
         for name in names:
-            path = self.output_path(prediction_id, name)
+            path = self.output_path(prediction_id, name, run)
             total += path.stat().st_size if path else 0
         return total
 

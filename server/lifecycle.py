@@ -19,8 +19,15 @@ the prediction back in the queue for any worker, up to ``--max-attempts`` runs.
 
 On a database shared by several nodes (PostgreSQL), each move is also told to the other nodes
 (``Store.notify``), whose streams and waiting requests wake as if it were their own; the webhook
-of a move is sent by the node that made it, so each event is sent once. A cancel is recorded in
-the database, where the worker running the prediction, on any node, looks at each step.
+of a move is sent by the node that made it, so each event is sent once, and an owed final webhook
+is held in the database by one node at a time (:mod:`server.outbox`). A cancel is recorded in the
+database, where the worker running the prediction, on any node, looks at each step. Leases run by
+the database's clock, and a database that restarted gives every lease a fresh ``--lease-s`` (no
+worker could renew one while it was away).
+
+While the database is away, a run goes on: its logs and previews wait, a cancel is looked for
+again at the next step, and its outcome is written once the database is back (tried again for
+``OUTCOME_RETRY_S``); what asks from a route gets :class:`~server.store.DatabaseUnavailable` (503).
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .events import PREVIEW, Hub
+from .outbox import Outbox
 from .protocol import Status
 from .records import PredictionRecord
 from .settings import Settings
-from .store import Store, now
+from .store import DatabaseUnavailable, OwnerLimits, Store
 
 if TYPE_CHECKING:
     from .files import FileStore
@@ -49,7 +57,7 @@ DEADLINE_POLL_S = 30.0  # the longest the deadline watcher sleeps without lookin
 DEADLINE_BATCH = 200  # deadlines looked at in one go
 QUEUED = "queued"  # told to other nodes only: their workers look at the queue
 WEBHOOK_TIMEOUT_S = 10.0  # one webhook POST, connect to answer
-WEBHOOK_SWEEP_S = 10.0  # how often each node looks for final webhooks nobody holds
+OUTCOME_RETRY_S = 120.0  # a run's outcome is tried again this long while the database is away
 CANCEL_CHECK_S = 0.1  # a running prediction's worker looks for a cancel in the database this often
 PREVIEW_WATCH_S = 30.0  # a stream's (or a preview reader's) wish for previews holds this long unless renewed
 PREVIEW_WATCH_RENEW_S = 5.0  # a node writes one watcher's wish at most this often
@@ -80,8 +88,7 @@ class Lifecycle:
         self._cancel_checked: dict[str, float] = {}  # when each running prediction's cancel was last read
         self._watch_written: dict[str, float] = {}  # when this node last wrote a wish for previews, per prediction
         self._watch_read: dict[str, tuple[float, bool]] = {}  # a running prediction's watchers, last read
-        # A node holds an owed final webhook this long (its POSTs and retries fit) before another may send it.
-        self.webhook_hold_s = settings.webhook_retry_s + 2 * WEBHOOK_TIMEOUT_S + 10
+        self.outbox = Outbox(store, settings, self.holder)  # the owed final webhooks this node sends
         self.webhooks: WebhookSender | None = None
         self._snapshot: Callable[[PredictionRecord], dict] | None = None
         self._secret_for: Callable[[str | None], str] | None = None
@@ -98,24 +105,30 @@ class Lifecycle:
 
     # -- create and claim ---------------------------------------------------------------------
 
-    def create(self, **fields: Any) -> PredictionRecord:
-        """Queue a new prediction (``starting``) and wake a worker."""
-        self.store.insert_prediction(**fields)
+    def create(self, limits: OwnerLimits | None = None, **fields: Any) -> PredictionRecord:
+        """Queue a new prediction (``starting``), durably, and wake a worker. With ``limits``, it is
+        written only if its owner stays within them (QuotaExceeded: nothing written)."""
+        if limits is None:
+            self.store.insert_prediction(**fields)
+        else:
+            self.store.insert_prediction_guarded(limits, **fields)
         self._queued(fields["id"])
         if fields.get("cancel_at") is not None:
-            self.deadline_added.set()
+            loop = self.hub.loop  # the watcher's event lives on the loop; a create may run beside it
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self.deadline_added.set)
         return self.store.get_prediction(fields["id"])
 
     def claim(self) -> PredictionRecord | None:
         """The oldest queued prediction, now ``processing`` under a fresh lease; None if none waits."""
-        record = self.store.claim_next(now(), f"{self.holder}/{secrets.token_hex(16)}", self.settings.lease_s)
+        record = self.store.claim_next(f"{self.holder}/{secrets.token_hex(16)}", self.settings.lease_s)
         if record is not None:
-            self._publish(record.id, "start")
+            self._publish(record, "start")
         return record
 
     def renew(self, run: PredictionRecord) -> bool:
         """The heartbeat of a run: its lease holds ``--lease-s`` more; False once the run lost it."""
-        return self.store.renew(run.id, run.lease, now() + self.settings.lease_s)
+        return self.store.renew(run.id, run.lease, self.settings.lease_s)
 
     def forget(self, prediction_id: str) -> None:
         """A run ended on this node (however it ended): drop what was kept for it."""
@@ -125,17 +138,22 @@ class Lifecycle:
     # -- while it runs ------------------------------------------------------------------------
 
     def logs(self, run: PredictionRecord, text: str) -> None:
-        """The run's logs so far, written while its claim holds, then told to listeners."""
-        if self.store.update_prediction(run.id, held_by=run.lease, logs=text):
-            self._publish(run.id, "logs")
+        """The run's logs so far, written while its claim holds, then told to listeners. While the
+        database is away they wait: the next write carries them all, the outcome's at the latest."""
+        try:
+            written = self.store.update_prediction(run.id, held_by=run.lease, durable=False, logs=text)
+        except DatabaseUnavailable:
+            return
+        if written:
+            self._publish(run, "logs")
 
     def preview(self, run: PredictionRecord, step: int, total: int, content_type: str, data: bytes) -> bool:
         """The run's latest preview (an encoded image after ``step`` of ``total`` steps), kept while
         its claim holds it, then told to streams here and on the other nodes (never to webhooks).
         False when the run no longer holds the prediction: nothing is kept."""
-        if not self.store.put_preview(run.id, run.lease, step, total, content_type, data, now()):
+        if not self.store.put_preview(run.id, run.lease, step, total, content_type, data, self.store.now()):
             return False
-        self._publish(run.id, PREVIEW)
+        self._publish(run, PREVIEW)
         return True
 
     def watch_previews(self, prediction_id: str, seconds: float = PREVIEW_WATCH_S) -> None:
@@ -149,7 +167,11 @@ class Lifecycle:
         if len(self._watch_written) > 10_000:  # old entries of ended predictions
             cutoff = at - PREVIEW_WATCH_S
             self._watch_written = {k: v for k, v in self._watch_written.items() if v > cutoff}
-        self.store.watch_previews(prediction_id, now() + seconds)
+        self.store.watch_previews(prediction_id, self.store.now() + seconds)
+
+    def watch_due(self, prediction_id: str) -> bool:
+        """Whether this node's wish for the prediction's previews is due to be written again."""
+        return time.monotonic() - self._watch_written.get(prediction_id, float("-inf")) >= PREVIEW_WATCH_RENEW_S
 
     def previews_watched(self, prediction_id: str) -> bool:
         """Whether anyone, on any node, wants this running prediction's previews now (read from the
@@ -157,7 +179,7 @@ class Lifecycle:
         at = time.monotonic()
         read_at, watched = self._watch_read.get(prediction_id, (float("-inf"), False))
         if at - read_at >= PREVIEW_CHECK_S:
-            watched = self.store.previews_watched(prediction_id, now())
+            watched = self.store.previews_watched(prediction_id, self.store.now())
             self._watch_read[prediction_id] = (at, watched)
         return watched
 
@@ -169,7 +191,10 @@ class Lifecycle:
         if at - self._cancel_checked.get(prediction_id, 0.0) < CANCEL_CHECK_S:
             return False
         self._cancel_checked[prediction_id] = at
-        reason = self.store.cancel_request(prediction_id)
+        try:
+            reason = self.store.cancel_request(prediction_id)
+        except DatabaseUnavailable:
+            return False  # looked for again at the next step
         if reason is None:
             return False
         if reason:  # a deadline's words, set on whichever node saw it pass
@@ -179,15 +204,39 @@ class Lifecycle:
 
     # -- outcomes of a run --------------------------------------------------------------------
 
-    def succeed(self, run: PredictionRecord, output: list[str], logs: str, predict_time: float) -> bool:
-        return self._end(run, Status.SUCCEEDED, output=output, logs=logs, predict_time=predict_time,
-                         output_bytes=self.files.outputs_size(run.id, output))
+    # A run's outcome is written even across a database outage (see _outlasting): these are
+    # called by the worker's thread, never by the event loop.
+
+    def succeed(self, run: PredictionRecord, output: list[str], logs: str, predict_time: float,
+                output_run: str | None = None, output_bytes: int | None = None) -> bool:
+        """The run made ``output`` (file names in its folder ``output_run``, ``output_bytes`` in all)."""
+        if output_bytes is None:
+            output_bytes = self.files.outputs_size(run.id, output, output_run)
+        return self._outlasting(lambda: self._end(run, Status.SUCCEEDED, output=output, output_run=output_run,
+                                                  logs=logs, predict_time=predict_time, output_bytes=output_bytes))
 
     def fail(self, run: PredictionRecord, error: str, logs: str, predict_time: float) -> bool:
-        return self._end(run, Status.FAILED, error=error, logs=logs, predict_time=predict_time)
+        return self._outlasting(lambda: self._end(run, Status.FAILED, error=error, logs=logs,
+                                                  predict_time=predict_time, output_bytes=0))
 
     def end_canceled(self, run: PredictionRecord, logs: str, predict_time: float) -> bool:
-        return self._end(run, Status.CANCELED, logs=logs, predict_time=predict_time)
+        return self._outlasting(lambda: self._end(run, Status.CANCELED, logs=logs, predict_time=predict_time,
+                                                  output_bytes=0))
+
+    @staticmethod
+    def _outlasting(write: Callable[[], Any], for_s: float = OUTCOME_RETRY_S):
+        """``write()``, tried again while the database is away, for up to ``for_s``: a run that
+        ends during a restart of the database is recorded once it is back (its lease runs on: see
+        Store.expired_leases). Raises DatabaseUnavailable past that."""
+        ends, pause = time.monotonic() + for_s, 0.1
+        while True:
+            try:
+                return write()
+            except DatabaseUnavailable:
+                if time.monotonic() >= ends:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def cancel_reason(self, prediction_id: str) -> str:
         return self.cancel_reasons.get(prediction_id) or "Prediction canceled."
@@ -204,20 +253,22 @@ class Lifecycle:
             error = interrupted_too_often(run.attempts)
             return Status.FAILED if self.fail(run, error, logs + f"Error: {error}\n", predict_time) else None
         logs += "The server is stopping; this prediction goes back to the queue.\n"
-        moved = self.store.move(run.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=run.lease,
-                                started_at=None, lease=None, lease_expires_at=None, logs=logs)
+        moved = self._outlasting(lambda: self.store.move(
+            run.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=run.lease, started_at=None, lease=None,
+            lease_expires_at=None, logs=logs), for_s=10.0)
         if moved is None:
             return None
         self.store.drop_preview(run.id, watchers=False)  # the next run makes its own
         self._queued(run.id)  # idle workers of the other nodes take it now, not at their next look
         return Status.STARTING
 
-    def _end(self, run: PredictionRecord, status: Status, expired_before: float | None = None, **fields: Any) -> bool:
-        at = now()
-        if run.wants_completed_webhook:
-            fields["webhook_due"] = at + self.webhook_hold_s  # owed, and held by this node's sender
-        moved = self.store.move(run.id, status, only_from=(Status.PROCESSING,), held_by=run.lease,
-                                expired_before=expired_before, completed_at=at, **fields)
+    def _end(self, run: PredictionRecord, status: Status, expired: bool = False, **fields: Any) -> bool:
+        """Record a run's outcome under its claim (with ``expired``, only while its lease has run
+        out); a final webhook it wants is owed from now, held by this node's outbox."""
+        moved = self.store.end_run(
+            run.id, status, held_by=run.lease, webhook_lease=self.outbox.lease if run.wants_completed_webhook else None,
+            webhook_hold_s=self.outbox.hold_s, expired_grace_s=self.settings.lease_s if expired else None,
+            completed_at=self.store.now(), **fields)
         if moved is None:
             log.warning("prediction %s: this run no longer holds it; its outcome (%s) is not recorded",
                         run.id, status.value)
@@ -234,8 +285,8 @@ class Lifecycle:
         self.cancel_reasons.pop(record.id, None)
         self.forget(record.id)
         if record.output:
-            self._publish(record.id, "output")
-        self._publish(record.id, "completed")
+            self._publish(record, "output")
+        self._publish(record, "completed")
 
     # -- cancel and deadlines -----------------------------------------------------------------
 
@@ -247,10 +298,9 @@ class Lifecycle:
             return None
         if record.status == Status.STARTING:
             logs = record.logs + (f"{reason}\n" if reason else "")
-            at = now()
-            owed = {"webhook_due": at + self.webhook_hold_s} if record.wants_completed_webhook else {}
-            moved = self.store.move(prediction_id, Status.CANCELED, only_from=(Status.STARTING,),
-                                    completed_at=at, logs=logs, **owed)
+            moved = self.store.cancel_queued(
+                prediction_id, logs=logs, completed_at=self.store.now(), webhook_hold_s=self.outbox.hold_s,
+                webhook_lease=self.outbox.lease if record.wants_completed_webhook else None)
             if moved is not None:
                 self._ended(moved)
                 return moved
@@ -260,7 +310,7 @@ class Lifecycle:
                 self.cancel_reasons.setdefault(prediction_id, reason)
             self.cancel_requested.add(prediction_id)
             # Recorded with its reason: the node running it logs the same words; a restart ends it canceled.
-            self.store.request_cancel(prediction_id, now(), reason)
+            self.store.request_cancel(prediction_id, self.store.now(), reason)
             record = self.store.get_prediction(prediction_id)
         return record
 
@@ -269,7 +319,7 @@ class Lifecycle:
         event loop for the server's life; the database is the record of the deadlines."""
         while True:
             try:
-                wait = self.enforce_deadlines(now())
+                wait = await asyncio.get_running_loop().run_in_executor(None, self.enforce_deadlines)
             except Exception:
                 log.exception("checking Cancel-After deadlines failed")
                 wait = DEADLINE_POLL_S
@@ -279,8 +329,10 @@ class Lifecycle:
             except asyncio.TimeoutError:
                 pass
 
-    def enforce_deadlines(self, at: float) -> float:
-        """Cancel the predictions due at ``at``; return the seconds until the next deadline."""
+    def enforce_deadlines(self, at: float | None = None) -> float:
+        """Cancel the predictions due at ``at`` (now, by the database's clock); return the seconds
+        until the next deadline."""
+        at = self.store.now() if at is None else at
         records = self.store.deadlines(limit=DEADLINE_BATCH)
         for record in records:
             if record.id in self.cancel_requested:
@@ -304,7 +356,7 @@ class Lifecycle:
         if self.store.shared:
             return self.settle_own_leases() + self.expire_leases()
         for record in self.store.interrupted():  # a database of one: every run in it was this server's
-            self._settle_interrupted(record, None)
+            self._settle_interrupted(record)
         ids = self.store.requeue_interrupted()
         for pid in ids:
             log.warning("prediction %s was interrupted by a restart; it runs again", pid)
@@ -314,13 +366,14 @@ class Lifecycle:
         """Settle the running predictions whose lease ran out (their worker is gone): canceled if a
         cancel was asked, failed after ``--max-attempts`` runs, else back in the queue. The ids
         queued again."""
-        at, queued = now(), []
-        for record in self.store.expired_leases(at):
-            if self._settle_interrupted(record, at):
+        grace, queued = self.settings.lease_s, []
+        for record in self.store.expired_leases(grace):
+            if self._settle_interrupted(record, expired=True):
                 continue
             logs = record.logs + "The worker running this prediction stopped answering (its lease ran out); it runs again.\n"
             moved = self.store.move(record.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=record.lease,
-                                    expired_before=at, started_at=None, lease=None, lease_expires_at=None, logs=logs)
+                                    expired_grace_s=grace, started_at=None, lease=None, lease_expires_at=None,
+                                    logs=logs)
             if moved is not None:
                 log.warning("prediction %s: its worker stopped answering; it runs again", record.id)
                 self.store.drop_preview(record.id, watchers=False)  # the next run makes its own
@@ -335,7 +388,7 @@ class Lifecycle:
         as after a restart on SQLite. The ids queued again."""
         queued = []
         for record in self.store.leases_held_by(self.holder):
-            if self._settle_interrupted(record, None):
+            if self._settle_interrupted(record):
                 continue
             logs = record.logs + "The node running this prediction restarted; it runs again.\n"
             moved = self.store.move(record.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=record.lease,
@@ -347,17 +400,17 @@ class Lifecycle:
             self._queued(pid)
         return queued
 
-    def _settle_interrupted(self, record: PredictionRecord, at: float | None) -> bool:
+    def _settle_interrupted(self, record: PredictionRecord, expired: bool = False) -> bool:
         """End an interrupted run that must not run again (canceled, or out of attempts); True if it ended."""
         if record.cancel_requested_at is not None:
             logs = record.logs + (f"{record.cancel_reason}\n" if record.cancel_reason else "")
             logs += "The server restarted after this prediction was canceled; it does not run again.\n"
-            self._end(record, Status.CANCELED, expired_before=at, logs=logs)
+            self._end(record, Status.CANCELED, expired=expired, logs=logs)
             log.warning("prediction %s was canceled before its run was interrupted; it ends canceled", record.id)
             return True
         if record.attempts >= self.settings.max_attempts:
             error = interrupted_too_often(record.attempts)
-            self._end(record, Status.FAILED, expired_before=at, error=error, logs=record.logs + f"Error: {error}\n")
+            self._end(record, Status.FAILED, expired=expired, error=error, logs=record.logs + f"Error: {error}\n")
             log.warning("prediction %s was interrupted %d times; it fails", record.id, record.attempts)
             return True
         return False
@@ -370,18 +423,21 @@ class Lifecycle:
             await asyncio.sleep(max(0.5, min(5.0, self.settings.lease_s / 3)))
             try:
                 await loop.run_in_executor(None, self.expire_leases)
+            except DatabaseUnavailable:
+                pass  # looked at again once the database is back
             except Exception:
                 log.exception("looking for runs whose worker stopped answering failed")
 
     # -- events, here and on the other nodes ---------------------------------------------------
 
-    def _publish(self, prediction_id: str, event: str) -> None:
-        self.hub.publish(prediction_id, event)
+    def _publish(self, record: PredictionRecord, event: str) -> None:
+        """Tell this node's streams and listeners (with the record as it stands), then the other nodes."""
+        self.hub.publish(record.id, event, record=record)
         if self.store.shared:
             try:
-                self.store.notify(f"{self.node} {prediction_id} {event}")
+                self.store.notify(f"{self.node} {record.id} {event}")
             except Exception as exc:  # the other nodes' streams then see it at their next look
-                log.warning("could not tell the other nodes of %s's %s: %s", prediction_id, event, exc)
+                log.warning("could not tell the other nodes of %s's %s: %s", record.id, event, exc)
 
     def _queued(self, prediction_id: str) -> None:
         """A prediction waits to run: wake a worker here, and tell the workers of other nodes."""
@@ -406,49 +462,46 @@ class Lifecycle:
         else:
             self.hub.publish(prediction_id, event, remote=True)
 
+    def look_again(self) -> None:
+        """The database is back after it was away (or this node's notifications were cut): what
+        was told meanwhile never arrived, so every stream and waiting request here reads again,
+        and the workers look at the queue."""
+        loop = self.hub.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.hub.wake_all, "look")
+        with self.work_available:
+            self.work_available.notify_all()
+
     # -- events to webhooks and metrics (on the event loop) ------------------------------------
 
-    def _delivered(self, prediction_id: str, event: str) -> None:
-        if event == PREVIEW or (self.webhooks is None and self.metrics is None):
+    def _delivered(self, prediction_id: str, event: str, record: PredictionRecord | None) -> None:
+        if event == PREVIEW or record is None:
             return  # previews are for streams; a webhook event list has no such event
-        record = self.store.get_prediction(prediction_id)
-        if record is None:
-            return
         if self.webhooks is not None and record.webhook:
             self._send_webhook(record, event)
         if event == "completed" and self.metrics is not None and record.predict_time is not None:
             self.metrics.predict_time.observe(record.predict_time)
 
     def _send_webhook(self, record: PredictionRecord, event: str) -> None:
+        """Hand one event to the sender; its body is read at send time (off the event loop). A
+        final webhook this node owes (see server.outbox) is settled in the database."""
         pid = record.id
-        done = (lambda: self.store.webhook_sent(pid)) if event == "completed" and record.webhook_due else None
+        final = self.outbox.delivery(record) if event == "completed" and self.outbox.owes(record) else None
+        done = (lambda: self.store.webhook_sent(pid)) if event == "completed" and final is None and record.webhook_due \
+            else None
         style = self._styles.get(record.api) if record.api else None
         if style is not None:
             self.webhooks.notify(pid, record.webhook, record.webhook_events, event,
                                  lambda: style.snapshot(self.store.get_prediction(pid) or record),
-                                 done=done, signer=style.signer(record))
+                                 done=done, signer=style.signer(record), final=final)
             return
         self.webhooks.notify(pid, record.webhook, record.webhook_events, event,
                              lambda: self._snapshot(self.store.get_prediction(pid) or record),
-                             secret=self._secret_for(record.owner), done=done)
-
-    def resend_owed_webhooks(self) -> int:
-        """Send the final webhooks that are owed and that no node holds: their sender's node died or
-        stopped before it settled them (the final webhook outlives a restart). The number taken."""
-        if self.webhooks is None:
-            return 0
-        records = self.store.claim_owed_webhooks(now(), now() + self.webhook_hold_s)
-        for record in records:
-            log.info("prediction %s: sending its final webhook, which a stopped node still owed", record.id)
-            self._send_webhook(record, "completed")
-        return len(records)
+                             secret=self._secret_for(record.owner), done=done, final=final)
 
     async def watch_owed_webhooks(self) -> None:
-        """Look for owed final webhooks nobody holds, for the server's life (on the event loop: the
-        sender's own)."""
-        while True:
-            try:
-                self.resend_owed_webhooks()
-            except Exception:
-                log.exception("looking for owed webhooks failed")
-            await asyncio.sleep(WEBHOOK_SWEEP_S)
+        """Send the owed final webhooks that are due and that no node holds, for the server's life
+        (see server.outbox)."""
+        if self.webhooks is None:
+            return
+        await self.outbox.run(lambda record: self._send_webhook(record, "completed"))

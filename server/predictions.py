@@ -52,8 +52,9 @@ from .protocol import (
 from .quotas import Quotas
 from .records import PredictionRecord, PreviewRecord
 from .settings import Settings
-from .store import Store, now
+from .store import DatabaseUnavailable, QuotaExceeded, Store
 from .stored_inputs import Stored
+from .streaming import StreamReads
 
 log = logging.getLogger(__name__)
 ORPHAN_INPUTS_S = 3600.0  # on a shared database, stored inputs without a row this old are a crash's
@@ -91,6 +92,7 @@ class PredictionService:
         # picture) must not also open its inputs.
         self.url_key = bytes.fromhex(store.setting("input_url_key", lambda: secrets.token_hex(32)))
         self.stopping = False  # the server is shutting down: requests waiting on a prediction are answered
+        self.stream_reads = StreamReads(self)  # what this node's streams and waiting requests read, once per event
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -123,10 +125,10 @@ class PredictionService:
             base = self.base_for(request_base)
             return [self.output_url(record, name, base) for name in names]
         if body is not None:
-            paths = [(self.files.output_path(record.id, name), name) for name in names]
+            paths = [(self.files.output_path(record.id, name, record.output_run), name) for name in names]
             return [body.add(data_uri_file(path, OUTPUT_CONTENT_TYPES[name.rsplit(".", 1)[-1]]))
                     for path, name in paths if path is not None]
-        uris = [self.files.data_uri(record.id, name) for name in names]
+        uris = [self.files.data_uri(record.id, name, record.output_run) for name in names]
         return [u for u in uris if u is not None]
 
     def output_url(self, record: PredictionRecord, name: str, base: str) -> str:
@@ -163,7 +165,7 @@ class PredictionService:
         if kind == "outputs":
             if not hmac.compare_digest(token.encode(), record.output_token.encode()) or name not in (record.output or []):
                 return None
-            path = self.files.output_path(prediction_id, name)
+            path = self.files.output_path(prediction_id, name, record.output_run)
             return path.read_bytes() if path is not None and path.is_file() else None
         if not hmac.compare_digest(token.encode(), self.input_token(prediction_id).encode()):
             return None
@@ -279,11 +281,15 @@ class PredictionService:
         if request.webhook is None and request.webhook_completed is not None:
             events = ["completed"]
         pid = new_id()
-        created = now()
+        created = self.store.now()
         with disk_guard():
             sizes = self.files.write_inputs(pid, values)
+            # Checked again as the row is written, under the tenant's lock: creates racing on other
+            # nodes cannot pass its limits together.
+            limits = self.quotas.limits(caller, adds_queued=1, adds_bytes=sum(sizes))
             try:
                 return self.lifecycle.create(
+                    limits=limits,
                     id=pid,
                     version=admission.version,
                     input=inline,
@@ -299,6 +305,9 @@ class PredictionService:
                     api=api,
                     api_data=api_data,
                 )
+            except QuotaExceeded as exc:
+                self.files.remove_inputs(pid)
+                raise self.quotas.refusal(exc, limits, self.seconds_until_a_slot_frees) from None
             except BaseException:
                 self.files.remove_inputs(pid)
                 raise
@@ -345,14 +354,22 @@ class PredictionService:
                                 results=[self.render(r, request_base, listing=True, body=body) for r in page.rows])
         return body.response(listed.model_dump(mode="json"))
 
-    async def wait(self, prediction_id: str, timeout: float) -> PredictionRecord | None:
+    async def wait(self, prediction_id: str, timeout: float,
+                   last: PredictionRecord | None = None) -> PredictionRecord | None:
         """Wait until the prediction is terminal, ``timeout`` seconds pass or the server begins to
-        stop; return its record."""
+        stop; return its record (read once per event for every waiting request of this node). While
+        the database is away, the record last read (``last`` at first) is the answer."""
         queue = self.hub.subscribe(prediction_id)
         try:
             deadline = time.monotonic() + timeout
             while True:
-                record = self.store.get_prediction(prediction_id)
+                try:
+                    record = (await self.stream_reads.seen.get(prediction_id)).record
+                    last = record
+                except DatabaseUnavailable:
+                    record = last
+                    if record is None:
+                        raise
                 if record is None or record.status.terminal or self.stopping:
                     return record
                 left = deadline - time.monotonic()
@@ -429,13 +446,13 @@ class PredictionService:
         Replicate) and uploads past their expiry."""
         removed = 0
         if self.settings.retention_hours > 0:
-            cutoff = now() - self.settings.retention_hours * 3600
+            cutoff = self.store.now() - self.settings.retention_hours * 3600
             for pid in self.store.expired_predictions(cutoff):
                 self.files.remove_outputs(pid)
                 self.files.remove_inputs(pid)
                 self.store.remove_data(pid)
                 removed += 1
-        for f in self.store.expired_files(now()):
+        for f in self.store.expired_files(self.store.now()):
             self.files.delete_upload(f.id)
         self.files.sweep()  # copies of files another node removed (files kept in the database)
         self.store.drop_stale_previews()

@@ -203,7 +203,8 @@ class WebhookSecret(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["STARTING", "READY", "BUSY", "SETUP_FAILED"]
+    # UNAVAILABLE: the database is away (restarting, crashed, cut off); the API answers 503 until it is back.
+    status: Literal["STARTING", "READY", "BUSY", "SETUP_FAILED", "UNAVAILABLE"]
     model: str | None = None
     demo: bool = False
     weights: str | None = None
@@ -211,6 +212,7 @@ class Health(BaseModel):
     queue_depth: int = 0
     setup_error: str | None = None
     speed: dict | None = None  # the speed options in force on the first device
+    database: Literal["available", "unavailable"] = "available"
     version: str
 
 

@@ -40,7 +40,12 @@ class PredictionRecord:
     cancel_reason: str | None = None  # why (a deadline's words), for the logs of whichever node stops it
     lease: str | None = None  # the claim's token: only its holder may record an outcome
     lease_expires_at: float | None = None  # unless renewed by then, the run is taken as dead
-    webhook_due: float | None = None  # a final webhook is owed; its sender holds it until then
+    webhook_due: float | None = None  # a final webhook is owed, from then (the database's clock)
+    webhook_lease: str | None = None  # the node sending the owed final webhook now (see server.outbox)
+    webhook_lease_until: float | None = None  # unless renewed by then, any node may send it
+    webhook_attempts: int = 0  # failed attempts at the final webhook so far
+    webhook_error: str | None = None  # why its last attempt failed
+    output_run: str | None = None  # the run whose files the outputs are (outputs/<id>/<run>/): None before runs had folders
     api: str | None = None  # the API that created it: None (Replicate's), "openai" or "bfl"
     api_data: dict[str, Any] | None = None  # what that API's adapter keeps of the request (never shown by Replicate's)
 

@@ -1,27 +1,46 @@
-"""The durable record of predictions and files, in SQLite or PostgreSQL. The only module with SQL.
+"""The durable record of predictions and files, in SQLite or PostgreSQL. The only module with SQL
+(with :mod:`server.postgres`, which says how PostgreSQL is reached).
 
 Rows come out of here as records (:mod:`server.records`); nothing else reads a row. Images are not
 kept in the rows; outputs and uploads are files whose names are recorded here, and so are a
 prediction's long input strings (data URIs): the row keeps where they stood (``input_blobs``), so
 rows and list pages stay small whatever a client sends. On PostgreSQL without --blob-dir the files'
 bytes are kept here too, in a table of their own (``blobs``, see :mod:`server.blobs`).
+
+**Time.** Every time that decides something across nodes (a lease running out, a claim, a
+deadline, an owed webhook coming due) is the database's own clock, read in the statement that
+decides (``{now}`` in the SQL below), so no node's clock matters. The times recorded for people
+(created, started, completed) come from :meth:`Store.now`: this node's clock corrected by its
+measured distance from the database's.
+
+**Durability.** Every write is committed durably before it returns (an acknowledged create, a
+claim, an outcome, a cancel survive a crash of the database), except the writes whose loss is
+harmless and that a run makes many times (its logs as they grow, its lease's renewals, its
+previews): those are written with ``durable=False``.
+
+**A database away** (restarting, crashed, cut off) raises :class:`DatabaseUnavailable` at once
+rather than hanging: routes answer 503 with a Retry-After, background work tries again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from dataclasses import fields as dataclass_fields
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from .protocol import Status
 from .records import FileRecord, PredictionRecord, PreviewRecord
 
 log = logging.getLogger(__name__)
+
+STARTING, PROCESSING = Status.STARTING.value, Status.PROCESSING.value
+ACTIVE = f"('{STARTING}', '{PROCESSING}')"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -89,21 +108,22 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 # Columns added after the first release: table -> (name, type), added to older databases at open.
-_ADDED_COLUMNS = {
+ADDED_COLUMNS = {
     "predictions": (("cancel_at", "REAL"), ("input_blobs", "TEXT"), ("input_bytes", "INTEGER NOT NULL DEFAULT 0"),
                     ("output_bytes", "INTEGER NOT NULL DEFAULT 0"), ("cancel_requested_at", "REAL"),
                     ("lease", "TEXT"), ("lease_expires_at", "REAL"),
                     ("webhook_due", "REAL"), ("api", "TEXT"), ("api_data", "TEXT"),
-                    ("cancel_reason", "TEXT")),
+                    ("cancel_reason", "TEXT"), ("output_run", "TEXT"), ("webhook_lease", "TEXT"),
+                    ("webhook_lease_until", "REAL"), ("webhook_attempts", "INTEGER NOT NULL DEFAULT 0"),
+                    ("webhook_error", "TEXT")),
     "files": (("owner", "TEXT"),),
 }
 # Indexes on added columns: made once the columns exist.
-_INDEXES = """
+INDEXES = """
 CREATE INDEX IF NOT EXISTS predictions_owner ON predictions(owner, seq);
 CREATE INDEX IF NOT EXISTS files_owner ON files(owner);
 CREATE INDEX IF NOT EXISTS predictions_webhook_due ON predictions(webhook_due) WHERE webhook_due IS NOT NULL;
 """
-_ACTIVE = "('starting', 'processing')"
 _JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs", "api_data")
 
 
@@ -111,7 +131,23 @@ _PREDICTION_FIELDS = frozenset(f.name for f in dataclass_fields(PredictionRecord
 _FILE_FIELDS = frozenset(f.name for f in dataclass_fields(FileRecord))
 
 
-def _record(row: sqlite3.Row | None) -> PredictionRecord | None:
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached now (it is restarting, crashed, or cut off), or every
+    connection to it stayed busy too long. Nothing was written by the call that raised it unless
+    it says otherwise; a route answers 503 with ``Retry-After``, background work tries again."""
+
+    retry_after_s = 2
+
+
+class QuotaExceeded(Exception):
+    """A write that would take an owner past a limit (see :meth:`Store.guarded`); nothing was written."""
+
+    def __init__(self, kind: str, used: int, limit: int):
+        super().__init__(f"{kind}: {used} of {limit}")
+        self.kind, self.used, self.limit = kind, used, limit
+
+
+def _record(row) -> PredictionRecord | None:
     """A predictions row as its record (the only place that reads one)."""
     if row is None:
         return None
@@ -123,10 +159,11 @@ def _record(row: sqlite3.Row | None) -> PredictionRecord | None:
     values["data_removed"] = bool(values.get("data_removed"))
     values["input_blobs"] = values.get("input_blobs") or []
     values["logs"] = values.get("logs") or ""
+    values["webhook_attempts"] = int(values.get("webhook_attempts") or 0)
     return PredictionRecord(**values)
 
 
-def _file(row: sqlite3.Row | None) -> FileRecord | None:
+def _file(row) -> FileRecord | None:
     if row is None:
         return None
     values = {k: row[k] for k in row.keys() if k in _FILE_FIELDS}
@@ -138,44 +175,88 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in fields.items()}
 
 
+class Tx:
+    """One transaction on one connection (see :meth:`Store.transaction`): the shared SQL run in it."""
+
+    def __init__(self, store: "Store", db):
+        self.store, self.db = store, db
+
+    def all(self, sql: str, params: Iterable[Any] = ()) -> list:
+        return self.db.execute(self.store._sql(sql), tuple(params)).fetchall()
+
+    def one(self, sql: str, params: Iterable[Any] = ()):
+        return self.db.execute(self.store._sql(sql), tuple(params)).fetchone()
+
+    def run(self, sql: str, params: Iterable[Any] = ()) -> int:
+        return self.db.execute(self.store._sql(sql), tuple(params)).rowcount
+
+    def lock(self, key: str) -> None:
+        """Hold ``key`` until the transaction ends: another transaction that locks the same key waits."""
+        self.store._lock_key(self, key)
+
+
 class Store:
     """The interface every backend keeps (see :func:`open_store`): SQLite (:class:`SqliteStore`,
-    the embedded default) and PostgreSQL (:class:`PostgresStore`). The SQL is shared; each backend
-    says how it connects, makes its tables and words the few things the two write differently."""
-
-    lock: threading.RLock
-    db: Any
-
-    def close(self) -> None:
-        with self.lock:
-            self.db.close()
+    the embedded default) and PostgreSQL (:class:`server.postgres.PostgresStore`). The SQL is
+    shared; each backend says how it connects, makes its tables and words the few things the two
+    write differently (``_sql``)."""
 
     # Whether other processes use this database too (PostgreSQL): then what was running when this
     # one started may be another node's, and only an expired lease puts it back in the queue.
     shared = False
 
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def now(self) -> float:
+        """The time to record (seconds since the epoch), as the database's clock tells it."""
+        return time.time()
+
+    @property
+    def available(self) -> bool:
+        """False while the database is known to be away (calls then raise DatabaseUnavailable)."""
+        return True
+
+    def on_reconnect(self, callback) -> None:
+        """Call ``callback()`` each time the database comes back after it was away."""
+
     def notify(self, payload: str) -> None:
         """Tell the other nodes of a shared database (see listen); nothing on a database of one."""
 
-    def listen(self, on_message, stopping) -> None:
+    def listen(self, on_message, stopping, on_reconnect=None) -> None:
         """Hand each other node's notify() payload to ``on_message`` until ``stopping`` is set."""
 
+    # -- how statements run: each backend's own ----------------------------------------------
+
     def _sql(self, sql: str) -> str:
-        """The shared SQL in this backend's words (placeholders, NULL-safe equality, claim locking)."""
-        return sql.replace("{is}", "IS").replace("{skip_locked}", "").replace("{files_seq}", "rowid")
+        """The shared SQL in this backend's words (placeholders, the clock, claim locking)."""
+        raise NotImplementedError
 
-    def _all(self, sql: str, params: Iterable[Any] = ()) -> list:
-        with self.lock:
-            return self.db.execute(self._sql(sql), tuple(params)).fetchall()
+    def _execute(self, sql: str, params: tuple, fetch: str, durable: bool | None, retry: bool = True):
+        """Run one statement: ``fetch`` is "all", "one" or "count" (rows changed). ``durable`` is
+        None for a read, else whether the write must survive a crash of the database once this
+        returns. ``retry``: whether the statement may run again when its connection broke before
+        its answer came (False for a write that must not happen twice: a claim)."""
+        raise NotImplementedError
 
-    def _one(self, sql: str, params: Iterable[Any] = ()):
-        with self.lock:
-            return self.db.execute(self._sql(sql), tuple(params)).fetchone()
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """Several statements committed together (durably), or not at all."""
+        raise NotImplementedError
+        yield
 
-    def _run(self, sql: str, params: Iterable[Any] = ()) -> int:
+    def _lock_key(self, tx: Tx, key: str) -> None:
+        raise NotImplementedError
+
+    def _all(self, sql: str, params: Iterable[Any] = (), durable: bool | None = None) -> list:
+        return self._execute(sql, tuple(params), "all", durable)
+
+    def _one(self, sql: str, params: Iterable[Any] = (), durable: bool | None = None, retry: bool = True):
+        return self._execute(sql, tuple(params), "one", durable, retry)
+
+    def _run(self, sql: str, params: Iterable[Any] = (), durable: bool = True) -> int:
         """A write; the number of rows it changed."""
-        with self.lock:
-            return self.db.execute(self._sql(sql), tuple(params)).rowcount
+        return self._execute(sql, tuple(params), "count", durable)
 
     # -- settings -----------------------------------------------------------------------------
 
@@ -192,17 +273,32 @@ class Store:
     # Statuses are written only by server.lifecycle, through insert_prediction, claim_next, move,
     # and requeue_interrupted; update_prediction writes anything but a status.
 
+    @staticmethod
+    def _insert_sql(fields: dict[str, Any]) -> tuple[str, list]:
+        fields = _encode({"status": STARTING, **fields})
+        # The id is random: a create sent again after a lost answer (the database restarted as it
+        # committed) finds its row there and writes nothing twice.
+        return (f"INSERT INTO predictions ({', '.join(fields)}) VALUES ({', '.join('?' for _ in fields)}) "
+                "ON CONFLICT (id) DO NOTHING", list(fields.values()))
+
     def insert_prediction(self, **fields: Any) -> None:
         """A new row, queued unless ``status`` says otherwise (a test's finished fixture, an import)."""
-        fields = _encode({"status": Status.STARTING.value, **fields})
-        cols = ", ".join(fields)
-        marks = ", ".join("?" for _ in fields)
-        self._run(f"INSERT INTO predictions ({cols}) VALUES ({marks})", fields.values())
+        self._run(*self._insert_sql(fields))
+
+    def insert_prediction_guarded(self, limits: "OwnerLimits", **fields: Any) -> None:
+        """A new row, written only if its owner stays within ``limits`` once it is (its queued
+        predictions, the bytes it stores): checked and written in one transaction that holds the
+        owner's lock, so creates racing on any number of nodes cannot pass a limit together.
+        Raises QuotaExceeded, writing nothing."""
+        with self.transaction() as tx:
+            self._check_limits(tx, limits)
+            tx.run(*self._insert_sql(fields))
 
     def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
         return _record(self._one("SELECT * FROM predictions WHERE id = ?", (prediction_id,)))
 
-    def update_prediction(self, prediction_id: str, *, held_by: str | None = None, **fields: Any) -> bool:
+    def update_prediction(self, prediction_id: str, *, held_by: str | None = None, durable: bool = True,
+                          **fields: Any) -> bool:
         """Write fields other than the status; with ``held_by``, only while that claim holds the
         prediction (a run that lost it writes nothing). True if a row changed."""
         if "status" in fields:
@@ -211,16 +307,16 @@ class Store:
         sql = f"UPDATE predictions SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
         params = [*fields.values(), prediction_id]
         if held_by is not None:
-            sql += " AND lease = ? AND status = 'processing'"
+            sql += f" AND lease = ? AND status = '{PROCESSING}'"
             params.append(held_by)
-        return self._run(sql, params) > 0
+        return self._run(sql, params, durable=durable) > 0
 
     def move(self, prediction_id: str, to: Status, *, only_from: tuple[Status, ...], held_by: str | None = None,
-             expired_before: float | None = None, **fields: Any) -> PredictionRecord | None:
+             expired_grace_s: float | None = None, **fields: Any) -> PredictionRecord | None:
         """Move one prediction to ``to`` while its status is one of ``only_from`` (and, with
-        ``held_by``, while that claim's lease holds it; with ``expired_before``, only if that lease ran
-        out before then: a run that renewed it meanwhile keeps it). The record as it now is, or None
-        if nothing moved."""
+        ``held_by``, while that claim's lease holds it; with ``expired_grace_s``, only while that
+        lease has run out, by the database's clock, see :meth:`expired_leases`: a run that renewed
+        it meanwhile keeps it). The record as it now is, or None if nothing moved."""
         fields = _encode(dict(fields, status=to.value))
         sql = (f"UPDATE predictions SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ? "
                f"AND status IN ({', '.join('?' for _ in only_from)})")
@@ -228,53 +324,135 @@ class Store:
         if held_by is not None:
             sql += " AND lease = ?"
             params.append(held_by)
-        if expired_before is not None:
-            sql += " AND (lease_expires_at IS NULL OR lease_expires_at < ?)"
-            params.append(expired_before)
-        return _record(self._one(sql + " RETURNING *", params))
+        if expired_grace_s is not None:
+            sql += " AND " + self._EXPIRED
+            params.append(expired_grace_s)
+        return _record(self._one(sql + " RETURNING *", params, durable=True))
 
-    def claim_next(self, now: float, lease: str, lease_s: float = 3600.0) -> PredictionRecord | None:
+    def end_run(self, prediction_id: str, to: Status, *, held_by: str | None, webhook_lease: str | None,
+                webhook_hold_s: float, expired_grace_s: float | None = None,
+                **fields: Any) -> PredictionRecord | None:
+        """Move a running prediction to its outcome ``to`` (see :meth:`move`), and when its final
+        webhook is owed (``webhook_lease``), owe it from now, held by that lease for
+        ``webhook_hold_s`` (by the database's clock) unless renewed."""
+        if webhook_lease is None:
+            return self.move(prediction_id, to, only_from=(Status.PROCESSING,), held_by=held_by,
+                             expired_grace_s=expired_grace_s, **fields)
+        fields = _encode(dict(fields, status=to.value, webhook_lease=webhook_lease, webhook_attempts=0,
+                              webhook_error=None))
+        sql = (f"UPDATE predictions SET {', '.join(f'{k} = ?' for k in fields)}, webhook_due = {{now}}, "
+               f"webhook_lease_until = {{now}} + ? WHERE id = ? AND status = '{PROCESSING}'")
+        params = [*fields.values(), webhook_hold_s, prediction_id]
+        if held_by is not None:
+            sql += " AND lease = ?"
+            params.append(held_by)
+        if expired_grace_s is not None:
+            sql += " AND " + self._EXPIRED
+            params.append(expired_grace_s)
+        return _record(self._one(sql + " RETURNING *", params, durable=True))
+
+    def cancel_queued(self, prediction_id: str, *, logs: str, completed_at: float, webhook_lease: str | None,
+                      webhook_hold_s: float) -> PredictionRecord | None:
+        """A queued prediction canceled before it ran (its final webhook owed as in :meth:`end_run`);
+        None if it was no longer queued."""
+        owed = (", webhook_lease = ?, webhook_due = {now}, webhook_lease_until = {now} + ?, webhook_attempts = 0"
+                if webhook_lease is not None else "")
+        params = [Status.CANCELED.value, completed_at, logs]
+        if webhook_lease is not None:
+            params += [webhook_lease, webhook_hold_s]
+        return _record(self._one(f"UPDATE predictions SET status = ?, completed_at = ?, logs = ?{owed} "
+                                 f"WHERE id = ? AND status = '{STARTING}' RETURNING *",
+                                 [*params, prediction_id], durable=True))
+
+    def claim_next(self, lease: str, lease_s: float = 3600.0) -> PredictionRecord | None:
         """Atomically move the oldest queued prediction to processing under ``lease`` (held for
-        ``lease_s`` unless renewed) and return it. One whose Cancel-After deadline has passed is left
-        for the deadline watcher to cancel."""
+        ``lease_s`` by the database's clock, unless renewed) and return it. One whose Cancel-After
+        deadline has passed is left for the deadline watcher to cancel."""
         return _record(self._one(
-            "UPDATE predictions SET status = 'processing', started_at = ?, attempts = attempts + 1, lease = ?, "
-            "lease_expires_at = ? "
-            "WHERE seq = (SELECT seq FROM predictions WHERE status = 'starting' "
-            "AND (cancel_at IS NULL OR cancel_at > ?) ORDER BY seq LIMIT 1 {skip_locked}) "
+            f"UPDATE predictions SET status = '{PROCESSING}', started_at = ?, attempts = attempts + 1, lease = ?, "
+            "lease_expires_at = {now} + ? "
+            f"WHERE seq = (SELECT seq FROM predictions WHERE status = '{STARTING}' "
+            "AND (cancel_at IS NULL OR cancel_at > {now}) ORDER BY seq LIMIT 1 {skip_locked}) "
             "RETURNING *",
-            (now, lease, now + lease_s, now),
+            (self.now(), lease, lease_s), durable=True, retry=False,
         ))
 
-    def renew(self, prediction_id: str, lease: str, until: float) -> bool:
-        """Hold a running prediction's lease until ``until``; False once the lease is no longer its."""
-        return self._run("UPDATE predictions SET lease_expires_at = ? WHERE id = ? AND lease = ? "
-                         "AND status = 'processing'", (until, prediction_id, lease)) > 0
+    def renew(self, prediction_id: str, lease: str, lease_s: float) -> bool:
+        """Hold a running prediction's lease ``lease_s`` more (by the database's clock); False once
+        the lease is no longer its. A renewal lost in a crash of the database is harmless: the next
+        one writes it again, and leases run on after the database restarts (see expired_leases)."""
+        return self._run("UPDATE predictions SET lease_expires_at = {now} + ? WHERE id = ? AND lease = ? "
+                         f"AND status = '{PROCESSING}'", (lease_s, prediction_id, lease), durable=False) > 0
 
-    def expired_leases(self, now: float, limit: int = 100) -> list[PredictionRecord]:
+    # A lease has run out when its time has passed by the database's clock and, on a database that
+    # restarted since, ``grace`` seconds have also passed since it did: while it was away no
+    # worker could renew its lease. The one parameter is the grace in seconds.
+    _EXPIRED = "(lease_expires_at IS NULL OR (lease_expires_at < {now} AND {db_started} + ? < {now}))"
+
+    def expired_leases(self, grace_s: float, limit: int = 100) -> list[PredictionRecord]:
         """Running predictions whose lease ran out (their worker died or lost the database), oldest first."""
-        rows = self._all("SELECT * FROM predictions WHERE status = 'processing' "
-                         "AND (lease_expires_at IS NULL OR lease_expires_at < ?) ORDER BY seq LIMIT ?", (now, limit))
+        rows = self._all(f"SELECT * FROM predictions WHERE status = '{PROCESSING}' AND {self._EXPIRED} "
+                         "ORDER BY seq LIMIT ?", (grace_s, limit))
         return [_record(r) for r in rows]
 
     def leases_held_by(self, holder: str) -> list[PredictionRecord]:
         """Running predictions claimed under a lease of ``holder`` (a node: ``<holder>/<token>``), oldest first."""
         prefix = f"{holder}/"
-        rows = self._all("SELECT * FROM predictions WHERE status = 'processing' AND substr(lease, 1, ?) = ? "
+        rows = self._all(f"SELECT * FROM predictions WHERE status = '{PROCESSING}' AND substr(lease, 1, ?) = ? "
                          "ORDER BY seq", (len(prefix), prefix))
         return [_record(r) for r in rows]
 
-    def claim_owed_webhooks(self, now: float, until: float, limit: int = 50) -> list[PredictionRecord]:
-        """Ended predictions whose final webhook is owed and no longer held by a sender (its node
-        died or stopped first), now held by the caller until ``until``."""
-        rows = self._all("UPDATE predictions SET webhook_due = ? WHERE id IN (SELECT id FROM predictions "
-                         "WHERE webhook_due IS NOT NULL AND webhook_due < ? ORDER BY webhook_due LIMIT ? "
-                         "{skip_locked}) RETURNING *", (until, now, limit))
+    # -- final webhooks owed (the outbox: see server.outbox) ------------------------------------
+    # webhook_due: when the next attempt may be made (NULL: nothing owed); webhook_lease: the node
+    # sending it now (NULL: any node may take it once due), held until webhook_lease_until.
+
+    def claim_owed_webhooks(self, lease: str, hold_s: float, grace_s: float, limit: int = 50,
+                            holder: str | None = None) -> list[PredictionRecord]:
+        """Owed final webhooks that are due and that no sender holds (or whose sender's hold ran
+        out: its node died; or that ``holder``, this node before it restarted, held), now held by
+        ``lease`` for ``hold_s``."""
+        mine, params = "", [lease, hold_s, grace_s]
+        if holder:
+            prefix = f"{holder}/"
+            mine = " OR (substr(webhook_lease, 1, ?) = ? AND webhook_lease <> ?)"
+            params += [len(prefix), prefix, lease]
+        rows = self._all(
+            "UPDATE predictions SET webhook_lease = ?, webhook_lease_until = {now} + ? WHERE id IN ("
+            "SELECT id FROM predictions WHERE webhook_due IS NOT NULL AND webhook_due <= {now} AND ("
+            f"webhook_lease IS NULL OR (webhook_lease_until < {{now}} AND {{db_started}} + ? < {{now}}){mine}) "
+            "ORDER BY webhook_due LIMIT ? {skip_locked}) RETURNING *",
+            (*params, limit), durable=True)
         return [_record(r) for r in rows]
 
-    def webhook_sent(self, prediction_id: str) -> None:
-        """The final webhook is settled (delivered, or given up after its retries): owed no more."""
-        self._run("UPDATE predictions SET webhook_due = NULL WHERE id = ?", (prediction_id,))
+    def renew_webhooks(self, lease: str, hold_s: float) -> int:
+        """Hold every owed webhook ``lease`` holds ``hold_s`` more; the number held."""
+        return self._run("UPDATE predictions SET webhook_lease_until = {now} + ? "
+                         "WHERE webhook_lease = ? AND webhook_due IS NOT NULL", (hold_s, lease), durable=False)
+
+    def webhook_sent(self, prediction_id: str, lease: str | None = None) -> bool:
+        """The final webhook is settled (delivered, or given up): owed no more. With ``lease``,
+        only while that sender holds it. True if it was."""
+        sql, params = "UPDATE predictions SET webhook_due = NULL, webhook_lease = NULL WHERE id = ?", [prediction_id]
+        if lease is not None:
+            sql += " AND webhook_lease = ?"
+            params.append(lease)
+        return self._run(sql, params) > 0
+
+    def webhook_later(self, prediction_id: str, lease: str, delay_s: float, error: str | None,
+                      attempted: bool = True) -> bool:
+        """The final webhook failed (``error``) or could not be tried now: owed again in ``delay_s``
+        (by the database's clock), held by no sender, so any node may send it then."""
+        return self._run("UPDATE predictions SET webhook_due = {now} + ?, webhook_lease = NULL, "
+                         "webhook_attempts = webhook_attempts + ?, webhook_error = COALESCE(?, webhook_error) "
+                         "WHERE id = ? AND webhook_lease = ?",
+                         (delay_s, int(attempted), error, prediction_id, lease)) > 0
+
+    def webhook_given_up(self, prediction_id: str, lease: str, error: str) -> bool:
+        """The final webhook failed until its retries ran out: owed no more, its last error kept."""
+        return self._run("UPDATE predictions SET webhook_due = NULL, webhook_lease = NULL, webhook_error = ? "
+                         "WHERE id = ? AND webhook_lease = ?", (error, prediction_id, lease)) > 0
+
+    # -- cancels ------------------------------------------------------------------------------
 
     def cancel_requested(self, prediction_id: str) -> bool:
         """Whether a cancel was asked of this running prediction (on any node)."""
@@ -283,7 +461,7 @@ class Store:
     def cancel_request(self, prediction_id: str) -> str | None:
         """The reason of the cancel asked of this running prediction (on any node): "" when it was
         given none (a user's cancel); None when none was asked."""
-        row = self._one("SELECT cancel_reason FROM predictions WHERE id = ? AND status = 'processing' "
+        row = self._one(f"SELECT cancel_reason FROM predictions WHERE id = ? AND status = '{PROCESSING}' "
                         "AND cancel_requested_at IS NOT NULL", (prediction_id,))
         return None if row is None else (row["cancel_reason"] or "")
 
@@ -291,27 +469,29 @@ class Store:
         """Record that a running prediction was asked to stop (and why: the first reason given stays),
         so that the node running it logs that reason and a restart ends it canceled."""
         return self._run("UPDATE predictions SET cancel_requested_at = COALESCE(cancel_requested_at, ?), "
-                         "cancel_reason = COALESCE(cancel_reason, ?) WHERE id = ? AND status = 'processing'",
+                         f"cancel_reason = COALESCE(cancel_reason, ?) WHERE id = ? AND status = '{PROCESSING}'",
                          (at, reason, prediction_id)) > 0
 
     def interrupted(self) -> list[PredictionRecord]:
         """At startup: the predictions that were running when the server stopped."""
-        rows = self._all("SELECT * FROM predictions WHERE status = 'processing' ORDER BY seq")
+        rows = self._all(f"SELECT * FROM predictions WHERE status = '{PROCESSING}' ORDER BY seq")
         return [_record(r) for r in rows]
 
     def requeue_interrupted(self) -> list[str]:
         """At startup: predictions that were running when the server stopped go back to the queue."""
         rows = self._all(
-            "UPDATE predictions SET status = 'starting', started_at = NULL, lease = NULL, lease_expires_at = NULL, "
+            f"UPDATE predictions SET status = '{STARTING}', started_at = NULL, lease = NULL, lease_expires_at = NULL, "
             "logs = logs || 'Server restarted while this prediction was running; it runs again.\n' "
-            "WHERE status = 'processing' RETURNING id")
+            f"WHERE status = '{PROCESSING}' RETURNING id", durable=True)
         return [r["id"] for r in rows]
+
+    # -- counts and limits ----------------------------------------------------------------------
 
     def count_queued(self, owner: str | None = None) -> int:
         """Predictions waiting to run: all of them, or one owner's."""
         if owner is None:
-            return self._one("SELECT COUNT(*) AS n FROM predictions WHERE status = 'starting'")["n"]
-        return self._one("SELECT COUNT(*) AS n FROM predictions WHERE status = 'starting' AND owner = ?",
+            return self._one(f"SELECT COUNT(*) AS n FROM predictions WHERE status = '{STARTING}'")["n"]
+        return self._one(f"SELECT COUNT(*) AS n FROM predictions WHERE status = '{STARTING}' AND owner = ?",
                          (owner,))["n"]
 
     def count_predictions(self, owner: str | None = None) -> int:
@@ -319,29 +499,68 @@ class Store:
             return self._one("SELECT COUNT(*) AS n FROM predictions")["n"]
         return self._one("SELECT COUNT(*) AS n FROM predictions WHERE owner = ?", (owner,))["n"]
 
+    _STORED_BYTES = ("SELECT (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM files WHERE owner {is} ?) + "
+                     "(SELECT CAST(COALESCE(SUM(input_bytes + output_bytes), 0) AS BIGINT) FROM predictions "
+                     "WHERE owner {is} ? AND data_removed = 0) AS n")
+
     def stored_bytes(self, owner: str | None) -> int:
         """What one owner keeps on disk: its uploads, and its predictions' stored inputs and outputs."""
-        files = self._one("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS n FROM files WHERE owner {is} ?",
-                          (owner,))["n"]
-        kept = self._one("SELECT CAST(COALESCE(SUM(input_bytes + output_bytes), 0) AS BIGINT) AS n FROM predictions "
-                         "WHERE owner {is} ? AND data_removed = 0", (owner,))["n"]
-        return int(files) + int(kept)
+        return int(self._one(self._STORED_BYTES, (owner, owner))["n"])
+
+    def _check_limits(self, tx: Tx, limits: "OwnerLimits") -> None:
+        """Inside ``tx``: take the owner's lock, then raise QuotaExceeded if what it queues or keeps
+        would pass its limits once ``limits.adds_queued`` and ``limits.adds_bytes`` are written."""
+        tx.lock(f"owner:{limits.owner}")
+        if limits.max_queued and limits.adds_queued:
+            queued = tx.one(f"SELECT COUNT(*) AS n FROM predictions WHERE status = '{STARTING}' AND owner {{is}} ?",
+                            (limits.owner,))["n"]
+            if queued + limits.adds_queued > limits.max_queued:
+                raise QuotaExceeded("queued", int(queued), limits.max_queued)
+        if limits.max_bytes:
+            used = int(tx.one(self._STORED_BYTES, (limits.owner, limits.owner))["n"])
+            if used + limits.adds_bytes > limits.max_bytes:
+                raise QuotaExceeded("bytes", used, limits.max_bytes)
+
+    def reserve_output_bytes(self, prediction_id: str, held_by: str, size: int, limits: "OwnerLimits | None") -> bool:
+        """Count ``size`` bytes of outputs against the prediction's owner before they are written,
+        while the claim ``held_by`` holds the run: checked against ``limits`` (None: none apply)
+        and recorded in one transaction under the owner's lock. Raises QuotaExceeded (nothing
+        recorded); False when the run no longer holds the prediction."""
+        with self.transaction() as tx:
+            if limits is not None:
+                self._check_limits(tx, limits)
+            return tx.run(f"UPDATE predictions SET output_bytes = ? WHERE id = ? AND lease = ? "
+                          f"AND status = '{PROCESSING}'", (size, prediction_id, held_by)) > 0
+
+    def insert_file_guarded(self, limits: "OwnerLimits | None", **fields: Any) -> None:
+        """A new file's row, written only if its owner stays within ``limits`` (see
+        insert_prediction_guarded). Raises QuotaExceeded, writing nothing."""
+        fields = dict(fields, metadata=json.dumps(fields.get("metadata") or {}))
+        with self.transaction() as tx:
+            if limits is not None:
+                self._check_limits(tx, limits)
+            tx.run(f"INSERT INTO files ({', '.join(fields)}) VALUES ({', '.join('?' for _ in fields)})",
+                   list(fields.values()))
 
     def mean_predict_time(self, last: int = 20) -> float | None:
         """The mean run time of the last ``last`` predictions that ran to the end, or None."""
         row = self._one("SELECT AVG(predict_time) AS mean FROM (SELECT predict_time FROM predictions "
-                        "WHERE status = 'succeeded' AND predict_time IS NOT NULL ORDER BY seq DESC LIMIT ?) AS recent",
-                        (last,))
+                        f"WHERE status = '{Status.SUCCEEDED.value}' AND predict_time IS NOT NULL "
+                        "ORDER BY seq DESC LIMIT ?) AS recent", (last,))
         return None if row["mean"] is None else float(row["mean"])
 
     def deadlines(self, limit: int = 200) -> list[PredictionRecord]:
         """Queued and running predictions with a Cancel-After deadline, soonest first."""
         rows = self._all(f"SELECT * FROM predictions WHERE cancel_at IS NOT NULL "
-                          f"AND status IN {_ACTIVE} ORDER BY cancel_at LIMIT ?", (limit,))
+                         f"AND status IN {ACTIVE} ORDER BY cancel_at LIMIT ?", (limit,))
         return [_record(r) for r in rows]
 
-    def count_by_status(self) -> dict[str, int]:
-        rows = self._all("SELECT status, COUNT(*) AS n FROM predictions GROUP BY status")
+    def count_by_status(self, owner: str | None = None) -> dict[str, int]:
+        """Predictions by status: all of them, or one owner's."""
+        if owner is None:
+            rows = self._all("SELECT status, COUNT(*) AS n FROM predictions GROUP BY status")
+        else:
+            rows = self._all("SELECT status, COUNT(*) AS n FROM predictions WHERE owner = ? GROUP BY status", (owner,))
         return {r["status"]: r["n"] for r in rows}
 
     def list_predictions(
@@ -393,23 +612,23 @@ class Store:
     def inline_inputs(self, longer_than: int) -> list[str]:
         """Predictions written before inputs were stored apart whose input is longer than
         ``longer_than`` characters; the rest are marked as stored apart already (nothing to move)."""
-        with self.lock:
-            ids = [r["id"] for r in self._all(
+        with self.transaction() as tx:
+            ids = [r["id"] for r in tx.all(
                 "SELECT id FROM predictions WHERE input_blobs IS NULL AND data_removed = 0 AND length(input) > ?",
                 (longer_than,))]
-            self._run("UPDATE predictions SET input = '{}', input_blobs = '[]' "
-                      "WHERE input_blobs IS NULL AND data_removed = 1")
-            self._run("UPDATE predictions SET input_blobs = '[]' WHERE input_blobs IS NULL AND length(input) <= ?",
-                      (longer_than,))
+            tx.run("UPDATE predictions SET input = '{}', input_blobs = '[]' "
+                   "WHERE input_blobs IS NULL AND data_removed = 1")
+            tx.run("UPDATE predictions SET input_blobs = '[]' WHERE input_blobs IS NULL AND length(input) <= ?",
+                   (longer_than,))
             return ids
 
     def vacuum(self) -> None:
         """Give the space of removed data back (SQLite: rewrite the file; PostgreSQL: its own VACUUM)."""
-        with self.lock:
-            self.db.execute("VACUUM")
+        self._run("VACUUM")
 
     # -- previews -----------------------------------------------------------------------------
     # One row per running prediction, its latest preview, replaced in place; dropped when it ends.
+    # Their loss in a crash of the database is harmless: none is written durably.
 
     def put_preview(self, prediction_id: str, held_by: str, step: int, total: int, content_type: str,
                     data: bytes, at: float) -> bool:
@@ -418,10 +637,10 @@ class Store:
         return self._run(
             "INSERT INTO previews (prediction_id, step, total, content_type, data, created_at) "
             "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM predictions WHERE id = ? AND lease = ? "
-            "AND status = 'processing') ON CONFLICT (prediction_id) DO UPDATE SET step = excluded.step, "
+            f"AND status = '{PROCESSING}') ON CONFLICT (prediction_id) DO UPDATE SET step = excluded.step, "
             "total = excluded.total, content_type = excluded.content_type, data = excluded.data, "
             "created_at = excluded.created_at",
-            (prediction_id, step, total, content_type, data, at, prediction_id, held_by)) > 0
+            (prediction_id, step, total, content_type, data, at, prediction_id, held_by), durable=False) > 0
 
     def get_preview(self, prediction_id: str) -> PreviewRecord | None:
         row = self._one("SELECT * FROM previews WHERE prediction_id = ?", (prediction_id,))
@@ -434,17 +653,16 @@ class Store:
     def drop_preview(self, prediction_id: str, watchers: bool = True) -> None:
         """The preview goes, and its watchers with it unless ``watchers`` is False (the prediction
         went back to the queue: whoever watched it still does)."""
-        with self.lock:
-            self._run("DELETE FROM previews WHERE prediction_id = ?", (prediction_id,))
-            if watchers:
-                self._run("DELETE FROM preview_watchers WHERE prediction_id = ?", (prediction_id,))
+        self._run("DELETE FROM previews WHERE prediction_id = ?", (prediction_id,), durable=False)
+        if watchers:
+            self._run("DELETE FROM preview_watchers WHERE prediction_id = ?", (prediction_id,), durable=False)
 
     def watch_previews(self, prediction_id: str, until: float) -> None:
         """Someone (a stream, a reader of the preview, on any node) wants this prediction's previews
         until ``until``; a later ``until`` already recorded stays."""
         self._run("INSERT INTO preview_watchers (prediction_id, until) VALUES (?, ?) ON CONFLICT (prediction_id) "
                   "DO UPDATE SET until = excluded.until WHERE preview_watchers.until < excluded.until",
-                  (prediction_id, until))
+                  (prediction_id, until), durable=False)
 
     def previews_watched(self, prediction_id: str, at: float) -> bool:
         return self._one("SELECT 1 AS watched FROM preview_watchers WHERE prediction_id = ? AND until >= ?",
@@ -454,11 +672,10 @@ class Store:
         """Retention: the previews (and watchers) of predictions that no longer run (a node died
         before it dropped them, or a preview was written as its prediction ended). The number of
         previews dropped."""
-        with self.lock:
-            self._run("DELETE FROM preview_watchers WHERE prediction_id NOT IN "
-                      "(SELECT id FROM predictions WHERE status IN " + _ACTIVE + ")")
-            return self._run("DELETE FROM previews WHERE prediction_id NOT IN "
-                             "(SELECT id FROM predictions WHERE status = 'processing')")
+        self._run("DELETE FROM preview_watchers WHERE prediction_id NOT IN "
+                  f"(SELECT id FROM predictions WHERE status IN {ACTIVE})", durable=False)
+        return self._run("DELETE FROM previews WHERE prediction_id NOT IN "
+                         f"(SELECT id FROM predictions WHERE status = '{PROCESSING}')", durable=False)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -486,7 +703,7 @@ class Store:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "ASC" if after_seq is not None else "DESC"
         rows = self._all(f"SELECT {{files_seq}} AS seq, * FROM files {clause} ORDER BY {{files_seq}} {order} LIMIT ?",
-                          [*params, limit])
+                         [*params, limit])
         out = [_file(r) for r in rows]
         return out if order == "DESC" else out[::-1]
 
@@ -495,13 +712,28 @@ class Store:
 
     def expired_files(self, now: float) -> list[FileRecord]:
         rows = self._all("SELECT {files_seq} AS seq, * FROM files WHERE expires_at IS NOT NULL AND expires_at < ?",
-                          (now,))
+                         (now,))
         return [_file(r) for r in rows]
+
+
+class OwnerLimits:
+    """What one owner may hold, and what a write adds: checked by the guarded writes of
+    :class:`Store` under the owner's lock. A limit of 0 is none."""
+
+    __slots__ = ("owner", "max_queued", "max_bytes", "adds_queued", "adds_bytes")
+
+    def __init__(self, owner: str | None, *, max_queued: int = 0, max_bytes: int = 0, adds_queued: int = 0,
+                 adds_bytes: int = 0):
+        self.owner, self.max_queued, self.max_bytes = owner, max_queued, max_bytes
+        self.adds_queued, self.adds_bytes = adds_queued, adds_bytes
 
 
 class SqliteStore(Store):
     """One file, one connection in WAL mode, guarded by a lock: every statement is short, and a
-    committed row survives a ``kill -9``. The embedded default: nothing to run beside the server."""
+    committed row survives a ``kill -9`` of the server. A durable write is also flushed to the disk
+    before it returns (``synchronous=FULL``), so it survives a power cut; the others
+    (``synchronous=NORMAL``) may be lost to one. The embedded default: nothing to run beside the
+    server, one process."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -511,13 +743,51 @@ class SqliteStore(Store):
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self._synchronous = "NORMAL"
         self.db.executescript(SCHEMA)
-        for table, columns in _ADDED_COLUMNS.items():
+        for table, columns in ADDED_COLUMNS.items():
             present = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
             for name, kind in columns:
                 if name not in present:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-        self.db.executescript(_INDEXES)
+        self.db.executescript(INDEXES)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def _sql(self, sql: str) -> str:
+        return (sql.replace("{is}", "IS").replace("{skip_locked}", "").replace("{files_seq}", "rowid")
+                .replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)").replace("{db_started}", "0"))
+
+    def _sync(self, level: str) -> None:
+        if self._synchronous != level:
+            self.db.execute(f"PRAGMA synchronous={level}")
+            self._synchronous = level
+
+    def _execute(self, sql: str, params: tuple, fetch: str, durable: bool | None, retry: bool = True):
+        with self.lock:
+            if durable is not None and not self.db.in_transaction:
+                self._sync("FULL" if durable else "NORMAL")
+            cursor = self.db.execute(self._sql(sql), params)
+            if fetch == "count":
+                return cursor.rowcount
+            return cursor.fetchall() if fetch == "all" else cursor.fetchone()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        with self.lock:
+            self._sync("FULL")
+            self.db.execute("BEGIN IMMEDIATE")  # one writer at a time: what it read stays true
+            try:
+                yield Tx(self, self.db)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _lock_key(self, tx: Tx, key: str) -> None:
+        """Nothing more to take: a transaction here already excludes every other writer."""
 
     def vacuum(self) -> None:
         """Rewrite the file to its live size, and empty the write-ahead log the rewrite went through."""
@@ -526,167 +796,17 @@ class SqliteStore(Store):
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-# The same tables in PostgreSQL's types: a sequence for the order, double precision for times,
-# bigint for sizes; files get their own sequence (SQLite's rowid).
-PG_SCHEMA = (SCHEMA.replace("seq INTEGER PRIMARY KEY AUTOINCREMENT", "seq BIGSERIAL PRIMARY KEY")
-             .replace(" REAL", " DOUBLE PRECISION").replace(" INTEGER NOT NULL DEFAULT 0", " BIGINT NOT NULL DEFAULT 0")
-             .replace("CREATE TABLE IF NOT EXISTS files (\n", "CREATE TABLE IF NOT EXISTS files (\n    seq BIGSERIAL UNIQUE,\n")
-             .replace(" INTEGER NOT NULL,", " BIGINT NOT NULL,").replace(" BLOB ", " BYTEA "))
-
-
-# Files kept in the database itself (PostgreSQL without --blob-dir, see server.blobs): each in parts
-# of BLOB_PART bytes, no huge single value; every part carries the whole file's size and time. The
-# "C" collation lets the key's index serve prefix matches (a prediction's folder).
-BLOB_PART = 1 << 20
-# Files travel on connections of their own: at most this many at once per process (more wait their
-# turn rather than use up the server's max_connections), each opened within BLOB_CONNECT_S.
-BLOB_CONNECTIONS = 8
-BLOB_CONNECT_S = 10
-PG_BLOBS = """
-CREATE TABLE IF NOT EXISTS blobs (
-    key TEXT COLLATE "C" NOT NULL,
-    part INTEGER NOT NULL,
-    data BYTEA NOT NULL,
-    size BIGINT NOT NULL,
-    mtime_ns BIGINT NOT NULL,
-    PRIMARY KEY (key, part)
-);
-"""
-
-
-class PostgresStore(Store):
-    """A PostgreSQL database (``postgresql://…``), through psycopg 3. Queued predictions are claimed
-    with ``FOR UPDATE SKIP LOCKED``, so any number of processes can claim from one queue, each
-    prediction once."""
-
-    def __init__(self, url: str):
-        try:
-            import psycopg
-            from psycopg.rows import dict_row
-        except ImportError:
-            raise RuntimeError("A PostgreSQL database needs psycopg: pip install 'flux-fill-server[postgres]'") from None
-        self.url = url
-        self.lock = threading.RLock()
-        self._blob_slots = threading.BoundedSemaphore(BLOB_CONNECTIONS)
-        self.db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
-        # As SQLite's synchronous=NORMAL: a commit survives this process's kill -9 (the server has it),
-        # and PostgreSQL stays consistent after its own crash or a power cut, losing at most the last
-        # fraction of a second of commits; each write then costs no disk flush of its own.
-        self.db.execute("SET synchronous_commit TO off")
-        with self.lock:
-            # One node at a time makes or upgrades the tables.
-            self.db.execute("SELECT pg_advisory_lock(815373)")
-            try:
-                self.db.execute(PG_SCHEMA)
-                for table, columns in _ADDED_COLUMNS.items():
-                    for name, kind in columns:
-                        kind = kind.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")
-                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
-                self.db.execute(_INDEXES)
-                self.db.execute(PG_BLOBS)
-            finally:
-                self.db.execute("SELECT pg_advisory_unlock(815373)")
-
-    shared = True
-    CHANNEL = "flux_fill_events"
-
-    def notify(self, payload: str) -> None:
-        self._run("SELECT pg_notify(?, ?)", (self.CHANNEL, payload))
-
-    def listen(self, on_message, stopping) -> None:
-        """LISTEN on a connection of its own, reconnecting after a lost connection, until ``stopping``
-        (a threading.Event) is set."""
-        import psycopg
-
-        delay = 0.5
-        while not stopping.is_set():
-            try:
-                with psycopg.connect(self.url, autocommit=True) as db:
-                    db.execute(f"LISTEN {self.CHANNEL}")
-                    delay = 0.5
-                    while not stopping.is_set():
-                        for note in db.notifies(timeout=1.0):
-                            on_message(note.payload)
-            except psycopg.Error as exc:
-                log.warning("lost the database's notifications (%s); listening again in %.1f s", exc, delay)
-                stopping.wait(delay)
-                delay = min(delay * 2, 10.0)
-
-    # -- files kept in the database (server.blobs: PostgreSQL without --blob-dir) ------------------
-
-    def put_blob(self, key: str, path: Path, mtime_ns: int) -> None:
-        """Keep the file at ``path`` under ``key`` (replacing what was there), in parts of
-        BLOB_PART bytes, in one transaction on a connection of its own: other nodes see it whole
-        or not at all, and the store's own connection is not held while megabytes travel."""
-        import psycopg
-
-        size = path.stat().st_size
-        with self._blob_slots, psycopg.connect(self.url, connect_timeout=BLOB_CONNECT_S) as db, \
-                open(path, "rb") as fh:  # committed as the block ends
-            db.execute("DELETE FROM blobs WHERE key = %s", (key,))
-            with db.cursor().copy("COPY blobs (key, part, data, size, mtime_ns) FROM STDIN") as copy:
-                part = 0
-                while True:
-                    chunk = fh.read(BLOB_PART)
-                    if not chunk and part:
-                        break
-                    copy.write_row((key, part, chunk, size, mtime_ns))
-                    part += 1
-                    if len(chunk) < BLOB_PART:
-                        break
-
-    def blob_info(self, key: str) -> tuple[int, int] | None:
-        """(size, mtime in ns) of a file kept under ``key``, or None."""
-        row = self._one("SELECT size, mtime_ns FROM blobs WHERE key = ? AND part = 0", (key,))
-        return None if row is None else (int(row["size"]), int(row["mtime_ns"]))
-
-    def blob_parts(self, key: str) -> Iterable[bytes]:
-        """The parts of a file kept under ``key``, in order, a few at a time (a server-side cursor on a
-        connection of its own, in one snapshot); nothing if there is none."""
-        import psycopg
-
-        with self._blob_slots, psycopg.connect(self.url, connect_timeout=BLOB_CONNECT_S) as db, \
-                db.cursor(name="blob_parts") as cursor:
-            cursor.itersize = 4
-            cursor.execute("SELECT data FROM blobs WHERE key = %s ORDER BY part", (key,))
-            for (data,) in cursor:
-                yield bytes(data)
-
-    def delete_blobs(self, prefix: str) -> int:
-        """Remove every file kept under a key starting with ``prefix``; the number of parts removed."""
-        return self._run("DELETE FROM blobs WHERE key LIKE ?", (_prefix_pattern(prefix),))
-
-    def blobs_present(self, keys: list[str]) -> set[str]:
-        """Which of ``keys`` are kept."""
-        rows = self._all("SELECT key FROM blobs WHERE part = 0 AND key = ANY(?)", (list(keys),))
-        return {r["key"] for r in rows}
-
-    def blob_folders(self, prefix: str) -> dict[str, int]:
-        """The folders under ``prefix`` (``inputs/``: one per prediction) and when their newest file
-        was written (ns)."""
-        folders: dict[str, int] = {}
-        for row in self._all("SELECT key, mtime_ns FROM blobs WHERE key LIKE ? AND part = 0", (_prefix_pattern(prefix),)):
-            name = row["key"][len(prefix):].split("/", 1)[0]
-            folders[name] = max(folders.get(name, 0), int(row["mtime_ns"]))
-        return folders
-
-    def _sql(self, sql: str) -> str:
-        return (sql.replace("?", "%s").replace("{is}", "IS NOT DISTINCT FROM")
-                .replace("{skip_locked}", "FOR UPDATE SKIP LOCKED").replace("{files_seq}", "seq"))
-
-
-def _prefix_pattern(prefix: str) -> str:
-    """A LIKE pattern for the keys that start with ``prefix``."""
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def open_store(location: str | Path) -> Store:
-    """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, or a SQLite file's path."""
+def open_store(location: str | Path, **options: Any) -> Store:
+    """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, or a SQLite file's
+    path. ``options`` go to the PostgreSQL store (its pool's size)."""
     text = str(location)
     if text.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(text)
+        from .postgres import PostgresStore
+
+        return PostgresStore(text, **options)
     return SqliteStore(Path(text))
 
 
 def now() -> float:
+    """This machine's clock, for what no other node compares (on a shared database, use Store.now)."""
     return time.time()

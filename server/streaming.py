@@ -8,6 +8,11 @@ A stream opened with ``?previews=true`` (this server's own addition) also carrie
 events while the prediction runs: JSON ``{"image": "data:image/webp;base64,...", "step": 12,
 "total": 28}``, the latest preview of the picture as it forms, each sent once. Without it the
 stream is exactly what the official clients read; they know no other event.
+
+Every stream of one prediction on a node reads what it sends through the same
+:class:`~server.events.SharedReads`: the record (with its outputs as answered, once it has
+succeeded) and the latest preview are read, and encoded, once per event for all of them, off the
+event loop. At most ``--max-stream-watchers`` streams watch one prediction on one node.
 """
 
 from __future__ import annotations
@@ -15,15 +20,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from typing import AsyncIterator
+from typing import AsyncIterator, NamedTuple
 
 from sse_starlette.sse import ServerSentEvent
 
-from .events import PREVIEW
-from .predictions import PredictionService
+from .events import PREVIEW, SharedReads
 from .protocol import Status
+from .records import PredictionRecord
+from .store import DatabaseUnavailable
 
 KEEPALIVE_S = 15.0
+AWAY_RETRY_S = 1.0  # while the database is away, a stream looks again this often
+
+
+class Seen(NamedTuple):
+    """What the streams of a prediction send after an event: its record, and its outputs as
+    answered (file strings) once it has succeeded."""
+
+    record: PredictionRecord | None
+    outputs: list[str] | None
 
 
 def preview_data(preview) -> str:
@@ -32,9 +47,35 @@ def preview_data(preview) -> str:
     return json.dumps({"image": uri, "step": preview.step, "total": preview.total})
 
 
-async def prediction_events(service: PredictionService, prediction_id: str,
-                            previews: bool = False) -> AsyncIterator[ServerSentEvent]:
-    queue = service.hub.subscribe(prediction_id)
+class StreamReads:
+    """The shared reads of a node's streams (see the module's docstring)."""
+
+    def __init__(self, service):
+        self.service = service
+        self.seen = SharedReads(service.hub, self._seen)
+        self.previews = SharedReads(service.hub, self._preview)
+
+    def _seen(self, prediction_id: str) -> Seen:
+        record = self.service.get(prediction_id)
+        outputs = None
+        if record is not None and record.status == Status.SUCCEEDED:
+            outputs = self.service.output_strings(record) or []
+        return Seen(record, outputs)
+
+    def _preview(self, prediction_id: str) -> tuple[tuple, str] | None:
+        preview = self.service.store.get_preview(prediction_id)
+        if preview is None:
+            return None
+        return (preview.step, preview.created_at), preview_data(preview)
+
+
+async def prediction_events(service, prediction_id: str, previews: bool = False,
+                            queue: asyncio.Queue | None = None) -> AsyncIterator[ServerSentEvent]:
+    """The events of one prediction's stream; ``queue``: its subscription to the hub, taken by the
+    route (which refuses a watcher past the limit), else taken here."""
+    queue = queue if queue is not None else service.hub.subscribe(prediction_id)
+    reads: StreamReads = service.stream_reads
+    loop = asyncio.get_running_loop()
     counter = 0
     sent_logs = 0
     look_for_preview = previews  # at the start, then at each preview event (or a quiet wait)
@@ -47,7 +88,13 @@ async def prediction_events(service: PredictionService, prediction_id: str,
 
     try:
         while True:
-            record = service.get(prediction_id)
+            try:
+                seen = await reads.seen.get(prediction_id)
+                found = await reads.previews.get(prediction_id) if look_for_preview else None
+            except DatabaseUnavailable:  # the stream stays open; what happened meanwhile follows
+                await _next_event(queue, AWAY_RETRY_S)
+                continue
+            record = seen.record
             if record is None:
                 yield event("error", json.dumps({"detail": "The prediction no longer exists."}))
                 yield event("done", json.dumps({"reason": "error"}))
@@ -59,7 +106,7 @@ async def prediction_events(service: PredictionService, prediction_id: str,
             status = record.status
             if status.terminal:
                 if status == Status.SUCCEEDED:
-                    for item in service.output_strings(record) or []:
+                    for item in seen.outputs or []:
                         yield event("output", item)
                     yield event("done", "{}")
                 elif status == Status.CANCELED:
@@ -68,17 +115,33 @@ async def prediction_events(service: PredictionService, prediction_id: str,
                     yield event("error", json.dumps({"detail": record.error or "The prediction failed."}))
                     yield event("done", json.dumps({"reason": "error"}))
                 return
-            if previews:
-                service.lifecycle.watch_previews(prediction_id)  # renewed while the stream lives
-            if look_for_preview:
-                preview = service.store.get_preview(prediction_id)
-                if preview is not None and (preview.step, preview.created_at) != sent_preview:
-                    sent_preview = (preview.step, preview.created_at)
-                    yield event("preview", preview_data(preview))
-            try:
-                woke = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
-                look_for_preview = previews and woke == PREVIEW
-            except asyncio.TimeoutError:
-                look_for_preview = previews
+            if previews and service.lifecycle.watch_due(prediction_id):
+                # Renewed while the stream lives (a write at most every few seconds per prediction per node).
+                loop.run_in_executor(None, _quietly, service.lifecycle.watch_previews, prediction_id)
+            if found is not None and found[0] != sent_preview:
+                sent_preview = found[0]
+                yield event("preview", found[1])
+            woke = await _next_event(queue, KEEPALIVE_S)
+            look_for_preview = previews and woke in (PREVIEW, None, "look")
     finally:
         service.hub.unsubscribe(prediction_id, queue)
+
+
+async def _next_event(queue: asyncio.Queue, timeout: float) -> str | None:
+    """The next event of the queue, or None after ``timeout`` seconds; events that piled up
+    meanwhile are one "look again" (the last of them is given)."""
+    try:
+        woke = await asyncio.wait_for(queue.get(), timeout=timeout)
+    except asyncio.TimeoutError:
+        return None
+    while not queue.empty():
+        later = queue.get_nowait()
+        woke = PREVIEW if PREVIEW in (woke, later) else later
+    return woke
+
+
+def _quietly(call, *args) -> None:
+    try:
+        call(*args)
+    except DatabaseUnavailable:
+        pass

@@ -8,8 +8,10 @@ sender keeps one ordered channel per prediction, served by its own short-lived a
   coalesced into one trailing send whose body is taken at send time, so it carries the newest state.
   Once `completed` is queued no `output`/`logs` send follows: the final body carries everything;
 - only `completed` is retried, on a connection error, a timeout or any non-2xx answer (a 3xx
-  included: redirects are never followed), with exponential backoff for about `retry_for_s`, under
-  one `webhook-id`. The other events are tried once;
+  included: redirects are never followed), with exponential backoff, under one `webhook-id`. How
+  long, and who records each outcome, is its `Final`'s to say: in the server, the database's
+  outbox (:mod:`server.outbox`: retries for hours, across nodes and restarts); used alone, for
+  about `retry_for_s`. The other events are tried once;
 - the POSTs in flight are bounded per destination (scheme, host and port: `max_per_destination`)
   and all together (`max_concurrency`), and each POST has a total deadline of `timeout_s`: a slow
   or dead receiver holds only its own destination's slots, so the webhooks of every other receiver
@@ -87,13 +89,70 @@ class _Refused(Exception):
     """The URL must never be posted to (bad scheme, or a non-public address): drop, don't retry."""
 
 
+class _NoSlot(Exception):
+    """No slot on the receiver freed within the final webhook's wait: hand it back for later."""
+
+
+class Final:
+    """How one completed event's delivery is settled: its retries' budget and where each outcome
+    is recorded. :mod:`server.outbox` gives the database's; used alone, the sender makes a
+    :class:`LocalFinal`."""
+
+    attempts: int = 0  # failed attempts before this delivery began
+    local_retry_s: float = math.inf  # retries due within this long are waited for by the sender
+    max_interval_s: float = math.inf  # the longest wait between two attempts
+    slot_wait_s: float | None = None  # the longest wait for a slot on the receiver (None: no limit)
+
+    def remaining_s(self) -> float:
+        """Seconds left before the retries end."""
+        raise NotImplementedError
+
+    async def delivered(self) -> None: ...
+
+    async def later(self, delay_s: float, error: str | None, attempted: bool = True) -> None:
+        """Not settled: to be tried again in ``delay_s`` (by whoever then holds it)."""
+
+    async def give_up(self, error: str) -> None: ...
+
+    def released(self) -> None:
+        """The sender stopped before it settled the delivery."""
+
+
+class LocalFinal(Final):
+    """A delivery retried by the sender alone for ``retry_for_s``; ``done()`` once it is settled
+    (delivered, refused, or given up after its retries)."""
+
+    def __init__(self, retry_for_s: float, done: Callable[[], None] | None):
+        self._ends = time.monotonic() + retry_for_s
+        self._done = done
+
+    def remaining_s(self) -> float:
+        return self._ends - time.monotonic()
+
+    async def delivered(self) -> None:
+        self._settled()
+
+    async def give_up(self, error: str) -> None:
+        self._settled()
+
+    async def later(self, delay_s: float, error: str | None, attempted: bool = True) -> None:
+        self._settled()  # nobody else will try it again
+
+    def _settled(self) -> None:
+        if self._done is not None:
+            try:
+                self._done()
+            except Exception:
+                logger.exception("webhooks: recording a completed delivery failed")
+
+
 @dataclasses.dataclass
 class _Job:
     event: str
     url: str
     snapshot: Callable[[], dict]
     secret: str | None = None  # the prediction's tenant's, when not the sender's own
-    done: Callable[[], None] | None = None  # called once a "completed" is settled (delivered or given up)
+    final: Final | None = None  # for "completed": how its delivery is settled
     signer: Signer | None = None  # another API's signature headers, in place of the Standard Webhooks one
 
 
@@ -195,6 +254,7 @@ class WebhookSender:
         secret: str | None = None,
         done: Callable[[], None] | None = None,
         signer: Signer | None = None,
+        final: Final | None = None,
     ) -> None:
         """Queue the webhook for one prediction event; never blocks, never raises.
 
@@ -205,6 +265,8 @@ class WebhookSender:
             after its retries (not when the sender stops first: it is then still owed).
         signer: for a prediction of another API, the signature headers of a body (replacing the
             Standard Webhooks ``webhook-signature``).
+        final: for "completed", how its delivery is settled and retried (replaces ``done``: see
+            server.outbox); without it, a LocalFinal of ``retry_for_s`` that calls ``done``.
         Meant for the event loop thread; a call from another thread is handed over to the loop.
         """
         try:
@@ -217,7 +279,9 @@ class WebhookSender:
                 on_loop = asyncio.get_running_loop() is self._loop
             except RuntimeError:
                 on_loop = False
-            args = (prediction_id, url, events_filter, event, snapshot, secret, done, signer)
+            if event == "completed" and final is None:
+                final = LocalFinal(self._retry_for_s, done)
+            args = (prediction_id, url, events_filter, event, snapshot, secret, final, signer)
             if on_loop:
                 self._enqueue(*args)
             else:
@@ -233,7 +297,7 @@ class WebhookSender:
         except Exception:
             logger.exception("webhooks: event not queued")
 
-    def _enqueue(self, prediction_id, url, events_filter, event, snapshot, secret=None, done=None,
+    def _enqueue(self, prediction_id, url, events_filter, event, snapshot, secret=None, final=None,
                  signer=None) -> None:
         if event not in EVENTS:
             logger.warning("webhooks: unknown event %r for %s ignored", event, prediction_id)
@@ -241,6 +305,8 @@ class WebhookSender:
         wanted = events_filter is None or event in events_filter
         if self._closing:
             self.stats["dropped"] += wanted
+            if final is not None:
+                final.released()
             return
         channel = self._channels.get(prediction_id)
         if channel is None:
@@ -248,8 +314,10 @@ class WebhookSender:
                 return
             channel = self._channels[prediction_id] = _Channel()
         if channel.completed:
+            if final is not None:
+                final.released()  # already being sent
             return  # nothing follows completed, whether it was sent or filtered out
-        job = _Job(event, url, snapshot, secret, done if event == "completed" else None, signer)
+        job = _Job(event, url, snapshot, secret, final if event == "completed" else None, signer)
         if event == "completed":
             channel.completed = True  # even when filtered out: no events follow the end
             if wanted:  # the final body carries everything: pending output/logs sends are moot
@@ -296,6 +364,9 @@ class WebhookSender:
                 job = None
         except asyncio.CancelledError:
             self.stats["dropped"] += len(channel.jobs) + (job is not None)
+            for unsettled in [*channel.jobs, job]:
+                if unsettled is not None and unsettled.final is not None:
+                    unsettled.final.released()
             raise
         finally:
             channel.task = None
@@ -313,55 +384,78 @@ class WebhookSender:
         return not channel.cut_short.is_set()
 
     async def _deliver(self, prediction_id: str, job: _Job) -> None:
-        """POST one event; retry a failing "completed" with backoff, under one webhook-id."""
-        await self._send(prediction_id, job)
-        if job.done is not None:
-            try:
-                job.done()
-            except Exception:
-                logger.exception("webhooks: recording the delivery of %s's completed event failed", prediction_id)
-
-    async def _send(self, prediction_id: str, job: _Job) -> None:
-        try:
-            body = json.dumps(job.snapshot(), separators=(",", ":")).encode()
-        except Exception:  # snapshot() is the caller's code
-            logger.exception("webhooks: %s event of %s dropped: no snapshot", job.event, prediction_id)
-            self.stats["dropped"] += 1
-            return
+        """POST one event; a "completed" one is retried, and settled, as its Final says."""
         loop = asyncio.get_running_loop()
+        try:  # the snapshot reads the database: off the event loop
+            body = json.dumps(await loop.run_in_executor(None, job.snapshot), separators=(",", ":")).encode()
+        except Exception as error:  # the database is away, or snapshot() (the caller's code) failed
+            if job.final is not None and not isinstance(job.final, LocalFinal):  # owed: tried again later
+                logger.warning("webhooks: completed event of %s not sent now (no snapshot: %s); tried again later",
+                               prediction_id, error)
+                await job.final.later(self._backoff_base_s, None, attempted=False)
+                return
+            logger.warning("webhooks: %s event of %s dropped: no snapshot (%s)", job.event, prediction_id, error)
+            self.stats["dropped"] += 1
+            if job.final is not None:
+                await job.final.give_up(f"no snapshot: {error}")
+            return
         # One message per prediction event: a completed event sent again (by another node, after a
         # restart) keeps its webhook-id, by which receivers drop what they already have.
         msg_id = "msg_" + hashlib.sha256(f"{prediction_id}:{job.event}".encode()).hexdigest()[:32] \
             if job.event == "completed" else "msg_" + secrets.token_hex(16)
-        deadline = loop.time() + self._retry_for_s
-        delay = self._backoff_base_s
         where = _host_of(job.url)  # the URL itself may carry a token: log only the host
+        final = job.final
+        attempts = final.attempts if final is not None else 0
         while True:
             try:
-                failure = await self._attempt(job.url, msg_id, body, job.secret, job.signer)
+                failure = await self._attempt(job.url, msg_id, body, job.secret, job.signer,
+                                              slot_wait_s=final.slot_wait_s if final is not None else None)
             except _Refused as refusal:
                 logger.warning("webhooks: %s event of %s to %s refused: %s", job.event, prediction_id, where, refusal)
                 self.stats["dropped"] += 1
+                if final is not None:
+                    await final.give_up(f"refused: {refusal}")
+                return
+            except _NoSlot:
+                logger.info("webhooks: completed event of %s waited %g s for a slot on %s; handed back for later",
+                            prediction_id, final.slot_wait_s, where)
+                await final.later(self._backoff_base_s, None, attempted=False)
                 return
             if failure is None:
                 logger.debug("webhooks: %s event of %s delivered to %s", job.event, prediction_id, where)
                 self.stats["delivered"] += 1
+                if final is not None:
+                    await final.delivered()
                 return
-            remaining = deadline - loop.time()
-            if job.event != "completed" or remaining <= 0:
+            if final is None:
                 logger.warning("webhooks: %s event of %s to %s failed: %s", job.event, prediction_id, where, failure)
                 self.stats["failed"] += 1
                 return
-            pause = min(delay, remaining)
-            delay *= 2
+            attempts += 1
+            final.attempts = attempts
+            pause = min(self._backoff_base_s * 2 ** (attempts - 1), final.max_interval_s)
+            remaining = final.remaining_s()
+            if remaining <= 0 or (pause > final.local_retry_s and remaining <= pause):
+                logger.warning("webhooks: completed event of %s to %s failed %d times, the last: %s; given up",
+                               prediction_id, where, attempts, failure)
+                self.stats["failed"] += 1
+                await final.give_up(failure)
+                return
+            self.stats["retried"] += 1
+            if pause > final.local_retry_s:
+                logger.info("webhooks: completed event of %s to %s failed (%s); retrying in %.0f s", prediction_id,
+                            where, failure, pause)
+                await final.later(pause, failure)
+                return
+            pause = min(pause, remaining)
             logger.info("webhooks: %s event of %s to %s failed (%s); retrying in %.1f s",
                         job.event, prediction_id, where, failure, pause)
-            self.stats["retried"] += 1
             await asyncio.sleep(pause)
 
     async def _attempt(self, url: str, msg_id: str, body: bytes, secret: str | None = None,
-                       signer: Signer | None = None) -> str | None:
-        """POST once: None on a 2xx, else why it failed. Raises _Refused for a forbidden URL."""
+                       signer: Signer | None = None, slot_wait_s: float | None = None) -> str | None:
+        """POST once: None on a 2xx, else why it failed. Raises _Refused for a forbidden URL, and
+        _NoSlot when no slot on the receiver freed within ``slot_wait_s``."""
         try:
             address = await asyncio.wait_for(self._check_destination(url), self._timeout_s)
         except (OSError, asyncio.TimeoutError) as error:  # DNS trouble may pass: a failure, not a refusal
@@ -378,7 +472,7 @@ class WebhookSender:
         else:
             headers["webhook-signature"] = sign(secret or self._secret, msg_id, timestamp, body)
         # The destination's slot first: a delivery waiting on a slow receiver holds no shared slot.
-        async with self._destination_slot(url), self._slots:
+        async with self._destination_slot(url, slot_wait_s), self._slots:
             try:
                 status = await asyncio.wait_for(self._post(url, headers, body, address), self._timeout_s)
             except asyncio.TimeoutError:
@@ -388,16 +482,23 @@ class WebhookSender:
         return None if 200 <= status < 300 else f"HTTP {status}"
 
     @contextlib.asynccontextmanager
-    async def _destination_slot(self, url: str):
-        """One of the destination's ``max_per_destination`` slots; forgotten once nobody uses it."""
+    async def _destination_slot(self, url: str, wait_s: float | None = None):
+        """One of the destination's ``max_per_destination`` slots, waited for at most ``wait_s``
+        (_NoSlot); forgotten once nobody uses it."""
         key = _destination_of(url)
         entry = self._destinations.get(key)
         if entry is None:
             entry = self._destinations[key] = [asyncio.Semaphore(self._max_per_destination), 0]
         entry[1] += 1
         try:
-            async with entry[0]:
+            try:
+                await asyncio.wait_for(entry[0].acquire(), wait_s)
+            except asyncio.TimeoutError:
+                raise _NoSlot() from None
+            try:
                 yield
+            finally:
+                entry[0].release()
         finally:
             entry[1] -= 1
             if entry[1] == 0:

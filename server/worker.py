@@ -23,7 +23,9 @@ from .fetching import OwnFetches, came_back
 from .lifecycle import Lifecycle
 from .predictions import PredictionService
 from .previews import PreviewSender
+from .quotas import outputs_exceeded
 from .records import PredictionRecord
+from .store import DatabaseUnavailable, QuotaExceeded
 
 log = logging.getLogger(__name__)
 LOG_FLUSH_S = 0.5  # persist logs (and tell listeners) at most this often while running
@@ -35,6 +37,16 @@ class Requeued(Exception):
 
 class LeaseLost(Exception):
     """The run's lease ran out and the prediction was settled without it: stop, record nothing."""
+
+
+class OutputsRefused(Exception):
+    """The outputs would take the prediction's owner past its storage quota: none is written."""
+
+
+def run_folder(run: PredictionRecord) -> str:
+    """The folder of this run's outputs under the prediction's (outputs/<id>/<run>/): named by its
+    claim, so a run that lost its claim never writes where the recorded run's outputs are."""
+    return run.lease.rsplit("/", 1)[-1][:12].lower()
 
 
 class LogBuffer:
@@ -120,6 +132,9 @@ class Worker(threading.Thread):
                     break
                 try:
                     run = self.lifecycle.claim()
+                except DatabaseUnavailable:  # said once by the store; looked at again until it is back
+                    cond.wait(timeout=1.0)
+                    continue
                 except Exception:  # e.g. the database is locked or its disk is gone: keep the worker alive
                     log.exception("could not take the next prediction; trying again")
                     cond.wait(timeout=1.0)
@@ -162,13 +177,14 @@ class Worker(threading.Thread):
                 log=logs.line,
                 **self.previews.for_run(run),
             )
-            names = service.files.write_outputs(pid, service.final_outputs(run, outputs))
-            lifecycle.succeed(run, names, logs.text, time.monotonic() - started)
+            self.save(run, service.final_outputs(run, outputs), logs, started, cancelled)
         except Requeued:
             lifecycle.requeue(run, logs.text, time.monotonic() - started)
         except LeaseLost:
             log.warning("prediction %s: this worker's lease ran out and it was settled elsewhere; "
                         "this run stops and records nothing", pid)
+        except OutputsRefused as refused:
+            self.lifecycle.fail(run, str(refused), logs.text + f"Error: {refused}\n", time.monotonic() - started)
         except Cancelled:
             self.canceled(run, logs, started)
         except Exception as exc:  # one prediction's failure never stops the worker
@@ -179,6 +195,41 @@ class Worker(threading.Thread):
         finally:
             self.current = self.run_held = None
             lifecycle.forget(pid)
+
+    def save(self, run: PredictionRecord, outputs: list, logs: LogBuffer, started: float, cancelled) -> None:
+        """Count the outputs against their owner's storage quota, write them into this run's own
+        folder, and record them under the run's claim. A cancel is honoured until they are
+        recorded; a run that lost its claim leaves nothing (its folder is removed)."""
+        service, lifecycle, pid = self.service, self.lifecycle, run.id
+        folder = run_folder(run)
+        size = sum(len(out.data) for out in outputs)
+        if cancelled():
+            raise Cancelled()
+        quotas = service.quotas
+        limits = quotas.limits_of_owner(run.owner, adds_bytes=size)
+        try:
+            held = lifecycle._outlasting(lambda: service.store.reserve_output_bytes(pid, run.lease, size, limits))
+        except QuotaExceeded as exc:
+            raise OutputsRefused(outputs_exceeded(exc.used, exc.limit, size)) from None
+        if not held:
+            raise LeaseLost()
+        try:
+            names = lifecycle._outlasting(lambda: service.files.write_outputs(pid, outputs, folder, cancelled))
+            recorded = lifecycle.succeed(run, names, logs.text, time.monotonic() - started, output_run=folder,
+                                         output_bytes=size)
+        except BaseException:
+            self.discard(pid, folder)
+            raise
+        if not recorded:
+            self.discard(pid, folder)
+
+    def discard(self, prediction_id: str, folder: str) -> None:
+        """Remove the files of a run whose outputs are not the prediction's (retention removes them
+        otherwise, with the prediction's)."""
+        try:
+            self.service.files.remove_outputs(prediction_id, folder)
+        except Exception as exc:
+            log.warning("could not remove the unrecorded outputs of prediction %s: %s", prediction_id, exc)
 
     def canceled(self, run: PredictionRecord, logs: LogBuffer, started: float) -> None:
         text = logs.text + self.lifecycle.cancel_reason(run.id) + "\n"

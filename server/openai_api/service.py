@@ -252,7 +252,7 @@ class OpenAIImages:
         return ImageData(b64_json=self.b64(record, name))
 
     def b64(self, record: PredictionRecord, name: str) -> str:
-        data = self.service.files.read_output(record.id, name)
+        data = self.service.files.read_output(record.id, name, record.output_run)
         if data is None:
             raise OpenAIError(500, f"The output {name} of prediction {record.id} is missing.", type="server_error")
         return base64.b64encode(data).decode()

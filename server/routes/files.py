@@ -19,6 +19,7 @@ from ..predictions import decode_metadata, iso
 from ..protocol import ApiError, FileChecksums, FileObject, FilePage, FileUrls, InvalidField, not_found, validation_failed
 from ..records import FileRecord
 from ..state import AppState, get_state, require_auth
+from ..store import QuotaExceeded
 
 router = APIRouter(tags=["files"])
 outputs_router = APIRouter(tags=["outputs"])
@@ -92,7 +93,12 @@ async def upload(request: Request, caller: Caller = Depends(require_auth), state
                         raise ApiError(413, f"The file is larger than the {describe_bytes(limit)} limit.", "Payload Too Large")
                     out.write(chunk)
             quotas.check_quota(caller, size)  # the disk was checked before: the file is on it now
-            record = state.files.save_upload(tmp, name, content_type, metadata, owner=caller.tenant)
+            limits = quotas.limits(caller)  # checked again as its row is written, under the tenant's lock
+            try:
+                record = await run_in_threadpool(state.files.save_upload, tmp, name, content_type, metadata,
+                                                 caller.tenant, limits)
+            except QuotaExceeded as exc:
+                raise quotas.refusal(exc, limits, lambda: 1) from None
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
@@ -140,7 +146,7 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
     if name not in (record.output or []):
         raise not_found()
     # Off the event loop: with the files in the database, a first read streams it into this node's copy.
-    path = await run_in_threadpool(state.files.output_path, prediction_id, name)
+    path = await run_in_threadpool(state.files.output_path, prediction_id, name, record.output_run)
     if path is None:
         raise not_found()
     # FileResponse answers Range requests (206) and sends an ETag; the file keeps its name.

@@ -11,6 +11,7 @@ from ..openai_api.protocol import ErrorResponse, ImagesResponse, OpenAIError
 from ..openai_api.service import EDITS, GENERATIONS, OpenAIImages, error_response, from_api_error
 from ..protocol import ApiError
 from ..state import AppState, get_state
+from ..store import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -24,6 +25,10 @@ async def answer(request: Request, state: AppState, endpoint: str) -> Response:
         return error_response(exc)
     except ApiError as exc:  # a refusal from below the adapter
         return error_response(from_api_error(exc))
+    except DatabaseUnavailable as exc:
+        return error_response(OpenAIError(503, "The database is not reachable right now (it may be restarting). "
+                                               "Try again in a few seconds.", type="server_error",
+                                          headers={"Retry-After": str(exc.retry_after_s)}))
     except Exception:
         log.exception("an OpenAI image request failed")
         return error_response(OpenAIError(500, "An unexpected error occurred; the server log has the details.",

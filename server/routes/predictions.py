@@ -5,10 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..admission import admit
 from ..auth import Caller
 from ..catalog import check_model
+from ..events import TooManyWatchers
 from ..protocol import ApiError, Prediction, PredictionPage, PredictionRequest, Status, not_found
 from ..state import AppState, get_state, optional_auth, require_auth
 from ..streaming import prediction_events
@@ -34,8 +36,8 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
     if state.phase == "SETUP_FAILED":
         raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
     base = state.api_base(request)
-    try:
-        record = state.service.create(body, admission, caller)
+    try:  # off the event loop: long inputs are written to files (and the database) before the row
+        record = await run_in_threadpool(state.service.create, body, admission, caller)
     except ApiError:
         state.metrics.refused.inc()
         raise
@@ -44,7 +46,7 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
     if admission.wait is not None:
         headers["Preference-Applied"] = admission.wait.applied
         # Answer before the client's read timeout (N + 0.5 s).
-        record = await state.service.wait(record.id, max(0.5, admission.wait.seconds - 0.5))
+        record = await state.service.wait(record.id, max(0.5, admission.wait.seconds - 0.5), last=record)
     # Clients return early on any non-terminal status but starting.
     status = None if record.status.terminal else Status.STARTING
     return state.service.respond(record, base, 201, headers, status)
@@ -94,13 +96,13 @@ async def get_prediction(prediction_id: str, request: Request, caller: Caller = 
 @router.post("/v1/predictions/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
 async def cancel_prediction(prediction_id: str, request: Request, caller: Caller = Depends(require_auth),
                             state: AppState = Depends(get_state)):
-    record = state.service.cancel(prediction_id, caller=caller)
+    record = await run_in_threadpool(state.service.cancel, prediction_id, caller)
     if record is None:
         raise not_found()
     if record.status == Status.PROCESSING:
         # It stops at its next denoising step: answer then, or after CANCEL_WAIT_S with the prediction
         # as it is (still processing), never later.
-        record = await state.service.wait(prediction_id, CANCEL_WAIT_S)
+        record = await state.service.wait(prediction_id, CANCEL_WAIT_S, last=record)
     return state.service.respond(record, state.api_base(request))
 
 
@@ -115,7 +117,13 @@ async def stream_prediction(prediction_id: str, caller: Caller | None = Depends(
     # and the prediction id (130 random bits) is the capability. Another tenant's token is refused.
     if state.service.get(prediction_id, caller) is None:
         raise not_found()
-    return EventSourceResponse(prediction_events(state.service, prediction_id, previews), ping=15)
+    try:
+        queue = state.hub.subscribe(prediction_id, limit=state.settings.max_stream_watchers)
+    except TooManyWatchers:
+        raise ApiError(429, f"This prediction already has {state.settings.max_stream_watchers} streams open on this "
+                            "server; close one, or poll GET /v1/predictions/{id}.", "Too Many Requests",
+                       headers={"Retry-After": "5"}) from None
+    return EventSourceResponse(prediction_events(state.service, prediction_id, previews, queue), ping=15)
 
 
 @stream_router.get("/v1/predictions/{prediction_id}/preview", summary="The latest preview of a running prediction",

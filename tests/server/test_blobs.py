@@ -14,19 +14,33 @@ import pytest
 import replicate
 
 from server.blobs import DatabaseFileStore
-from server.store import BLOB_PART, PostgresStore
+from server.postgres import BLOB_PART, PostgresStore
 from tests.helpers import box_mask, data_uri, fast_input, noise_image, png_bytes
 
 MODEL = "black-forest-labs/flux-fill-dev"
 
 
-def two_nodes(url, tmp_path):
-    a_store, b_store = PostgresStore(url), PostgresStore(url)
+@pytest.fixture
+def open_pg(postgres_url):
+    """Opens PostgresStores on the test's database, each closed before the database is dropped."""
+    opened = []
+
+    def make():
+        opened.append(PostgresStore(postgres_url))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def two_nodes(open_pg, tmp_path):
+    a_store, b_store = open_pg(), open_pg()
     return (DatabaseFileStore(tmp_path / "a", a_store, 24), DatabaseFileStore(tmp_path / "b", b_store, 24))
 
 
-def test_a_file_written_on_one_node_is_read_on_another_in_parts_with_its_time(postgres_url, tmp_path):
-    a, b = two_nodes(postgres_url, tmp_path)
+def test_a_file_written_on_one_node_is_read_on_another_in_parts_with_its_time(open_pg, tmp_path):
+    a, b = two_nodes(open_pg, tmp_path)
     data = os.urandom(BLOB_PART * 2 + 123)  # three parts
     tmp = a.tmp / "upload"
     tmp.write_bytes(data)
@@ -53,13 +67,13 @@ def test_a_file_written_on_one_node_is_read_on_another_in_parts_with_its_time(po
     assert b.read_input("q" * 26, 0) is not None
 
 
-def test_a_folder_that_kept_its_files_itself_puts_them_in_the_database_once(postgres_url, tmp_path):
+def test_a_folder_that_kept_its_files_itself_puts_them_in_the_database_once(open_pg, tmp_path):
     """A server that ran on PostgreSQL with its files in its own folder, restarted with them kept in
     the database: its files are put there (the janitor, which removes copies of files the database
     no longer keeps, must not take them for such copies), once."""
     from server.files import FileStore
 
-    store = PostgresStore(postgres_url)
+    store = open_pg()
     before = FileStore(tmp_path / "a", store, 24)
     tmp = before.tmp / "upload"
     tmp.write_bytes(b"an upload from before")
@@ -69,7 +83,7 @@ def test_a_folder_that_kept_its_files_itself_puts_them_in_the_database_once(post
 
     a = DatabaseFileStore(tmp_path / "a", store, 24)
     assert a.sweep() == 0 and a.read_output("p" * 26, "out-0.png") == b"an output from before"
-    b = DatabaseFileStore(tmp_path / "b", PostgresStore(postgres_url), 24)
+    b = DatabaseFileStore(tmp_path / "b", open_pg(), 24)
     assert b.read_output("p" * 26, "out-0.png") == b"an output from before"
     assert b.resolve(f"http://elsewhere/v1/files/{record.id}") == b"an upload from before"
     # Once: removed elsewhere afterwards, the folder's copy goes with the next sweep, not back in.
@@ -78,10 +92,10 @@ def test_a_folder_that_kept_its_files_itself_puts_them_in_the_database_once(post
     assert a.sweep() == 1 and a.read_output("p" * 26, "out-0.png") is None
 
 
-def test_files_in_postgresql_cost_little_to_write_and_read(postgres_url, tmp_path, capsys):
+def test_files_in_postgresql_cost_little_to_write_and_read(open_pg, tmp_path, capsys):
     """The figure: writing a file to the database, its first read on another node (streamed into that
     node's copy) and the reads after it (the copy), for 1 MB and 64 MB."""
-    a, b = two_nodes(postgres_url, tmp_path)
+    a, b = two_nodes(open_pg, tmp_path)
     lines = []
     for mb in (1, 64):
         data = os.urandom(mb << 20)
@@ -128,7 +142,7 @@ def test_nodes_with_no_folder_in_common_share_uploads_inputs_and_outputs(server_
         assert one.content.startswith(b"\x89PNG")
         assert one.headers["etag"] == other.headers["etag"]
         assert one.headers["last-modified"] == other.headers["last-modified"]
-    assert list((tmp_path / "a").glob("outputs/*/out-*"))  # A's copies, fetched from the database
+    assert list((tmp_path / "a").glob("outputs/*/*/out-*"))  # A's copies, fetched from the database
     ranged = httpx.get(urls[b.url][0], headers={"Range": "bytes=0-7"})
     assert ranged.status_code == 206 and ranged.content == b"\x89PNG\r\n\x1a\n"
     mask_url = listed[a.url]["input"]["mask"]
@@ -149,14 +163,14 @@ def test_nodes_with_no_folder_in_common_share_uploads_inputs_and_outputs(server_
         store.close()
 
 
-def test_files_travel_on_a_bounded_number_of_connections(postgres_url, tmp_path):
+def test_files_travel_on_a_bounded_number_of_connections(open_pg, tmp_path):
     """Each process opens at most BLOB_CONNECTIONS connections for files: one more waits its turn
     (instead of using up the database's max_connections) and goes on when one is free."""
     import threading
 
-    from server.store import BLOB_CONNECTIONS
+    from server.postgres import BLOB_CONNECTIONS
 
-    store = PostgresStore(postgres_url)
+    store = open_pg()
     path = tmp_path / "f"
     path.write_bytes(b"x" * 100)
     store.put_blob("files/a", path, 1)

@@ -87,7 +87,7 @@ def test_a_database_from_before_deadlines_opens_and_keeps_its_queue(tmp_path):
                    "VALUES ('old', 'starting', 'hidden', '{}', 1.0, 't')")
     store = SqliteStore(path)
     try:
-        claimed = store.claim_next(2.0, "lease")
+        claimed = store.claim_next("lease")
         assert claimed.id == "old" and claimed.status == "processing" and claimed.cancel_at is None
     finally:
         store.close()

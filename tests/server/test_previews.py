@@ -48,7 +48,7 @@ def test_the_store_keeps_one_latest_preview_per_running_prediction_under_its_lea
     store = service.store
     a, b = (service.create(REQUEST, QUEUE, NOBODY).id for _ in range(2))
     assert not store.put_preview(a, "no-lease", 1, 10, "image/webp", b"x", 1.0)  # queued: nothing is kept
-    run = store.claim_next(2.0, "lease-a")
+    run = store.claim_next("lease-a")
     assert run.id == a
     assert store.put_preview(a, "lease-a", 2, 10, "image/webp", b"\x00first\xff", 3.0)
     assert store.put_preview(a, "lease-a", 5, 10, "image/webp", b"\x00second\xff" * 1000, 4.0)
@@ -64,7 +64,7 @@ def test_the_store_keeps_one_latest_preview_per_running_prediction_under_its_lea
 def test_retention_drops_the_previews_of_predictions_that_no_longer_run(service):
     store = service.store
     pid = service.create(REQUEST, QUEUE, NOBODY).id
-    store.claim_next(2.0, "lease")
+    store.claim_next("lease")
     assert store.put_preview(pid, "lease", 2, 10, "image/webp", b"x", 3.0)
     assert store.drop_stale_previews() == 0  # it still runs
     # Its node died after the move and before it dropped the preview.

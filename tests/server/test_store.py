@@ -59,12 +59,13 @@ def test_records_pages_and_counts_read_the_same_on_both_backends(store):
 
 def test_a_run_moves_under_its_lease_and_a_taken_over_one_writes_nothing(store):
     add(store, "a", 1.0)
-    run = store.claim_next(2.0, "lease-1")
-    assert (run.status, run.lease, run.attempts, run.started_at) == (Status.PROCESSING, "lease-1", 1, 2.0)
-    assert store.claim_next(2.0, "lease-2") is None
+    run = store.claim_next("lease-1")
+    assert (run.status, run.lease, run.attempts) == (Status.PROCESSING, "lease-1", 1)
+    assert abs(run.started_at - time.time()) < 5
+    assert store.claim_next("lease-2") is None
     assert store.update_prediction("a", held_by="lease-1", logs="step 1\n")
     assert store.requeue_interrupted() == ["a"]
-    again = store.claim_next(3.0, "lease-2")
+    again = store.claim_next("lease-2")
     assert again.attempts == 2 and again.lease == "lease-2"
     assert not store.update_prediction("a", held_by="lease-1", logs="stale\n")
     assert store.move("a", Status.SUCCEEDED, only_from=(Status.PROCESSING,), held_by="lease-1") is None
@@ -78,11 +79,11 @@ def test_a_run_moves_under_its_lease_and_a_taken_over_one_writes_nothing(store):
 
 
 def test_deadlines_expiry_and_retention(store):
-    add(store, "soon", 1.0, cancel_at=10.0)
-    add(store, "late", 2.0, cancel_at=20.0)
+    add(store, "soon", 1.0, cancel_at=time.time() - 10)
+    add(store, "late", 2.0, cancel_at=time.time() + 100)
     add(store, "none", 3.0)
     assert [r.id for r in store.deadlines()] == ["soon", "late"]
-    assert store.claim_next(15.0, "l").id == "late"  # past its deadline, "soon" is never claimed
+    assert store.claim_next("l").id == "late"  # past its deadline (the database's clock), "soon" is never claimed
     store.move("late", Status.SUCCEEDED, only_from=(Status.PROCESSING,), completed_at=16.0, output=["out-0.png"],
                output_bytes=7)
     assert store.expired_predictions(17.0) == ["late"] and store.expired_predictions(15.0) == []
@@ -117,7 +118,7 @@ def test_racing_connections_claim_each_prediction_once(location):
     claimed: list[list[str]] = [[] for _ in stores]
 
     def claim_all(i):
-        while (run := stores[i].claim_next(1000.0, f"lease-{i}")) is not None:
+        while (run := stores[i].claim_next(f"lease-{i}")) is not None:
             claimed[i].append(run.id)
 
     threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(len(stores))]
@@ -134,17 +135,20 @@ def test_racing_connections_claim_each_prediction_once(location):
             s.close()
 
 
-def test_leases_run_out_unless_renewed(store):
+def test_leases_run_out_unless_renewed_by_the_database_clock(store):
     add(store, "a", 1.0)
-    run = store.claim_next(0.0, "lease-1", lease_s=10.0)
-    assert run.lease_expires_at == 10.0
-    assert store.expired_leases(5.0) == []
-    assert store.renew("a", "lease-1", 20.0) and not store.renew("a", "someone else's", 99.0)
-    assert store.expired_leases(15.0) == []
-    assert [r.id for r in store.expired_leases(25.0)] == ["a"]
-    # Settling an expired run is refused if it renewed meanwhile (before the time it was seen expired).
-    assert store.move("a", Status.STARTING, only_from=(Status.PROCESSING,), held_by="lease-1", expired_before=15.0) is None
-    moved = store.move("a", Status.STARTING, only_from=(Status.PROCESSING,), held_by="lease-1", expired_before=25.0,
+    run = store.claim_next("lease-1", lease_s=1.0)
+    assert abs(run.lease_expires_at - (store.now() + 1.0)) < 1.0
+    assert store.expired_leases(grace_s=0) == []
+    assert store.renew("a", "lease-1", 60.0) and not store.renew("a", "someone else's", 99.0)
+    time.sleep(1.2)
+    assert store.expired_leases(grace_s=0) == []  # renewed past it
+    # Settling a lease that has not run out is refused (the run renewed it before it was settled).
+    assert store.move("a", Status.STARTING, only_from=(Status.PROCESSING,), held_by="lease-1", expired_grace_s=0) is None
+    assert store.renew("a", "lease-1", 0.2)
+    time.sleep(0.4)
+    assert [r.id for r in store.expired_leases(grace_s=0)] == ["a"]
+    moved = store.move("a", Status.STARTING, only_from=(Status.PROCESSING,), held_by="lease-1", expired_grace_s=0,
                        lease=None, lease_expires_at=None)
     assert moved.status == Status.STARTING and moved.lease is None
     assert not store.renew("a", "lease-1", 30.0)  # the run lost it: its heartbeat now says so
@@ -152,19 +156,33 @@ def test_leases_run_out_unless_renewed(store):
 
 def test_an_owed_final_webhook_is_held_by_one_sender_at_a_time(store):
     add(store, "a", 1.0, webhook="https://example.com/hook")
-    store.claim_next(0.0, "l")
-    store.move("a", Status.SUCCEEDED, only_from=(Status.PROCESSING,), completed_at=1.0, webhook_due=100.0)
-    assert store.claim_owed_webhooks(50.0, 300.0) == []  # its own sender holds it until 100
-    taken = store.claim_owed_webhooks(150.0, 300.0)
-    assert [r.id for r in taken] == ["a"] and taken[0].webhook_due == 300.0
-    assert store.claim_owed_webhooks(200.0, 400.0) == []  # held by the one who took it
-    store.webhook_sent("a")
-    assert store.claim_owed_webhooks(999.0, 1200.0) == []
+    run = store.claim_next("l")
+    ended = store.end_run("a", Status.SUCCEEDED, held_by=run.lease, webhook_lease="node-a/1", webhook_hold_s=0.3,
+                          completed_at=1.0)
+    assert ended.webhook_lease == "node-a/1" and ended.webhook_due is not None
+    assert store.claim_owed_webhooks("node-b/1", 60, grace_s=0) == []  # its own sender holds it
+    assert store.renew_webhooks("node-a/1", 0.3) == 1
+    time.sleep(0.5)  # node-a stopped renewing (it died): its hold runs out
+    taken = store.claim_owed_webhooks("node-b/1", 60, grace_s=0)
+    assert [r.id for r in taken] == ["a"] and taken[0].webhook_lease == "node-b/1"
+    assert store.claim_owed_webhooks("node-c/1", 60, grace_s=0) == []  # held by the one who took it
+    assert not store.webhook_sent("a", "node-a/1")  # the old holder settles nothing
+    # A failure hands it back, due later, held by nobody; an attempt is counted.
+    assert store.webhook_later("a", "node-b/1", 0.3, "HTTP 500")
+    later = store.get_prediction("a")
+    assert (later.webhook_lease, later.webhook_attempts, later.webhook_error) == (None, 1, "HTTP 500")
+    assert store.claim_owed_webhooks("node-c/1", 60, grace_s=0) == []  # not due yet
+    time.sleep(0.5)
+    assert [r.id for r in store.claim_owed_webhooks("node-c/1", 60, grace_s=0)] == ["a"]
+    # A node restarted (same holder, new lease) takes back what it held before at once.
+    assert [r.id for r in store.claim_owed_webhooks("node-c/2", 60, grace_s=0, holder="node-c")] == ["a"]
+    assert store.webhook_sent("a", "node-c/2")
+    assert store.claim_owed_webhooks("node-d/1", 60, grace_s=0) == []
 
 
 def test_a_cancel_is_read_only_while_the_prediction_runs(store):
     add(store, "a", 1.0)
-    store.claim_next(0.0, "l")
+    store.claim_next("l")
     assert not store.cancel_requested("a")
     assert store.request_cancel("a", 2.0) and store.cancel_requested("a")
     store.move("a", Status.CANCELED, only_from=(Status.PROCESSING,), completed_at=3.0)

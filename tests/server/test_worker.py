@@ -28,8 +28,8 @@ def test_a_create_racing_the_workers_sleep_wakes_it(tmp_path, engine):
     created: list[str] = []
     found_empty = store.claim_next
 
-    def claim_next(at, lease, lease_s):
-        record = found_empty(at, lease, lease_s)
+    def claim_next(lease, lease_s):
+        record = found_empty(lease, lease_s)
         if record is None and not created:  # the create lands in the gap between looking and sleeping
             creator = threading.Thread(
                 target=lambda: created.append(service.create(request, admission, NOBODY).id))
