@@ -275,6 +275,8 @@ async def _janitor(clean) -> None:
     while True:
         try:
             await asyncio.get_running_loop().run_in_executor(None, clean)
+        except DatabaseUnavailable:
+            pass  # cleaned at a later turn, once the database is back
         except Exception:
             log.exception("cleaning expired outputs failed")
         await asyncio.sleep(JANITOR_S)

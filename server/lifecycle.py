@@ -22,8 +22,8 @@ On a database shared by several nodes (PostgreSQL), each move is also told to th
 of a move is sent by the node that made it, so each event is sent once, and an owed final webhook
 is held in the database by one node at a time (:mod:`server.outbox`). A cancel is recorded in the
 database, where the worker running the prediction, on any node, looks at each step. Leases run by
-the database's clock, and a database that restarted gives every lease a fresh ``--lease-s`` (no
-worker could renew one while it was away).
+the database's clock, and a database that restarted gives every lease a fresh ``--lease-s`` and
+``RECONNECT_S`` more (no worker could renew one while it was away).
 
 While the database is away, a run goes on: its logs and previews wait, a cancel is looked for
 again at the next step, and its outcome is written once the database is back (tried again for
@@ -58,6 +58,7 @@ DEADLINE_BATCH = 200  # deadlines looked at in one go
 QUEUED = "queued"  # told to other nodes only: their workers look at the queue
 WEBHOOK_TIMEOUT_S = 10.0  # one webhook POST, connect to answer
 OUTCOME_RETRY_S = 120.0  # a run's outcome is tried again this long while the database is away
+RECONNECT_S = 15.0  # after the database restarts, leases run on this long beyond --lease-s: workers reconnect
 CANCEL_CHECK_S = 0.1  # a running prediction's worker looks for a cancel in the database this often
 PREVIEW_WATCH_S = 30.0  # a stream's (or a preview reader's) wish for previews holds this long unless renewed
 PREVIEW_WATCH_RENEW_S = 5.0  # a node writes one watcher's wish at most this often
@@ -125,6 +126,12 @@ class Lifecycle:
         if record is not None:
             self._publish(record, "start")
         return record
+
+    @property
+    def lease_grace_s(self) -> float:
+        """How long after the database restarted a lease is held whatever its time said: nobody
+        could renew it while the database was away, and its worker needs a moment to reconnect."""
+        return self.settings.lease_s + RECONNECT_S
 
     def renew(self, run: PredictionRecord) -> bool:
         """The heartbeat of a run: its lease holds ``--lease-s`` more; False once the run lost it."""
@@ -267,7 +274,7 @@ class Lifecycle:
         out); a final webhook it wants is owed from now, held by this node's outbox."""
         moved = self.store.end_run(
             run.id, status, held_by=run.lease, webhook_lease=self.outbox.lease if run.wants_completed_webhook else None,
-            webhook_hold_s=self.outbox.hold_s, expired_grace_s=self.settings.lease_s if expired else None,
+            webhook_hold_s=self.outbox.hold_s, expired_grace_s=self.lease_grace_s if expired else None,
             completed_at=self.store.now(), **fields)
         if moved is None:
             log.warning("prediction %s: this run no longer holds it; its outcome (%s) is not recorded",
@@ -311,7 +318,10 @@ class Lifecycle:
             self.cancel_requested.add(prediction_id)
             # Recorded with its reason: the node running it logs the same words; a restart ends it canceled.
             self.store.request_cancel(prediction_id, self.store.now(), reason)
-            record = self.store.get_prediction(prediction_id)
+            try:
+                record = self.store.get_prediction(prediction_id) or record
+            except DatabaseUnavailable:  # the cancel is recorded: answer with what was read before
+                pass
         return record
 
     async def watch_deadlines(self) -> None:
@@ -320,6 +330,8 @@ class Lifecycle:
         while True:
             try:
                 wait = await asyncio.get_running_loop().run_in_executor(None, self.enforce_deadlines)
+            except DatabaseUnavailable:
+                wait = 1.0  # looked at again once the database is back
             except Exception:
                 log.exception("checking Cancel-After deadlines failed")
                 wait = DEADLINE_POLL_S
@@ -366,7 +378,7 @@ class Lifecycle:
         """Settle the running predictions whose lease ran out (their worker is gone): canceled if a
         cancel was asked, failed after ``--max-attempts`` runs, else back in the queue. The ids
         queued again."""
-        grace, queued = self.settings.lease_s, []
+        grace, queued = self.lease_grace_s, []
         for record in self.store.expired_leases(grace):
             if self._settle_interrupted(record, expired=True):
                 continue

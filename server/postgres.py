@@ -47,7 +47,7 @@ BLOB_PART = 1 << 20
 # turn rather than use up the server's max_connections), each opened within BLOB_CONNECT_S.
 BLOB_CONNECTIONS = 8
 BLOB_CONNECT_S = 10
-BLOB_WAIT_S = 120.0  # the longest a file waits for one of those connections
+BLOB_WAIT_S = 30.0  # the longest a file waits for one of those connections
 PG_BLOBS = """
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT COLLATE "C" NOT NULL,
@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS blobs (
 CONNECT_S = 5.0  # opening one connection
 POOL_WAIT_S = 10.0  # the longest a statement waits for a free connection of the pool
 LOOP_WAIT_S = 1.0  # ... when it runs on the event loop, which must never wait long
+AFTER_LOSS_WAIT_S = 2.0  # ... for a fresh connection after one was found closed
 PROBE_S = (0.1, 0.25, 0.5, 1.0)  # how often the database is looked for while it is away
 CLOCK_S = 30.0  # how often this node measures its clock against the database's
 _SCHEMA_LOCK = 815373  # the advisory lock under which one node at a time makes or upgrades the tables
@@ -95,6 +96,14 @@ def connection_lost(exc: BaseException) -> bool:
     return False
 
 
+def _close_pools(*pools) -> None:
+    for pool in pools:
+        try:
+            pool.close(timeout=5.0)
+        except Exception:
+            pass
+
+
 def _on_event_loop() -> bool:
     return asyncio._get_running_loop() is not None
 
@@ -122,18 +131,15 @@ class PostgresStore(Store):
             raise RuntimeError("A PostgreSQL database needs psycopg and psycopg_pool: "
                                "pip install 'flux-fill-server[postgres]'") from None
         self.url = url
+        self.pool_size = pool_size
         self._closed = False
+        self._closing = threading.Event()  # wakes the prober and the clock when the store closes
         self._state = threading.Lock()
         self._down_since: float | None = None  # monotonic time the database was found away
         self._reconnected: list = []
         self._offset = 0.0  # the database's clock less this node's
         self._make_tables()
-        self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, name="flux-fill",
-                                   kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_S},
-                                   timeout=POOL_WAIT_S, max_idle=300.0, open=True)
-        self.blob_pool = ConnectionPool(url, min_size=0, max_size=BLOB_CONNECTIONS, name="flux-fill-files",
-                                        kwargs={"autocommit": True, "connect_timeout": BLOB_CONNECT_S},
-                                        timeout=BLOB_WAIT_S, max_idle=60.0, open=True)
+        self.pool, self.blob_pool = self._make_pools()
         self._measure_clock()
         threading.Thread(target=self._keep_time, name="db-clock", daemon=True).start()
 
@@ -162,8 +168,24 @@ class PostgresStore(Store):
             finally:
                 db.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
 
+    def _make_pools(self):
+        """The statements' pool and the files' pool. Made anew when the database comes back after it
+        was away: a pool that failed to connect for a while waits out its own back-off (up to
+        minutes) before it tries again, while the database is there now."""
+        from psycopg.rows import dict_row
+        from psycopg_pool import ConnectionPool
+
+        statements = ConnectionPool(self.url, min_size=1, max_size=self.pool_size, name="flux-fill",
+                                    kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_S},
+                                    timeout=POOL_WAIT_S, max_idle=300.0, open=True)
+        files = ConnectionPool(self.url, min_size=0, max_size=BLOB_CONNECTIONS, name="flux-fill-files",
+                               kwargs={"autocommit": True, "connect_timeout": BLOB_CONNECT_S},
+                               timeout=BLOB_WAIT_S, max_idle=60.0, open=True)
+        return statements, files
+
     def close(self) -> None:
         self._closed = True
+        self._closing.set()
         self.pool.close()
         self.blob_pool.close()
 
@@ -180,9 +202,8 @@ class PostgresStore(Store):
         self._offset = float(row["t"]) - (before + after) / 2
 
     def _keep_time(self) -> None:
-        while not self._closed:
-            time.sleep(CLOCK_S)
-            if self._closed or self._down_since is not None:
+        while not self._closing.wait(CLOCK_S):
+            if self._down_since is not None:
                 continue
             try:
                 self._measure_clock()
@@ -215,6 +236,8 @@ class PostgresStore(Store):
         return DatabaseUnavailable(f"the database at {describe_url(self.url)} is away")
 
     def _probe(self) -> None:
+        """Look for the database until it answers (or the store closes); then put fresh pools to
+        work and say it is back. Nothing stops this loop but those two."""
         import psycopg
 
         tries = 0
@@ -222,12 +245,14 @@ class PostgresStore(Store):
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_S) as db:
                     db.execute("SELECT 1")
-                for pool in (self.pool, self.blob_pool):
-                    pool.check()  # drop the connections the database closed while it was away
+                pools = self._make_pools()  # fresh: the old ones hold connections the database closed
             except Exception:
-                time.sleep(PROBE_S[min(tries, len(PROBE_S) - 1)])
+                self._closing.wait(PROBE_S[min(tries, len(PROBE_S) - 1)])
                 tries += 1
                 continue
+            old = (self.pool, self.blob_pool)
+            self.pool, self.blob_pool = pools
+            threading.Thread(target=_close_pools, args=old, name="db-close", daemon=True).start()
             with self._state:
                 away = time.monotonic() - (self._down_since or time.monotonic())
                 self._down_since = None
@@ -260,13 +285,17 @@ class PostgresStore(Store):
         for attempt in (1, 2):
             self._check_up()
             try:
-                with self._connection() as db:
+                # Once a connection was found closed, a fresh one is waited for only briefly: the
+                # database may be away, and then the prober, not every caller, looks for it.
+                with self._connection(wait_s=AFTER_LOSS_WAIT_S if attempt == 2 else None) as db:
                     if durable is False:  # its loss in a crash is harmless: no flush of its own
                         with db.transaction():
                             db.execute("SET LOCAL synchronous_commit TO off")
                             return _fetch(db.execute(text, params), fetch)
                     return _fetch(db.execute(text, params), fetch)
-            except DatabaseUnavailable:
+            except DatabaseUnavailable as exc:
+                if attempt == 2:  # no fresh connection came: the database is away
+                    raise self._lost(exc) from exc
                 raise
             except Exception as exc:
                 if not connection_lost(exc):

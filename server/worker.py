@@ -64,7 +64,8 @@ class LogBuffer:
 
     def progress(self, done: int, total: int) -> None:
         elapsed = time.monotonic() - self.started
-        self.line(tqdm.format_meter(done, total, elapsed, ncols=80))
+        self.text += tqdm.format_meter(done, total, elapsed, ncols=80) + "\n"
+        self.flush(force=done == total)  # the last step is told at once: then come the outputs
 
     def flush(self, force: bool = True) -> None:
         t = time.monotonic()

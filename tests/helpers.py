@@ -225,9 +225,10 @@ class PostgresDatabases:
 
 
 class Receiver:
-    """Records webhook POSTs on 127.0.0.1, as (lower-cased headers, raw body)."""
+    """Records webhook POSTs on 127.0.0.1, as (lower-cased headers, raw body); on ``port`` when given
+    (a receiver that comes back where it was), answering each after ``delay_s`` (a slow one)."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0, delay_s: float = 0.0):
         self.posts: list[tuple[dict, bytes]] = []
         outer = self
 
@@ -237,12 +238,15 @@ class Receiver:
 
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if delay_s:
+                    time.sleep(delay_s)
                 outer.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
 

@@ -9,14 +9,15 @@ from starlette.concurrency import run_in_threadpool
 
 from ..admission import admit
 from ..auth import Caller
+from ..bodies import OffLoopJSON
 from ..catalog import check_model
 from ..events import TooManyWatchers
 from ..protocol import ApiError, Prediction, PredictionPage, PredictionRequest, Status, not_found
 from ..state import AppState, get_state, optional_auth, require_auth
 from ..streaming import prediction_events
 
-router = APIRouter(tags=["predictions"])
-stream_router = APIRouter(tags=["predictions"])
+router = APIRouter(tags=["predictions"], route_class=OffLoopJSON)
+stream_router = APIRouter(tags=["predictions"], route_class=OffLoopJSON)
 CANCEL_AFTER = Header(None, alias="Cancel-After",
                       description="Cancel the prediction when this much time has passed since it was created "
                                   "(30s, 5m, 2h30m, or seconds); at least 5 s.")
