@@ -60,8 +60,11 @@ def test_a_run_stopped_past_its_lease_never_replaces_the_outputs_of_the_run_that
         holder.rollback()  # the lock goes; the stopped worker's write waits on the worker itself
     try:
         second = server_factory(*shared, command="worker", timeout=180)  # takes it over once its lease runs out
-        done = wait_for(lambda: (p := httpx.get(f"{apis[0].url}/v1/predictions/{pid}", timeout=30).json())
-                        if p["status"] in ("succeeded", "failed", "canceled") else None, timeout=180, every=0.2)
+        def ended():
+            found = httpx.get(f"{apis[0].url}/v1/predictions/{pid}", timeout=30).json()
+            return found if found["status"] in ("succeeded", "failed", "canceled") else None
+
+        done = wait_for(ended, timeout=180, every=0.2)
         assert done["status"] == "succeeded", done
         assert "its lease ran out" in done["logs"]
         before = [served(api, done) for api in apis]
