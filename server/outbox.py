@@ -72,9 +72,14 @@ class FinalDelivery:
     async def delivered(self) -> None:
         await self._record(lambda: self.outbox.store.webhook_sent(self.prediction_id, self.outbox.lease))
 
-    async def later(self, delay_s: float, error: str | None, attempted: bool = True) -> None:
-        await self._record(lambda: self.outbox.store.webhook_later(self.prediction_id, self.outbox.lease, delay_s,
-                                                                   error, attempted))
+    async def failed(self, error: str) -> None:
+        """Counted and kept in the database: a node that takes it over (or this one, restarted)
+        goes on with the schedule from there, and an operator sees why it fails."""
+        await self._record(lambda: self.outbox.store.webhook_failed(self.prediction_id, self.outbox.lease, error),
+                           settles=False)
+
+    async def later(self, delay_s: float) -> None:
+        await self._record(lambda: self.outbox.store.webhook_later(self.prediction_id, self.outbox.lease, delay_s))
 
     async def give_up(self, error: str) -> None:
         log.warning("prediction %s: its final webhook is given up after %d attempts: %s", self.prediction_id,
@@ -86,8 +91,14 @@ class FinalDelivery:
         hold runs out, or until this node (restarted) takes it back."""
         self.outbox.holding.discard(self.prediction_id)
 
-    async def _record(self, write: Callable[[], bool]) -> None:
+    async def _record(self, write: Callable[[], bool], settles: bool = True) -> None:
         loop = asyncio.get_running_loop()
+        if not settles:
+            try:
+                await loop.run_in_executor(None, write)
+            except DatabaseUnavailable:
+                pass  # a count and a reason: the next write catches up
+            return
         try:
             while True:
                 try:

@@ -438,14 +438,17 @@ class Store:
             params.append(lease)
         return self._run(sql, params) > 0
 
-    def webhook_later(self, prediction_id: str, lease: str, delay_s: float, error: str | None,
-                      attempted: bool = True) -> bool:
-        """The final webhook failed (``error``) or could not be tried now: owed again in ``delay_s``
-        (by the database's clock), held by no sender, so any node may send it then."""
-        return self._run("UPDATE predictions SET webhook_due = {now} + ?, webhook_lease = NULL, "
-                         "webhook_attempts = webhook_attempts + ?, webhook_error = COALESCE(?, webhook_error) "
-                         "WHERE id = ? AND webhook_lease = ?",
-                         (delay_s, int(attempted), error, prediction_id, lease)) > 0
+    def webhook_failed(self, prediction_id: str, lease: str, error: str) -> bool:
+        """One more attempt at the final webhook failed, for ``error``."""
+        return self._run("UPDATE predictions SET webhook_attempts = webhook_attempts + 1, webhook_error = ? "
+                         "WHERE id = ? AND webhook_lease = ?", (error, prediction_id, lease), durable=False) > 0
+
+    def webhook_later(self, prediction_id: str, lease: str, delay_s: float) -> bool:
+        """The final webhook is not settled (its last attempt failed, or it could not be tried now):
+        owed again in ``delay_s`` (by the database's clock), held by no sender, so any node may
+        send it then."""
+        return self._run("UPDATE predictions SET webhook_due = {now} + ?, webhook_lease = NULL "
+                         "WHERE id = ? AND webhook_lease = ?", (delay_s, prediction_id, lease)) > 0
 
     def webhook_given_up(self, prediction_id: str, lease: str, error: str) -> bool:
         """The final webhook failed until its retries ran out: owed no more, its last error kept."""

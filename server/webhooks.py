@@ -109,7 +109,10 @@ class Final:
 
     async def delivered(self) -> None: ...
 
-    async def later(self, delay_s: float, error: str | None, attempted: bool = True) -> None:
+    async def failed(self, error: str) -> None:
+        """One attempt failed (it is tried again, or given up, next)."""
+
+    async def later(self, delay_s: float) -> None:
         """Not settled: to be tried again in ``delay_s`` (by whoever then holds it)."""
 
     async def give_up(self, error: str) -> None: ...
@@ -135,7 +138,7 @@ class LocalFinal(Final):
     async def give_up(self, error: str) -> None:
         self._settled()
 
-    async def later(self, delay_s: float, error: str | None, attempted: bool = True) -> None:
+    async def later(self, delay_s: float) -> None:
         self._settled()  # nobody else will try it again
 
     def _settled(self) -> None:
@@ -392,7 +395,7 @@ class WebhookSender:
             if job.final is not None and not isinstance(job.final, LocalFinal):  # owed: tried again later
                 logger.warning("webhooks: completed event of %s not sent now (no snapshot: %s); tried again later",
                                prediction_id, error)
-                await job.final.later(self._backoff_base_s, None, attempted=False)
+                await job.final.later(self._backoff_base_s)
                 return
             logger.warning("webhooks: %s event of %s dropped: no snapshot (%s)", job.event, prediction_id, error)
             self.stats["dropped"] += 1
@@ -419,7 +422,7 @@ class WebhookSender:
             except _NoSlot:
                 logger.info("webhooks: completed event of %s waited %g s for a slot on %s; handed back for later",
                             prediction_id, final.slot_wait_s, where)
-                await final.later(self._backoff_base_s, None, attempted=False)
+                await final.later(self._backoff_base_s)
                 return
             if failure is None:
                 logger.debug("webhooks: %s event of %s delivered to %s", job.event, prediction_id, where)
@@ -433,6 +436,7 @@ class WebhookSender:
                 return
             attempts += 1
             final.attempts = attempts
+            await final.failed(failure)
             pause = min(self._backoff_base_s * 2 ** (attempts - 1), final.max_interval_s)
             remaining = final.remaining_s()
             if remaining <= 0 or (pause > final.local_retry_s and remaining <= pause):
@@ -445,7 +449,7 @@ class WebhookSender:
             if pause > final.local_retry_s:
                 logger.info("webhooks: completed event of %s to %s failed (%s); retrying in %.0f s", prediction_id,
                             where, failure, pause)
-                await final.later(pause, failure)
+                await final.later(pause)
                 return
             pause = min(pause, remaining)
             logger.info("webhooks: %s event of %s to %s failed (%s); retrying in %.1f s",

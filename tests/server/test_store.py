@@ -168,7 +168,7 @@ def test_an_owed_final_webhook_is_held_by_one_sender_at_a_time(store):
     assert store.claim_owed_webhooks("node-c/1", 60, grace_s=0) == []  # held by the one who took it
     assert not store.webhook_sent("a", "node-a/1")  # the old holder settles nothing
     # A failure hands it back, due later, held by nobody; an attempt is counted.
-    assert store.webhook_later("a", "node-b/1", 0.3, "HTTP 500")
+    assert store.webhook_failed("a", "node-b/1", "HTTP 500") and store.webhook_later("a", "node-b/1", 0.3)
     later = store.get_prediction("a")
     assert (later.webhook_lease, later.webhook_attempts, later.webhook_error) == (None, 1, "HTTP 500")
     assert store.claim_owed_webhooks("node-c/1", 60, grace_s=0) == []  # not due yet
