@@ -105,3 +105,15 @@ def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     assert sections["memory_modes"] == {"skipped": "needs a CUDA GPU"}
     assert sections["fp8_compiled"] == {"skipped": "needs a CUDA GPU"}
     assert f"report: {report_path}" in proc.stdout
+
+
+def test_the_durability_bench_prints_what_durable_commits_cost(postgres_url):
+    """bench/durability.py on a scratch database: durable and unflushed commits in one run, and their ratio."""
+    proc = subprocess.run(
+        [sys.executable, "bench/durability.py", "--database", postgres_url, "--predictions", "16", "--clients", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["commits", "clients"] and len(lines) == 7
+    assert lines[-1].startswith("ratio 2 client(s): durable commits give ") and "create latency" in lines[-1]
