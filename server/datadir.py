@@ -87,7 +87,8 @@ def node_holder(data_dir: Path) -> str:
 
 def clean_leftovers(data_dir: Path, older_than_s: float | None = None) -> int:
     """Delete what a server killed mid-write left behind: uploads still being received
-    (``tmp/``), outputs still being written (``outputs/<id>/.out-0.png.tmp``) and LoRA downloads
+    (``tmp/``), outputs still being written (``outputs/<id>/<run>/.out-0.png.tmp``, or
+    ``outputs/<id>/.out-0.png.tmp`` from before runs had folders) and LoRA downloads
     still running (``loras/*.part``). Only safe while holding the lock, or, in a folder shared with
     other nodes, for files untouched for ``older_than_s``. Returns the count."""
     removed = 0
@@ -112,7 +113,7 @@ def clean_leftovers(data_dir: Path, older_than_s: float | None = None) -> int:
                 removed += 1
             except OSError:
                 log.warning("could not remove %s", entry)
-    patterns = (("outputs", "*/.*.tmp"), (LORA_CACHE, "*.part"))
+    patterns = (("outputs", "*/.*.tmp"), ("outputs", "*/*/.*.tmp"), (LORA_CACHE, "*.part"))
     for folder, pattern in patterns:
         root = data_dir / folder
         if not root.is_dir():
