@@ -21,7 +21,7 @@ from .events import Hub
 from .fetching import OwnFetches, lora_settings
 from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
-from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response
+from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, RequestId, TrailingSlash, problem_response
 from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
@@ -197,7 +197,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # never SSE or images (Starlette's defaults)
     app.add_middleware(HeadAsGet)
     app.add_middleware(TrailingSlash, router=app.router)
-    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # outermost: it may replace any answer
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # it may replace any answer
+    app.add_middleware(RequestId)  # outermost: every answer, the other middleware's refusals too, carries one
     return app
 
 
