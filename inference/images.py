@@ -259,6 +259,11 @@ class ImageHeader:
     def size(self) -> tuple[int, int]:
         return self.width, self.height
 
+    @property
+    def content_type(self) -> str:
+        """Its media type; a phone's MPO (which the JPEG reader opens) is a JPEG."""
+        return ACCEPTED_TYPES.get(self.format, "image/jpeg")
+
 
 def read_header(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """The header of image bytes, refused as :func:`open_image` refuses them (not an image this server

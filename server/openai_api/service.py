@@ -24,7 +24,6 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from inference.errors import ALL_FLAGGED
-from inference.images import ACCEPTED_TYPES
 from inference.inputs import MAX_OUTPUTS, MAX_SEED
 
 from ..admission import Admission
@@ -199,9 +198,9 @@ class OpenAIImages:
         if sent is None:
             return {}, options.dimensions or DEFAULT_SIZE
         image, mask = check_edit(sent.image, sent.mask, self.state.settings.max_image_pixels)
-        pictures = {"image": data_uri(sent.image, ACCEPTED_TYPES[image.format])}
+        pictures = {"image": data_uri(sent.image, image.content_type)}
         if sent.mask is not None:
-            pictures[MASK_INPUT] = data_uri(sent.mask, ACCEPTED_TYPES[mask.format])
+            pictures[MASK_INPUT] = data_uri(sent.mask, mask.content_type)
         return pictures, options.dimensions or image.size
 
     def create(self, caller: Caller, options: ImageOptions, pictures: dict[str, str], size: tuple[int, int],

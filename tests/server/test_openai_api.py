@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import time
 import typing
 
@@ -230,6 +231,32 @@ def test_models_list_and_retrieve_answer_openais_objects(client, server):
 
     page = replicate.Client(api_token=TOKEN, base_url=server.url).models.list()
     assert [f"{m.owner}/{m.name}" for m in page.results] == ["black-forest-labs/flux-fill-dev"] and page.next is None
+
+
+def test_every_answer_has_a_request_id(server):
+    """x-request-id: the prediction's id on Replicate's create, get and cancel; a fresh req_ id on
+    anything else, errors and the middleware's own refusals included."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"input": {"prompt": "x", "image": "data:image/png;base64," + base64.b64encode(png_bytes(
+        noise_image(32, 32))).decode(), "num_inference_steps": 1, "megapixels": "match_input"}}
+    created = httpx.post(f"{server.url}/v1/models/black-forest-labs/flux-fill-dev/predictions", json=body,
+                         headers=auth)
+    pid = created.json()["id"]
+    assert created.headers["x-request-id"] == pid
+    assert httpx.get(f"{server.url}/v1/predictions/{pid}", headers=auth).headers["x-request-id"] == pid
+    assert httpx.post(f"{server.url}/v1/predictions/{pid}/cancel", headers=auth).headers["x-request-id"] == pid
+    others = [httpx.get(f"{server.url}/v1/predictions/nope", headers=auth),
+              httpx.get(f"{server.url}/v1/models", headers=auth),
+              httpx.get(f"{server.url}/v1/predictions")]  # 401
+    assert [r.status_code for r in others] == [404, 200, 401]
+    ids = [r.headers["x-request-id"] for r in others]
+    # A body declared over --max-body-bytes: refused by the middleware before it is read.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 40}\r\n\r\n".encode())
+        head = raw.recv(65536).decode("latin-1").lower()
+    assert head.startswith("http/1.1 413") and "x-request-id: req_" in head
+    ids.append(head.split("x-request-id: ", 1)[1].split("\r\n", 1)[0])
+    assert all(i.startswith("req_") and len(i) == 36 for i in ids) and len(set(ids)) == 4
 
 
 def test_the_predictions_are_the_servers_own(client, server):

@@ -212,3 +212,12 @@ def test_the_worker_makes_a_generations_canvas():
                   seed=1, width=32, height=32, prompt_tokens=3)
     assert job.facts_of([made])["usage"]["image_tokens"] == 0  # a generation has no input image
     assert Image.open(io.BytesIO(job.finished([made])[0].data)).size == (48, 40)
+
+
+def test_a_phones_mpo_is_kept_as_the_jpeg_it_is():
+    """The JPEG reader opens a phone's MPO (several JPEGs in one file): its header says MPO, its
+    data: URI says image/jpeg."""
+    buf = io.BytesIO()
+    noise_image(16, 8).save(buf, "MPO", save_all=True, append_images=[noise_image(16, 8, seed=1)])
+    image, _ = check_edit(buf.getvalue(), None, MAX_PIXELS)
+    assert (image.format, image.content_type, image.size) == ("MPO", "image/jpeg", (16, 8))
