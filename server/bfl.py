@@ -12,9 +12,10 @@ record's ``api_data``, which Replicate's answers never show.
   (``top``/``bottom``/``left``/``right`` are ``expand_*``). The engine generates at sides floored to
   a multiple of 32 (at most 1440 px, ``megapixels: match_input``) and the worker scales the outputs
   back to that size (server.bfl_pictures). A mask must have the image's size (422 naming it).
-- Admission before work: the setup, the rate limit and the queue are checked first, then the
-  pictures' headers (a base64 image is read for its header only, never decoded on the API node);
-  a picture given as a URL is checked by the worker that fetches it, and fails the task in words.
+- Admission before work: the setup and the queue are checked first, then the pictures' headers (a
+  base64 image is read for its header only, never decoded on the API node), then the rate limit is
+  charged; a picture given as a URL is checked by the worker that fetches it, and fails the task in
+  words.
 - The create's ``cost`` is in this server's own unit, megapixel-steps: the megapixels the engine
   generates times the denoising steps, divided by 50 (a 1 MP fill at BFL's default 50 steps costs
   1.0); ``input_mp`` and ``output_mp`` are the input's and the output's megapixels. All three are
@@ -37,7 +38,7 @@ import base64
 import binascii
 import enum
 import re
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
@@ -255,11 +256,11 @@ def kept_data(endpoint: str, body: FillRequest | ExpandRequest) -> dict[str, Any
 
 
 async def create(service: PredictionService, endpoint: str, body: FillRequest | ExpandRequest, caller: Caller,
-                 base: str) -> AsyncResponse:
+                 base: str, charge: Callable[[], None] = lambda: None) -> AsyncResponse:
     """Write a BFL request as a prediction; its id, polling URL, cost and sizes. Raises ApiError
     (the caller answers it in BFL's shape) when a value or the server refuses it; nothing is
-    written then. The queue is checked before a picture is read, and the pictures are read for
-    their headers only."""
+    written then. The queue is checked before a picture is read, the pictures are read for their
+    headers only, and ``charge`` (the caller's rate limit) is called once the request is valid."""
     bad = lone_surrogate_at(body.model_dump(exclude={"image", "mask"}))
     if bad:
         raise not_unicode(bad)
@@ -276,6 +277,7 @@ async def create(service: PredictionService, endpoint: str, body: FillRequest | 
     admission = admit(request, "hidden", None, None)
     service.check_queue(caller)
     measured = await run_in_threadpool(check_pictures, request.sent_input, service.settings.max_image_pixels)
+    charge()
     record = service.create(request, admission, caller, api=API, api_data=kept_data(endpoint, body))
     return AsyncResponse(id=record.id, polling_url=f"{base}/v1/get_result?id={record.id}", **(measured or {}))
 

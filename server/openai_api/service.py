@@ -179,13 +179,13 @@ class OpenAIImages:
     # -- making the predictions ----------------------------------------------------------------
 
     def admit(self, caller: Caller) -> None:
-        """What a request must pass before anything of its pictures is read: the model loaded, the
-        caller's rate limit, room in the queue (the server's and the caller's)."""
+        """What a request must pass before anything of its pictures is read: the model loaded, room
+        in the queue (the server's and the caller's). The rate limit is charged once the request
+        is valid (see create)."""
         state = self.state
         if state.phase == "SETUP_FAILED":
             raise OpenAIError(503, f"The model failed to load: {state.setup_error}", type="server_error")
         try:
-            state.auth.charge(caller)
             self.service.check_queue(caller)
         except ApiError as exc:
             state.metrics.refused.inc()
@@ -210,6 +210,7 @@ class OpenAIImages:
         seed = random.randint(0, MAX_SEED - options.n)
         made: list[str] = []
         try:
+            state.auth.charge(caller)
             for first in range(0, options.n, MAX_OUTPUTS):
                 count = min(MAX_OUTPUTS, options.n - first)
                 sent_input = {
@@ -250,7 +251,7 @@ class OpenAIImages:
     async def answer(self, request: Request, endpoint: str) -> Response:
         caller = self.caller(request)
         options, sent = await (self.read_edit(request) if endpoint == EDITS else self.read_generation(request))
-        # Admission before work: the setup, the rate limit and the queue, then the pictures' headers.
+        # Admission before work: the setup and the queue, then the pictures' headers, then the rate limit.
         self.admit(caller)
         pictures, size = await run_in_threadpool(self.pictures, options, sent)
         made = self.create(caller, options, pictures, size, endpoint)

@@ -16,11 +16,11 @@ router = APIRouter(tags=["bfl"])
 
 
 async def _create(state: AppState, request: Request, endpoint: str, body, caller: Caller) -> bfl.AsyncResponse:
-    state.auth.charge(caller)
     if state.phase == "SETUP_FAILED":
         raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
     try:
-        answer = await bfl.create(state.service, endpoint, body, caller, state.api_base(request))
+        answer = await bfl.create(state.service, endpoint, body, caller, state.api_base(request),
+                                  charge=lambda: state.auth.charge(caller))
     except ApiError:
         state.metrics.refused.inc()
         raise
