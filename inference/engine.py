@@ -76,6 +76,7 @@ class Output:
     seed: int
     width: int
     height: int
+    prompt_tokens: int = 0  # T5 tokens of the prompt the model read (at most 512): a fact of the run
 
 
 @dataclass
@@ -172,7 +173,8 @@ class Engine:
                 log(f"LoRA {inp.lora_weights} at scale {inp.effective_lora_scale():g}")
             stop.check()
             with torch.inference_mode():
-                embeds = self.encode_prompt(inp.prompt, log)
+                prompt_tokens = self.read_prompt_tokens(inp.prompt, log)
+                embeds = self.encode_prompt(inp.prompt)
                 stop.check()
                 previews = (on_preview, preview_wanted) if on_preview is not None else None
                 if inp.crop_to_mask:
@@ -181,7 +183,7 @@ class Engine:
                     pictures = self.generate_whole(inp, scene, seeds, embeds, on_step, cancelled, log, previews)
                 kept = self.check_safety(inp, pictures, seeds, log)
         stop.check()
-        return self.encode(inp, kept, seeds, stop)
+        return self.encode(inp, kept, seeds, prompt_tokens, stop)
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -230,19 +232,26 @@ class Engine:
         mask = ImageChops.lighter(paste_mask_on_canvas(scene.mask_at(scene.image.size), plan), outpaint_mask)
         return Scene(image=canvas, mask=mask)
 
+    def read_prompt_tokens(self, prompt: str, log: LogFn | None = None) -> int:
+        """The T5 tokens of ``prompt`` the model reads: at most 512, as on the hosted model. A longer
+        prompt is said once in the prediction's logs (``log``), not copied into the server's."""
+        prompt, cut = bounded_prompt(prompt)
+        t5_tokens = len(self.pipeline.tokenizer_2(prompt, truncation=False).input_ids)
+        if log is not None and (t5_tokens > MAX_SEQUENCE_LENGTH or cut):
+            more = " more than" if cut else ""
+            log(f"The prompt is{more} {t5_tokens} T5 tokens long; only the first {MAX_SEQUENCE_LENGTH} are used")
+        return min(t5_tokens, MAX_SEQUENCE_LENGTH)
+
     def encode_prompt(self, prompt: str, log: LogFn | None = None):
         """T5 reads the first 512 tokens and CLIP the first 77, as on the hosted model. Only the first
         ``PROMPT_CHARS`` characters are tokenised (cut at a word boundary, which keeps those tokens
-        as they are in the whole prompt). A longer prompt is said once in the prediction's logs, not
-        copied into the server's. Run under ``torch.inference_mode()`` (``predict`` does): the
-        cached embeddings then hold no autograd graph."""
+        as they are in the whole prompt); with ``log``, a longer prompt is said in it (see
+        read_prompt_tokens). Run under ``torch.inference_mode()`` (``predict`` does): the cached
+        embeddings then hold no autograd graph."""
         pipe = self.pipeline
-        prompt, cut = bounded_prompt(prompt)
         if log is not None:
-            t5_tokens = len(pipe.tokenizer_2(prompt, truncation=False).input_ids)
-            if t5_tokens > MAX_SEQUENCE_LENGTH or cut:
-                more = " more than" if cut else ""
-                log(f"The prompt is{more} {t5_tokens} T5 tokens long; only the first {MAX_SEQUENCE_LENGTH} are used")
+            self.read_prompt_tokens(prompt, log)
+        prompt, _ = bounded_prompt(prompt)
         cached = self._prompts.get(prompt)
         if cached is not None:
             self._prompts.move_to_end(prompt)
@@ -459,7 +468,7 @@ class Engine:
         return kept
 
     def encode(self, inp: PredictionInput, pictures: list[Image.Image | None], seeds: list[int],
-               stop: _Progress | None = None) -> list[Output]:
+               prompt_tokens: int = 0, stop: _Progress | None = None) -> list[Output]:
         """Encode each kept picture as out-<i>.<format>, i its index among the outputs asked for. A
         cancel is looked for before each (a large picture takes seconds to encode)."""
         ext = inp.output_format
@@ -476,6 +485,7 @@ class Engine:
                 seed=seed,
                 width=p.width,
                 height=p.height,
+                prompt_tokens=prompt_tokens,
             ))
         return outputs
 

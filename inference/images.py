@@ -244,6 +244,49 @@ def read_file_string(
     raise FetchError.one(field, "format", f"{field} must be a data: URI or an http(s) URL, not {shown}")
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding a pixel: its format, stored size and
+    colour mode, and whether it has an alpha channel (or a transparent palette colour)."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    has_alpha: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    @property
+    def content_type(self) -> str:
+        """Its media type; a phone's MPO (which the JPEG reader opens) is a JPEG."""
+        return ACCEPTED_TYPES.get(self.format, "image/jpeg")
+
+
+def read_header(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of image bytes, refused as :func:`open_image` refuses them (not an image this server
+    reads, more than ``max_pixels``) but without decoding the pixels: a 10000x10000 PNG of a few
+    hundred KB costs that few hundred KB here, not the 400 MB its pixels take."""
+    Image.init()
+    try:
+        with _bomb_limit(max_pixels), Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            header = ImageHeader(format=img.format or "", width=img.width, height=img.height, mode=img.mode,
+                                 has_alpha=has_alpha(img))
+    except Image.DecompressionBombError:
+        raise FetchError.one(field, "size", f"{field} has too many pixels") from None
+    except Exception:
+        raise FetchError.one(field, "format", f"{field} is not an image this server can read "
+                                              "(PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
+    if header.width * header.height > max_pixels:
+        raise FetchError.one(field, "size", f"{field} is {header.width}x{header.height}, more than the "
+                                            f"{max_pixels // 1_000_000} megapixel limit")
+    if header.width < 1 or header.height < 1:
+        raise FetchError.one(field, "format", f"{field} has no pixels")
+    return header
+
+
 def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes, refusing anything whose header declares more than ``max_pixels``."""
     Image.init()  # every reader registered (once): Pillow's first pass knows only five formats

@@ -21,11 +21,15 @@ from .events import Hub
 from .fetching import OwnFetches, lora_settings
 from .files import FileStore, is_disk_full
 from .metrics import ServerMetrics
-from .middleware import BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, TrailingSlash, problem_response, refusal
+from .middleware import (BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, RequestId, TrailingSlash, problem_response,
+                         refusal)
 from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from . import bfl
+from .bfl_pictures import BFLWorkerSide
+from .openai_api.protocol import API as OPENAI_API
+from .openai_api.worker_side import OpenAIWorkerSide
 from .routes import bfl as bfl_routes
 from .routes import files as files_routes
 from .routes import models as model_routes
@@ -106,6 +110,9 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         metrics = ServerMetrics()
         lifecycle = Lifecycle(settings, store, files, hub, metrics, holder=node_holder(data))
         service = PredictionService(settings, store, files, hub, lifecycle)
+        # How a worker runs the predictions the other APIs' adapters make (see server.adapters).
+        service.adapters = {OPENAI_API: OpenAIWorkerSide(settings.max_image_pixels),
+                            bfl.API: BFLWorkerSide(settings.max_image_pixels)}
         state = AppState(settings=settings, store=store, files=files, hub=hub, service=service,
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute, settings.admin_tokens),
                          metrics=metrics)
@@ -211,7 +218,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # never SSE or images (Starlette's defaults)
     app.add_middleware(HeadAsGet)
     app.add_middleware(TrailingSlash, router=app.router)
-    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # outermost: it may replace any answer
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # it may replace any answer
+    app.add_middleware(RequestId)  # outermost: every answer, the other middleware's refusals too, carries one
     return app
 
 

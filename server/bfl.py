@@ -8,13 +8,25 @@ record's ``api_data``, which Replicate's answers never show.
 
 - Guidance: Fill [pro]'s scale is twice FLUX.1 Fill [dev]'s (pro's default 60, range 1.5 to 100; dev's
   default 30), so ``guidance = bfl_guidance / 2``, clamped to dev's 0 to 100.
-- The output keeps the input's size (``megapixels: match_input``: each side floored to a multiple of
-  32, at most 1440 px a side); Expand's ``top``/``bottom``/``left``/``right`` are ``expand_*``.
+- Sizes, exactly as BFL's: Fill's output is the input's size, Expand's the input's plus the sides
+  (``top``/``bottom``/``left``/``right`` are ``expand_*``). The engine generates at sides floored to
+  a multiple of 32 (at most 1440 px, ``megapixels: match_input``) and the worker scales the outputs
+  back to that size (server.bfl_pictures). A mask must have the image's size (422 naming it).
+- Admission before work: the setup and the queue are checked first, then the pictures' headers (a
+  base64 image is read for its header only, never decoded on the API node), then the rate limit is
+  charged; a picture given as a URL is checked by the worker that fetches it, and fails the task in
+  words.
+- The create's ``cost`` is in this server's own unit, megapixel-steps: the megapixels the engine
+  generates times the denoising steps, divided by 50 (a 1 MP fill at BFL's default 50 steps costs
+  1.0); ``input_mp`` and ``output_mp`` are the input's and the output's megapixels. All three are
+  null when the image is a URL (its size is known once a worker fetches it).
 - ``safety_tolerance`` and ``prompt_upsampling`` are accepted and kept, but change nothing: the safety
   checker is the server's, and there is no prompt upsampler offline.
-- Statuses: ``Pending`` (queued or running), ``Ready``, ``Error`` (failed or canceled), ``Content
-  Moderated`` (every output flagged by the safety checker), ``Task not found`` (unknown, another
-  tenant's, or removed by retention).
+- Errors in BFL's shape: 403 ``{"detail": "Not authenticated - Invalid Authentication"}`` for a
+  missing or wrong key, FastAPI's 422 ``{"detail": [{"loc", "msg", "type"}]}`` for a bad value.
+- Statuses: ``Pending`` (queued or running, with a ``Retry-After``), ``Ready``, ``Error`` (failed or
+  canceled), ``Content Moderated`` (every output flagged by the safety checker), ``Task not found``
+  (unknown, another tenant's, or removed by retention).
 - Webhooks: the final ``get_result`` body plus a ``timestamp``, POSTed once the prediction ends and
   signed, when the request gave a ``webhook_secret``, with ``X-BFL-Signature: sha256=<hex HMAC-SHA256
   of the body>``.
@@ -26,17 +38,19 @@ import base64
 import binascii
 import enum
 import re
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from inference.errors import ALL_FLAGGED
 from inference.inputs import MAX_EXPAND, MAX_SEED, describe_errors
 
 from .admission import admit
 from .auth import Caller
+from .bfl_pictures import check_pictures
 from .predictions import PredictionService, iso
 from .protocol import (
     ApiError,
@@ -56,7 +70,9 @@ FILL = "flux-pro-1.0-fill"
 EXPAND = "flux-pro-1.0-expand"
 PATHS = (f"/v1/{FILL}", f"/v1/{EXPAND}", "/v1/get_result")
 SIGNATURE_HEADER = "X-BFL-Signature"
+NOT_AUTHENTICATED = "Not authenticated - Invalid Authentication"  # BFL's 403 detail for a bad or missing x-key
 DEV_GUIDANCE_RANGE = (0.0, 100.0)
+PENDING_RETRY_CAP_S = 10
 _SNIFF_CHARS = 64  # base64 characters decoded to tell an image's type: 48 bytes
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
           (b"GIF89a", "image/gif"))
@@ -108,8 +124,14 @@ class ExpandRequest(_Common):
 
 
 class AsyncResponse(BaseModel):
+    """The create's answer (BFL's AsyncResponse). ``cost`` is in megapixel-steps (see the module's
+    docstring), not BFL's credits; it, ``input_mp`` and ``output_mp`` are null for a URL image."""
+
     id: str
     polling_url: str
+    cost: float | None = None
+    input_mp: float | None = None
+    output_mp: float | None = None
 
 
 class ResultStatus(str, enum.Enum):
@@ -161,7 +183,10 @@ _BFL_NAMES = {"input.num_inference_steps": "steps", "input.expand_top": "top", "
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error of this server (401, 422 with fields, 429, 503, ...) in BFL's shape."""
+    """An error of this server (422 with fields, 429, 503, ...) in BFL's shape; a missing or wrong
+    key is BFL's 403, in BFL's words (its clients tell a bad key by them)."""
+    if problem.status == 401:
+        return JSONResponse({"detail": NOT_AUTHENTICATED}, status_code=403, headers=headers)
     if problem.status == 422 and problem.invalid_fields:
         detail = [{"loc": ["body", _BFL_NAMES.get(f.field, f.field.removeprefix("input."))],
                    "msg": f.description, "type": f.type} for f in problem.invalid_fields]
@@ -230,10 +255,12 @@ def kept_data(endpoint: str, body: FillRequest | ExpandRequest) -> dict[str, Any
     return {"endpoint": endpoint, "request": request, "webhook_secret": body.webhook_secret}
 
 
-def create(service: PredictionService, endpoint: str, body: FillRequest | ExpandRequest, caller: Caller,
-           base: str) -> AsyncResponse:
-    """Write a BFL request as a prediction; its id and polling URL. Raises ApiError (the caller
-    answers it in BFL's shape) when a value or the server refuses it; nothing is written then."""
+async def create(service: PredictionService, endpoint: str, body: FillRequest | ExpandRequest, caller: Caller,
+                 base: str, charge: Callable[[], None] = lambda: None) -> AsyncResponse:
+    """Write a BFL request as a prediction; its id, polling URL, cost and sizes. Raises ApiError
+    (the caller answers it in BFL's shape) when a value or the server refuses it; nothing is
+    written then. The queue is checked before a picture is read, the pictures are read for their
+    headers only, and ``charge`` (the caller's rate limit) is called once the request is valid."""
     bad = lone_surrogate_at(body.model_dump(exclude={"image", "mask"}))
     if bad:
         raise not_unicode(bad)
@@ -248,8 +275,11 @@ def create(service: PredictionService, endpoint: str, body: FillRequest | Expand
         raise validation_failed([InvalidField(type=fe.type, field=fe.field, description=fe.description)
                                  for fe in describe_errors(errors, "input.")]) from None
     admission = admit(request, "hidden", None, None)
+    service.check_queue(caller)
+    measured = await run_in_threadpool(check_pictures, request.sent_input, service.settings.max_image_pixels)
+    charge()
     record = service.create(request, admission, caller, api=API, api_data=kept_data(endpoint, body))
-    return AsyncResponse(id=record.id, polling_url=f"{base}/v1/get_result?id={record.id}")
+    return AsyncResponse(id=record.id, polling_url=f"{base}/v1/get_result?id={record.id}", **(measured or {}))
 
 
 # -- predictions to results -------------------------------------------------------------------------
@@ -264,6 +294,15 @@ def progress(record: PredictionRecord) -> float | None:
         return 0.0 if record.status in (Status.STARTING, Status.PROCESSING) else None
     done, total = map(int, found[-1])
     return round(done / total, 4) if total else None
+
+
+def retry_after(service: PredictionService, record: PredictionRecord) -> int:
+    """Seconds a client polling a pending task waits before it asks again: 1 while it runs (its
+    progress moves every step), about a run's length per worker while it is queued (capped at 10 s:
+    BFL's examples poll every half second)."""
+    if record.status == Status.PROCESSING:
+        return 1
+    return max(1, min(PENDING_RETRY_CAP_S, service.seconds_until_a_slot_frees()))
 
 
 def _seed(record: PredictionRecord) -> int | None:

@@ -1,5 +1,5 @@
 """ASGI middleware: the body size and time limits, HEAD on every GET route, paths with a trailing
-slash, and the refusal of this server's own fetches.
+slash, the refusal of this server's own fetches, and the ``x-request-id`` of every answer.
 
 Each is a plain ASGI wrapper (no BaseHTTPMiddleware), so streamed responses stay streamed.
 """
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 from starlette.routing import Match, Router
 
 from .fetching import HEADER
@@ -210,3 +213,37 @@ class RefuseOwnFetches:
                                               "to it; a prediction's inputs are never fetched from the server that runs it.")
                         return await problem_response(loop)(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+REQUEST_ID = "request_id"  # the key of the answer's id in the request's state
+
+
+def name_request(request: Request, prediction_id: str) -> None:
+    """The answer to this request is about this prediction (it made it, read it or canceled it): its
+    ``x-request-id`` is the prediction's id, which the clients show in their logs and errors."""
+    request.state.request_id = prediction_id
+
+
+class RequestId:
+    """Every answer carries ``x-request-id`` (the openai clients read it as ``request_id``, and logs
+    and support tickets quote it): the id of the prediction the request made or read when a route
+    named one (:func:`name_request`), else a fresh ``req_<32 hex>``. Outermost, so that the
+    refusals of the other middleware carry one too."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})  # the dict behind request.state, shared by the copies of scope
+        state.pop(REQUEST_ID, None)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if "x-request-id" not in headers:
+                    headers["x-request-id"] = state.get(REQUEST_ID) or f"req_{secrets.token_hex(16)}"
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -29,13 +29,13 @@ from inference.errors import FetchError, InvalidInput
 from inference.images import OUTPUT_CONTENT_TYPES, decode_data_uri
 
 from . import stored_inputs
+from .adapters import EngineJob, FileReader, WorkerSide
 from .admission import Admission
 from .auth import ADMIN, Caller
 from .bodies import LargeStrings, data_uri_file, text_file
 from .events import Hub
 from .files import FileStore, disk_guard, is_disk_full, new_id
 from .lifecycle import Lifecycle
-from .openai_api.pictures import fit_outputs
 from .pages import paginate, parse_cursor
 from .protocol import (
     MODEL_REF,
@@ -93,6 +93,9 @@ class PredictionService:
         self.url_key = bytes.fromhex(store.setting("input_url_key", lambda: secrets.token_hex(32)))
         self.stopping = False  # the server is shutting down: requests waiting on a prediction are answered
         self.stream_reads = StreamReads(self)  # what this node's streams and waiting requests read, once per event
+        # The other APIs' adapters, by the ``api`` of the predictions they make: how a worker runs them
+        # (see server.adapters). Registered by the app; Replicate's predictions have none.
+        self.adapters: dict[str, WorkerSide] = {}
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -134,12 +137,6 @@ class PredictionService:
     def output_url(self, record: PredictionRecord, name: str, base: str) -> str:
         """Where this server serves one output: no token, an unguessable URL (routes/files.py)."""
         return f"{base}/outputs/{record.id}/{record.output_token}/{name}"
-
-    def final_outputs(self, record: PredictionRecord, outputs: list) -> list:
-        """The engine's outputs as they are recorded: an OpenAI request's are scaled to its exact size."""
-        if record.api == "openai":
-            return fit_outputs(outputs, record.api_data)
-        return outputs
 
     def stored(self, record: PredictionRecord) -> list[Stored]:
         return [Stored.of(ref) for ref in record.input_blobs]
@@ -201,6 +198,21 @@ class PredictionService:
             return text
 
         return stored_inputs.fill(record.input, self.stored(record), read)
+
+    def job(self, record: PredictionRecord, read: FileReader, log: Callable[[str], None]) -> EngineJob:
+        """A claimed prediction as the worker runs it: its input as sent, or, for a prediction another
+        API's adapter made, what that adapter prepares from it (on the worker: see server.adapters)."""
+        sent = self.worker_input(record)
+        adapter = self.adapters.get(record.api) if record.api else None
+        if adapter is None:
+            return EngineJob(input=sent)
+        return adapter.prepare(record, sent, read, log)
+
+    def keep_facts(self, run: PredictionRecord, facts: dict[str, Any]) -> None:
+        """Facts of a run an adapter keeps (OpenAI's usage), merged into its ``api_data`` while the
+        run holds the prediction."""
+        if facts:
+            self.store.update_prediction(run.id, held_by=run.lease, api_data={**(run.api_data or {}), **facts})
 
     def resolver_for(self, record: PredictionRecord) -> Callable[[str], bytes | None]:
         """Resolves this server's file URLs in the prediction's input: its own tenant's files only
@@ -269,11 +281,7 @@ class PredictionService:
         """Write an admitted prediction to the queue (the input as it was sent, its long strings in
         files of their own) and wake a worker. ``api`` and ``api_data``: the other API (OpenAI's,
         BFL's) whose adapter made the request, and what it keeps to answer in that API's shape."""
-        queued = self.store.count_queued()
-        if queued >= self.settings.max_queue:
-            raise ApiError(429, f"The server is overloaded: {queued} predictions are waiting. Try again later.",
-                           "Too Many Requests", headers={"Retry-After": str(self.seconds_until_a_slot_frees())})
-        self.quotas.check_queue(caller, self.seconds_until_a_slot_frees)
+        self.check_queue(caller)
         inline, stored, values = stored_inputs.split(request.sent_input)
         self.quotas.check_room(caller, sum(map(stored_inputs.utf8_size, values)))
         webhook = request.webhook or request.webhook_completed
@@ -311,6 +319,15 @@ class PredictionService:
             except BaseException:
                 self.files.remove_inputs(pid)
                 raise
+
+    def check_queue(self, caller: Caller) -> None:
+        """Room in the queue for one more of ``caller``'s predictions: the server's (--max-queue), then
+        the tenant's; 429 with a Retry-After otherwise. Adapters ask it before they read a picture."""
+        queued = self.store.count_queued()
+        if queued >= self.settings.max_queue:
+            raise ApiError(429, f"The server is overloaded: {queued} predictions are waiting. Try again later.",
+                           "Too Many Requests", headers={"Retry-After": str(self.seconds_until_a_slot_frees())})
+        self.quotas.check_queue(caller, self.seconds_until_a_slot_frees)
 
     def seconds_until_a_slot_frees(self) -> int:
         """An honest Retry-After for a full queue: the next queued prediction starts (and frees a

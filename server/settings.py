@@ -16,7 +16,8 @@ from inference.images import DEFAULT_MAX_PIXELS, FetchPolicy
 from inference.inputs import MAX_OUTPUTS
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-OPENAI_MODELS = ("flux-fill-dev", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3")
+# OpenAI's image model families (every name of the current SDKs, and later ones of the same families) and ours.
+OPENAI_MODELS = ("flux-fill-dev", "gpt-image-*", "chatgpt-image-*", "dall-e-*")
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -89,8 +90,11 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request line and headers, in bytes (400 past it).")
     openai_models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(OPENAI_MODELS),
-        description="Model names OpenAI's image API (/v1/images/edits, /v1/images/generations) accepts, comma-separated; "
-                    "all run this server's model. A request without a model is accepted; '*' accepts any name.")
+        description="Model names OpenAI's image API (/v1/images/edits, /v1/images/generations, GET /v1/models) accepts, "
+                    "comma-separated: names or shell-style patterns (gpt-image-*). All run this server's model, FLUX.1 "
+                    "Fill [dev]. The default is every image model name of the current openai SDKs (gpt-image-*, "
+                    "chatgpt-image-*, dall-e-*) and flux-fill-dev. A request without a model is accepted; '*' accepts "
+                    "any name.")
     previews: bool = Field(True, description="Keep a preview of each running prediction's picture as it forms (a cheap linear projection of the latents, a WebP at most every --preview-interval-s, at most 8 a prediction), for GET /v1/predictions/{id}/preview, streams opened with ?previews=true and the web page. --no-previews turns them off; the denoising then does nothing for them.")
     preview_interval_s: float = Field(0.5, gt=0, description="Least time between two previews of a running prediction, in seconds.")
     log_level: str = Field("info")

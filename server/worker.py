@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from inference.engine import Engine
 from inference.errors import Cancelled, FetchError, InvalidInput, NonFiniteOutput, SafetyError
+from inference.images import read_file_string
 from inference.inputs import parse_input
 
 from .fetching import OwnFetches, came_back
@@ -169,16 +170,18 @@ class Worker(threading.Thread):
         try:
             if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
-            inp = parse_input(service.worker_input(run))
+            job = service.job(run, self.reader(run, cancelled), logs.line)  # another API's adapter prepares here
             outputs = self.engine.predict(
-                inp,
-                resolver=service.resolver_for(run),
+                parse_input(job.input),
+                resolver=job.resolver(service.resolver_for(run)),
                 on_step=logs.progress,
                 cancelled=cancelled,
                 log=logs.line,
                 **self.previews.for_run(run),
             )
-            self.save(run, service.final_outputs(run, outputs), logs, started, cancelled)
+            facts = job.facts_of(outputs)
+            lifecycle._outlasting(lambda: service.keep_facts(run, facts))
+            self.save(run, job.finished(outputs), logs, started, cancelled)
         except Requeued:
             lifecycle.requeue(run, logs.text, time.monotonic() - started)
         except LeaseLost:
@@ -231,6 +234,17 @@ class Worker(threading.Thread):
             self.service.files.remove_outputs(prediction_id, folder)
         except Exception as exc:
             log.warning("could not remove the unrecorded outputs of prediction %s: %s", prediction_id, exc)
+
+    def reader(self, run: PredictionRecord, cancelled):
+        """Reads a file string of the run's input as the engine reads it: its fetch limits, this
+        server's own files resolved where they lie, a cancel between two reads."""
+        settings = self.engine.settings
+
+        def read(value: str, field: str) -> bytes:
+            return read_file_string(value, field, policy=settings.fetch_policy, resolver=self.service.resolver_for(run),
+                                    allow_paths=settings.allow_paths, cancelled=cancelled)
+
+        return read
 
     def canceled(self, run: PredictionRecord, logs: LogBuffer, started: float) -> None:
         text = logs.text + self.lifecycle.cancel_reason(run.id) + "\n"

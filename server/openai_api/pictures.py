@@ -1,63 +1,68 @@
-"""The pictures of an OpenAI request, as this server's engine takes them. Pure functions of bytes.
+"""The pictures of an OpenAI request: checked from their headers on the API node, made into the
+engine's image and mask on the worker.
 
 OpenAI's mask is the opposite of ours: its *transparent* pixels are edited, where ours are white.
-Without a mask, the image's own transparent pixels are edited; an image with none is repainted
-whole. A ``size`` other than ``auto`` is the exact size of every output: the image and mask are
-scaled to it, the model generates at that size (sides floored to 32, at most 1440, as
-``megapixels: match_input`` does) and each output is scaled to it exactly.
+Without a mask, the image's own transparent pixels are edited; an image with none (or with no
+transparent pixel) is repainted whole. A ``size`` other than ``auto`` is the exact size of every
+output: the image and mask are scaled to it, the model generates at that size (sides floored to 32,
+at most 1440, as ``megapixels: match_input`` does) and each output is scaled to it exactly. A
+generation is an edit of a blank canvas of the size, masked whole.
+
+Nothing here decodes a picture on the API node: :func:`check_edit` reads headers only (a 10000 x
+10000 PNG of 400 KB costs 400 KB there), and :func:`edit_pictures` runs on the worker.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import io
-from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image
 
 from inference.errors import FetchError
-from inference.images import encode_image, has_alpha, open_image
+from inference.images import ImageHeader, encode_image, has_alpha, open_image, read_header
 
-from .protocol import ENGINE_FORMATS, invalid
+from .protocol import OpenAIError, invalid
 
 CANVAS_GREY = (127, 127, 127)  # a generation's canvas: fully masked, so its colour is never seen
 
 
-@dataclass(frozen=True)
-class Pictures:
-    """What a prediction is given: the image and our mask (white is repainted), as data: URIs."""
-
-    image: str
-    mask: str
-    size: tuple[int, int]  # the outputs' exact size
+def _invalid_picture(exc: FetchError, param: str) -> OpenAIError:
+    return invalid(f"Invalid '{param}': {exc.errors[0].description}.", param, "invalid_image_format")
 
 
-def data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _open(data: bytes, param: str, max_pixels: int) -> Image.Image:
+def check_edit(image: bytes, mask: bytes | None, max_pixels: int) -> tuple[ImageHeader, ImageHeader | None]:
+    """The image's and mask's headers, once they pass OpenAI's rules as far as headers tell:
+    pictures this server reads, within --max-image-pixels, a mask of the image's size that has an
+    alpha channel. 400 (OpenAI's shape) naming the parameter otherwise."""
     try:
-        return open_image(data, param, max_pixels)
+        picture = read_header(image, "image", max_pixels)
     except FetchError as exc:
-        raise invalid(f"Invalid '{param}': {exc.errors[0].description}.", param, "invalid_image_format") from None
-
-
-def edit_pictures(image: bytes, mask: bytes | None, size: tuple[int, int] | None, max_pixels: int) -> Pictures:
-    """The image to edit and our mask, from OpenAI's image and (optional) mask."""
-    picture = _open(image, "image", max_pixels)
+        raise _invalid_picture(exc, "image") from None
+    stencil = None
     if mask is not None:
-        stencil = _open(mask, "mask", max_pixels)
+        try:
+            stencil = read_header(mask, "mask", max_pixels)
+        except FetchError as exc:
+            raise _invalid_picture(exc, "mask") from None
         if stencil.size != picture.size:
             raise invalid(f"Invalid 'mask': its size ({stencil.width}x{stencil.height}) must match the image's "
                           f"({picture.width}x{picture.height}).", "mask", "invalid_image_dimensions")
-        if not has_alpha(stencil):
+        if not stencil.has_alpha:
             raise invalid("Invalid 'mask': it must have an alpha channel; its fully transparent areas are the "
                           "ones edited.", "mask", "invalid_image_format")
+    return picture, stencil
+
+
+def edit_pictures(image: bytes, mask: bytes | None, size: tuple[int, int],
+                  max_pixels: int) -> tuple[Image.Image, Image.Image]:
+    """On the worker: the image to edit (RGB) and our mask ("L", white is repainted) at ``size``,
+    from OpenAI's image and (optional) mask."""
+    picture = open_image(image, "image", max_pixels)
+    if mask is not None:
+        stencil = open_image(mask, "mask", max_pixels)
+        if stencil.size != picture.size:  # checked at admission; a stored input is checked again
+            raise FetchError.one("mask", "size", f"mask is {stencil.width}x{stencil.height}, the image "
+                                                 f"{picture.width}x{picture.height}: they must match")
         ours = _edited_where_transparent(stencil)
     elif has_alpha(picture):
         ours = _edited_where_transparent(picture)
@@ -66,11 +71,10 @@ def edit_pictures(image: bytes, mask: bytes | None, size: tuple[int, int] | None
     if ours.getextrema() == (0, 0):
         ours = Image.new("L", picture.size, 255)
     rgb = picture.convert("RGB")
-    target = size or picture.size
-    if rgb.size != target:
-        rgb = rgb.resize(target, Image.Resampling.LANCZOS)
-        ours = ours.resize(target, Image.Resampling.BILINEAR)
-    return Pictures(image=data_uri(rgb), mask=data_uri(ours), size=target)
+    if rgb.size != tuple(size):
+        rgb = rgb.resize(tuple(size), Image.Resampling.LANCZOS)
+        ours = ours.resize(tuple(size), Image.Resampling.BILINEAR)
+    return rgb, ours
 
 
 def _edited_where_transparent(img: Image.Image) -> Image.Image:
@@ -78,32 +82,9 @@ def _edited_where_transparent(img: Image.Image) -> Image.Image:
     return Image.eval(img.convert("RGBA").getchannel("A"), lambda a: 255 - a)
 
 
-def generation_pictures(size: tuple[int, int]) -> Pictures:
-    """A generation is an edit of a blank canvas of the size, masked whole."""
-    return Pictures(image=data_uri(Image.new("RGB", size, CANVAS_GREY)), mask=data_uri(Image.new("L", size, 255)),
-                    size=size)
-
-
-def fitted(data: bytes, size: tuple[int, int], output_format: str, quality: int) -> bytes | None:
-    """An encoded output scaled to exactly ``size`` (re-encoded in its format), or None when it has it."""
-    with Image.open(io.BytesIO(data)) as img:
-        if img.size == tuple(size):
-            return None
-        return encode_image(img.convert("RGB").resize(tuple(size), Image.Resampling.LANCZOS), output_format, quality)
-
-
-def fit_outputs(outputs: list, api_data: dict[str, Any] | None) -> list:
-    """The engine's outputs (``inference.engine.Output``) scaled to the size the request asked for, exactly."""
-    size = (api_data or {}).get("size")
-    if not size:
-        return outputs
-    engine_format = ENGINE_FORMATS.get(api_data.get("output_format", "png"), "png")
-    quality = int(api_data.get("output_compression", 100))
-    fitted_outputs = []
-    for out in outputs:
-        data = fitted(out.data, (size[0], size[1]), engine_format, quality)
-        fitted_outputs.append(out if data is None else dataclasses.replace(out, data=data, width=size[0], height=size[1]))
-    return fitted_outputs
+def canvas(size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
+    """On the worker: a generation's blank canvas of the size and its mask, masked whole."""
+    return Image.new("RGB", tuple(size), CANVAS_GREY), Image.new("L", tuple(size), 255)
 
 
 def converted(data: bytes, size: tuple[int, int], output_format: str, quality: int) -> bytes:

@@ -1,5 +1,6 @@
 """OpenAI's image API wire format, as pydantic models: the request's options, the answers, the
-streamed events and the error body."""
+streamed events, the model objects and the error body; and the names this adapter gives what it
+keeps in a prediction."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..protocol import ModelPage
+
+API = "openai"  # the ``api`` of the predictions this adapter makes
+EDITS, GENERATIONS = "edits", "generations"  # the endpoints, as api_data["endpoint"] names them
+MASK_INPUT = "openai_mask"  # an edit's mask as sent, in the prediction's input (transparent is edited)
 MAX_IMAGES = 10  # n: OpenAI's limit
 MAX_PARTIAL_IMAGES = 3
 MIN_SIDE, MAX_SIDE = 16, 4096  # a size's sides, in pixels
@@ -38,7 +44,9 @@ class ImageOptions(BaseModel):
     response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat = "png"
     output_compression: int = Field(100, ge=0, le=100)
-    background: Literal["auto", "opaque"] = "auto"
+    # FLUX paints no transparency: "transparent" is accepted (the clients' own examples send it) and
+    # answered as what was made, "opaque".
+    background: Literal["auto", "opaque", "transparent"] = "auto"
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES)
     user: str | None = None
@@ -131,6 +139,37 @@ class ImageData(BaseModel):
     url: str | None = Field(None, exclude_if=_unset)
 
 
+class InputTokens(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class OutputTokens(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """OpenAI's token usage of an image request, counted from what this server's model processed:
+    text tokens are the prompt's T5 tokens the model read (at most 512); an image of W x H pixels
+    is (W/16) x (H/16) image tokens at the size it was generated (FLUX's transformer works on 2x2
+    patches of latents 8 times smaller than the picture). Input image tokens are an edit's image
+    (a generation has none); output tokens are every image generated."""
+
+    input_tokens: int = 0
+    input_tokens_details: InputTokens = Field(default_factory=InputTokens)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokens = Field(default_factory=OutputTokens)
+    total_tokens: int = 0
+
+    @classmethod
+    def counted(cls, text_tokens: int, image_tokens: int, output_tokens: int) -> "Usage":
+        return cls(input_tokens=text_tokens + image_tokens,
+                   input_tokens_details=InputTokens(image_tokens=image_tokens, text_tokens=text_tokens),
+                   output_tokens=output_tokens, output_tokens_details=OutputTokens(image_tokens=output_tokens),
+                   total_tokens=text_tokens + image_tokens + output_tokens)
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
@@ -138,15 +177,7 @@ class ImagesResponse(BaseModel):
     output_format: OutputFormat
     quality: str
     size: str
-
-
-class Usage(BaseModel):
-    """Token counts: FLUX has no image tokens, so they are zero; the field is there for clients that read it."""
-
-    input_tokens: int = 0
-    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"image_tokens": 0, "text_tokens": 0})
-    output_tokens: int = 0
-    total_tokens: int = 0
+    usage: Usage
 
 
 class PartialImageEvent(BaseModel):
@@ -172,4 +203,22 @@ class CompletedEvent(BaseModel):
     quality: str
     background: Literal["opaque"] = "opaque"
     output_format: OutputFormat
-    usage: Usage = Field(default_factory=Usage)
+    usage: Usage
+
+
+class OpenAIModel(BaseModel):
+    """OpenAI's model object (``models.retrieve``, an entry of ``models.list``)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(ModelPage):
+    """``GET /v1/models`` for both clients: Replicate's page of models (``results``, ``next``,
+    ``previous``) and OpenAI's list (``object: "list"``, ``data``: a model object for each image
+    model name accepted) in one body, each client reading its own keys."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -25,28 +26,36 @@ from starlette.concurrency import run_in_threadpool
 from inference.errors import ALL_FLAGGED
 from inference.inputs import MAX_OUTPUTS, MAX_SEED
 
-from ..admission import admit
+from ..admission import Admission
 from ..auth import Caller
+from ..middleware import name_request
 from ..protocol import ApiError, PredictionRequest, Status
 from ..records import PredictionRecord
 from ..state import AppState
-from .pictures import Pictures, converted, edit_pictures, generation_pictures
+from . import models
+from .pictures import check_edit, converted
 from .protocol import (
+    API,
+    EDITS,
     ENGINE_FORMATS,
+    GENERATIONS,
+    MASK_INPUT,
     CompletedEvent,
     ImageData,
     ImageOptions,
     ImagesResponse,
     OpenAIError,
     PartialImageEvent,
+    Usage,
     from_validation,
     invalid,
 )
+from .worker_side import ran, usage_of
 
 log = logging.getLogger(__name__)
-API = "openai"
-EDITS, GENERATIONS = "edits", "generations"
 EVENT_PREFIX = {EDITS: "image_edit", GENERATIONS: "image_generation"}
+DEFAULT_SIZE = (1024, 1024)  # a generation's size when it asks for "auto"
+ADMITTED = Admission(version="hidden", wait=None, cancel_after_s=None)
 KEEPALIVE_S = 15.0
 WATCH_RENEW_S = 5.0  # a stream that wants previews says so again this often while it waits
 MAX_FORM_FILES = 17  # OpenAI takes up to 16 images, and a mask
@@ -73,8 +82,38 @@ def unauthenticated() -> OpenAIError:
                             "'Authorization: Bearer <token>'.", code="invalid_api_key")
 
 
+def data_uri(data: bytes, content_type: str) -> str:
+    return f"data:{content_type};base64," + base64.b64encode(data).decode()
+
+
+def adapter_request(sent_input: dict[str, Any]) -> PredictionRequest:
+    """The create of one prediction of an OpenAI request. Its input is this adapter's own, checked
+    here (a generation has no image; an edit keeps OpenAI's mask as ``openai_mask``), so it is not
+    validated as a Replicate body; the worker validates what the engine is given."""
+    request = PredictionRequest.model_construct(input=None, version=None, webhook=None, webhook_events_filter=None,
+                                                webhook_completed=None, stream=None)
+    request._sent_input = sent_input
+    return request
+
+
 class ClientGone(Exception):
     """The client closed its connection before its images were made."""
+
+
+@dataclass(frozen=True)
+class Sent:
+    """An edit's pictures as the client sent them (bytes, not decoded)."""
+
+    image: bytes
+    mask: bytes | None
+
+
+@dataclass(frozen=True)
+class Made:
+    """A request's predictions, and the exact size of every image it answers."""
+
+    ids: list[str]
+    size: tuple[int, int]
 
 
 class OpenAIImages:
@@ -96,14 +135,16 @@ class OpenAIImages:
         except ValidationError as exc:
             raise from_validation(exc) from None
         accepted = self.state.settings.openai_models
-        if options.model is not None and "*" not in accepted and options.model not in accepted:
+        if options.model is not None and not models.accepts(accepted, options.model):
             raise OpenAIError(400, f"Invalid value: '{options.model}'. Supported values are: "
                                    f"{', '.join(repr(m) for m in accepted)}.", param="model", code="invalid_value")
         return options
 
-    async def read_edit(self, request: Request) -> tuple[ImageOptions, Pictures]:
+    async def read_edit(self, request: Request) -> tuple[ImageOptions, Sent]:
         """The multipart form of an edit, as the openai clients send it: ``image`` (or ``image[]``,
-        of which the first is edited), an optional ``mask``, and the options as text fields."""
+        of which the first is edited), an optional ``mask``, and the options as text fields. The
+        pictures are read as bytes (uploads past 1 MB wait on disk while the form is read), never
+        decoded here."""
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raise invalid("The body must be multipart/form-data with an 'image' file and a 'prompt'.", None,
                           "invalid_request")
@@ -124,46 +165,66 @@ class OpenAIImages:
             mask_bytes = await mask.read() if mask is not None else None
         finally:
             await form.close()
-        pictures = await run_in_threadpool(edit_pictures, image_bytes, mask_bytes, options.dimensions,
-                                           self.state.settings.max_image_pixels)
-        return options, pictures
+        return options, Sent(image=image_bytes, mask=mask_bytes)
 
-    async def read_generation(self, request: Request) -> tuple[ImageOptions, Pictures]:
+    async def read_generation(self, request: Request) -> tuple[ImageOptions, None]:
         try:
             fields = json.loads(await request.body())
         except (ValueError, RecursionError):
             raise invalid("The body must be a JSON object.", None, "invalid_json") from None
         if not isinstance(fields, dict):
             raise invalid("The body must be a JSON object.", None, "invalid_json")
-        options = self.options(fields)
-        size = options.dimensions or (1024, 1024)
-        return options, await run_in_threadpool(generation_pictures, size)
+        return self.options(fields), None
 
     # -- making the predictions ----------------------------------------------------------------
 
-    def create(self, caller: Caller, options: ImageOptions, pictures: Pictures, endpoint: str) -> list[str]:
-        """One prediction per four images, from consecutive seeds: image i is made from seed + i."""
+    def admit(self, caller: Caller) -> None:
+        """What a request must pass before anything of its pictures is read: the model loaded, room
+        in the queue (the server's and the caller's). The rate limit is charged once the request
+        is valid (see create)."""
         state = self.state
         if state.phase == "SETUP_FAILED":
             raise OpenAIError(503, f"The model failed to load: {state.setup_error}", type="server_error")
+        try:
+            self.service.check_queue(caller)
+        except ApiError as exc:
+            state.metrics.refused.inc()
+            raise from_api_error(exc) from None
+
+    def pictures(self, options: ImageOptions, sent: Sent | None) -> tuple[dict[str, str], tuple[int, int]]:
+        """An edit's pictures as the prediction keeps them (as sent, data: URIs of the type their
+        headers show), once their headers pass OpenAI's rules; and the size of every output. Nothing
+        is decoded: the worker makes the engine's image and mask of them (see worker_side)."""
+        if sent is None:
+            return {}, options.dimensions or DEFAULT_SIZE
+        image, mask = check_edit(sent.image, sent.mask, self.state.settings.max_image_pixels)
+        pictures = {"image": data_uri(sent.image, image.content_type)}
+        if sent.mask is not None:
+            pictures[MASK_INPUT] = data_uri(sent.mask, mask.content_type)
+        return pictures, options.dimensions or image.size
+
+    def create(self, caller: Caller, options: ImageOptions, pictures: dict[str, str], size: tuple[int, int],
+               endpoint: str) -> Made:
+        """One prediction per four images, from consecutive seeds: image i is made from seed + i."""
+        state = self.state
         seed = random.randint(0, MAX_SEED - options.n)
         made: list[str] = []
         try:
             state.auth.charge(caller)
             for first in range(0, options.n, MAX_OUTPUTS):
                 count = min(MAX_OUTPUTS, options.n - first)
-                body = PredictionRequest.model_validate({"input": {
-                    "prompt": options.prompt, "image": pictures.image, "mask": pictures.mask,
+                sent_input = {
+                    "prompt": options.prompt, **pictures,
                     "num_outputs": count, "num_inference_steps": options.steps, "seed": seed + first,
                     "megapixels": "match_input", "output_format": ENGINE_FORMATS[options.output_format],
                     "output_quality": options.output_compression,
-                }})
-                api_data = {"endpoint": endpoint, "size": list(pictures.size), "model": options.model,
+                }
+                api_data = {"endpoint": endpoint, "size": list(size), "model": options.model,
                             "quality": options.quality, "output_format": options.output_format,
                             "output_compression": options.output_compression,
                             "response_format": options.response_format, "user": options.user, "n": options.n,
                             "first": first, "stream": options.stream, "partial_images": options.partial_images}
-                record = self.service.create(body, admit(body, "hidden", None, None), caller, api=API,
+                record = self.service.create(adapter_request(sent_input), ADMITTED, caller, api=API,
                                              api_data=api_data)
                 made.append(record.id)
         except ApiError as exc:
@@ -175,7 +236,9 @@ class OpenAIImages:
             raise
         for _ in made:
             state.metrics.created.inc()
-        return made
+        log.info("OpenAI image %s for model %r, %d image(s) at %dx%d: run by %s as prediction(s) %s", endpoint,
+                 options.model or models.OWN_NAME, options.n, size[0], size[1], models.SERVED_BY, ", ".join(made))
+        return Made(ids=made, size=size)
 
     def cancel(self, ids: list[str]) -> None:
         for pid in ids:
@@ -187,21 +250,26 @@ class OpenAIImages:
 
     async def answer(self, request: Request, endpoint: str) -> Response:
         caller = self.caller(request)
-        options, pictures = await (self.read_edit(request) if endpoint == EDITS else self.read_generation(request))
-        ids = self.create(caller, options, pictures, endpoint)
+        options, sent = await (self.read_edit(request) if endpoint == EDITS else self.read_generation(request))
+        # Admission before work: the setup and the queue, then the pictures' headers, then the rate limit.
+        self.admit(caller)
+        pictures, size = await run_in_threadpool(self.pictures, options, sent)
+        made = self.create(caller, options, pictures, size, endpoint)
+        name_request(request, made.ids[0])
         base = self.state.api_base(request)
         if options.stream:
-            return EventSourceResponse(self.events(ids, options, pictures, endpoint), ping=KEEPALIVE_S)
+            return EventSourceResponse(self.events(made, options, endpoint), ping=KEEPALIVE_S)
         try:
-            records = await self.settled(ids, request)
+            records = await self.settled(made.ids, request)
         except ClientGone:
-            log.info("an OpenAI image request was closed by its client: predictions %s canceled", ", ".join(ids))
+            log.info("an OpenAI image request was closed by its client: predictions %s canceled", ", ".join(made.ids))
             return Response(status_code=499)
         self.check_succeeded(records)
         data = [await run_in_threadpool(self.image_data, record, name, options, base)
                 for record in records for name in record.output or []]
         answer = ImagesResponse(created=int(records[0].created_at), data=data, output_format=options.output_format,
-                                quality=self.quality_name(options), size="x".join(map(str, pictures.size)))
+                                quality=self.quality_name(options), size="x".join(map(str, made.size)),
+                                usage=usage_of(records))
         return JSONResponse(answer.model_dump(mode="json"))
 
     async def settled(self, ids: list[str], request: Request) -> list[PredictionRecord]:
@@ -259,16 +327,18 @@ class OpenAIImages:
 
     # -- streaming -----------------------------------------------------------------------------
 
-    async def events(self, ids: list[str], options: ImageOptions, pictures: Pictures,
-                     endpoint: str) -> AsyncIterator[ServerSentEvent]:
+    async def events(self, made: Made, options: ImageOptions, endpoint: str) -> AsyncIterator[ServerSentEvent]:
         """OpenAI's streamed events: ``<kind>.partial_image`` while each prediction denoises (its
         live previews, up to ``partial_images`` of each prediction, in the request's format and
-        size), then ``<kind>.completed`` for each image. A client that goes away cancels what is
-        still running; a failure is an ``error`` event in OpenAI's error shape."""
+        size), then ``<kind>.completed`` for each image, with its usage: the first completed event
+        carries the request's input tokens and its image's output tokens, each later one its own
+        image's, so that the events' usages add up to the request's. A client that goes away
+        cancels what is still running; a failure is an ``error`` event in OpenAI's error shape."""
+        ids = made.ids
         prefix = EVENT_PREFIX[endpoint]
-        shape = {"size": "x".join(map(str, pictures.size)), "quality": self.quality_name(options),
+        shape = {"size": "x".join(map(str, made.size)), "quality": self.quality_name(options),
                  "output_format": options.output_format}
-        finished, index = False, 0  # index: of the partial images, all predictions of the request together
+        finished, index, first_image = False, 0, True  # index: of the partial images, all predictions together
         if options.partial_images:
             for pid in ids:  # previews are made only for predictions someone watches (see Lifecycle.watch_previews)
                 self.service.lifecycle.watch_previews(pid)
@@ -277,7 +347,7 @@ class OpenAIImages:
                 record = None
                 async for item in self.progress(pid, options.partial_images):
                     if isinstance(item, bytes):
-                        data = await run_in_threadpool(converted, item, pictures.size,
+                        data = await run_in_threadpool(converted, item, made.size,
                                                        ENGINE_FORMATS[options.output_format], options.output_compression)
                         event = PartialImageEvent(type=f"{prefix}.partial_image", b64_json=base64.b64encode(data).decode(),
                                                   partial_image_index=index, created_at=int(time.time()),
@@ -292,10 +362,14 @@ class OpenAIImages:
                     yield ServerSentEvent(event="error", data=exc.body.model_dump_json())
                     finished = True
                     return
+                facts = ran(record)
                 for name in record.output or []:
                     b64 = await run_in_threadpool(self.b64, record, name)
+                    text, image = (facts.text_tokens, facts.image_tokens) if first_image else (0, 0)
+                    first_image = False
+                    usage = Usage.counted(text, image, facts.tokens_per_output)
                     event = CompletedEvent(type=f"{prefix}.completed", b64_json=b64, created_at=int(time.time()),
-                                           **shape)
+                                           usage=usage, **shape)
                     yield ServerSentEvent(event=event.type, data=event.model_dump_json())
             finished = True
         finally:

@@ -1,12 +1,14 @@
 """Black Forest Labs' API routes: Fill [pro] and Expand [pro] creates, and get_result (see server.bfl).
-A key goes in ``x-key`` (or ``Authorization: Bearer``); errors are answered in BFL's shape."""
+A key goes in ``x-key`` (or ``Authorization: Bearer``); errors are answered in BFL's shape (a bad
+key is BFL's 403). A pending task's answer says when to ask again (``Retry-After``)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from .. import bfl
 from ..auth import Caller
+from ..middleware import name_request
 from ..protocol import ApiError
 from ..state import AppState, get_state, require_auth
 
@@ -14,15 +16,16 @@ router = APIRouter(tags=["bfl"])
 
 
 async def _create(state: AppState, request: Request, endpoint: str, body, caller: Caller) -> bfl.AsyncResponse:
-    state.auth.charge(caller)
     if state.phase == "SETUP_FAILED":
         raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
     try:
-        answer = bfl.create(state.service, endpoint, body, caller, state.api_base(request))
+        answer = await bfl.create(state.service, endpoint, body, caller, state.api_base(request),
+                                  charge=lambda: state.auth.charge(caller))
     except ApiError:
         state.metrics.refused.inc()
         raise
     state.metrics.created.inc()
+    name_request(request, answer.id)
     return answer
 
 
@@ -41,6 +44,12 @@ async def expand(body: bfl.ExpandRequest, request: Request, caller: Caller = Dep
 
 
 @router.get("/v1/get_result", response_model=bfl.ResultResponse, summary="BFL: a task's status and result")
-async def get_result(request: Request, id: str = Query(..., max_length=200), caller: Caller = Depends(require_auth),
-                     state: AppState = Depends(get_state)):
-    return bfl.result(state.service, id, state.service.get(id, caller), state.api_base(request))
+async def get_result(request: Request, response: Response, id: str = Query(..., max_length=200),
+                     caller: Caller = Depends(require_auth), state: AppState = Depends(get_state)):
+    record = state.service.get(id, caller)
+    answer = bfl.result(state.service, id, record, state.api_base(request))
+    if record is not None:
+        name_request(request, record.id)
+    if answer.status == bfl.ResultStatus.PENDING:
+        response.headers["Retry-After"] = str(bfl.retry_after(state.service, record))
+    return answer

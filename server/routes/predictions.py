@@ -12,6 +12,7 @@ from ..auth import Caller
 from ..bodies import OffLoopJSON
 from ..catalog import check_model
 from ..events import TooManyWatchers
+from ..middleware import name_request
 from ..protocol import ApiError, Prediction, PredictionPage, PredictionRequest, Status, not_found
 from ..state import AppState, get_state, optional_auth, require_auth
 from ..streaming import prediction_events
@@ -43,6 +44,7 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
         state.metrics.refused.inc()
         raise
     state.metrics.created.inc()
+    name_request(request, record.id)
     headers = {}
     if admission.wait is not None:
         headers["Preference-Applied"] = admission.wait.applied
@@ -91,6 +93,7 @@ async def get_prediction(prediction_id: str, request: Request, caller: Caller = 
     record = state.service.get(prediction_id, caller)
     if record is None:
         raise not_found()
+    name_request(request, record.id)
     return state.service.respond(record, state.api_base(request))
 
 
@@ -100,6 +103,7 @@ async def cancel_prediction(prediction_id: str, request: Request, caller: Caller
     record = await run_in_threadpool(state.service.cancel, prediction_id, caller)
     if record is None:
         raise not_found()
+    name_request(request, record.id)
     if record.status == Status.PROCESSING:
         # It stops at its next denoising step: answer then, or after CANCEL_WAIT_S with the prediction
         # as it is (still processing), never later.

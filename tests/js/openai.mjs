@@ -77,6 +77,41 @@ const scenarios = {
     return { events };
   },
 
+  /** Today's model names with default settings: usage, and the request id the client reads. */
+  async todays() {
+    const edit = await client.images.edit({
+      model: "gpt-image-2",
+      image: await toFile(image, "photo.png", { type: "image/png" }),
+      mask: await toFile(mask, "mask.png", { type: "image/png" }),
+      prompt: "a red door", size: "64x64", quality: "low",
+    });
+    const generation = await client.images.generate({ model: "chatgpt-image-latest", prompt: "a lighthouse",
+                                                      size: "96x64", quality: "low", n: 2 });
+    const { response } = await client.images.generate({ model: "gpt-image-1.5", prompt: "x", size: "32x32",
+                                                         quality: "low" }).withResponse();
+    return {
+      edit: { usage: edit.usage, requestId: edit._request_id ?? null, images: edit.data.map((d) => fromB64(d.b64_json)) },
+      generation: { usage: generation.usage, requestId: generation._request_id ?? null, count: generation.data.length },
+      header: response.headers.get("x-request-id"),
+    };
+  },
+
+  /** models.list and models.retrieve: the image model names this server answers. */
+  async models() {
+    const ids = [];
+    for await (const model of client.models.list()) ids.push(model.id);
+    const one = await client.models.retrieve("gpt-image-2");
+    let missing;
+    try {
+      await client.models.retrieve("gpt-4o");
+      missing = { ok: true };
+    } catch (err) {
+      missing = { status: err.status ?? null, code: err.code ?? null, name: err.constructor.name,
+                  requestId: err.requestID ?? null };
+    }
+    return { ids, one: { id: one.id, object: one.object, owned_by: one.owned_by, created: one.created }, missing };
+  },
+
   /** Errors as the client raises them: OpenAI's status, code and param. */
   async errors() {
     const seen = {};

@@ -71,8 +71,9 @@ def test_fill_polled_to_ready_gives_a_sample_to_download(bfl_server):
     created = post(bfl_server, "flux-pro-1.0-fill", fill_body(safety_tolerance=6, prompt_upsampling=True))
     assert created.status_code == 200, created.text
     task = created.json()
-    assert set(task) == {"id", "polling_url"}
+    assert set(task) == {"id", "polling_url", "cost", "input_mp", "output_mp"}
     assert task["polling_url"] == f"{bfl_server.url}/v1/get_result?id={task['id']}"
+    assert created.headers["x-request-id"] == task["id"]
 
     done = poll(task["polling_url"])
     assert done["status"] == "Ready", done
@@ -107,16 +108,83 @@ def test_expand_gives_the_canvas_size_and_the_format_asked_for(bfl_server):
         {"expand_top": 32, "expand_right": 64, "guidance": 50}
 
 
-def test_the_images_alpha_is_the_mask_and_without_either_the_task_fails_in_words(bfl_server):
+def test_the_images_alpha_is_the_mask_and_without_either_the_request_is_422(bfl_server):
     rgba = noise_image(64, 64, seed=6).convert("RGBA")
     rgba.paste((0, 0, 0, 0), (8, 8, 40, 40))
     done = poll(post(bfl_server, "flux-pro-1.0-fill", {"image": b64(rgba), "steps": 15}).json()["polling_url"])
     assert done["status"] == "Ready", done
 
+    before = count(bfl_server)
     opaque = {"image": b64(noise_image(64, 64, seed=6), "JPEG"), "steps": 15}
-    failed = poll(post(bfl_server, "flux-pro-1.0-fill", opaque).json()["polling_url"])
-    assert failed["status"] == "Error" and failed["result"] is None
-    assert "mask is required" in failed["details"]["error"]
+    refused = post(bfl_server, "flux-pro-1.0-fill", opaque)
+    assert refused.status_code == 422, refused.text
+    [detail] = refused.json()["detail"]
+    assert detail["loc"] == ["body", "mask"] and "mask is required" in detail["msg"]
+    assert count(bfl_server) == before
+
+
+def upload(server, img: Image.Image) -> str:
+    """This server's URL of an uploaded picture: a URL input the worker reads (not the API node)."""
+    made = httpx.post(f"{server.url}/v1/files", headers={"Authorization": f"Bearer {TOKEN}"},
+                      files={"content": ("p.png", png_bytes(img), "image/png")}, timeout=30)
+    assert made.status_code == 201, made.text
+    return made.json()["urls"]["get"]
+
+
+def test_pictures_given_as_urls_are_checked_by_the_worker(bfl_server):
+    """A URL's picture is first seen by the worker that fetches it: the task is accepted (no size
+    known: no cost), then fails in words; with matching sizes it is Ready at the input's size."""
+    image, small_mask = upload(bfl_server, noise_image(72, 40, seed=2)), upload(bfl_server, box_mask(36, 20, (0, 0, 9, 9)))
+    task = post(bfl_server, "flux-pro-1.0-fill", {"image": image, "mask": small_mask, "steps": 15}).json()
+    assert (task["cost"], task["input_mp"], task["output_mp"]) == (None, None, None)
+    failed = poll(task["polling_url"])
+    assert failed["status"] == "Error" and "the mask must have the image's size" in failed["details"]["error"]
+    mask = upload(bfl_server, box_mask(72, 40, (0, 0, 30, 30)))
+    done = poll(post(bfl_server, "flux-pro-1.0-fill", {"image": image, "mask": mask, "steps": 15}).json()["polling_url"])
+    assert done["status"] == "Ready", done
+    assert Image.open(io.BytesIO(httpx.get(done["result"]["sample"]).content)).size == (72, 40)
+
+
+def sample_size(done: dict) -> tuple[int, int]:
+    return Image.open(io.BytesIO(httpx.get(done["result"]["sample"], timeout=10).content)).size
+
+
+def test_outputs_have_bfls_exact_sizes(bfl_server):
+    """The engine works at multiples of 32; the answer is the input's size (Fill), or the input's
+    plus the sides (Expand), exactly."""
+    fill = post(bfl_server, "flux-pro-1.0-fill", {"image": b64(noise_image(250, 190, seed=1)),
+                                                  "mask": b64(box_mask(250, 190, (20, 20, 120, 90))), "steps": 15})
+    expand = post(bfl_server, "flux-pro-1.0-expand", {"image": b64(noise_image(256, 192, seed=2)), "left": 16,
+                                                      "right": 64, "top": 32, "bottom": 0, "steps": 15,
+                                                      "output_format": "png"})
+    assert sample_size(poll(fill.json()["polling_url"])) == (250, 190)
+    assert sample_size(poll(expand.json()["polling_url"])) == (336, 224)
+    # The create's cost (megapixel-steps / 50, at the size the engine generates) and megapixels.
+    assert fill.json() | {"id": None, "polling_url": None} == {"id": None, "polling_url": None, "cost": 0.01,
+                                                                "input_mp": 0.05, "output_mp": 0.05}
+    assert (expand.json()["input_mp"], expand.json()["output_mp"]) == (0.05, 0.08)
+    assert expand.json()["cost"] == round(320 * 224 / 1e6 * 15 / 50, 2)
+
+
+def test_a_mask_of_another_size_is_422_naming_it(bfl_server):
+    before = count(bfl_server)
+    answer = post(bfl_server, "flux-pro-1.0-fill", fill_body(mask=b64(box_mask(32, 64, (0, 0, 8, 8)))))
+    assert answer.status_code == 422, answer.text
+    [detail] = answer.json()["detail"]
+    assert detail["loc"] == ["body", "mask"] and "mask is 32x64 and the image 64x64" in detail["msg"]
+    assert count(bfl_server) == before
+
+
+def test_a_pending_task_says_when_to_ask_again(bfl_server):
+    big = {"image": b64(noise_image(512, 512, seed=1)), "mask": b64(box_mask(512, 512, (0, 0, 256, 256))),
+           "steps": 50}
+    task = post(bfl_server, "flux-pro-1.0-fill", big).json()
+    pending = httpx.get(task["polling_url"], headers=KEY, timeout=10)
+    assert pending.json()["status"] == "Pending" and 1 <= int(pending.headers["retry-after"]) <= 10
+    assert pending.headers["x-request-id"] == task["id"]
+    httpx.post(f"{bfl_server.url}/v1/predictions/{task['id']}/cancel", headers=KEY, timeout=10)
+    done = poll(task["polling_url"])
+    assert "retry-after" not in httpx.get(task["polling_url"], headers=KEY, timeout=10).headers, done
 
 
 def test_an_image_url_and_a_data_uri_are_taken_as_they_are():
@@ -131,16 +199,19 @@ def test_guidance_is_halved_for_the_dev_model(bfl, dev):
     assert dev_guidance(bfl) == dev
 
 
-def test_x_key_and_bearer_are_the_same_tokens_and_anything_else_is_401(bfl_server):
+def test_x_key_and_bearer_are_the_same_tokens_and_anything_else_is_bfls_403(bfl_server):
     url = f"{bfl_server.url}/v1/get_result?id=whatever"
     assert httpx.get(url, headers={"x-key": TOKEN}).json()["status"] == "Task not found"
     assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    bfls = {"detail": "Not authenticated - Invalid Authentication"}
     for headers in ({}, {"x-key": "wrong"}, {"x-key": ""}):
         answer = httpx.get(url, headers=headers)
-        assert answer.status_code == 401
-        assert set(answer.json()) == {"detail"} and "token" in answer.json()["detail"]
-    refused = post(bfl_server, "flux-pro-1.0-fill", fill_body(), headers={"x-key": "wrong"})
-    assert refused.status_code == 401 and set(refused.json()) == {"detail"}
+        assert (answer.status_code, answer.json()) == (403, bfls)
+    before = count(bfl_server)
+    for endpoint in ("flux-pro-1.0-fill", "flux-pro-1.0-expand"):
+        refused = post(bfl_server, endpoint, fill_body(), headers={"x-key": "wrong"})
+        assert (refused.status_code, refused.json()) == (403, bfls)
+    assert count(bfl_server) == before
     # x-key works on Replicate's routes too.
     assert httpx.get(f"{bfl_server.url}/v1/predictions", headers=KEY).status_code == 200
 

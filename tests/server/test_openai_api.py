@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import time
+import typing
 
 import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types import ImageModel
 from PIL import Image
 
 from tests.conftest import TOKEN
@@ -46,10 +49,9 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
 
 
-def input_picture(value: str) -> np.ndarray:
-    """A prediction's image or mask input as listed: a data: URI, or the URL of a long one."""
-    data = base64.b64decode(value.split(",", 1)[1]) if value.startswith("data:") else httpx.get(value).content
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+def input_bytes(value: str) -> bytes:
+    """A prediction's picture input as listed: a data: URI, or the URL of a long one."""
+    return base64.b64decode(value.split(",", 1)[1]) if value.startswith("data:") else httpx.get(value).content
 
 
 def openai_predictions(server) -> list:
@@ -69,32 +71,40 @@ def newest_once_canceled(server, timeout: float = 30) -> dict:
 
 def test_edit_with_a_mask_changes_only_what_it_marks_transparent(client, server):
     image = noise_image(64, 64, seed=3)
-    result = client.images.edit(model="gpt-image-1", image=("photo.png", png_bytes(image), "image/png"),
-                                mask=("mask.png", png_bytes(rgba_mask(64, 64, (16, 16, 48, 48))), "image/png"),
-                                prompt="a red door", quality="low", size="64x64")
+    mask = png_bytes(rgba_mask(64, 64, (16, 16, 48, 48)))
+    result = client.images.edit(model="gpt-image-2", image=("photo.png", png_bytes(image), "image/png"),
+                                mask=("mask.png", mask, "image/png"), prompt="a red door", quality="low",
+                                size="64x64")
     assert result.created > 0 and len(result.data) == 1 and result.data[0].url is None
     out = picture(result.data[0].b64_json)
     assert out.format == "PNG" and out.size == (64, 64)
     assert result.size == "64x64" and result.output_format == "png" and result.quality == "low"
-    # The prediction behind it: our mask is white where OpenAI's is transparent; quality low is 12 steps.
+    # The prediction behind it keeps the pictures as sent (the worker made our mask of OpenAI's);
+    # quality low is 12 steps; its logs and the server's say what ran.
     made = openai_predictions(server)[0]
     assert made["status"] == "succeeded" and made["input"]["num_inference_steps"] == 12
-    mask = input_picture(made["input"]["mask"])
-    assert mask[32, 32] == 255 and mask[2, 2] == 0 and mask[16:48, 16:48].min() == 255
-    assert mask.sum() == 255 * 32 * 32
+    assert input_bytes(made["input"]["image"]) == png_bytes(image)
+    assert input_bytes(made["input"]["openai_mask"]) == mask and "mask" not in made["input"]
+    assert "model 'gpt-image-2', run by FLUX.1 Fill [dev]" in made["logs"]
+    assert f"model 'gpt-image-2', 1 image(s) at 64x64: run by FLUX.1 Fill [dev] as prediction(s) {made['id']}" \
+        in server.log()
+    # Usage as OpenAI counts it for image models: the prompt's tokens and the image's in, one image out.
+    assert result.usage.input_tokens_details.image_tokens == 16 and result.usage.output_tokens == 16
+    assert result.usage.input_tokens_details.text_tokens > 0
+    assert result.usage.total_tokens == result.usage.input_tokens + result.usage.output_tokens > 32
+    assert result._request_id == made["id"]
 
 
 def test_without_a_mask_the_images_transparent_pixels_are_edited(client, server):
     image = noise_image(64, 64, seed=4, mode="RGBA")
     arr = np.asarray(image).copy()
     arr[:32, :, 3] = 0  # the top half is transparent
-    result = client.images.edit(image=("photo.png", png_bytes(Image.fromarray(arr, "RGBA")), "image/png"),
-                                prompt="sky")
+    sent = png_bytes(Image.fromarray(arr, "RGBA"))
+    result = client.images.edit(image=("photo.png", sent, "image/png"), prompt="sky")
     out = picture(result.data[0].b64_json)
     assert out.size == (64, 64)  # size auto: the input's size
     made = openai_predictions(server)[0]
-    mask = input_picture(made["input"]["mask"])
-    assert (mask[:32] == 255).all() and (mask[32:] == 0).all()
+    assert input_bytes(made["input"]["image"]) == sent and "openai_mask" not in made["input"]
     assert made["input"]["num_inference_steps"] == 28  # quality auto
 
 
@@ -137,12 +147,15 @@ def test_url_results_are_served_by_this_server(client, server):
         assert Image.open(io.BytesIO(got.content)).size == (64, 64)
 
 
-def test_generation_makes_a_fully_masked_canvas(client, server):
-    result = client.images.generate(prompt="a cat", size="96x64", quality="low")
+def test_a_generation_sends_no_picture(client, server):
+    """The canvas is made by the worker: the prediction's input has the prompt and no image."""
+    result = client.images.generate(model="chatgpt-image-latest", prompt="a cat", size="96x64", quality="low")
     assert picture(result.data[0].b64_json).size == (96, 64)
     made = openai_predictions(server)[0]
-    mask = input_picture(made["input"]["mask"])
-    assert mask.shape == (64, 96) and (mask == 255).all()
+    assert made["status"] == "succeeded" and "image" not in made["input"] and made["input"]["prompt"] == "a cat"
+    assert "OpenAI image generation for model 'chatgpt-image-latest'" in made["logs"]
+    assert result.usage.input_tokens_details.image_tokens == 0 and result.usage.output_tokens == 24
+    assert result.usage.input_tokens == result.usage.input_tokens_details.text_tokens > 0
 
 
 def test_errors_have_openais_shape_and_status(client, server):
@@ -177,17 +190,73 @@ def test_errors_have_openais_shape_and_status(client, server):
                                     "param": "prompt", "code": "missing_required_parameter"}}
 
 
-def test_model_names_are_the_configured_ones(client, server_factory):
+def test_every_image_model_name_of_the_sdk_is_accepted_by_default(client, server):
+    """The names of the installed SDK's ImageModel (today's and the retired ones), and ours."""
+    names = typing.get_args(ImageModel)
+    assert {"gpt-image-2", "chatgpt-image-latest", "gpt-image-2.5-flare", "dall-e-3"} <= set(names)
+    listed = [m.id for m in client.models.list()]
+    assert set(names) | {"flux-fill-dev"} == set(listed)
+    # (gpt-image-2 and chatgpt-image-latest run in the tests above.)
+    for name in ("gpt-image-2.5-sunburst", "dall-e-2", "gpt-image-9-later"):  # and a later name of the family
+        assert client.images.generate(model=name, prompt="x", size="32x32", quality="low",
+                                      response_format="b64_json").usage.total_tokens > 0
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.generate(model="stable-diffusion", prompt="x", size="64x64", quality="low")
-    assert err.value.param == "model" and err.value.code == "invalid_value" and "'gpt-image-1'" in err.value.message
-    for name in ("flux-fill-dev", "gpt-image-1", "dall-e-2"):
-        assert client.images.generate(model=name, prompt="x", size="32x32", quality="low").data
-    mine = server_factory("--openai-models", "my-flux,other")
+        client.images.generate(model="stable-diffusion", prompt="x", size="32x32", quality="low")
+    assert err.value.param == "model" and err.value.code == "invalid_value" and "'gpt-image-*'" in err.value.message
+
+
+def test_the_operator_can_restrict_the_names(server_factory):
+    mine = server_factory("--openai-models", "my-flux,gpt-image-2")
     own = openai.OpenAI(base_url=f"{mine.url}/v1", api_key="unused", max_retries=0)
     assert own.images.generate(model="my-flux", prompt="x", size="32x32", quality="low").data
     with pytest.raises(openai.BadRequestError):
         own.images.generate(model="gpt-image-1", prompt="x", size="32x32", quality="low")
+    assert [m.id for m in own.models.list()] == ["my-flux", "gpt-image-2"]
+    with pytest.raises(openai.NotFoundError):
+        own.models.retrieve("gpt-image-1")
+
+
+def test_models_list_and_retrieve_answer_openais_objects(client, server):
+    model = client.models.retrieve("gpt-image-2")
+    assert (model.id, model.object, model.owned_by) == ("gpt-image-2", "model", "black-forest-labs")
+    assert model.created == 1732147200 and model._request_id.startswith("req_")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.code == "model_not_found" and err.value.type == "invalid_request_error"
+    assert err.value.request_id.startswith("req_")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.retrieve("gpt-image-2")
+    # The same list is Replicate's page of the one model served.
+    import replicate
+
+    page = replicate.Client(api_token=TOKEN, base_url=server.url).models.list()
+    assert [f"{m.owner}/{m.name}" for m in page.results] == ["black-forest-labs/flux-fill-dev"] and page.next is None
+
+
+def test_every_answer_has_a_request_id(server):
+    """x-request-id: the prediction's id on Replicate's create, get and cancel; a fresh req_ id on
+    anything else, errors and the middleware's own refusals included."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"input": {"prompt": "x", "image": "data:image/png;base64," + base64.b64encode(png_bytes(
+        noise_image(32, 32))).decode(), "num_inference_steps": 1, "megapixels": "match_input"}}
+    created = httpx.post(f"{server.url}/v1/models/black-forest-labs/flux-fill-dev/predictions", json=body,
+                         headers=auth)
+    pid = created.json()["id"]
+    assert created.headers["x-request-id"] == pid
+    assert httpx.get(f"{server.url}/v1/predictions/{pid}", headers=auth).headers["x-request-id"] == pid
+    assert httpx.post(f"{server.url}/v1/predictions/{pid}/cancel", headers=auth).headers["x-request-id"] == pid
+    others = [httpx.get(f"{server.url}/v1/predictions/nope", headers=auth),
+              httpx.get(f"{server.url}/v1/models", headers=auth),
+              httpx.get(f"{server.url}/v1/predictions")]  # 401
+    assert [r.status_code for r in others] == [404, 200, 401]
+    ids = [r.headers["x-request-id"] for r in others]
+    # A body declared over --max-body-bytes: refused by the middleware before it is read.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 40}\r\n\r\n".encode())
+        head = raw.recv(65536).decode("latin-1").lower()
+    assert head.startswith("http/1.1 413") and "x-request-id: req_" in head
+    ids.append(head.split("x-request-id: ", 1)[1].split("\r\n", 1)[0])
+    assert all(i.startswith("req_") and len(i) == 36 for i in ids) and len(set(ids)) == 4
 
 
 def test_the_predictions_are_the_servers_own(client, server):
@@ -220,6 +289,11 @@ def test_streaming_sends_openais_events(client):
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.completed", "image_edit.completed"]
     assert picture(events[0].b64_json).size == (64, 64) and events[0].size == "64x64"
+    # Each completed event's usage: the input once (in the first), each image's own tokens; they add up.
+    first, second = (e.usage for e in events)
+    assert first.input_tokens_details.image_tokens == 16 and first.input_tokens_details.text_tokens > 0
+    assert first.output_tokens == second.output_tokens == 16 and second.input_tokens == 0
+    assert first.total_tokens == first.input_tokens + 16 and second.total_tokens == 16
     stream = client.images.generate(prompt="x", size="32x32", quality="low", stream=True)
     assert [e.type for e in stream] == ["image_generation.completed"]
 
@@ -249,6 +323,12 @@ def test_limits_are_answered_as_openai_answers_them(server_factory):
     disk is a 5xx server_error; neither leaves a prediction behind."""
     limited = server_factory("--rate-limit-per-minute", "1", "--api-token", TOKEN)
     client = openai.OpenAI(base_url=f"{limited.url}/v1", api_key=TOKEN, max_retries=0)
+    # Invalid requests cost no token of the rate limit: OpenAI's and BFL's are refused first.
+    with pytest.raises(openai.BadRequestError):
+        client.images.edit(image=("p.png", b"not a picture", "image/png"), prompt="x")
+    opaque = base64.b64encode(png_bytes(noise_image(32, 32))).decode()  # no mask, no alpha: 422
+    assert httpx.post(f"{limited.url}/v1/flux-pro-1.0-fill", headers={"x-key": TOKEN},
+                      json={"image": opaque}).status_code == 422
     assert client.images.generate(prompt="x", size="32x32", quality="low").data
     with pytest.raises(openai.RateLimitError) as err:
         client.images.generate(prompt="x", size="32x32", quality="low")

@@ -1,6 +1,6 @@
 """OpenAI's image API, driven by the official JavaScript client (npm `openai` 6.49.0) against a live
 server: an edit with a mask at an exact size, URLs from several predictions, streamed partial
-images, errors. Each test runs one scenario of tests/js/openai.mjs with Node and checks the JSON it
+images, errors, today's model names with usage and request ids, and the models list. Each test runs one scenario of tests/js/openai.mjs with Node and checks the JSON it
 prints. Without `node` or the module (`npm ci` in tests/js) the tests are skipped, unless
 FLUX_FILL_REQUIRE_JS is set (CI), where they fail instead.
 """
@@ -78,3 +78,25 @@ def test_errors_as_the_client_raises_them(server, pictures):
                              "name": "AuthenticationError"}
     assert seen["n"]["status"] == 400 and seen["n"]["param"] == "n" and seen["n"]["name"] == "BadRequestError"
     assert seen["model"]["status"] == 400 and seen["model"]["param"] == "model" and seen["model"]["code"] == "invalid_value"
+
+
+def test_todays_model_names_with_usage_and_request_ids(server, pictures):
+    result = scenario("todays", server, pictures)
+    edit, generation = result["edit"], result["generation"]
+    assert edit["images"] == [{"format": "png", "width": 64, "height": 64}]
+    assert edit["usage"]["input_tokens_details"]["image_tokens"] == 16 and edit["usage"]["output_tokens"] == 16
+    assert edit["usage"]["total_tokens"] == edit["usage"]["input_tokens"] + 16 > 16
+    assert generation["count"] == 2 and generation["usage"]["output_tokens"] == 2 * 24
+    assert generation["usage"]["input_tokens_details"]["image_tokens"] == 0
+    assert len(edit["requestId"]) == 26 and edit["requestId"] != generation["requestId"]  # the predictions' ids
+    assert len(result["header"]) == 26
+
+
+def test_models_list_and_retrieve(server, pictures):
+    result = scenario("models", server, pictures)
+    assert {"gpt-image-2", "gpt-image-1.5", "chatgpt-image-latest", "dall-e-3", "flux-fill-dev"} <= set(result["ids"])
+    assert result["one"] == {"id": "gpt-image-2", "object": "model", "owned_by": "black-forest-labs",
+                             "created": 1732147200}
+    missing = result["missing"]
+    assert (missing["status"], missing["code"], missing["name"]) == (404, "model_not_found", "NotFoundError")
+    assert missing["requestId"].startswith("req_")
