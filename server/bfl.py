@@ -278,7 +278,8 @@ async def create(service: PredictionService, endpoint: str, body: FillRequest | 
     service.check_queue(caller)
     measured = await run_in_threadpool(check_pictures, request.sent_input, service.settings.max_image_pixels)
     charge()
-    record = service.create(request, admission, caller, api=API, api_data=kept_data(endpoint, body))
+    record = await run_in_threadpool(lambda: service.create(request, admission, caller, api=API,  # writes files
+                                                            api_data=kept_data(endpoint, body)))
     return AsyncResponse(id=record.id, polling_url=f"{base}/v1/get_result?id={record.id}", **(measured or {}))
 
 

@@ -254,7 +254,7 @@ class OpenAIImages:
         # Admission before work: the setup and the queue, then the pictures' headers, then the rate limit.
         self.admit(caller)
         pictures, size = await run_in_threadpool(self.pictures, options, sent)
-        made = self.create(caller, options, pictures, size, endpoint)
+        made = await run_in_threadpool(self.create, caller, options, pictures, size, endpoint)  # writes files
         name_request(request, made.ids[0])
         base = self.state.api_base(request)
         if options.stream:

@@ -8,11 +8,12 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from .. import bfl
 from ..auth import Caller
+from ..bodies import OffLoopJSON
 from ..middleware import name_request
 from ..protocol import ApiError
 from ..state import AppState, get_state, require_auth
 
-router = APIRouter(tags=["bfl"])
+router = APIRouter(tags=["bfl"], route_class=OffLoopJSON)  # base64 pictures: parsed off the event loop
 
 
 async def _create(state: AppState, request: Request, endpoint: str, body, caller: Caller) -> bfl.AsyncResponse:
