@@ -262,8 +262,8 @@ def formats(check: Check, state: dict) -> dict:
 
     from inference.checkpoints import inspect, load_transformer, transformer_config
     from inference.lora import LoraManager, LoraSettings
-    from tests.checkpoint_files import save_bfl, save_comfy_scaled_fp8, save_fp8, save_gguf
-    from tests.lora_files import peft_lora
+    from inference.testing.checkpoint_files import save_bfl, save_comfy_scaled_fp8, save_fp8, save_gguf
+    from inference.testing.lora_files import peft_lora
 
     device, dtype = check.args.device, (torch.bfloat16 if check.cuda else torch.float32)
     tokens = 256 if check.cuda else 16

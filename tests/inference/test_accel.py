@@ -209,7 +209,7 @@ def test_loras_apply_on_fp8_weights_and_leave_nothing_behind(tiny_dir, tmp_path)
     from inference.engine import EngineSettings
     from inference.lora import LoraSettings
     from inference.weights import load_model
-    from tests.lora_files import diffusers_lora
+    from inference.testing.lora_files import diffusers_lora
 
     model = load_model(str(tiny_dir), device="cpu")
     engine = Engine(model, EngineSettings(lora=LoraSettings(allow_paths=True)))

@@ -21,7 +21,8 @@ from inference.inputs import parse_input
 from inference.lora import LoraManager, LoraSettings
 from tests.helpers import box_mask, fast_input, noise_image
 from tests.inference.conftest import REAL_WIDTH_CONFIG, forward, transformer_inputs
-from tests.lora_files import (bfl_a_b_lora, comfyui_lora, diffusers_lora, kohya_full_lora, peft_lora, xlabs_lora)
+from inference.testing.lora_files import (bfl_a_b_lora, comfyui_lora, diffusers_lora, kohya_full_lora, peft_lora,
+                                         xlabs_lora)
 
 INPUTS = transformer_inputs(REAL_WIDTH_CONFIG)
 SCALE = 0.7
