@@ -302,12 +302,25 @@ def quantise_blockwise(block, device: str, config, home: str | None = None) -> N
     """Move one block to ``device``, give its linear layers fp8 weights there (layers a checkpoint
     already quantised, fp8 or GGUF, keep theirs), and move it to ``home`` after, when given."""
     import torch
-    from torchao.quantization import quantize_
 
     block.to(device)
-    quantize_(block, config, filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and not _is_quantised(m.weight))
+    _quantize(block, config, lambda m, _fqn: isinstance(m, torch.nn.Linear) and not _is_quantised(m.weight))
     if home is not None:
         block.to(home)
+
+
+def _quantize(module, config, filter_fn) -> None:
+    """torchao's ``quantize_`` with the config's ``set_inductor_config`` off. torchao's configs set
+    it by default, and then switch on inductor's coordinate-descent autotuning (and more) for the
+    whole process, so every later compile, the bf16 blocks' included, autotunes for far longer;
+    inductor's settings stay as the server set them (``configure_compile_cache``)."""
+    import dataclasses
+
+    from torchao.quantization import quantize_
+
+    if dataclasses.is_dataclass(config) and any(f.name == "set_inductor_config" for f in dataclasses.fields(config)):
+        config = dataclasses.replace(config, set_inductor_config=False)
+    quantize_(module, config, filter_fn=filter_fn)
 
 
 def _linear_bytes(module) -> int:
@@ -417,11 +430,10 @@ def _quantise(module, config=None) -> None:
     """fp8 on the linears of the transformer blocks only (the embedders and the output projection
     stay bf16: they are small and sensitive). ``config``: torchao's; row-wise dynamic fp8 if none."""
     import torch
-    from torchao.quantization import quantize_
 
     block_linears = {id(m) for m in _block_linears(module)}
-    quantize_(module, config or _fp8_dynamic_config(),
-              filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and id(m) in block_linears)
+    _quantize(module, config or _fp8_dynamic_config(),
+              lambda m, _fqn: isinstance(m, torch.nn.Linear) and id(m) in block_linears)
 
 
 def _quantised_copy(transformer, config=None):

@@ -282,3 +282,47 @@ def test_fast_mode_makes_a_second_transformer_only_when_the_gpu_has_room(tiny_di
         assert speed.describe()["fast_mode"] == "fp8 in place (every request runs fast)"
         np.testing.assert_array_equal(normal_image, fast_image)
         assert np.abs(normal_image - eager).mean() > 0
+
+
+# -- torchao leaves inductor's settings alone ------------------------------------------------------------
+
+
+def _inductor_settings() -> dict:
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.get_config_copy()
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8-offload", "fast"])
+def test_quantising_leaves_inductor_settings_as_the_server_set_them(tiny_dir, monkeypatch, mode):
+    """torchao's configs switch on coordinate-descent autotuning (and more) for the whole process
+    unless told not to; after each fp8 path the inductor settings are exactly what they were, so a
+    later compile of the bf16 blocks autotunes no longer than it would have."""
+    import torch._inductor.config as inductor_config
+
+    # inductor's own defaults, whatever an earlier test in this process left
+    with inductor_config.patch(coordinate_descent_tuning=False, coordinate_descent_check_all_directions=False,
+                               force_fuse_int_mm_with_mul=False):
+        before = _inductor_settings()
+        _quantise_as(mode, tiny_dir, monkeypatch)
+        after = _inductor_settings()
+    assert {k: after[k] for k in after if after[k] != before.get(k)} == {}
+
+
+def _quantise_as(mode: str, tiny_dir, monkeypatch) -> None:
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    from inference.weights import load_model
+
+    model = load_model(str(tiny_dir), device="cpu")
+    if mode == "fp8":
+        accel.apply(model, accel.AccelOptions(memory_mode="fp8"))
+    elif mode == "fp8-offload":  # its quantising runs here; the offloading itself needs a GPU
+        speed = accel.Accelerator(pipeline=model.pipeline, options=accel.AccelOptions(memory_mode=mode), device="cpu")
+        accel._fp8_weights(speed, cuda=False)
+    else:  # --fast-mode's second transformer, as on a GPU (weight-only fp8 in place of the row-wise kind)
+        monkeypatch.setattr(accel, "_fp8_unavailable", lambda _accel, _cuda: None)
+        monkeypatch.setattr(accel, "_fp8_dynamic_config", Float8WeightOnlyConfig)
+        monkeypatch.setattr(accel, "_free_gpu_bytes", lambda _device: 64 * 1024**3)
+        assert accel.apply(model, accel.AccelOptions(fast_mode=True, compile=False)).fast_transformer is not None
+    assert accel._has_fp8(model.pipeline.transformer) or mode == "fast"
