@@ -1,8 +1,10 @@
 """`flux-fill predict`: offline use without a server."""
 
+import shutil
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from tests.helpers import ROOT, box_mask, noise_image
@@ -39,7 +41,57 @@ def test_predict_bad_input_and_missing_weights_are_clear(tmp_path):
 
 
 def test_serve_with_missing_weights_reports_setup_failed(server_factory, tmp_path):
-    import pytest
-
     with pytest.raises(RuntimeError, match="setup failed"):
         server_factory("--weights", str(tmp_path / "nowhere"), timeout=60)
+
+
+# -- the load failures users cause, as `predict` and `serve` tell them: one sentence, no traceback -------------
+
+
+@pytest.fixture(scope="module")
+def broken_weights(tmp_path_factory, tiny_dir):
+    """Tiny single files as users break them: a download cut short, and a scaled fp8 file stripped of its
+    scales; beside them the components (with the tiny transformer's config, which no file can give)."""
+    from inference.testing.checkpoint_files import save_bfl, save_comfy_scaled_fp8, truncate
+    from inference.weights import load_model
+
+    folder = tmp_path_factory.mktemp("broken")
+    components = folder / "components"
+    shutil.copytree(tiny_dir, components)
+    for weights in (components / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    transformer = load_model(str(tiny_dir), device="cpu").pipeline.transformer
+    return {
+        "truncated": (truncate(save_bfl(transformer, folder / "flux1-fill-dev.safetensors"), keep=0.6),
+                      "flux1-fill-dev.safetensors is incomplete: it holds "),
+        "scale-less fp8": (save_comfy_scaled_fp8(transformer, folder / "flux1-fill-dev-fp8.safetensors", scales=False),
+                           "flux1-fill-dev-fp8.safetensors is marked as ComfyUI scaled fp8 (its scaled_fp8 tensor) but "
+                           "holds no scale for its weights"),
+        "components": components,
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "scale-less fp8"])
+def test_predict_refuses_broken_weights_in_one_sentence(broken_weights, tmp_path, case):
+    path, sentence = broken_weights[case]
+    noise_image(64, 64).save(tmp_path / "in.png")
+    r = run_cli("predict", "--weights", str(path), "--components", str(broken_weights["components"]),
+                "--image", str(tmp_path / "in.png"), "--prompt", "x", "--mask", str(tmp_path / "in.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {sentence}"), r.stderr
+    assert errors[0].endswith(("download it again.", "(see weights.md).")), errors[0]
+
+
+@pytest.mark.parametrize("case", ["truncated", "scale-less fp8"])
+def test_serve_reports_broken_weights_on_health_in_one_sentence(server_factory, broken_weights, case):
+    import httpx
+
+    path, sentence = broken_weights[case]
+    with pytest.raises(RuntimeError, match="setup failed"):
+        server_factory("--weights", str(path), "--components", str(broken_weights["components"]), timeout=60)
+    server = server_factory.started[-1]
+    health = httpx.get(f"{server.url}/health", timeout=10).json()
+    assert health["status"] == "SETUP_FAILED" and health["setup_error"].startswith(sentence), health
+    log = server.log()
+    assert f"setup failed: {health['setup_error']}" in log and "Traceback" not in log
