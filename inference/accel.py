@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from .lora_slot import DEFAULT_RANK as DEFAULT_LORA_RANK
+
 log = logging.getLogger(__name__)
 
 MemoryMode = Literal["default", "fp8", "fp8-offload", "offload", "sequential-offload"]  # --memory-mode's choices
@@ -101,6 +103,7 @@ class AccelOptions:
     cache_dir: Path | None = None  # persistent compile caches
     warmup: bool = True
     warmup_shapes: tuple = WARMUP_SHAPES  # (width, height, outputs)
+    lora_rank: int = DEFAULT_LORA_RANK  # the compiled transformer's LoRA slot (inference.lora_slot)
 
 
 @dataclass
@@ -118,7 +121,9 @@ class Accelerator:
     step_cache_on: bool = False
     compiled: bool = False
     warmup_s: float = 0.0  # what the warm-up took
+    lora_slot: object | None = None  # the compiled transformer's LoRA slot (inference.lora_slot.LoraSlot)
     _fast_notice_logged: bool = False
+    _status: dict | None = None  # what describe() last gave: kept current as compiles are counted
 
     # -- per request ------------------------------------------------------------------------------
 
@@ -132,7 +137,18 @@ class Accelerator:
                 transformer = self.pipeline.transformer
                 stack.enter_context(transformer.cache_context("cond"))
                 stack.callback(transformer._reset_stateful_cache)
+            if self.compiled:
+                stack.callback(self._count_compiles)
             yield
+
+    def _count_compiles(self) -> None:
+        """After a denoising loop: any graph built since the warm-up, and any block given up on, in
+        the log and in describe() (``/health``'s speed)."""
+        WATCH.check()
+        if self._status is not None:
+            self._status.update(WATCH.figures())
+            if self.lora_slot is not None:
+                self._status["lora_slot_rank"] = self.lora_slot.rank
 
     @contextlib.contextmanager
     def fast(self, lora_active: bool = False):
@@ -162,7 +178,7 @@ class Accelerator:
             fast = "fp8 transformer for go_fast requests"
         elif self.options.fast_mode:
             fast = f"unavailable ({self.fast_unavailable})"
-        return {
+        status = {
             "compile": self.compiled,
             "fast_mode": fast,
             "memory_mode": self.options.memory_mode,
@@ -171,6 +187,12 @@ class Accelerator:
             "applied": list(self.applied),
             "notes": list(self.notes),
         }
+        if self.compiled:  # counts that grow while serving: the same dict is kept current
+            status.update(WATCH.figures())
+            if self.lora_slot is not None:
+                status["lora_slot_rank"] = self.lora_slot.rank
+        self._status = status
+        return status
 
     # -- startup ----------------------------------------------------------------------------------
 
@@ -186,7 +208,10 @@ class Accelerator:
         from .inputs import parse_input
 
         started = time.monotonic()
-        variants = [False] + ([True] if self.fast_transformer is not None else [])
+        # (go_fast, LoRA): the LoRA variant runs the slot switched on, so a first request with a LoRA
+        # finds its graphs built.
+        variants = [(False, False)] + ([(False, True)] if self.lora_slot is not None else []) + \
+            ([(True, False)] if self.fast_transformer is not None else [])
         for width, height, outputs in self.options.warmup_shapes:
             image = Image.new("RGB", (width, height), (128, 128, 128))
             mask = Image.new("L", (width, height), 0)
@@ -195,17 +220,20 @@ class Accelerator:
             def uri(img):
                 return "data:image/png;base64," + base64.b64encode(encode_image(img, "png", 100)).decode()
 
-            for go_fast in variants:
+            for go_fast, lora in variants:
                 inp = parse_input({"prompt": "warm-up", "image": uri(image), "mask": uri(mask), "seed": 0,
                                    "megapixels": "match_input", "num_inference_steps": WARMUP_STEPS,
                                    "num_outputs": outputs, "output_format": "png", "disable_safety_checker": True,
                                    "go_fast": go_fast})
                 t = time.monotonic()
-                engine.predict(inp, log=lambda _m: None)
-                log.info("warm-up %dx%d x%d%s: %.1f s", width, height, outputs, " go_fast" if go_fast else "",
-                         time.monotonic() - t)
+                with engine.loras.warming() if lora else contextlib.nullcontext():
+                    engine.predict(inp, log=lambda _m: None)
+                log.info("warm-up %dx%d x%d%s: %.1f s", width, height, outputs,
+                         " go_fast" if go_fast else " with a LoRA" if lora else "", time.monotonic() - t)
         elapsed = self.warmup_s = time.monotonic() - started
         self.applied.append(f"warm-up {elapsed:.1f} s")
+        if self.compiled:
+            WATCH.arm()  # from here on, a new graph is a recompile
         return elapsed
 
 
@@ -492,6 +520,14 @@ def _compile(accel: Accelerator) -> None:
         accel.notes.append("the go_fast fp8 transformer is not compiled by default: eager fp8 is slower than bf16 "
                            "on an H100 and compiling fp8 blocks was measured to take minutes; pass --compile to "
                            "compile it too")
+    if accel.options.lora_rank and transformers and transformers[0] is accel.pipeline.transformer:
+        # Before compiling: LoRAs are written into this slot, so none compiles the blocks again.
+        from .lora_slot import LoraSlot
+
+        slot = accel.lora_slot = LoraSlot.on(accel.pipeline.transformer, accel.options.lora_rank)
+        accel.applied.append(f"LoRA slot: every linear layer at rank {slot.rank} ({_size(slot.nbytes())}), "
+                             "so LoRAs and their scales compile nothing")
+    WATCH.install()
     blocks = 0
     for transformer in transformers:
         for name in BLOCK_LISTS:
@@ -558,6 +594,70 @@ def _free_gpu_bytes(device: str) -> int:
 
     free, _total = torch.cuda.mem_get_info(_device_index(device))
     return free
+
+
+class CompileWatch:
+    """What dynamo does after startup, for the whole process (its counters are the process's): graphs
+    built after the warm-up (a recompile: seconds to a minute each on a GPU) and code it gave up
+    compiling (the recompile limit reached, or a compile that failed under ``suppress_errors``),
+    which then runs eager, slower, from then on. Each is said in the log in words, and counted in
+    ``/health``'s speed (``recompiles_after_warmup``, ``eager_fallbacks``)."""
+
+    GAVE_UP = ("torch._dynamo hit config.", "WON'T CONVERT")
+
+    def __init__(self):
+        self.graphs_at_warmup: int | None = None
+        self.seen = 0
+        self.recompiles = 0
+        self.eager_fallbacks = 0
+        self._handler = None
+
+    @staticmethod
+    def graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def install(self) -> None:
+        """Listen for dynamo giving up (once a process)."""
+        if self._handler is not None:
+            return
+        watch = self
+
+        class GaveUp(logging.Handler):
+            def emit(self, record):
+                message = record.getMessage()
+                if message.startswith(watch.GAVE_UP):
+                    watch.eager_fallbacks += 1
+                    lines = [line.strip() for line in message.splitlines() if line.strip()]
+                    # the recompile limit: which limit, the function, the last reason; a failed compile:
+                    # the function and the exception
+                    what = " ".join(lines[:3]) if message.startswith(watch.GAVE_UP[0]) else f"{lines[0]}: {lines[-1]}"
+                    log.warning("compiled code runs eager from now on (slower): %s; TORCH_LOGS=recompiles tells why "
+                                "(%d such fall-backs so far)", what[:400], watch.eager_fallbacks)
+
+        self._handler = GaveUp(logging.WARNING)
+        logging.getLogger("torch._dynamo.convert_frame").addHandler(self._handler)
+
+    def arm(self) -> None:
+        """The warm-up is over: every graph from now on is one a request paid for."""
+        self.graphs_at_warmup = self.seen = self.graphs()
+
+    def check(self) -> int:
+        """New graphs since the last check, logged as recompiles when the warm-up is over."""
+        now = self.graphs()
+        new, self.seen = now - self.seen, now
+        if new > 0 and self.graphs_at_warmup is not None:
+            self.recompiles += new
+            log.warning("the compiled blocks compiled again after the warm-up (%d new graphs, %d in all): each costs "
+                        "seconds to a minute on a GPU; TORCH_LOGS=recompiles tells why", new, self.recompiles)
+        return max(new, 0)
+
+    def figures(self) -> dict:
+        return {"recompiles_after_warmup": self.recompiles, "eager_fallbacks": self.eager_fallbacks}
+
+
+WATCH = CompileWatch()
 
 
 __all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "MemoryMode", "apply", "configure_compile_cache",

@@ -95,3 +95,46 @@ def test_serve_reports_broken_weights_on_health_in_one_sentence(server_factory, 
     assert health["status"] == "SETUP_FAILED" and health["setup_error"].startswith(sentence), health
     log = server.log()
     assert f"setup failed: {health['setup_error']}" in log and "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def lite_lora(tmp_path_factory, tiny_dir):
+    """A Kohya LoRA made for a model 2048 wide, in a LoRA folder (the tiny model is 32 wide)."""
+    from inference.testing.lora_files import kohya_full_lora
+    from inference.weights import load_model
+
+    folder = tmp_path_factory.mktemp("loras")
+    kohya_full_lora(load_model(str(tiny_dir), device="cpu").pipeline.transformer, folder / "lite-style.safetensors",
+                    width=2048)
+    return folder
+
+
+LITE_SENTENCE = ("lite-style.safetensors was made for a model of another size: its double_blocks.0.img_attn.qkv takes "
+                 "2048 input features where this model's takes 32")
+
+
+def test_predict_refuses_a_lora_of_another_width_in_one_sentence(lite_lora, tiny_dir, tmp_path):
+    noise_image(64, 64).save(tmp_path / "in.png")
+    box_mask(64, 64, (8, 8, 40, 40)).save(tmp_path / "mask.png")
+    r = run_cli("predict", "--weights", str(tiny_dir), "--image", str(tmp_path / "in.png"), "--mask",
+                str(tmp_path / "mask.png"), "--prompt", "x", "--num-inference-steps", "2", "--lora-dir", str(lite_lora),
+                "--lora-weights", "lite-style", "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: lora_weights: {LITE_SENTENCE}"], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_fails_a_prediction_with_a_lora_of_another_width_in_one_sentence(server_factory, lite_lora):
+    import httpx
+
+    from tests.helpers import data_uri
+
+    server = server_factory("--lora-dir", str(lite_lora))
+    body = {"input": {"prompt": "x", "image": data_uri(noise_image(64, 64)), "mask": data_uri(box_mask(64, 64, (8, 8, 40, 40))),
+                      "num_inference_steps": 2, "lora_weights": "lite-style"}}
+    r = httpx.post(f"{server.url}/v1/models/black-forest-labs/flux-fill-dev/predictions", json=body,
+                   headers={"Prefer": "wait"}, timeout=120)
+    prediction = r.json()
+    assert prediction["status"] == "failed" and prediction["error"] == f"lora_weights: {LITE_SENTENCE}", prediction
+    assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "READY"
