@@ -26,6 +26,12 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   until the recompile limit sends the block back to eager. ``mark_dynamic`` up front would make
   even the 1 MP square dynamic. The warm-up runs the common shapes (1 MP and 0.25 MP squares, then
   0.25 MP with two outputs; 2 steps each) at startup so no request pays for compiling.
+  LoRAs: before compiling, the transformer gets one LoRA adapter over every linear layer, the slot
+  (:mod:`inference.lora_slot`, rank ``lora_rank``), which each LoRA is written into and each scale
+  filled into as tensors, and the warm-up runs every shape with the slot on and off: no LoRA, scale
+  or switch between them compiles anything. What still compiles after the warm-up (a recompile) and
+  what dynamo gives up on (run eager from then on) is said in the log and counted in ``describe()``
+  (``recompiles_after_warmup``, ``eager_fallbacks``; :data:`WATCH`).
 - attention backend: PyTorch's SDPA picks cuDNN on an H100, which measured fastest (0.186 s a step
   against 0.208 flash, 0.249 efficient), so the default is left alone; ``attention_backend`` hands
   any other name to diffusers' ``set_attention_backend`` (e.g. ``_flash_3`` where installed).
@@ -41,6 +47,9 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   the threshold (relative mean) from the last computed step, the other blocks are skipped and their
   cached residual reused. 0 turns it off. Its check reads a value back from the GPU each step, which
   breaks a compiled graph, so with ``compile`` the blocks are compiled without ``fullgraph``.
+- torchao's configs are applied with ``set_inductor_config`` off: left on (torchao's default), they
+  switch on inductor's coordinate-descent autotuning for the whole process, and every later compile,
+  the bf16 blocks' too, autotunes far longer.
 - ``memory_mode``: for cards smaller than the 34 GB the bf16 weights take.
   ``fp8`` (24 GB cards): the transformer's block linears and the T5 encoder's linears hold fp8
   weights (about 12 + 4.7 GB), everything stays on the GPU. The transformer is quantised one block at
@@ -332,7 +341,7 @@ def quantise_blockwise(block, device: str, config, home: str | None = None) -> N
     import torch
 
     block.to(device)
-    _quantize(block, config, lambda m, _fqn: isinstance(m, torch.nn.Linear) and not _is_quantised(m.weight))
+    _quantize(block, config, lambda m, _fqn: isinstance(m, torch.nn.Linear) and not is_quantised(m.weight))
     if home is not None:
         block.to(home)
 
@@ -545,13 +554,13 @@ def _has_fp8(transformer) -> bool:
     return any(_is_fp8(m.weight) for m in _block_linears(transformer))
 
 
-def _is_quantised(weight) -> bool:
+def is_quantised(weight) -> bool:
     """fp8 (torchao), or a GGUF checkpoint's packed weight (diffusers' GGUFParameter)."""
     return _is_fp8(weight) or type(weight).__name__ == "GGUFParameter"
 
 
 def _has_quantised(transformer) -> bool:
-    return any(_is_quantised(m.weight) for m in _block_linears(transformer))
+    return any(is_quantised(m.weight) for m in _block_linears(transformer))
 
 
 def configure_compile_cache(cache_dir: Path | None) -> None:
@@ -660,5 +669,5 @@ class CompileWatch:
 WATCH = CompileWatch()
 
 
-__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "MemoryMode", "apply", "configure_compile_cache",
-           "loads_in_host_memory", "quantise_blockwise"]
+__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "MemoryMode", "WATCH", "apply",
+           "configure_compile_cache", "is_quantised", "loads_in_host_memory", "quantise_blockwise"]

@@ -17,8 +17,11 @@ diffusers' training scripts write). One format it does not recognise is read too
 with peft's ``lora_A``/``lora_B`` (``double_blocks.0.img_attn.qkv.lora_A.weight``, bare or under
 ``diffusion_model.``), which is the ComfyUI layout with other suffixes; it is renamed to that layout
 and read by the same reader. Text-encoder parts are dropped: the hosted model applies only the
-transformer part to Fill. A file that no reader recognises, or that was made for a model of another
-size, fails its prediction with one sentence naming the file and the reason; nothing is loaded.
+transformer part to Fill. ComfyUI's whole differences (``.diff``, ``.diff_b``), which diffusers
+drops, are kept and applied as ComfyUI applies them (:mod:`inference.lora_diffs`). A file that no
+reader recognises, that was made for a model of another size (named with its width when diffusers'
+converter fails on it), or that is cut short, fails its prediction with one sentence naming the file
+and the reason; nothing is loaded.
 
 **A LoRA never outlives its prediction.** Adapters are peft layers beside the base weights; with
 every adapter disabled the transformer computes exactly what the base computes. Some LoRAs also
@@ -28,6 +31,10 @@ prediction that asks for the LoRA only; the base values go back when it ends or 
 would widen a layer of the transformer (diffusers replaces the layer) is refused: Fill's
 ``x_embedder`` takes 384 channels, more than any FLUX.1 LoRA's, so only a LoRA for another model
 could ask for it. A load that fails part way leaves no adapter, no cache entry and the base values.
+
+**Compiled blocks.** When the transformer's blocks are compiled, a LoRA is not an adapter of its own
+but is written into the one adapter the transformer was compiled with, so no LoRA compiles anything
+(:mod:`inference.lora_slot`); the rest (resolving, reading, norms, differences, the cache) is the same.
 
 Loaded adapters stay cached (least recently used first out, ``max_loaded`` at most).
 """
@@ -47,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import lora_diffs
+from .accel import is_quantised
 from .errors import LoraError
 from .images import FetchPolicy, fetch_url
 from .lora_slot import LoraSlot, SlotLora
@@ -246,13 +254,12 @@ def read_lora(path: Path, width: int | None = None) -> LoraFile:
     diffs: dict = {}
     try:
         if diff_keys or is_bfl_lora_a_b(lora_keys):
-            from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
             from safetensors.torch import load_file
 
             source = load_file(str(path))
             diffs = {k: source.pop(k) for k in diff_keys}
             source = bfl_a_b_to_comfyui(source) if is_bfl_lora_a_b(lora_keys) else source
-            metadata = _load_sft_state_dict_metadata(str(path))  # a dict given to diffusers has none
+            metadata = _adapter_metadata(path)  # diffusers reads none from a dict
         else:
             source, metadata = str(path), None
         if isinstance(source, dict) and not any("lora" in k or "alpha" in k for k in source):
@@ -277,6 +284,17 @@ def read_lora(path: Path, width: int | None = None) -> LoraFile:
         example = next(iter(keys), "none")
         raise _bad(f"{path.name} holds no FLUX.1 transformer LoRA this server can read (keys like {example})")
     return LoraFile(path=path, state=state, alphas=alphas, metadata=metadata, diffs=diffs)
+
+
+def _adapter_metadata(path: Path) -> dict | None:
+    """The file's ``lora_adapter_metadata`` (its LoRA config, alpha included), as diffusers reads it."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    return json.loads(raw) if raw else None
 
 
 # BFL layers whose input is the model's width, as LoRA formats name them (dots or Kohya's underscores).
@@ -506,7 +524,7 @@ class LoraManager:
             raise _bad(f"{path.name} sets tensors of the transformer directly (norms, as BFL's Canny and Depth LoRAs "
                        "do, or ComfyUI's .diff differences), which this server cannot undo after the prediction "
                        "with --memory-mode sequential-offload")
-        packed = next((k for k in deltas if _is_packed(tensors[k])), None)
+        packed = next((k for k in deltas if is_quantised(tensors[k])), None)
         if packed is not None:
             raise _bad(f"{path.name} changes {packed} by a whole difference (a .diff key, as ComfyUI applies them), which "
                        "cannot be added to the quantised weights of an fp8 or GGUF checkpoint; use bf16 weights with it")
@@ -577,12 +595,6 @@ class LoraManager:
         for name in (*old.direct, *old.deltas):
             if name not in still:
                 self.base.pop(name, None)
-
-
-def _is_packed(tensor) -> bool:
-    """A quantised weight (torchao's fp8, diffusers' GGUF), which a difference cannot be added to."""
-    return type(tensor).__name__ == "GGUFParameter" or getattr(tensor, "qdata", None) is not None or \
-        "Float8" in type(tensor).__name__
 
 
 def _offload_kind(pipeline) -> str | None:

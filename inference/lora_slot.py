@@ -156,22 +156,28 @@ class LoraSlot:
         if lora.rank > self.rank:
             self._grow(lora.rank, log_line)
         with torch.no_grad():
-            if self.current is not lora:
+            if self.current is not lora:  # another LoRA: its weights in, the rest zero
                 for name, layer in self.layers.items():
                     a_slot, b_slot = layer.lora_A[SLOT].weight, layer.lora_B[SLOT].weight
                     bias_slot = layer.lora_B[SLOT].bias
                     entry = lora.layers.get(name)
                     if entry is None:
-                        if self.current is None or name in self.current.layers:
-                            a_slot.zero_(), b_slot.zero_(), bias_slot.zero_()
+                        if self.current is None or name in self.current.layers:  # not zero yet
+                            for tensor in (a_slot, b_slot, bias_slot):
+                                tensor.zero_()
                         continue
                     a, b, bias, _scaling = entry
                     r = a.shape[0]
-                    a_slot[:r].copy_(a), a_slot[r:].zero_()
-                    b_slot[:, :r].copy_(b), b_slot[:, r:].zero_()
-                    bias_slot.copy_(bias) if bias is not None else bias_slot.zero_()
+                    a_slot[:r].copy_(a)
+                    a_slot[r:].zero_()
+                    b_slot[:, :r].copy_(b)
+                    b_slot[:, r:].zero_()
+                    if bias is None:
+                        bias_slot.zero_()
+                    else:
+                        bias_slot.copy_(bias)
                 self.current = lora
-            for name, layer in self.layers.items():
+            for name, layer in self.layers.items():  # the scale, every time: tensors, so no graph sees it
                 entry = lora.layers.get(name)
                 layer.scaling[SLOT].fill_(scale * entry[3] if entry is not None else 0.0)
         self.enable()
