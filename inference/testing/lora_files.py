@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint_files import base_tensors, to_bfl
+
 
 def linears(transformer):
     """(name, linear layer) for every linear layer, seen through peft's wrappers when a LoRA was loaded."""
@@ -131,11 +133,6 @@ def kohya_full_lora(transformer, path, rank: int = 4, alpha: float = 2.0, seed: 
                        ("lora_down", "lora_up"), rank, alpha, seed, te, width)
 
 
-def base_tensors(transformer) -> dict:
-    """The transformer's own tensors by their base names (peft's wrappers seen through)."""
-    return {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
-
-
 def comfyui_diff_lora(transformer, path, deltas: dict, rank: int = 4, alpha: float = 4.0, seed: int = 9,
                       pairs: bool = True, prefix: str = "diffusion_model."):
     """A ComfyUI LoRA with whole differences: ``deltas`` (diffusers' parameter name -> a difference of
@@ -143,8 +140,6 @@ def comfyui_diff_lora(transformer, path, deltas: dict, rank: int = 4, alpha: flo
     ``<norm>.scale.diff`` (norms), fused layers fused, by the inverse of diffusers' converter; an
     all-zero difference for a norm nobody trained beside them, and with ``pairs`` lora_down/lora_up
     pairs over the double blocks (diffusers converts ComfyUI's single blocks at FLUX.1's width only)."""
-    from .checkpoint_files import to_bfl
-
     base = base_tensors(transformer)
     whole = to_bfl({k: deltas[k] if k in deltas else torch.zeros_like(v) for k, v in base.items()})
     state = {}

@@ -46,20 +46,35 @@ def snapshot(transformer) -> dict:
 
 
 def assert_same_tensors(transformer, before: dict):
-    after = snapshot(transformer)
+    """Every base tensor as in ``before``, bit for bit (compared in place: no copy of the model)."""
+    after = {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
     assert set(after) == set(before)
     changed = [k for k in before if not torch.equal(after[k], before[k])]
     assert not changed, f"changed: {changed[:5]}"
 
 
+def sharing_copy(transformer):
+    """A copy of the module tree sharing every tensor with ``transformer``: a LoRA's peft layers go into
+    the copy's modules, and a LoRA that wrote into a base tensor would show in ``real_width_base``. (A
+    deep copy of FLUX.1's real width costs seconds and gigabytes.)"""
+    shared = {id(t): t for t in [*transformer.parameters(), *transformer.buffers()]}
+    return copy.deepcopy(transformer, shared)
+
+
+@pytest.fixture(scope="module")
+def real_width_base(real_width_transformer):
+    """The real-width transformer's tensors, copied once for the module's bit-for-bit checks."""
+    return snapshot(real_width_transformer)
+
+
 @pytest.fixture(scope="module")
 def ours(tiny_model, real_width_transformer):
-    return make_pipeline(tiny_model, copy.deepcopy(real_width_transformer))
+    return make_pipeline(tiny_model, sharing_copy(real_width_transformer))
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, real_width_transformer):
-    return make_pipeline(tiny_model, copy.deepcopy(real_width_transformer))
+    return make_pipeline(tiny_model, sharing_copy(real_width_transformer))
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +118,11 @@ FORMATS = {
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_each_format_gives_what_diffusers_gives(fmt, ours, reference, base_output, tmp_path,
-                                                 real_width_transformer):
+                                                 real_width_transformer, real_width_base):
     write, write_reference = FORMATS[fmt]
     path = write(real_width_transformer, tmp_path / "lora.safetensors")
     reference_path = write_reference(real_width_transformer, tmp_path / "ref.safetensors") if write_reference else path
-    before = snapshot(ours.transformer)
+    before = real_width_base
     out, manager = ours_with(ours, path)
     try:
         expected = reference_with(reference, reference_path)
@@ -131,9 +146,9 @@ def test_the_alpha_in_the_metadata_is_not_dropped(ours, reference, tmp_path, rea
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # scale 0.25 x (16 / 4) = 1
 
 
-def test_a_lora_for_another_width_is_refused_in_words(ours, tmp_path, real_width_transformer):
+def test_a_lora_for_another_width_is_refused_in_words(ours, tmp_path, real_width_transformer, real_width_base):
     path = peft_lora(real_width_transformer, tmp_path / "flux-lite.safetensors", fan_in=2048, modules=("to_q",))
-    before = snapshot(ours.transformer)
+    before = real_width_base
     manager = LoraManager(ours, LoraSettings(allow_paths=True))
     with pytest.raises(LoraError) as err:
         with manager.applied(str(path), 1.0):
@@ -266,11 +281,12 @@ def test_the_lora_file_metadata_is_what_diffusers_training_writes(tmp_path, tiny
 # -- a LoRA of another width, and ComfyUI's whole differences -----------------------------------------
 
 
-def test_a_kohya_lora_of_another_width_is_refused_naming_the_width(ours, tmp_path, real_width_transformer):
+def test_a_kohya_lora_of_another_width_is_refused_naming_the_width(ours, tmp_path, real_width_transformer,
+                                                                   real_width_base):
     """diffusers' Kohya converter splits the single blocks at FLUX.1's width and fails on any other
     without a word about widths; the refusal names the width."""
     path = kohya_full_lora(real_width_transformer, tmp_path / "flux-lite-style.safetensors", width=2048)
-    before = snapshot(ours.transformer)
+    before = real_width_base
     manager = LoraManager(ours, LoraSettings(allow_paths=True))
     with pytest.raises(LoraError) as err:
         with manager.applied(str(path), 1.0):
@@ -287,7 +303,7 @@ def test_the_bfl_names_of_differences_map_onto_every_tensor(tiny_model):
     itself: the mapping of .diff/.diff_b keys covers every layer, row for row."""
     from inference import lora_diffs
     from inference.testing.checkpoint_files import to_bfl
-    from inference.testing.lora_files import base_tensors
+    from inference.testing.checkpoint_files import base_tensors
 
     transformer = tiny_model.pipeline.transformer
     tensors = base_tensors(transformer)
@@ -302,11 +318,19 @@ def test_the_bfl_names_of_differences_map_onto_every_tensor(tiny_model):
     assert all(torch.equal(back[k], tensors[k] + 1.0) for k in tensors)
 
 
+def clean_copy(transformer):
+    """A copy without the peft layers the LoRAs of earlier tests left in the tiny model: diffusers
+    leaves a layer switched off when it loads the next LoRA into it, so a reference starts clean."""
+    copied = copy.deepcopy(transformer)
+    copied.unload_lora()
+    return copied
+
+
 @pytest.fixture
 def deltas(tiny_model):
     """Differences for a fused qkv bias (split three ways), a norm, the single block's fused linear1
     weight (split four ways) and the final modulation (its halves swapped)."""
-    from inference.testing.lora_files import base_tensors
+    from inference.testing.checkpoint_files import base_tensors
 
     gen = torch.Generator().manual_seed(5)
     base = base_tensors(tiny_model.pipeline.transformer)
@@ -327,7 +351,7 @@ def test_comfyui_differences_apply_as_comfyui_applies_them(tiny_model, tmp_path,
     inputs = transformer_inputs(dict(tiny_model.pipeline.transformer.config))
     path = comfyui_diff_lora(tiny_model.pipeline.transformer, tmp_path / "trained-norms.safetensors", deltas)
     pairs_only = comfyui_diff_lora(tiny_model.pipeline.transformer, tmp_path / "pairs.safetensors", {})
-    pipe = make_pipeline(tiny_model, copy.deepcopy(tiny_model.pipeline.transformer))
+    pipe = make_pipeline(tiny_model, clean_copy(tiny_model.pipeline.transformer))
     before = snapshot(pipe.transformer)
     base = forward(pipe.transformer, inputs)
     manager = LoraManager(pipe, LoraSettings(allow_paths=True))
@@ -337,7 +361,7 @@ def test_comfyui_differences_apply_as_comfyui_applies_them(tiny_model, tmp_path,
     assert_same_tensors(pipe.transformer, before)
     manager.clear()
 
-    reference = FluxFillPipeline(**{**pipe.components, "transformer": copy.deepcopy(tiny_model.pipeline.transformer)})
+    reference = FluxFillPipeline(**{**pipe.components, "transformer": clean_copy(tiny_model.pipeline.transformer)})
     with torch.no_grad():
         params = {k.replace(".base_layer", ""): p for k, p in reference.transformer.named_parameters()}
         for name, delta in deltas.items():

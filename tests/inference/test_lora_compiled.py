@@ -34,7 +34,7 @@ def loras(tmp_path_factory, tiny_model):
     Kohya, XLabs, and ComfyUI's with whole differences (.diff, .diff_b)."""
     import torch
 
-    from inference.testing.lora_files import base_tensors
+    from inference.testing.checkpoint_files import base_tensors
 
     folder = tmp_path_factory.mktemp("loras")
     transformer = tiny_model.pipeline.transformer
