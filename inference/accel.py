@@ -533,9 +533,14 @@ def _compile(accel: Accelerator) -> None:
         # Before compiling: LoRAs are written into this slot, so none compiles the blocks again.
         from .lora_slot import LoraSlot
 
-        slot = accel.lora_slot = LoraSlot.on(accel.pipeline.transformer, accel.options.lora_rank)
-        accel.applied.append(f"LoRA slot: every linear layer at rank {slot.rank} ({_size(slot.nbytes())}), "
-                             "so LoRAs and their scales compile nothing")
+        try:
+            slot = accel.lora_slot = LoraSlot.on(accel.pipeline.transformer, accel.options.lora_rank)
+            accel.applied.append(f"LoRA slot: every linear layer at rank {slot.rank} ({_size(slot.nbytes())}), "
+                                 "so LoRAs and their scales compile nothing")
+        except Exception as exc:  # serve anyway: LoRAs then compile the blocks again, as without a slot
+            log.exception("the LoRA slot could not be prepared")
+            accel.notes.append(f"no LoRA slot ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                               "each new LoRA and scale compiles the blocks again")
     WATCH.install()
     blocks = 0
     for transformer in transformers:
