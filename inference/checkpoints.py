@@ -122,10 +122,14 @@ def safetensors_header(path: Path, *, complete: bool = False, name: str | None =
     name = name or path.name
     try:
         size = path.stat().st_size
+        if size == 0:
+            raise _Short(8)
         with open(path, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
-            if length > min(100 * 1024 * 1024, size - 8):
+            if length > 100 * 1024 * 1024:
                 raise ValueError("header too large")
+            if 8 + length > size:  # cut short within the header itself
+                raise _Short(8 + length)
             header = json.loads(fh.read(length))
         if not isinstance(header, dict):
             raise ValueError("not a dict")
@@ -133,6 +137,10 @@ def safetensors_header(path: Path, *, complete: bool = False, name: str | None =
         spans = sorted(tuple(v["data_offsets"]) for v in header.values())
     except OSError as exc:
         raise ValueError(f"{name} could not be read: {exc.strerror or exc}") from None
+    except _Short as short:
+        held = "nothing" if size == 0 else f"{_amount(size)}, less than its header alone ({_amount(short.args[0])})"
+        raise ValueError(f"{name} is incomplete: it holds {held}, as a download cut short leaves a file; "
+                         "download it again") from None
     except (ValueError, struct.error, KeyError, TypeError):
         raise ValueError(f"{name} is not a readable .safetensors file (its header cannot be read): it is "
                          "damaged or not a .safetensors file at all (an error page saved under that name?); "
@@ -147,6 +155,10 @@ def safetensors_header(path: Path, *, complete: bool = False, name: str | None =
             raise ValueError(f"{name} is damaged: its tensors do not fill it as its header says ({_amount(size)} "
                              f"on disk, {_amount(expected)} described); download it again")
     return header
+
+
+class _Short(Exception):
+    """A file shorter than its own header says (the header's end, in bytes)."""
 
 
 def _amount(n: int) -> str:

@@ -299,3 +299,26 @@ def test_scales_named_weight_scale_one_a_row_are_read(real_width_transformer, co
     assert torch.isfinite(ours).all()
     same_values(ours, forward(reference, INPUTS))
     assert model.extras["checkpoint"] == "scaled fp8, BFL layout"
+
+
+@pytest.mark.parametrize(("cut", "expected"), [
+    (lambda data: b"", lambda n: "is incomplete: it holds nothing, as a download cut short leaves a file; download it "
+                                 "again"),
+    (lambda data: data[:40], lambda n: "is incomplete: it holds 40 bytes, less than its header alone ("),
+    (lambda data: data[:-100], lambda n: f"is incomplete: it holds {n - 100} bytes of the {n} bytes its header "
+                                         "describes"),
+    (lambda data: data + b"\0" * 10, lambda n: f"is damaged: its tensors do not fill it as its header says ({n + 10} "
+                                                f"bytes on disk, {n} bytes described)"),
+    (lambda data: b"<!DOCTYPE html>" + data, lambda n: "is not a readable .safetensors file (its header cannot be "
+                                                       "read)"),
+])
+def test_each_way_a_safetensors_file_breaks_is_said(tmp_path, cut, expected):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(100), "b": torch.zeros(10)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(cut(data))
+    with pytest.raises(ValueError) as err:
+        checkpoints.safetensors_header(path, complete=True)
+    assert str(err.value).startswith(f"model.safetensors {expected(len(data))}"), str(err.value)
