@@ -51,9 +51,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -281,8 +283,6 @@ def formats(check: Check, state: dict) -> dict:
     """The loading paths on the device itself: a LoRA with norms on the model being measured, and each
     checkpoint layout (one block of each kind at FLUX.1's width, 3072, which diffusers' converter
     needs) loaded onto the device in the compute dtype and compared with the values it was made from."""
-    import tempfile
-
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -620,8 +620,6 @@ def main(argv=None) -> int:
 
     check.report.update(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
                         gpu=torch.cuda.get_device_name() if cuda else None)
-    import tempfile
-
     state: dict = {"tmp": tempfile.mkdtemp(prefix="gpu-check-")}
     check.section("build", lambda: build(check, state))
     if "model" not in state:
@@ -639,8 +637,6 @@ def main(argv=None) -> int:
         check.section("memory_modes", lambda: memory_modes(check, state), needs_s=90, needs_cuda=True)
     tmp = state["tmp"]
     state.clear()
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     if cuda:
         import gc
