@@ -219,8 +219,8 @@ def test_fp8_memory_mode_quantises_blocks_and_t5_and_stays_close(tiny_dir, eager
 def test_loras_apply_on_fp8_weights_and_leave_nothing_behind(tiny_dir, tmp_path):
     from inference.engine import EngineSettings
     from inference.lora import LoraSettings
-    from inference.weights import load_model
     from inference.testing.lora_files import diffusers_lora
+    from inference.weights import load_model
 
     model = load_model(str(tiny_dir), device="cpu")
     engine = Engine(model, EngineSettings(lora=LoraSettings(allow_paths=True)))

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from inference import accel, checkpoints
 from inference.errors import WeightsError
-from inference.weights import load_model
 from inference.testing.checkpoint_files import save_bfl, save_comfy_scaled_fp8, save_fp8, save_gguf, to_bfl, truncate
+from inference.weights import load_model
 from tests.inference.conftest import REAL_WIDTH_CONFIG, forward, random_transformer, transformer_inputs
 
 INPUTS = transformer_inputs(REAL_WIDTH_CONFIG)

@@ -19,10 +19,10 @@ from inference.engine import Engine, EngineSettings
 from inference.errors import LoraError
 from inference.inputs import parse_input
 from inference.lora import LoraManager, LoraSettings
+from inference.testing.lora_files import (bfl_a_b_lora, comfyui_lora, diffusers_lora, kohya_full_lora, peft_lora,
+                                          xlabs_lora)
 from tests.helpers import box_mask, fast_input, noise_image
 from tests.inference.conftest import REAL_WIDTH_CONFIG, forward, transformer_inputs
-from inference.testing.lora_files import (bfl_a_b_lora, comfyui_lora, diffusers_lora, kohya_full_lora, peft_lora,
-                                         xlabs_lora)
 
 INPUTS = transformer_inputs(REAL_WIDTH_CONFIG)
 SCALE = 0.7
@@ -302,8 +302,7 @@ def test_the_bfl_names_of_differences_map_onto_every_tensor(tiny_model):
     the final modulation's halves swapped) by the inverse of diffusers' converter, comes back as
     itself: the mapping of .diff/.diff_b keys covers every layer, row for row."""
     from inference import lora_diffs
-    from inference.testing.checkpoint_files import to_bfl
-    from inference.testing.checkpoint_files import base_tensors
+    from inference.testing.checkpoint_files import base_tensors, to_bfl
 
     transformer = tiny_model.pipeline.transformer
     tensors = base_tensors(transformer)

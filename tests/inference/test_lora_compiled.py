@@ -21,7 +21,7 @@ from inference.errors import LoraError
 from inference.factory import EngineOptions, build_engine
 from inference.inputs import parse_input
 from inference.lora import LoraSettings
-from inference.testing.lora_files import comfyui_diff_lora, diffusers_lora, kohya_lora, peft_lora, xlabs_lora
+from inference.testing.lora_files import comfyui_diff_lora, kohya_lora, peft_lora, xlabs_lora
 from tests.helpers import box_mask, fast_input, noise_image
 
 SCALES = (0.5, 0.8, 1.2)
