@@ -26,6 +26,12 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   until the recompile limit sends the block back to eager. ``mark_dynamic`` up front would make
   even the 1 MP square dynamic. The warm-up runs the common shapes (1 MP and 0.25 MP squares, then
   0.25 MP with two outputs; 2 steps each) at startup so no request pays for compiling.
+  LoRAs: before compiling, the transformer gets one LoRA adapter over every linear layer, the slot
+  (:mod:`inference.lora_slot`, rank ``lora_rank``), which each LoRA is written into and each scale
+  filled into as tensors, and the warm-up runs every shape with the slot on and off: no LoRA, scale
+  or switch between them compiles anything. What still compiles after the warm-up (a recompile) and
+  what dynamo gives up on (run eager from then on) is said in the log and counted in ``describe()``
+  (``recompiles_after_warmup``, ``eager_fallbacks``; :data:`WATCH`).
 - attention backend: PyTorch's SDPA picks cuDNN on an H100, which measured fastest (0.186 s a step
   against 0.208 flash, 0.249 efficient), so the default is left alone; ``attention_backend`` hands
   any other name to diffusers' ``set_attention_backend`` (e.g. ``_flash_3`` where installed).
@@ -41,6 +47,9 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   the threshold (relative mean) from the last computed step, the other blocks are skipped and their
   cached residual reused. 0 turns it off. Its check reads a value back from the GPU each step, which
   breaks a compiled graph, so with ``compile`` the blocks are compiled without ``fullgraph``.
+- torchao's configs are applied with ``set_inductor_config`` off: left on (torchao's default), they
+  switch on inductor's coordinate-descent autotuning for the whole process, and every later compile,
+  the bf16 blocks' too, autotunes far longer.
 - ``memory_mode``: for cards smaller than the 34 GB the bf16 weights take.
   ``fp8`` (24 GB cards): the transformer's block linears and the T5 encoder's linears hold fp8
   weights (about 12 + 4.7 GB), everything stays on the GPU. The transformer is quantised one block at
@@ -67,6 +76,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
+
+from .lora_slot import DEFAULT_RANK as DEFAULT_LORA_RANK
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +112,7 @@ class AccelOptions:
     cache_dir: Path | None = None  # persistent compile caches
     warmup: bool = True
     warmup_shapes: tuple = WARMUP_SHAPES  # (width, height, outputs)
+    lora_rank: int = DEFAULT_LORA_RANK  # the compiled transformer's LoRA slot (inference.lora_slot)
 
 
 @dataclass
@@ -118,7 +130,9 @@ class Accelerator:
     step_cache_on: bool = False
     compiled: bool = False
     warmup_s: float = 0.0  # what the warm-up took
+    lora_slot: object | None = None  # the compiled transformer's LoRA slot (inference.lora_slot.LoraSlot)
     _fast_notice_logged: bool = False
+    _status: dict | None = None  # what describe() last gave: kept current as compiles are counted
 
     # -- per request ------------------------------------------------------------------------------
 
@@ -132,7 +146,18 @@ class Accelerator:
                 transformer = self.pipeline.transformer
                 stack.enter_context(transformer.cache_context("cond"))
                 stack.callback(transformer._reset_stateful_cache)
+            if self.compiled:
+                stack.callback(self._count_compiles)
             yield
+
+    def _count_compiles(self) -> None:
+        """After a denoising loop: any graph built since the warm-up, and any block given up on, in
+        the log and in describe() (``/health``'s speed)."""
+        WATCH.check()
+        if self._status is not None:
+            self._status.update(WATCH.figures())
+            if self.lora_slot is not None:
+                self._status["lora_slot_rank"] = self.lora_slot.rank
 
     @contextlib.contextmanager
     def fast(self, lora_active: bool = False):
@@ -162,7 +187,7 @@ class Accelerator:
             fast = "fp8 transformer for go_fast requests"
         elif self.options.fast_mode:
             fast = f"unavailable ({self.fast_unavailable})"
-        return {
+        status = {
             "compile": self.compiled,
             "fast_mode": fast,
             "memory_mode": self.options.memory_mode,
@@ -171,6 +196,12 @@ class Accelerator:
             "applied": list(self.applied),
             "notes": list(self.notes),
         }
+        if self.compiled:  # counts that grow while serving: the same dict is kept current
+            status.update(WATCH.figures())
+            if self.lora_slot is not None:
+                status["lora_slot_rank"] = self.lora_slot.rank
+        self._status = status
+        return status
 
     # -- startup ----------------------------------------------------------------------------------
 
@@ -186,7 +217,10 @@ class Accelerator:
         from .inputs import parse_input
 
         started = time.monotonic()
-        variants = [False] + ([True] if self.fast_transformer is not None else [])
+        # (go_fast, LoRA): the LoRA variant runs the slot switched on, so a first request with a LoRA
+        # finds its graphs built.
+        variants = [(False, False)] + ([(False, True)] if self.lora_slot is not None else []) + \
+            ([(True, False)] if self.fast_transformer is not None else [])
         for width, height, outputs in self.options.warmup_shapes:
             image = Image.new("RGB", (width, height), (128, 128, 128))
             mask = Image.new("L", (width, height), 0)
@@ -195,17 +229,20 @@ class Accelerator:
             def uri(img):
                 return "data:image/png;base64," + base64.b64encode(encode_image(img, "png", 100)).decode()
 
-            for go_fast in variants:
+            for go_fast, lora in variants:
                 inp = parse_input({"prompt": "warm-up", "image": uri(image), "mask": uri(mask), "seed": 0,
                                    "megapixels": "match_input", "num_inference_steps": WARMUP_STEPS,
                                    "num_outputs": outputs, "output_format": "png", "disable_safety_checker": True,
                                    "go_fast": go_fast})
                 t = time.monotonic()
-                engine.predict(inp, log=lambda _m: None)
-                log.info("warm-up %dx%d x%d%s: %.1f s", width, height, outputs, " go_fast" if go_fast else "",
-                         time.monotonic() - t)
+                with engine.loras.warming() if lora else contextlib.nullcontext():
+                    engine.predict(inp, log=lambda _m: None)
+                log.info("warm-up %dx%d x%d%s: %.1f s", width, height, outputs,
+                         " go_fast" if go_fast else " with a LoRA" if lora else "", time.monotonic() - t)
         elapsed = self.warmup_s = time.monotonic() - started
         self.applied.append(f"warm-up {elapsed:.1f} s")
+        if self.compiled:
+            WATCH.arm()  # from here on, a new graph is a recompile
         return elapsed
 
 
@@ -302,12 +339,25 @@ def quantise_blockwise(block, device: str, config, home: str | None = None) -> N
     """Move one block to ``device``, give its linear layers fp8 weights there (layers a checkpoint
     already quantised, fp8 or GGUF, keep theirs), and move it to ``home`` after, when given."""
     import torch
-    from torchao.quantization import quantize_
 
     block.to(device)
-    quantize_(block, config, filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and not _is_quantised(m.weight))
+    _quantize(block, config, lambda m, _fqn: isinstance(m, torch.nn.Linear) and not is_quantised(m.weight))
     if home is not None:
         block.to(home)
+
+
+def _quantize(module, config, filter_fn) -> None:
+    """torchao's ``quantize_`` with the config's ``set_inductor_config`` off. torchao's configs set
+    it by default, and then switch on inductor's coordinate-descent autotuning (and more) for the
+    whole process, so every later compile, the bf16 blocks' included, autotunes for far longer;
+    inductor's settings stay as the server set them (``configure_compile_cache``)."""
+    import dataclasses
+
+    from torchao.quantization import quantize_
+
+    if dataclasses.is_dataclass(config) and any(f.name == "set_inductor_config" for f in dataclasses.fields(config)):
+        config = dataclasses.replace(config, set_inductor_config=False)
+    quantize_(module, config, filter_fn=filter_fn)
 
 
 def _linear_bytes(module) -> int:
@@ -417,11 +467,10 @@ def _quantise(module, config=None) -> None:
     """fp8 on the linears of the transformer blocks only (the embedders and the output projection
     stay bf16: they are small and sensitive). ``config``: torchao's; row-wise dynamic fp8 if none."""
     import torch
-    from torchao.quantization import quantize_
 
     block_linears = {id(m) for m in _block_linears(module)}
-    quantize_(module, config or _fp8_dynamic_config(),
-              filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear) and id(m) in block_linears)
+    _quantize(module, config or _fp8_dynamic_config(),
+              lambda m, _fqn: isinstance(m, torch.nn.Linear) and id(m) in block_linears)
 
 
 def _quantised_copy(transformer, config=None):
@@ -480,6 +529,19 @@ def _compile(accel: Accelerator) -> None:
         accel.notes.append("the go_fast fp8 transformer is not compiled by default: eager fp8 is slower than bf16 "
                            "on an H100 and compiling fp8 blocks was measured to take minutes; pass --compile to "
                            "compile it too")
+    if accel.options.lora_rank and transformers and transformers[0] is accel.pipeline.transformer:
+        # Before compiling: LoRAs are written into this slot, so none compiles the blocks again.
+        from .lora_slot import LoraSlot
+
+        try:
+            slot = accel.lora_slot = LoraSlot.on(accel.pipeline.transformer, accel.options.lora_rank)
+            accel.applied.append(f"LoRA slot: every linear layer at rank {slot.rank} ({_size(slot.nbytes())}), "
+                                 "so LoRAs and their scales compile nothing")
+        except Exception as exc:  # serve anyway: LoRAs then compile the blocks again, as without a slot
+            log.exception("the LoRA slot could not be prepared")
+            accel.notes.append(f"no LoRA slot ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                               "each new LoRA and scale compiles the blocks again")
+    WATCH.install()
     blocks = 0
     for transformer in transformers:
         for name in BLOCK_LISTS:
@@ -497,13 +559,13 @@ def _has_fp8(transformer) -> bool:
     return any(_is_fp8(m.weight) for m in _block_linears(transformer))
 
 
-def _is_quantised(weight) -> bool:
+def is_quantised(weight) -> bool:
     """fp8 (torchao), or a GGUF checkpoint's packed weight (diffusers' GGUFParameter)."""
     return _is_fp8(weight) or type(weight).__name__ == "GGUFParameter"
 
 
 def _has_quantised(transformer) -> bool:
-    return any(_is_quantised(m.weight) for m in _block_linears(transformer))
+    return any(is_quantised(m.weight) for m in _block_linears(transformer))
 
 
 def configure_compile_cache(cache_dir: Path | None) -> None:
@@ -548,5 +610,69 @@ def _free_gpu_bytes(device: str) -> int:
     return free
 
 
-__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "MemoryMode", "apply", "configure_compile_cache",
-           "loads_in_host_memory", "quantise_blockwise"]
+class CompileWatch:
+    """What dynamo does after startup, for the whole process (its counters are the process's): graphs
+    built after the warm-up (a recompile: seconds to a minute each on a GPU) and code it gave up
+    compiling (the recompile limit reached, or a compile that failed under ``suppress_errors``),
+    which then runs eager, slower, from then on. Each is said in the log in words, and counted in
+    ``/health``'s speed (``recompiles_after_warmup``, ``eager_fallbacks``)."""
+
+    GAVE_UP = ("torch._dynamo hit config.", "WON'T CONVERT")
+
+    def __init__(self):
+        self.graphs_at_warmup: int | None = None
+        self.seen = 0
+        self.recompiles = 0
+        self.eager_fallbacks = 0
+        self._handler = None
+
+    @staticmethod
+    def graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def install(self) -> None:
+        """Listen for dynamo giving up (once a process)."""
+        if self._handler is not None:
+            return
+        watch = self
+
+        class GaveUp(logging.Handler):
+            def emit(self, record):
+                message = record.getMessage()
+                if message.startswith(watch.GAVE_UP):
+                    watch.eager_fallbacks += 1
+                    lines = [line.strip() for line in message.splitlines() if line.strip()]
+                    # the recompile limit: which limit, the function, the last reason; a failed compile:
+                    # the function and the exception
+                    what = " ".join(lines[:3]) if message.startswith(watch.GAVE_UP[0]) else f"{lines[0]}: {lines[-1]}"
+                    log.warning("compiled code runs eager from now on (slower): %s; TORCH_LOGS=recompiles tells why "
+                                "(%d such fall-backs so far)", what[:400], watch.eager_fallbacks)
+
+        self._handler = GaveUp(logging.WARNING)
+        logging.getLogger("torch._dynamo.convert_frame").addHandler(self._handler)
+
+    def arm(self) -> None:
+        """The warm-up is over: every graph from now on is one a request paid for."""
+        self.graphs_at_warmup = self.seen = self.graphs()
+
+    def check(self) -> int:
+        """New graphs since the last check, logged as recompiles when the warm-up is over."""
+        now = self.graphs()
+        new, self.seen = now - self.seen, now
+        if new > 0 and self.graphs_at_warmup is not None:
+            self.recompiles += new
+            log.warning("the compiled blocks compiled again after the warm-up (%d new graphs, %d in all): each costs "
+                        "seconds to a minute on a GPU; TORCH_LOGS=recompiles tells why", new, self.recompiles)
+        return max(new, 0)
+
+    def figures(self) -> dict:
+        return {"recompiles_after_warmup": self.recompiles, "eager_fallbacks": self.eager_fallbacks}
+
+
+WATCH = CompileWatch()
+
+
+__all__ = ["AccelError", "AccelOptions", "Accelerator", "MEMORY_MODES", "MemoryMode", "WATCH", "apply",
+           "configure_compile_cache", "is_quantised", "loads_in_host_memory", "quantise_blockwise"]

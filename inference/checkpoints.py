@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2")
-SCALE_SUFFIX = ".scale_weight"
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's; compressed-tensors' and ModelOpt's
+INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")  # for fp8 activations: not used by weight-only layers
+BLOCK_SCALE_SUFFIXES = (".weight_scale_inv",)  # DeepSeek's 128x128 blocks: refused
 COMFY_MARKERS = ("scaled_fp8",)
 HEAD_DIM_ROPE = {128: (16, 56, 56)}  # FLUX.1's RoPE axes for its head size
 FILL_MASK_CHANNELS = 256  # the packed mask Fill reads beside the packed latents and conditioning
@@ -66,7 +68,7 @@ class CheckpointInfo:
 
     @property
     def scaled_fp8(self) -> bool:
-        return any(k.endswith(SCALE_SUFFIX) for k in self.shapes)
+        return any(k.endswith(SCALE_SUFFIXES) for k in self.shapes)
 
     def shape(self, bfl: str, diffusers: str) -> tuple | None:
         return self.shapes.get(bfl if self.layout == "bfl" else diffusers)
@@ -81,8 +83,9 @@ class CheckpointInfo:
         return any(k.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for k in self.shapes)
 
     def describe(self) -> str:
-        kind = "GGUF" if self.format == "gguf" else ("ComfyUI scaled fp8" if self.scaled_fp8 else
-                                                     "fp8" if self.fp8 else "safetensors")
+        comfy = any(k.endswith(SCALE_SUFFIXES[0]) for k in self.shapes)
+        kind = "GGUF" if self.format == "gguf" else (("ComfyUI scaled fp8" if comfy else "scaled fp8") if self.scaled_fp8
+                                                     else "fp8" if self.fp8 else "safetensors")
         return f"{kind}, {'BFL' if self.layout == 'bfl' else self.layout} layout"
 
 
@@ -106,28 +109,70 @@ def _unprefixed(values: dict, prefix: str) -> dict:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in values.items()}
 
 
-def safetensors_header(path: Path) -> dict:
-    """A .safetensors file's header (name -> dtype, shape, offsets), its ``__metadata__`` left out;
-    ValueError when the file is not one."""
+def safetensors_header(path: Path, *, complete: bool = False, name: str | None = None) -> dict:
+    """A .safetensors file's header (name -> dtype, shape, offsets), its ``__metadata__`` left out.
+
+    ValueError, in one sentence that names the file and says what to do, when the file is not one;
+    with ``complete``, also when its tensors do not fill it exactly: a download cut short leaves
+    the header whole and the data short, which safetensors reports only as "incomplete metadata,
+    file not fully covered", naming no file. ``name``: the file as the message calls it (its name)."""
     import struct
 
+    path = Path(path)
+    name = name or path.name
     try:
+        size = path.stat().st_size
+        if size == 0:
+            raise _Short(8)
         with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100 * 1024 * 1024:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 1024 * 1024:
                 raise ValueError("header too large")
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, struct.error) as exc:
-        raise ValueError(f"{Path(path).name} is not a readable .safetensors file ({type(exc).__name__})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{Path(path).name} is not a readable .safetensors file")
-    header.pop("__metadata__", None)
+            if 8 + length > size:  # cut short within the header itself
+                raise _Short(8 + length)
+            header = json.loads(fh.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("not a dict")
+        header.pop("__metadata__", None)
+        spans = sorted(tuple(v["data_offsets"]) for v in header.values())
+    except OSError as exc:
+        raise ValueError(f"{name} could not be read: {exc.strerror or exc}") from None
+    except _Short as short:
+        held = "nothing" if size == 0 else f"{_amount(size)}, less than its header alone ({_amount(short.args[0])})"
+        raise ValueError(f"{name} is incomplete: it holds {held}, as a download cut short leaves a file; "
+                         "download it again") from None
+    except (ValueError, struct.error, KeyError, TypeError):
+        raise ValueError(f"{name} is not a readable .safetensors file (its header cannot be read): it is "
+                         "damaged or not a .safetensors file at all (an error page saved under that name?); "
+                         "download it again") from None
+    if complete:
+        end = spans[-1][1] if spans else 0
+        expected = 8 + length + end
+        if size < expected:
+            raise ValueError(f"{name} is incomplete: it holds {_amount(size)} of the {_amount(expected)} its "
+                             "header describes, as a download cut short leaves a file; download it again")
+        if size > expected or sum(e - b for b, e in spans) != end:
+            raise ValueError(f"{name} is damaged: its tensors do not fill it as its header says ({_amount(size)} "
+                             f"on disk, {_amount(expected)} described); download it again")
     return header
+
+
+class _Short(Exception):
+    """A file shorter than its own header says (the header's end, in bytes)."""
+
+
+def _amount(n: int) -> str:
+    """Bytes for people: 23.8 GB, 310.2 MB, 512 bytes."""
+    if n >= 1000**3:
+        return f"{n / 1000**3:.1f} GB"
+    if n >= 1000**2:
+        return f"{n / 1000**2:.1f} MB"
+    return f"{n} bytes"
 
 
 def _safetensors_header(path: Path) -> tuple[dict, dict]:
     try:
-        header = safetensors_header(path)
+        header = safetensors_header(path, complete=True)
     except ValueError as exc:
         raise WeightsError(f"{exc}.") from None
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
@@ -151,7 +196,8 @@ def _gguf_reader(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as exc:
-        raise WeightsError(f"{path} is not a readable GGUF file ({type(exc).__name__}).") from None
+        raise WeightsError(f"{path.name} is not a readable GGUF file ({type(exc).__name__}): it is incomplete, as a "
+                           "download cut short leaves a file, or damaged; download it again.") from None
 
 
 # -- what model is this? ---------------------------------------------------------------------------
@@ -254,57 +300,154 @@ def _load_safetensors(info: CheckpointInfo, config: dict, dtype):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
-    state = _unprefixed(load_file(str(info.path)), info.prefix) if info.prefix else load_file(str(info.path))
-    scales = {k[: -len(SCALE_SUFFIX)] + ".weight": v.float().reshape(()) for k, v in state.items()
-              if k.endswith(SCALE_SUFFIX)}
-    state = {k: v for k, v in state.items()
-             if not (k.endswith(SCALE_SUFFIX) or k.endswith(".scale_input") or k in COMFY_MARKERS)}
-    fp8 = {k for k, v in state.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+    name = info.path.name
+    state, others = _transformer_part(load_file(str(info.path)), info.prefix)
+    if others:
+        log.info("%s: %d tensors outside %s (other models' parts, e.g. %s) are not the transformer's; not read",
+                 name, len(others), info.prefix, sorted(others)[0])
+    marked = any(k in COMFY_MARKERS for k in [*state, *others])
+    state = {k: v for k, v in state.items() if k not in COMFY_MARKERS}
+    state, scales = _split_scales(state, name)
+    fp8_dtypes = (torch.float8_e4m3fn, torch.float8_e5m2)
+    fp8 = {k for k, v in state.items() if v.dtype in fp8_dtypes}
+    _require_scales(name, state, fp8, scales, marked)
     if info.layout == "bfl":
-        row_scales = _converted_row_scales(state, fp8, scales)
-        state = _convert_bfl(state)
+        row_scales = _converted_row_scales(state, fp8, scales, name)
+        state, leftover = _convert_bfl(state)
     elif info.layout == "diffusers":
-        row_scales = {k: _row_scale(state[k], scales.get(k)) for k in fp8}
+        row_scales = {k: _row_scale(state[k], scales.get(k), k, name) for k in fp8 | set(scales)}
+        leftover = set()
     else:
-        raise WeightsError(f"{info.path.name} holds no FLUX.1 transformer (neither BFL's nor diffusers' names).")
+        raise WeightsError(f"{name} holds no FLUX.1 transformer (neither BFL's nor diffusers' names).")
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
-    linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {f"{module}.weight" for module, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing, unexpected = sorted(expected - set(state)), sorted(leftover | (set(state) - expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"an unexpected {unexpected[0]}"
-        raise WeightsError(f"{info.path.name} does not fit FLUX.1 Fill [dev]'s transformer "
+        raise WeightsError(f"{name} does not fit FLUX.1 Fill [dev]'s transformer "
                            f"({len(missing)} tensors missing, {len(unexpected)} unexpected, e.g. {what}).")
+    fp8 = {k for k, v in state.items() if v.dtype in fp8_dtypes}  # by the transformer's names now
     plain, quantised = {}, {}
-    for name, value in state.items():
-        if name in row_scales and name in linears:
-            quantised[name] = _float8_weight(value, row_scales[name], dtype)
-        elif name in row_scales:  # an fp8 tensor outside a linear layer's weight: dequantised
-            plain[name] = (value.float() * row_scales[name].reshape(-1, *([1] * (value.ndim - 1)))).to(dtype)
+    for key, value in state.items():
+        if key in row_scales and key in linears and key in fp8:
+            quantised[key] = _float8_weight(value, row_scales[key], dtype)
+        elif key in row_scales:  # a scaled tensor outside a linear layer's fp8 weight: dequantised
+            plain[key] = (value.float() * row_scales[key].reshape(-1, *([1] * (value.ndim - 1)))).to(dtype)
         else:
-            plain[name] = value.to(dtype)
-        state[name] = None  # each source tensor is freed as soon as it is placed
+            plain[key] = value.to(dtype)
+        state[key] = None  # each source tensor is freed as soon as it is placed
     model.load_state_dict(plain, strict=False, assign=True)
-    for name, weight in quantised.items():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
+    for key, weight in quantised.items():
+        module = model.get_submodule(key.rsplit(".", 1)[0])
         module.weight = torch.nn.Parameter(weight, requires_grad=False)
     if quantised:
-        log.info("%s: %d linear layers kept in fp8%s", info.path.name, len(quantised),
-                 " with their scales" if scales else "")
+        log.info("%s: %d linear layers kept in fp8%s", name, len(quantised), " with their scales" if scales else "")
     return model
 
 
-def _row_scale(weight, scale):
+def _transformer_part(raw: dict, prefix: str) -> tuple[dict, set]:
+    """The transformer's tensors (``prefix`` removed) and the names of the others: a file with the
+    transformer under ``model.diffusion_model.`` may also hold the VAE and the text encoders (an
+    "all in one" checkpoint), which --components provides; markers such as ``scaled_fp8`` count as
+    the transformer's."""
+    if not prefix:
+        return raw, set()
+    state, others = {}, set()
+    for key, value in raw.items():
+        if key.startswith(prefix):
+            state[key[len(prefix):]] = value
+        elif key in COMFY_MARKERS:
+            state[key] = value
+        else:
+            others.add(key)
+    return state, others
+
+
+def _split_scales(state: dict, name: str) -> tuple[dict, dict]:
+    """The tensors without their scales, and each weight's scale (by the weight's name). Input
+    scales serve fp8 matmuls of the activations, which a weight-only layer does not do: dropped.
+    Block-wise scales (DeepSeek's ``weight_scale_inv``) are refused in words."""
+    blocks = [k for k in state if k.endswith(BLOCK_SCALE_SUFFIXES)]
+    if blocks:
+        raise WeightsError(f"{name} holds block-wise fp8 scales ({blocks[0]}), a layout this server does not read; "
+                           "use a bf16, fp8, ComfyUI scaled fp8 or GGUF file (see weights.md).")
+    scales, rest = {}, {}
+    for key, value in state.items():
+        suffix = next((s for s in SCALE_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            weight = key[: -len(suffix)] + ".weight"
+            if weight in scales:
+                raise WeightsError(f"{name} gives {weight} two scales (under two names); it is damaged or made by a "
+                                   "tool this server does not know. Use another file (see weights.md).")
+            scales[weight] = value
+        elif not key.endswith(INPUT_SCALE_SUFFIXES):
+            rest[key] = value
+    unscaled = sorted(set(scales) - set(rest))
+    if unscaled:
+        raise WeightsError(f"{name} has a scale for {unscaled[0]} but no such weight; it is damaged or incomplete: "
+                           "download it again (see weights.md).")
+    return rest, scales
+
+
+def _require_scales(name: str, state: dict, fp8: set, scales: dict, marked: bool) -> None:
+    """Refuse, before it serves NaN, an fp8 file whose weights were scaled and whose scales are gone
+    or unreadable: scales under names this server does not know, the ``scaled_fp8`` marker with no
+    scale at all, or fp8 weights whose values fill fp8's whole range (a plain cast of FLUX.1's
+    weights stays far below it; a scaled weight's largest value is fp8's largest) with no scale of
+    their own. With no scale in the file, its first few weights tell."""
+    if not fp8:
+        return
+    renamed = sorted(k for k in state if "scale" in k.rsplit(".", 1)[-1] and k.rsplit(".", 1)[-1] != "scale")
+    if renamed:
+        raise WeightsError(f"{name} keeps its fp8 scales under names this server does not read (e.g. {renamed[0]}, "
+                           f"{len(renamed)} in all); it reads .scale_weight (ComfyUI's) and .weight_scale. Use a "
+                           "bf16, fp8, ComfyUI scaled fp8 or GGUF file (see weights.md).")
+    if marked and not scales:
+        raise WeightsError(f"{name} is marked as ComfyUI scaled fp8 (its scaled_fp8 tensor) but holds no scale for its "
+                           "weights (no .scale_weight tensors): they were stripped, or the file is incomplete. Download "
+                           "it again, or use a bf16, fp8 or GGUF file (see weights.md).")
+    unscaled = sorted(k for k in fp8 if k not in scales and state[k].ndim == 2)
+    full = next((k for k in (unscaled if scales else unscaled[:4]) if _fills_fp8_range(state[k])), None)
+    if full is not None:
+        where = "no scale for it" if scales else "no scales at all"
+        raise WeightsError(f"{name}'s fp8 weights were scaled (the values of {full} fill fp8's whole range) but the "
+                           f"file has {where}: the scales were stripped or are stored under a name this server does "
+                           "not read. Download it again, or use a bf16, fp8, ComfyUI scaled fp8 or GGUF file (see "
+                           "weights.md).")
+
+
+def _fills_fp8_range(weight) -> bool:
+    """Whether an fp8 tensor's largest magnitude is in the top half of its format's range (or not
+    finite). The magnitude order of fp8 values is their bit patterns' order with the sign bit off."""
+    import math
+
     import torch
 
-    value = float(scale) if scale is not None else 1.0
-    return torch.full((weight.shape[0], 1), value, dtype=torch.float32)
+    codes = weight.view(torch.uint8).bitwise_and(0x7F)
+    peak = float(codes.max().reshape(1).view(weight.dtype).float())
+    return not math.isfinite(peak) or peak >= torch.finfo(weight.dtype).max / 2
 
 
-def _converted_row_scales(state: dict, fp8: set, scales: dict) -> dict:
-    """Each converted fp8 tensor's scale, one per output row: the BFL names go through diffusers'
+def _row_scale(weight, scale, key: str, name: str):
+    """A weight's scale as one value per output row: a file stores one value (ComfyUI) or one a row."""
+    import torch
+
+    rows = weight.shape[0] if weight.ndim else 1
+    if scale is None:
+        return torch.ones((rows, 1), dtype=torch.float32)
+    if scale.numel() == 1:
+        return torch.full((rows, 1), float(scale.float().reshape(())), dtype=torch.float32)
+    if scale.numel() == rows:
+        return scale.float().reshape(rows, 1)
+    raise WeightsError(f"{name} gives {key} a scale of shape {tuple(scale.shape)}, neither one value nor one a row of "
+                       f"its {rows} rows; this server does not read that layout (see weights.md).")
+
+
+def _converted_row_scales(state: dict, fp8: set, scales: dict, name: str) -> dict:
+    """Each converted scaled tensor's scale, one per output row: the BFL names go through diffusers'
     converter as [rows, 1] columns of their scale (every other tensor as a column of zeros), so the
     converter's splits and reorderings carry each scale to wherever its rows end up."""
     import torch
@@ -312,20 +455,25 @@ def _converted_row_scales(state: dict, fp8: set, scales: dict) -> dict:
     def rows(v) -> int:
         return v.shape[0] if v.ndim else 1
 
-    converted = _convert_bfl({k: _row_scale(v, scales.get(k)) if k in fp8 else torch.zeros((rows(v), 1))
-                              for k, v in state.items()})
-    from_fp8 = _convert_bfl({k: torch.full((rows(v), 1), float(k in fp8)) for k, v in state.items()})
-    return {k: v for k, v in converted.items() if bool(from_fp8[k].all())}
+    scaled = fp8 | set(scales)
+    converted, _ = _convert_bfl({k: _row_scale(v, scales.get(k), k, name) if k in scaled else torch.zeros((rows(v), 1))
+                                 for k, v in state.items()})
+    from_scaled, _ = _convert_bfl({k: torch.full((rows(v), 1), float(k in scaled)) for k, v in state.items()})
+    return {k: v for k, v in converted.items() if bool(from_scaled[k].all())}
 
 
-def _convert_bfl(state: dict) -> dict:
+def _convert_bfl(state: dict) -> tuple[dict, set]:
+    """diffusers' converter on BFL names: the converted tensors, and the names it did not convert
+    (it drops what it does not know; those are reported, not lost without a word)."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
+    source = dict(state)
     try:
-        return convert_flux_transformer_checkpoint_to_diffusers(dict(state))
+        converted = convert_flux_transformer_checkpoint_to_diffusers(source)
     except (KeyError, IndexError, RuntimeError) as exc:
         raise WeightsError(f"The checkpoint is not a complete FLUX.1 transformer in BFL's layout "
                            f"(missing or odd-sized {exc}).") from None
+    return converted, set(source)
 
 
 def _float8_weight(value, row_scale, dtype):

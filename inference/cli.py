@@ -8,7 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .errors import InvalidInput, WeightsError
+from .errors import InvalidInput, NonFiniteOutput, SafetyError, WeightsError
 from .inputs import PredictionInput, parse_input
 
 FILE_INPUTS = ("image", "mask")
@@ -69,8 +69,9 @@ def predict(args: argparse.Namespace) -> int:
     try:
         engine = build_engine(options)
     except (WeightsError, AccelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    except Exception as exc:  # a failure no check foresaw: still one sentence, never a traceback
+        return _fail(f"the model could not be loaded: {_sentence(exc)}", 1)
     if engine.model.demo:
         print("Demo model: tiny FLUX Fill with random weights; outputs are noise. Pass --weights for the real model.", file=sys.stderr)
     bar = tqdm(total=None, unit="step", file=sys.stderr)
@@ -86,6 +87,12 @@ def predict(args: argparse.Namespace) -> int:
         for e in exc.errors:
             print(f"error: {e.field}: {e.description}", file=sys.stderr)
         return 2
+    except (NonFiniteOutput, SafetyError) as exc:
+        bar.close()
+        return _fail(str(exc), 1)
+    except Exception as exc:
+        bar.close()
+        return _fail(f"the prediction failed: {_sentence(exc)}", 1)
     bar.close()
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,6 +100,18 @@ def predict(args: argparse.Namespace) -> int:
         (folder / out.name).write_bytes(out.data)
         print(folder / out.name)
     return 0
+
+
+def _fail(sentence: str, code: int) -> int:
+    """One sentence on stderr, never a traceback; the exit status."""
+    print(f"error: {sentence}", file=sys.stderr)
+    return code
+
+
+def _sentence(exc: BaseException) -> str:
+    """An unforeseen exception in one line: its type and the first line of its message."""
+    text = str(exc).strip().split("\n")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

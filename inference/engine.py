@@ -168,7 +168,7 @@ class Engine:
             log("Demo model: random weights, the outputs are noise shaped by the mask, not images of the prompt")
 
         scene = self.plan_canvas(inp, scene)
-        with self.loras.applied(inp.lora_weights, inp.effective_lora_scale(), cancelled):
+        with self.loras.applied(inp.lora_weights, inp.effective_lora_scale(), cancelled, log):
             if inp.lora_weights:
                 log(f"LoRA {inp.lora_weights} at scale {inp.effective_lora_scale():g}")
             stop.check()

@@ -81,6 +81,8 @@ def assemble(model: LoadedModel, options: EngineOptions) -> Engine:
     speed = accel.apply(model, options.accel_options())
     engine = Engine(model, options.engine_settings())
     engine.accelerator = speed
+    if speed.lora_slot is not None:  # compiled blocks: LoRAs are written into their slot
+        engine.loras.use_slot(speed.lora_slot)
     speed.warm_up(engine)
     model.extras["speed"] = speed.describe()
     return engine

@@ -17,8 +17,11 @@ diffusers' training scripts write). One format it does not recognise is read too
 with peft's ``lora_A``/``lora_B`` (``double_blocks.0.img_attn.qkv.lora_A.weight``, bare or under
 ``diffusion_model.``), which is the ComfyUI layout with other suffixes; it is renamed to that layout
 and read by the same reader. Text-encoder parts are dropped: the hosted model applies only the
-transformer part to Fill. A file that no reader recognises, or that was made for a model of another
-size, fails its prediction with one sentence naming the file and the reason; nothing is loaded.
+transformer part to Fill. ComfyUI's whole differences (``.diff``, ``.diff_b``), which diffusers
+drops, are kept and applied as ComfyUI applies them (:mod:`inference.lora_diffs`). A file that no
+reader recognises, that was made for a model of another size (named with its width when diffusers'
+converter fails on it), or that is cut short, fails its prediction with one sentence naming the file
+and the reason; nothing is loaded.
 
 **A LoRA never outlives its prediction.** Adapters are peft layers beside the base weights; with
 every adapter disabled the transformer computes exactly what the base computes. Some LoRAs also
@@ -28,6 +31,10 @@ prediction that asks for the LoRA only; the base values go back when it ends or 
 would widen a layer of the transformer (diffusers replaces the layer) is refused: Fill's
 ``x_embedder`` takes 384 channels, more than any FLUX.1 LoRA's, so only a LoRA for another model
 could ask for it. A load that fails part way leaves no adapter, no cache entry and the base values.
+
+**Compiled blocks.** When the transformer's blocks are compiled, a LoRA is not an adapter of its own
+but is written into the one adapter the transformer was compiled with, so no LoRA compiles anything
+(:mod:`inference.lora_slot`); the rest (resolving, reading, norms, differences, the cache) is the same.
 
 Loaded adapters stay cached (least recently used first out, ``max_loaded`` at most).
 """
@@ -46,8 +53,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import lora_diffs
+from .accel import is_quantised
 from .errors import LoraError
 from .images import FetchPolicy, fetch_url
+from .lora_slot import LoraSlot, SlotLora
 from .weights import REPO_ID
 
 log = logging.getLogger(__name__)
@@ -178,12 +188,14 @@ def _from_hf_cache(repo_id: str) -> Path:
 
 @dataclass
 class LoraFile:
-    """A LoRA as diffusers reads it: transformer keys in diffusers' names, the alphas and the metadata."""
+    """A LoRA as diffusers reads it: transformer keys in diffusers' names, the alphas and the metadata;
+    and the whole-tensor differences (ComfyUI's ``.diff``/``.diff_b``) diffusers drops, as the file has them."""
 
     path: Path
     state: dict  # "transformer.<module>.lora_A.weight" ... and any direct tensors ("...norm_q.weight")
     alphas: dict | None
     metadata: dict | None
+    diffs: dict = field(default_factory=dict)  # the file's own keys (inference.lora_diffs)
 
     @property
     def direct_keys(self) -> list[str]:
@@ -191,15 +203,25 @@ class LoraFile:
         return sorted(k[len(TRANSFORMER_PREFIX):] for k in self.state
                       if "lora" not in k and any(part in k for part in DIRECT_KEYS))
 
+    @property
+    def has_layers(self) -> bool:
+        return any(".lora_" in k for k in self.state)
 
-def file_keys(path: Path) -> list[str]:
-    """The tensor names in a .safetensors file, read from its header alone."""
+
+def file_header(path: Path) -> dict:
+    """A .safetensors file's header (tensor name -> dtype, shape, offsets), the file checked whole: a
+    LoRA cut short or damaged is named with the fix."""
     from .checkpoints import safetensors_header
 
     try:
-        return list(safetensors_header(path))
-    except ValueError:
-        raise _bad(f"{path.name} is not a readable .safetensors file") from None
+        return safetensors_header(path, complete=True)
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+
+
+def file_keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file, read from its header alone."""
+    return list(file_header(path))
 
 
 def is_bfl_lora_a_b(keys) -> bool:
@@ -219,35 +241,81 @@ def bfl_a_b_to_comfyui(state: dict) -> dict:
     return renamed
 
 
-def read_lora(path: Path) -> LoraFile:
-    """Read ``path`` as ``FluxFillPipeline.load_lora_weights`` would, text-encoder parts dropped."""
+def read_lora(path: Path, width: int | None = None) -> LoraFile:
+    """Read ``path`` as ``FluxFillPipeline.load_lora_weights`` would, text-encoder parts dropped and
+    ``.diff``/``.diff_b`` tensors kept apart. ``width``: the transformer's, to name a LoRA made for
+    a model of another width when diffusers' reader cannot convert it."""
     from diffusers import FluxFillPipeline
 
-    keys = file_keys(path)
+    header = file_header(path)
+    keys = list(header)
+    diff_keys = [k for k in keys if lora_diffs.is_diff(k)]
+    lora_keys = [k for k in keys if k not in diff_keys]
+    diffs: dict = {}
     try:
-        if is_bfl_lora_a_b(keys):
+        if diff_keys or is_bfl_lora_a_b(lora_keys):
             from safetensors.torch import load_file
 
-            source = bfl_a_b_to_comfyui(load_file(str(path)))
+            source = load_file(str(path))
+            diffs = {k: source.pop(k) for k in diff_keys}
+            source = bfl_a_b_to_comfyui(source) if is_bfl_lora_a_b(lora_keys) else source
+            metadata = _adapter_metadata(path)  # diffusers reads none from a dict
         else:
-            source = str(path)
-        state, alphas, metadata = FluxFillPipeline.lora_state_dict(
-            source, return_alphas=True, return_lora_metadata=True, use_safetensors=True)
+            source, metadata = str(path), None
+        if isinstance(source, dict) and not any("lora" in k or "alpha" in k for k in source):
+            state, alphas = {}, None  # differences alone
+        else:
+            state, alphas, read_metadata = FluxFillPipeline.lora_state_dict(
+                source, return_alphas=True, return_lora_metadata=True, use_safetensors=True)
+            metadata = read_metadata if metadata is None else metadata
     except LoraError:
         raise
     except Exception as exc:
         log.info("diffusers could not read the LoRA %s: %s", path, exc)
+        if width is not None:
+            _refuse_other_width(path.name, header, width)
         example = next((k for k in keys if "lora" in k), keys[0] if keys else "none")
         raise _bad(f"{path.name} is not a FLUX.1 LoRA this server can read: its keys (e.g. {example}) "
                    "are in no format diffusers recognises") from None
     state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
     if alphas is not None:
         alphas = {k: v for k, v in alphas.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
-    transformer_keys = [k for k in state if k.startswith(TRANSFORMER_PREFIX)]
-    if not transformer_keys:
+    if not any(k.startswith(TRANSFORMER_PREFIX) for k in state) and not diffs:
         example = next(iter(keys), "none")
         raise _bad(f"{path.name} holds no FLUX.1 transformer LoRA this server can read (keys like {example})")
-    return LoraFile(path=path, state=state, alphas=alphas, metadata=metadata)
+    return LoraFile(path=path, state=state, alphas=alphas, metadata=metadata, diffs=diffs)
+
+
+def _adapter_metadata(path: Path) -> dict | None:
+    """The file's ``lora_adapter_metadata`` (its LoRA config, alpha included), as diffusers reads it."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    return json.loads(raw) if raw else None
+
+
+# BFL layers whose input is the model's width, as LoRA formats name them (dots or Kohya's underscores).
+_WIDE_INPUT = re.compile(
+    r"(?:double_blocks[._]\d+[._](?:img|txt)_(?:attn[._](?:qkv|proj)|mlp[._]0|mod[._]lin)"
+    r"|single_blocks[._]\d+[._](?:linear1|modulation[._]lin)"
+    r"|double_blocks[._]\d+[._]processor[._](?:qkv|proj)_lora\d)"
+    r"(?=\.(?:lora_down|lora_A|down)\.weight$)")
+
+
+def _refuse_other_width(name: str, header: dict, width: int) -> None:
+    """A LoRA in BFL's names whose layers take another width than this model's (FLUX.1's converters
+    fail on it without saying so): refused naming the width."""
+    for key in sorted(header):
+        found = _WIDE_INPUT.search(key)
+        shape = header[key].get("shape", [])
+        if found and len(shape) == 2 and shape[1] != width:
+            layer = re.sub(r"^(double|single)_blocks_(\d+)_", r"\1_blocks.\2.", found.group(0))
+            layer = re.sub(r"(attn|mlp|mod|modulation)_(qkv|proj|0|lin)$", r"\1.\2", layer)
+            raise _bad(f"{name} was made for a model of another size: its {layer} takes {shape[1]} input "
+                       f"features where this model's takes {width}")
 
 
 def check_fits(lora: LoraFile, transformer) -> None:
@@ -304,10 +372,23 @@ class Adapter:
     name: str
     path: Path
     direct: dict = field(default_factory=dict)  # transformer key -> the LoRA's value, set per prediction
+    deltas: dict = field(default_factory=dict)  # transformer key -> a difference, added times the scale
+    peft: bool = True  # loaded as a peft adapter of its own (nothing compiled); False: differences alone
+    slot: SlotLora | None = None  # its layers as the compiled transformer's slot takes them
 
 
 class LoraManager:
-    """Keeps LoRA adapters loaded on one pipeline and applies one for the length of a prediction."""
+    """Keeps LoRA adapters loaded on one pipeline and applies one for the length of a prediction.
+
+    Two ways, by whether the transformer's blocks are compiled (:mod:`inference.accel`):
+
+    - nothing compiled: each LoRA is its own peft adapter, loaded by ``load_lora_weights`` itself
+      and switched on with ``set_adapters``: diffusers' own result, bit for bit;
+    - compiled: the transformer has one prepared adapter, the slot (:mod:`inference.lora_slot`),
+      and a LoRA is written into it, so that no LoRA, scale or switch compiles the blocks again.
+
+    Either way, what a LoRA sets directly (norms, ComfyUI's differences) is written for its
+    prediction and the base values put back after it."""
 
     def __init__(self, pipeline, settings: LoraSettings):
         self.pipeline = pipeline
@@ -315,41 +396,66 @@ class LoraManager:
         self.loaded: OrderedDict[str, Adapter] = OrderedDict()  # file key -> adapter
         self.base: dict = {}  # transformer key -> the base value, for every key an adapter sets directly
         self.lock = threading.RLock()
+        self.slot: LoraSlot | None = None
         self._adapters_on = False
+        self._warming = False
 
     @property
     def transformer(self):
         return self.pipeline.transformer
+
+    def use_slot(self, slot: LoraSlot) -> None:
+        """From now on LoRAs go into ``slot`` (the transformer was prepared for it and compiled)."""
+        with self.lock:
+            self.clear()
+            self.slot = slot
 
     def _key(self, path: Path) -> str:
         stat = path.stat()
         return f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
 
     @contextlib.contextmanager
-    def applied(self, lora_weights: str | None, scale: float, cancelled=None):
+    def applied(self, lora_weights: str | None, scale: float, cancelled=None, log_line=None):
         """The LoRA at ``scale`` (or none) for the length of the block; the base model after it.
-        ``cancelled`` stops a download of the LoRA between two reads."""
+        ``cancelled`` stops a download of the LoRA between two reads; ``log_line`` gets what the
+        prediction's logs should say."""
         with self.lock:
             try:
                 if lora_weights:
-                    yield self._activate(lora_weights, scale, cancelled)
+                    yield self._activate(lora_weights, scale, cancelled, log_line)
                 else:
                     self._restore()
+                    if self._warming and self.slot is not None:
+                        self._adapters_on = True
+                        self.slot.put(SlotLora(), 1.0)
                     yield None
             finally:
                 self._restore()
+
+    @contextlib.contextmanager
+    def warming(self):
+        """Predictions without a LoRA run with the slot switched on (and empty): the warm-up builds the
+        compiled blocks' LoRA graphs at startup, not on the first request with a LoRA."""
+        with self.lock:
+            self._warming = True
+            try:
+                yield
+            finally:
+                self._warming = False
 
     def clear(self) -> None:
         """Remove every cached adapter; the base model stays."""
         with self.lock:
             self._restore()
-            names = [adapter.name for adapter in self.loaded.values()]
+            names = [adapter.name for adapter in self.loaded.values() if adapter.peft and self.slot is None]
             self.loaded.clear()
             self.base.clear()
+            if self.slot is not None:
+                self.slot.clear()
             if names:
                 self.pipeline.delete_adapters(names)
 
-    def _activate(self, lora_weights: str, scale: float, cancelled=None) -> str:
+    def _activate(self, lora_weights: str, scale: float, cancelled=None, log_line=None) -> str:
         path = resolve(lora_weights, self.settings, cancelled)
         key = self._key(path)
         self._restore()  # loading and activating start from the base model
@@ -359,15 +465,24 @@ class LoraManager:
         else:
             self.loaded.move_to_end(key)
         self._adapters_on = True  # from here on, a failure still leaves _restore something to undo
-        self.pipeline.enable_lora()
-        self.pipeline.set_adapters([adapter.name], adapter_weights=[float(scale)])
-        self._write(adapter.direct)
+        if self.slot is not None:
+            self.slot.put(adapter.slot, float(scale), log_line)
+        elif adapter.peft:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters([adapter.name], adapter_weights=[float(scale)])
+        values = dict(adapter.direct)
+        for name, delta in adapter.deltas.items():
+            values[name] = values.get(name, self.base[name]) + float(scale) * delta
+        self._write(values)
         return adapter.name
 
     def _restore(self) -> None:
         """Every adapter off and every directly set tensor back to its base value."""
         if self._adapters_on:
-            self.pipeline.disable_lora()
+            if self.slot is not None:
+                self.slot.disable()
+            elif getattr(self.transformer, "peft_config", None):
+                self.pipeline.disable_lora()
             self._adapters_on = False
         self._write(self.base)
 
@@ -393,29 +508,43 @@ class LoraManager:
     def _load(self, path: Path, key: str) -> Adapter:
         import torch
 
+        transformer = self.transformer
         try:
-            lora = read_lora(path)
-            check_fits(lora, self.transformer)
+            lora = read_lora(path, width=transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+            check_fits(lora, transformer)
+            tensors = self._tensors()
+            deltas = lora_diffs.split(lora.diffs, transformer, tensors, path.name, _bad) if lora.diffs else {}
         except LoraError:
             self._forget_download(path)
             raise
         direct = lora.direct_keys
-        tensors = self._tensors()
-        if direct and any(tensors[k].is_meta for k in direct):
+        touched = [*direct, *deltas]
+        if any(tensors[k].is_meta for k in touched):
             # Sequential offload keeps the weights in its hooks, out of reach of a restore.
-            raise _bad(f"{path.name} sets the transformer's norms directly (as BFL's Canny and Depth LoRAs do), "
-                       "which this server cannot undo after the prediction with --memory-mode sequential-offload")
+            raise _bad(f"{path.name} sets tensors of the transformer directly (norms, as BFL's Canny and Depth LoRAs "
+                       "do, or ComfyUI's .diff differences), which this server cannot undo after the prediction "
+                       "with --memory-mode sequential-offload")
+        packed = next((k for k in deltas if is_quantised(tensors[k])), None)
+        if packed is not None:
+            raise _bad(f"{path.name} changes {packed} by a whole difference (a .diff key, as ComfyUI applies them), which "
+                       "cannot be added to the quantised weights of an fp8 or GGUF checkpoint; use bf16 weights with it")
         name = "lora_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-        snapshot = {k: tensors[k].detach().clone() for k in direct if k not in self.base}
+        snapshot = {k: tensors[k].detach().clone() for k in touched if k not in self.base}
         offload = _offload_kind(self.pipeline)
-        adapter = Adapter(name=name, path=path)
+        adapter = Adapter(name=name, path=path, peft=lora.has_layers and self.slot is None,
+                          deltas={k: d.to(device=tensors[k].device, dtype=tensors[k].dtype) for k, d in deltas.items()})
         try:
-            with torch.no_grad(), _reading_as(self.pipeline, lora):
-                self.pipeline.load_lora_weights(str(path), adapter_name=name)
-            if name not in (getattr(self.transformer, "peft_config", None) or {}):
-                raise _bad(f"{path.name} holds no LoRA layer this server can apply to FLUX.1 Fill [dev]")
-            after = self._tensors()
-            adapter.direct = {k: after[k].detach().clone() for k in direct}
+            if self.slot is not None:
+                adapter.slot = self.slot.read(lora.state, lora.alphas, lora.metadata, path.name)
+                adapter.direct = {k: lora.state[TRANSFORMER_PREFIX + k].to(device=tensors[k].device,
+                                                                          dtype=tensors[k].dtype) for k in direct}
+            elif adapter.peft:
+                with torch.no_grad(), _reading_as(self.pipeline, lora):
+                    self.pipeline.load_lora_weights(str(path), adapter_name=name)
+                if name not in (getattr(transformer, "peft_config", None) or {}):
+                    raise _bad(f"{path.name} holds no LoRA layer this server can apply to FLUX.1 Fill [dev]")
+                after = self._tensors()
+                adapter.direct = {k: after[k].detach().clone() for k in direct}
         except Exception as exc:
             self._undo_load(name, snapshot, offload)
             if isinstance(exc, LoraError):
@@ -426,15 +555,18 @@ class LoraManager:
         self._write(snapshot)  # the base values back until a prediction asks for this LoRA
         # diffusers keeps its own copy of the overwritten norms for unload_lora_weights; here the base
         # values are put back after every prediction instead.
-        self.transformer._transformer_norm_layers = None
-        self.transformer.requires_grad_(False)  # peft makes adapter weights trainable
+        transformer._transformer_norm_layers = None
+        transformer.requires_grad_(False)  # peft makes adapter weights trainable
         self.loaded[key] = adapter
         while len(self.loaded) > self.settings.max_loaded:  # the least recently used go, after a good load
             _, old = self.loaded.popitem(last=False)
-            self.pipeline.delete_adapters([old.name])
+            if old.peft:
+                self.pipeline.delete_adapters([old.name])
             self._forget_direct(old)
-        log.info("loaded LoRA %s as %s%s", path.name, name,
-                 f" ({len(direct)} tensors set directly per prediction)" if direct else "")
+        what = [f"{len(direct)} tensors set directly"] if direct else []
+        what += [f"{len(deltas)} differences added"] if deltas else []
+        log.info("loaded LoRA %s as %s%s%s", path.name, name, " into the compiled blocks' slot" if self.slot else "",
+                 f" ({', '.join(what)} per prediction)" if what else "")
         return adapter
 
     def _undo_load(self, name: str, snapshot: dict, offload: str | None) -> None:
@@ -459,8 +591,8 @@ class LoraManager:
 
     def _forget_direct(self, old: Adapter) -> None:
         """Base values no cached adapter sets any more are not kept."""
-        still = {k for a in self.loaded.values() for k in a.direct}
-        for name in list(old.direct):
+        still = {k for a in self.loaded.values() for k in (*a.direct, *a.deltas)}
+        for name in (*old.direct, *old.deltas):
             if name not in still:
                 self.base.pop(name, None)
 

@@ -36,6 +36,7 @@ from .tiny import ensure_tiny_weights
 log = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+OPTIONAL_COMPONENTS = ("safety_checker",)
 SINGLE_FILE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
@@ -98,6 +99,35 @@ def check_diffusers_folder(folder: Path, components=REQUIRED_COMPONENTS) -> None
             f"The weights folder {folder} is incomplete: missing {', '.join(missing)}. "
             "See weights.md for the layout."
         )
+    check_weight_files(folder, [*components, *OPTIONAL_COMPONENTS])
+
+
+def check_weight_files(folder: Path, components) -> None:
+    """Every .safetensors file of the components whole, and every shard an index names present, read
+    from the headers alone: a download cut short is named, file by file, before anything loads
+    (safetensors itself would say only "incomplete metadata, file not fully covered")."""
+    import json
+
+    for name in components:
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        for path in sorted(sub.glob("*.safetensors")):
+            try:
+                checkpoints.safetensors_header(path, complete=True, name=f"{name}/{path.name}")
+            except ValueError as exc:
+                raise WeightsError(f"The weights folder {folder} has a broken file: {exc} (see weights.md).") from None
+        for index in sorted(sub.glob("*.safetensors.index.json")):
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise WeightsError(f"The weights folder {folder} has a broken file: {name}/{index.name} is not a "
+                                   "readable shard index; download it again (see weights.md).") from None
+            absent = [shard for shard in shards if not (sub / shard).is_file()]
+            if absent:
+                raise WeightsError(f"The weights folder {folder} is incomplete: {name}/{index.name} lists {absent[0]}"
+                                   f"{f' and {len(absent) - 1} more' if len(absent) > 1 else ''}, which is missing; "
+                                   "download it again (see weights.md).")
 
 
 def resolve_repo_id(repo_id: str) -> Path:
@@ -157,6 +187,7 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
 
     quiet_library_noise()
     from diffusers import FluxFillPipeline
+    from safetensors import SafetensorError
 
     device = pick_device(device)
     dtype = _dtype_for(device)
@@ -187,6 +218,9 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
             folder = path
     except WeightsError:
         raise
+    except SafetensorError as exc:  # checked above, file by file; a file that changed since, or a case missed
+        raise WeightsError(f"Could not load the weights from {path}: a .safetensors file is damaged or incomplete "
+                           f"({exc}); download it again (see weights.md).".split("\n")[0]) from exc
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
         raise WeightsError(f"Could not load the weights from {path}: {exc}".split("\n")[0]) from exc
     if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):

@@ -3,6 +3,7 @@ It asserts nothing about the figures themselves."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -86,14 +87,27 @@ def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     sections = report["sections"]
-    assert list(sections) == ["build", "baseline", "eager", "previews", "formats", "step_cache", "compiled",
-                              "memory_flat", "memory_modes", "fp8_compiled"]
-    for name in ("build", "baseline", "eager", "previews", "formats", "step_cache", "compiled", "memory_flat"):
+    assert list(sections) == ["build", "baseline", "eager", "previews", "formats", "lora_eager", "step_cache",
+                              "compiled", "lora_compiled", "memory_flat", "memory_modes", "fp8_compiled"]
+    for name in ("build", "baseline", "eager", "previews", "formats", "lora_eager", "step_cache", "compiled",
+                 "lora_compiled", "memory_flat"):
         assert "error" not in sections[name] and "skipped" not in sections[name], sections[name]
     formats = sections["formats"]
-    assert formats["lora"] == {"base_back_bit_for_bit": True, "changed_the_output": True}
-    for layout in ("bfl", "fp8", "scaled_fp8", "gguf"):
+    plain, peft_layers = {"peft_layers": 0, "compiled_blocks": 0}, "peft_layers"
+    assert formats["lora"] == {"base_back_bit_for_bit": True, "changed_the_output": True, "tree_after": plain}
+    # each section measured the module tree it names: no LoRA's peft layers left behind by an earlier one
+    for name in ("baseline", "eager", "step_cache"):
+        assert sections[name]["tree"] == plain, (name, sections[name]["tree"])
+    assert sections["lora_eager"]["tree"][peft_layers] > 0 and sections["lora_eager"]["tree"]["compiled_blocks"] == 0
+    assert sections["compiled"]["tree"]["compiled_blocks"] == 2 and sections["compiled"]["tree"][peft_layers] > 0
+    switch = sections["lora_compiled"]
+    assert switch["graphs_built"] == 0 and sections["compiled"]["recompiles_after_warmup"] == 0  # no LoRA compiles
+    assert sections["lora_eager"]["graphs_built"] == 0
+    assert all(switch[run]["e2e_s"] > 0 for run in ("first_a", "steady_a", "first_b", "steady_b", "none"))
+    assert switch["rel_error_vs_eager"] < 0.01 and switch["first_a_vs_eager"] > 0
+    for layout in ("bfl", "fp8"):  # scaled fp8 and GGUF: the same code, on a GPU only
         assert formats[layout]["finite"] and formats[layout]["rel_error_vs_source"] < 0.1, formats[layout]
+    assert formats["gguf"]["skipped"].startswith("on a GPU only")
     assert formats["fp8"]["weights_mib"] < 0.6 * formats["bfl"]["weights_mib"]
     assert sections["previews"]["previews_per_prediction"] >= 1 and "share" in sections["previews"]
     for name in ("baseline", "eager", "step_cache", "compiled"):
@@ -103,7 +117,10 @@ def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     flat = sections["memory_flat"]
     assert flat["flat"] and flat["embeddings_with_a_graph"] == 0 and flat["cache_entries"] == flat["cache_limit"]
     assert sections["memory_modes"] == {"skipped": "needs a CUDA GPU"}
-    assert sections["fp8_compiled"] == {"skipped": "needs a CUDA GPU"}
+    assert sections["fp8_compiled"] == {"skipped": "optional: --fp8-compile runs it last (compiling fp8 blocks takes "
+                                                   "minutes)"}
+    # it runs inside the CUDA image, which has no tests/
+    assert not re.search(r"^\s*(from|import)\s+tests\b", (ROOT / "bench" / "gpu_check.py").read_text(), re.M)
     assert f"report: {report_path}" in proc.stdout
 
 

@@ -49,7 +49,10 @@ def test_default_options_change_nothing(tiny_dir, eager):
 
 @pytest.mark.slow
 def test_compile_runs_and_matches_eager(tiny_dir, tmp_path, eager):
-    options = accel.AccelOptions(compile=True, cache_dir=tmp_path / "compile-cache", warmup_shapes=((64, 64, 1),))
+    # Without the LoRA slot, whose graphs would double inductor's minutes of C++ here; LoRAs on compiled
+    # blocks: test_lora_compiled.py (through dynamo) and the GPU check (inductor).
+    options = accel.AccelOptions(compile=True, cache_dir=tmp_path / "compile-cache", warmup_shapes=((64, 64, 1),),
+                                 lora_rank=0)
     engine = _engine(tiny_dir, options)
     assert engine.accelerator.compiled
     assert engine.accelerator.warm_up(engine) > 0
@@ -58,6 +61,7 @@ def test_compile_runs_and_matches_eager(tiny_dir, tmp_path, eager):
     assert (tmp_path / "compile-cache" / "inductor").is_dir()  # the persistent cache is where we said
     described = engine.accelerator.describe()
     assert described["compile"] is True and any("compile (--compile: 2 blocks" in a for a in described["applied"])
+    assert described["recompiles_after_warmup"] == accel.WATCH.recompiles and "lora_slot_rank" not in described
 
 
 def test_go_fast_on_cpu_runs_the_normal_path_and_says_so(tiny_dir, eager, caplog):
@@ -155,22 +159,29 @@ def _failing_backend(graph_module, example_inputs):
     raise RuntimeError("this compiler cannot build the graph")
 
 
-def test_default_compile_falls_back_to_eager_when_compiling_fails(tiny_dir, eager):
+def test_default_compile_falls_back_to_eager_when_compiling_fails(tiny_dir, eager, caplog):
     """What a GPU server does by default (compile is None there), made to fail to compile: the
-    predictions run eager and match; an explicit --compile lets the same failure surface."""
+    predictions run eager and match, and the fall-back is said in the log and counted in /health's
+    speed; an explicit --compile lets the same failure surface."""
     engine = _engine(tiny_dir, accel.AccelOptions())
     speed = engine.accelerator
     speed.options.compile_backend = _failing_backend
     accel._compile(speed)  # as apply() does on CUDA when compile is None
-    assert speed.compiled and "default on a GPU" in speed.applied[0]
-    np.testing.assert_array_equal(_image(engine), eager)
+    assert speed.compiled and any("default on a GPU" in line for line in speed.applied)
+    status = speed.describe()
+    fallbacks = accel.WATCH.eager_fallbacks
+    with caplog.at_level(logging.WARNING, logger="inference.accel"):
+        np.testing.assert_array_equal(_image(engine), eager)
+    assert accel.WATCH.eager_fallbacks > fallbacks and status["eager_fallbacks"] == accel.WATCH.eager_fallbacks
+    assert "compiled code runs eager from now on (slower): WON'T CONVERT forward" in caplog.text
+    assert "this compiler cannot build the graph" in caplog.text
 
     import torch
 
     torch._dynamo.reset()  # forget that those frames were given up on
     explicit = _engine(tiny_dir, accel.AccelOptions(compile=True, compile_backend=_failing_backend,
                                                     warmup_shapes=((64, 64, 1),)))
-    assert "--compile" in explicit.accelerator.applied[0]
+    assert any("--compile" in line for line in explicit.accelerator.applied)
     with pytest.raises(Exception, match="cannot build the graph"):
         explicit.accelerator.warm_up(explicit)
 
@@ -208,8 +219,8 @@ def test_fp8_memory_mode_quantises_blocks_and_t5_and_stays_close(tiny_dir, eager
 def test_loras_apply_on_fp8_weights_and_leave_nothing_behind(tiny_dir, tmp_path):
     from inference.engine import EngineSettings
     from inference.lora import LoraSettings
+    from inference.testing.lora_files import diffusers_lora
     from inference.weights import load_model
-    from tests.lora_files import diffusers_lora
 
     model = load_model(str(tiny_dir), device="cpu")
     engine = Engine(model, EngineSettings(lora=LoraSettings(allow_paths=True)))
@@ -282,3 +293,47 @@ def test_fast_mode_makes_a_second_transformer_only_when_the_gpu_has_room(tiny_di
         assert speed.describe()["fast_mode"] == "fp8 in place (every request runs fast)"
         np.testing.assert_array_equal(normal_image, fast_image)
         assert np.abs(normal_image - eager).mean() > 0
+
+
+# -- torchao leaves inductor's settings alone ------------------------------------------------------------
+
+
+def _inductor_settings() -> dict:
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.get_config_copy()
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8-offload", "fast"])
+def test_quantising_leaves_inductor_settings_as_the_server_set_them(tiny_dir, monkeypatch, mode):
+    """torchao's configs switch on coordinate-descent autotuning (and more) for the whole process
+    unless told not to; after each fp8 path the inductor settings are exactly what they were, so a
+    later compile of the bf16 blocks autotunes no longer than it would have."""
+    import torch._inductor.config as inductor_config
+
+    # inductor's own defaults, whatever an earlier test in this process left
+    with inductor_config.patch(coordinate_descent_tuning=False, coordinate_descent_check_all_directions=False,
+                               force_fuse_int_mm_with_mul=False):
+        before = _inductor_settings()
+        _quantise_as(mode, tiny_dir, monkeypatch)
+        after = _inductor_settings()
+    assert {k: after[k] for k in after if after[k] != before.get(k)} == {}
+
+
+def _quantise_as(mode: str, tiny_dir, monkeypatch) -> None:
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    from inference.weights import load_model
+
+    model = load_model(str(tiny_dir), device="cpu")
+    if mode == "fp8":
+        accel.apply(model, accel.AccelOptions(memory_mode="fp8"))
+    elif mode == "fp8-offload":  # its quantising runs here; the offloading itself needs a GPU
+        speed = accel.Accelerator(pipeline=model.pipeline, options=accel.AccelOptions(memory_mode=mode), device="cpu")
+        accel._fp8_weights(speed, cuda=False)
+    else:  # --fast-mode's second transformer, as on a GPU (weight-only fp8 in place of the row-wise kind)
+        monkeypatch.setattr(accel, "_fp8_unavailable", lambda _accel, _cuda: None)
+        monkeypatch.setattr(accel, "_fp8_dynamic_config", Float8WeightOnlyConfig)
+        monkeypatch.setattr(accel, "_free_gpu_bytes", lambda _device: 64 * 1024**3)
+        assert accel.apply(model, accel.AccelOptions(fast_mode=True, compile=False)).fast_transformer is not None
+    assert accel._has_fp8(model.pipeline.transformer) or mode == "fast"

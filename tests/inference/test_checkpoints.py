@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from inference import accel, checkpoints
 from inference.errors import WeightsError
+from inference.testing.checkpoint_files import save_bfl, save_comfy_scaled_fp8, save_fp8, save_gguf, to_bfl, truncate
 from inference.weights import load_model
-from tests.checkpoint_files import save_bfl, save_comfy_scaled_fp8, save_fp8, save_gguf, to_bfl
 from tests.inference.conftest import REAL_WIDTH_CONFIG, forward, random_transformer, transformer_inputs
 
 INPUTS = transformer_inputs(REAL_WIDTH_CONFIG)
@@ -38,15 +38,15 @@ def model_from(state: dict, config=REAL_WIDTH_CONFIG):
     return model.eval().requires_grad_(False)
 
 
-def file_values(path, prefix="model.diffusion_model."):
+def file_values(path, prefix="model.diffusion_model.", scale_suffix=".scale_weight"):
     """What a (scaled) fp8 file means: each weight's fp8 values times its scale, BFL names."""
     raw = load_file(str(path))
     values = {}
     for key, value in raw.items():
-        if not key.startswith(prefix) or key.endswith((".scale_weight", ".scale_input")):
+        if not key.startswith(prefix) or key.endswith((scale_suffix, ".scale_input", ".input_scale")):
             continue
         name = key[len(prefix):]
-        scale = raw.get(f"{key[: -len('.weight')]}.scale_weight") if key.endswith(".weight") else None
+        scale = raw.get(f"{key[: -len('.weight')]}{scale_suffix}") if key.endswith(".weight") else None
         values[name] = value.float() * (scale.float() if scale is not None else 1.0)
     return values
 
@@ -196,3 +196,129 @@ def test_the_variant_is_read_from_the_header_alone(tmp_path, real_width_transfor
     assert checkpoints.variant_name(384, 16, True) is None  # the real FLUX.1 Fill [dev]
     assert checkpoints.variant_name(64, 16, True) == "FLUX.1 [dev]"
     assert checkpoints.variant_name(128, 16, True) == "FLUX.1 Canny [dev] or FLUX.1 Depth [dev]"
+
+
+# -- the load failures users cause: each names the file and the fix, before anything is served ------------
+
+
+@pytest.fixture(scope="module")
+def tiny_components(tiny_dir, tmp_path_factory):
+    """The tiny model's components with its transformer's config but not its weights, for single files of
+    the tiny transformer (its heads are not FLUX.1's, so its config cannot be read off a file)."""
+    folder = tmp_path_factory.mktemp("tiny-components") / "components"
+    shutil.copytree(tiny_dir, folder)
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer(tiny_model):
+    return tiny_model.pipeline.transformer
+
+
+def refused(path, components) -> str:
+    with pytest.raises(WeightsError) as err:
+        load_model(str(path), components=str(components), device="cpu")
+    return str(err.value)
+
+
+def test_a_truncated_single_file_is_named_with_the_fix(tiny_transformer, tiny_components, tmp_path, monkeypatch):
+    path = truncate(save_bfl(tiny_transformer, tmp_path / "flux1-fill-dev.safetensors"), keep=0.6)
+    monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("the tensors were read"))
+    message = refused(path, tiny_components)
+    assert message.startswith("flux1-fill-dev.safetensors is incomplete: it holds ")
+    assert "as a download cut short leaves a file; download it again." in message
+
+
+def test_a_file_that_is_no_safetensors_is_named_with_the_fix(tiny_components, tmp_path):
+    path = tmp_path / "flux1-fill-dev.safetensors"
+    path.write_text("<html><body>Access denied</body></html>")
+    message = refused(path, tiny_components)
+    assert message.startswith("flux1-fill-dev.safetensors is not a readable .safetensors file")
+    assert message.endswith("download it again.")
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "truncated vae"])
+def test_a_broken_file_in_a_weights_folder_is_named_before_loading(tiny_dir, tmp_path, monkeypatch, damage):
+    from diffusers import FluxFillPipeline
+
+    folder = tmp_path / "FLUX.1-Fill-dev"
+    shutil.copytree(tiny_dir, folder)
+    if damage == "truncated shard":
+        truncate(next((folder / "transformer").glob("*.safetensors")), keep=0.9)
+        expected = "has a broken file: transformer/diffusion_pytorch_model.safetensors is incomplete"
+    elif damage == "truncated vae":
+        truncate(next((folder / "vae").glob("*.safetensors")), keep=0.3)
+        expected = "has a broken file: vae/diffusion_pytorch_model.safetensors is incomplete"
+    else:
+        (folder / "text_encoder_2" / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        expected = ("is incomplete: text_encoder_2/model.safetensors.index.json lists "
+                    "model-00002-of-00002.safetensors, which is missing; download it again")
+    monkeypatch.setattr(FluxFillPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    with pytest.raises(WeightsError) as err:
+        load_model(str(folder), device="cpu")
+    assert expected in str(err.value) and str(folder) in str(err.value)
+
+
+def test_a_truncated_gguf_is_named_with_the_fix(tiny_transformer, tiny_components, tmp_path):
+    pytest.importorskip("gguf")
+    path = tmp_path / "flux1-fill-dev-Q8_0.gguf"
+    save_gguf(tiny_transformer, path, {})
+    message = refused(truncate(path, keep=0.7), tiny_components)
+    assert message.startswith("flux1-fill-dev-Q8_0.gguf is not a readable GGUF file (")
+    assert "it is incomplete, as a download cut short leaves a file, or damaged; download it again." in message
+
+
+@pytest.mark.parametrize(("layout", "expected"), [
+    (dict(scales=False), "is marked as ComfyUI scaled fp8 (its scaled_fp8 tensor) but holds no scale for its weights"),
+    (dict(scales=False, marker=False), "fp8 weights were scaled (the values of double_blocks.0.img_attn.proj.weight "
+                                       "fill fp8's whole range) but the file has no scales at all"),
+    (dict(scale_suffix=".weight_scale_2", input_suffix=".input_scale"),
+     "keeps its fp8 scales under names this server does not read (e.g. double_blocks.0.img_attn.proj.weight_scale_2"),
+])
+def test_fp8_without_usable_scales_is_refused_at_load(tiny_transformer, tiny_components, tmp_path, layout, expected):
+    """Read without its scales a scaled file gives NaN on every prediction: refused at load, never READY."""
+    path = save_comfy_scaled_fp8(tiny_transformer, tmp_path / "flux1-fill-dev-fp8-scaled.safetensors", **layout)
+    message = refused(path, tiny_components)
+    assert message.startswith("flux1-fill-dev-fp8-scaled.safetensors") and expected in message, message
+    assert "see weights.md" in message
+
+
+def test_scales_named_weight_scale_one_a_row_are_read(real_width_transformer, components, tmp_path):
+    """compressed-tensors' and ModelOpt's names (weight_scale, input_scale), one scale per output row: read
+    as what they mean, through the BFL converter's splits of the fused layers."""
+    path = save_comfy_scaled_fp8(real_width_transformer, tmp_path / "fill-fp8-channelwise.safetensors",
+                                 scale_suffix=".weight_scale", input_suffix=".input_scale", marker=False, per_row=True)
+    model = load_model(str(path), components=str(components), device="cpu")
+    transformer = model.pipeline.transformer
+    assert all(accel._is_fp8(m.weight) for m in accel._block_linears(transformer))
+    reference = model_from(diffusers_names(file_values(path, scale_suffix=".weight_scale")))
+    ours = forward(transformer, INPUTS)
+    assert torch.isfinite(ours).all()
+    same_values(ours, forward(reference, INPUTS))
+    assert model.extras["checkpoint"] == "scaled fp8, BFL layout"
+
+
+@pytest.mark.parametrize(("cut", "expected"), [
+    (lambda data: b"", lambda n: "is incomplete: it holds nothing, as a download cut short leaves a file; download it "
+                                 "again"),
+    (lambda data: data[:40], lambda n: "is incomplete: it holds 40 bytes, less than its header alone ("),
+    (lambda data: data[:-100], lambda n: f"is incomplete: it holds {n - 100} bytes of the {n} bytes its header "
+                                         "describes"),
+    (lambda data: data + b"\0" * 10, lambda n: f"is damaged: its tensors do not fill it as its header says ({n + 10} "
+                                                f"bytes on disk, {n} bytes described)"),
+    (lambda data: b"<!DOCTYPE html>" + data, lambda n: "is not a readable .safetensors file (its header cannot be "
+                                                       "read)"),
+])
+def test_each_way_a_safetensors_file_breaks_is_said(tmp_path, cut, expected):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(100), "b": torch.zeros(10)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(cut(data))
+    with pytest.raises(ValueError) as err:
+        checkpoints.safetensors_header(path, complete=True)
+    assert str(err.value).startswith(f"model.safetensors {expected(len(data))}"), str(err.value)

@@ -11,7 +11,7 @@ from inference.errors import Cancelled, InvalidInput
 from inference.inputs import parse_input
 from inference.lora import LoraSettings
 from tests.helpers import box_mask, fast_input, noise_image
-from tests.lora_files import diffusers_lora, kohya_lora, xlabs_lora
+from inference.testing.lora_files import diffusers_lora, kohya_lora, xlabs_lora
 
 
 def pixels(output) -> np.ndarray:

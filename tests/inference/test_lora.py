@@ -19,9 +19,10 @@ from inference.engine import Engine, EngineSettings
 from inference.errors import LoraError
 from inference.inputs import parse_input
 from inference.lora import LoraManager, LoraSettings
+from inference.testing.lora_files import (bfl_a_b_lora, comfyui_lora, diffusers_lora, kohya_full_lora, peft_lora,
+                                          xlabs_lora)
 from tests.helpers import box_mask, fast_input, noise_image
 from tests.inference.conftest import REAL_WIDTH_CONFIG, forward, transformer_inputs
-from tests.lora_files import (bfl_a_b_lora, comfyui_lora, diffusers_lora, kohya_full_lora, peft_lora, xlabs_lora)
 
 INPUTS = transformer_inputs(REAL_WIDTH_CONFIG)
 SCALE = 0.7
@@ -45,20 +46,35 @@ def snapshot(transformer) -> dict:
 
 
 def assert_same_tensors(transformer, before: dict):
-    after = snapshot(transformer)
+    """Every base tensor as in ``before``, bit for bit (compared in place: no copy of the model)."""
+    after = {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
     assert set(after) == set(before)
     changed = [k for k in before if not torch.equal(after[k], before[k])]
     assert not changed, f"changed: {changed[:5]}"
 
 
+def sharing_copy(transformer):
+    """A copy of the module tree sharing every tensor with ``transformer``: a LoRA's peft layers go into
+    the copy's modules, and a LoRA that wrote into a base tensor would show in ``real_width_base``. (A
+    deep copy of FLUX.1's real width costs seconds and gigabytes.)"""
+    shared = {id(t): t for t in [*transformer.parameters(), *transformer.buffers()]}
+    return copy.deepcopy(transformer, shared)
+
+
+@pytest.fixture(scope="module")
+def real_width_base(real_width_transformer):
+    """The real-width transformer's tensors, copied once for the module's bit-for-bit checks."""
+    return snapshot(real_width_transformer)
+
+
 @pytest.fixture(scope="module")
 def ours(tiny_model, real_width_transformer):
-    return make_pipeline(tiny_model, copy.deepcopy(real_width_transformer))
+    return make_pipeline(tiny_model, sharing_copy(real_width_transformer))
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, real_width_transformer):
-    return make_pipeline(tiny_model, copy.deepcopy(real_width_transformer))
+    return make_pipeline(tiny_model, sharing_copy(real_width_transformer))
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +118,11 @@ FORMATS = {
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_each_format_gives_what_diffusers_gives(fmt, ours, reference, base_output, tmp_path,
-                                                 real_width_transformer):
+                                                 real_width_transformer, real_width_base):
     write, write_reference = FORMATS[fmt]
     path = write(real_width_transformer, tmp_path / "lora.safetensors")
     reference_path = write_reference(real_width_transformer, tmp_path / "ref.safetensors") if write_reference else path
-    before = snapshot(ours.transformer)
+    before = real_width_base
     out, manager = ours_with(ours, path)
     try:
         expected = reference_with(reference, reference_path)
@@ -130,9 +146,9 @@ def test_the_alpha_in_the_metadata_is_not_dropped(ours, reference, tmp_path, rea
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # scale 0.25 x (16 / 4) = 1
 
 
-def test_a_lora_for_another_width_is_refused_in_words(ours, tmp_path, real_width_transformer):
+def test_a_lora_for_another_width_is_refused_in_words(ours, tmp_path, real_width_transformer, real_width_base):
     path = peft_lora(real_width_transformer, tmp_path / "flux-lite.safetensors", fan_in=2048, modules=("to_q",))
-    before = snapshot(ours.transformer)
+    before = real_width_base
     manager = LoraManager(ours, LoraSettings(allow_paths=True))
     with pytest.raises(LoraError) as err:
         with manager.applied(str(path), 1.0):
@@ -260,3 +276,112 @@ def test_the_lora_file_metadata_is_what_diffusers_training_writes(tmp_path, tiny
     with safe_open(str(path), framework="pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     assert metadata["transformer.lora_alpha"] == 16.0 and metadata["transformer.r"] == 4
+
+
+# -- a LoRA of another width, and ComfyUI's whole differences -----------------------------------------
+
+
+def test_a_kohya_lora_of_another_width_is_refused_naming_the_width(ours, tmp_path, real_width_transformer,
+                                                                   real_width_base):
+    """diffusers' Kohya converter splits the single blocks at FLUX.1's width and fails on any other
+    without a word about widths; the refusal names the width."""
+    path = kohya_full_lora(real_width_transformer, tmp_path / "flux-lite-style.safetensors", width=2048)
+    before = real_width_base
+    manager = LoraManager(ours, LoraSettings(allow_paths=True))
+    with pytest.raises(LoraError) as err:
+        with manager.applied(str(path), 1.0):
+            pass
+    assert str(err.value) == ("lora_weights: flux-lite-style.safetensors was made for a model of another size: its "
+                              "double_blocks.0.img_attn.qkv takes 2048 input features where this model's takes 3072")
+    assert not manager.loaded and not getattr(ours.transformer, "peft_config", None)
+    assert_same_tensors(ours.transformer, before)
+
+
+def test_the_bfl_names_of_differences_map_onto_every_tensor(tiny_model):
+    """Every tensor of the transformer, written as a difference in BFL's names (fused layers fused,
+    the final modulation's halves swapped) by the inverse of diffusers' converter, comes back as
+    itself: the mapping of .diff/.diff_b keys covers every layer, row for row."""
+    from inference import lora_diffs
+    from inference.testing.checkpoint_files import base_tensors, to_bfl
+
+    transformer = tiny_model.pipeline.transformer
+    tensors = base_tensors(transformer)
+    diffs = {}
+    for key, value in to_bfl(tensors).items():
+        stem, kind = key.rsplit(".", 1)
+        name = f"diffusion_model.{key}.diff" if kind == "scale" else \
+            f"diffusion_model.{stem}.diff" if kind == "weight" else f"lora_unet_{stem.replace('.', '_')}.diff_b"
+        diffs[name] = value + 1.0  # no all-zero difference is left out
+    back = lora_diffs.split(diffs, transformer, tensors, "all.safetensors", LoraError)
+    assert set(back) == set(tensors)
+    assert all(torch.equal(back[k], tensors[k] + 1.0) for k in tensors)
+
+
+def clean_copy(transformer):
+    """A copy without the peft layers the LoRAs of earlier tests left in the tiny model: diffusers
+    leaves a layer switched off when it loads the next LoRA into it, so a reference starts clean."""
+    copied = copy.deepcopy(transformer)
+    copied.unload_lora()
+    return copied
+
+
+@pytest.fixture
+def deltas(tiny_model):
+    """Differences for a fused qkv bias (split three ways), a norm, the single block's fused linear1
+    weight (split four ways) and the final modulation (its halves swapped)."""
+    from inference.testing.checkpoint_files import base_tensors
+
+    gen = torch.Generator().manual_seed(5)
+    base = base_tensors(tiny_model.pipeline.transformer)
+    names = ["transformer_blocks.0.attn.to_k.bias", "transformer_blocks.0.attn.norm_q.weight",
+             "single_transformer_blocks.0.proj_mlp.weight", "single_transformer_blocks.0.attn.to_v.weight",
+             "norm_out.linear.weight"]
+    return {k: torch.randn(base[k].shape, generator=gen) * 0.1 for k in names}
+
+
+def test_comfyui_differences_apply_as_comfyui_applies_them(tiny_model, tmp_path, deltas):
+    """Each tensor is its base value plus lora_scale times the difference for the prediction, and the
+    LoRA's pairs are diffusers' own: the same as diffusers loading the pairs into a transformer whose
+    tensors were changed by hand; the base is back after."""
+    from diffusers import FluxFillPipeline
+
+    from inference.testing.lora_files import comfyui_diff_lora
+
+    inputs = transformer_inputs(dict(tiny_model.pipeline.transformer.config))
+    path = comfyui_diff_lora(tiny_model.pipeline.transformer, tmp_path / "trained-norms.safetensors", deltas)
+    pairs_only = comfyui_diff_lora(tiny_model.pipeline.transformer, tmp_path / "pairs.safetensors", {})
+    pipe = make_pipeline(tiny_model, clean_copy(tiny_model.pipeline.transformer))
+    before = snapshot(pipe.transformer)
+    base = forward(pipe.transformer, inputs)
+    manager = LoraManager(pipe, LoraSettings(allow_paths=True))
+    with manager.applied(str(path), SCALE):
+        out = forward(pipe.transformer, inputs)
+    assert torch.equal(forward(pipe.transformer, inputs), base)
+    assert_same_tensors(pipe.transformer, before)
+    manager.clear()
+
+    reference = FluxFillPipeline(**{**pipe.components, "transformer": clean_copy(tiny_model.pipeline.transformer)})
+    with torch.no_grad():
+        params = {k.replace(".base_layer", ""): p for k, p in reference.transformer.named_parameters()}
+        for name, delta in deltas.items():
+            params[name].copy_(params[name] + SCALE * delta)
+    expected = reference_with(reference, pairs_only)
+    assert torch.equal(out, expected), (out - expected).abs().max()
+    assert not torch.equal(out, base)
+
+
+@pytest.mark.parametrize(("key", "shape", "reason"), [
+    ("diffusion_model.double_blocks.7.img_attn.qkv.diff_b", (96,),
+     "changes double_blocks.7.img_attn.qkv, which is not a layer of FLUX.1 Fill [dev]'s transformer"),
+    ("diffusion_model.double_blocks.0.img_attn.qkv.diff_b", (3 * 3072,),
+     "was made for a model of another size: its diffusion_model.double_blocks.0.img_attn.qkv.diff_b is (9216,) "
+     "where this model's double_blocks.0.img_attn.qkv is (96,)"),
+])
+def test_a_difference_that_does_not_fit_is_refused_in_words(lora_engine, scene, tmp_path, key, shape, reason):
+    save_file({key: torch.ones(shape)}, str(tmp_path / "odd-diff.safetensors"))
+    before = snapshot(lora_engine.pipeline.transformer)
+    with pytest.raises(LoraError) as err:
+        predict(lora_engine, scene, lora_weights="odd-diff")
+    assert f"odd-diff.safetensors {reason}" in str(err.value), str(err.value)
+    assert not lora_engine.loras.loaded
+    assert_same_tensors(lora_engine.pipeline.transformer, before)

@@ -48,5 +48,7 @@ def test_corrupt_weights_file_is_a_clear_error(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, broken)
     for f in (broken / "transformer").glob("*.safetensors"):
         f.write_bytes(b"not safetensors")
-    with pytest.raises(WeightsError, match="Could not load"):
+    with pytest.raises(WeightsError) as err:
         load_model(str(broken))
+    assert ("has a broken file: transformer/diffusion_pytorch_model.safetensors is not a readable .safetensors file"
+            in str(err.value)) and str(err.value).endswith("download it again (see weights.md).")

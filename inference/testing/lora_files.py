@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint_files import base_tensors, to_bfl
+
 
 def linears(transformer):
     """(name, linear layer) for every linear layer, seen through peft's wrappers when a LoRA was loaded."""
@@ -70,11 +72,11 @@ DOUBLE = ("img_attn.qkv", "txt_attn.proj", "img_mlp.0")
 SINGLE = ("linear1", "linear2")
 
 
-def _bfl_pairs(transformer, rank: int, seed: int, double=DOUBLE, single=SINGLE):
+def _bfl_pairs(transformer, rank: int, seed: int, double=DOUBLE, single=SINGLE, width: int | None = None):
     """(BFL module name, down [rank, in], up [out, rank]) for some layers of every block, with the
-    shapes BFL's fused layers have."""
+    shapes BFL's fused layers have; ``width`` makes them those of a model of another width."""
     gen = torch.Generator().manual_seed(seed)
-    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    dim = width or transformer.config.num_attention_heads * transformer.config.attention_head_dim
     shapes = {"img_attn.qkv": (dim, 3 * dim), "txt_attn.proj": (dim, dim), "img_mlp.0": (dim, 4 * dim),
               "linear1": (dim, 3 * dim + 4 * dim), "linear2": (dim + 4 * dim, dim)}
     pairs = []
@@ -91,11 +93,11 @@ def _bfl_pairs(transformer, rank: int, seed: int, double=DOUBLE, single=SINGLE):
     return pairs
 
 
-def _bfl_layout(transformer, path, key, suffixes, rank, alpha, seed, text_encoder_key=None):
+def _bfl_layout(transformer, path, key, suffixes, rank, alpha, seed, text_encoder_key=None, width=None):
     """A LoRA over BFL's layers: ``key(name)`` names a layer, ``suffixes`` its down/up weights, an
     ``.alpha`` beside each (unless None) and, with ``text_encoder_key``, a CLIP part Fill ignores."""
     state = {}
-    for name, down, up in _bfl_pairs(transformer, rank, seed):
+    for name, down, up in _bfl_pairs(transformer, rank, seed, width=width):
         state[f"{key(name)}.{suffixes[0]}.weight"] = down
         state[f"{key(name)}.{suffixes[1]}.weight"] = up
         if alpha is not None:
@@ -122,12 +124,43 @@ def bfl_a_b_lora(transformer, path, prefix: str = "diffusion_model.", rank: int 
     return _bfl_layout(transformer, path, lambda name: f"{prefix}{name}", ("lora_A", "lora_B"), rank, alpha, seed)
 
 
-def kohya_full_lora(transformer, path, rank: int = 4, alpha: float = 2.0, seed: int = 5, text_encoder: bool = True):
+def kohya_full_lora(transformer, path, rank: int = 4, alpha: float = 2.0, seed: int = 5, text_encoder: bool = True,
+                    width: int | None = None):
     """Kohya's sd-scripts layout over double and single blocks (lora_unet_single_blocks_0_linear1 ...),
-    with a CLIP part to be ignored."""
+    with a CLIP part to be ignored; ``width``: made for a model of that width (2048 for a "lite" one)."""
     te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" if text_encoder else None
     return _bfl_layout(transformer, path, lambda name: "lora_unet_" + name.replace(".", "_"),
-                       ("lora_down", "lora_up"), rank, alpha, seed, te)
+                       ("lora_down", "lora_up"), rank, alpha, seed, te, width)
+
+
+def comfyui_diff_lora(transformer, path, deltas: dict, rank: int = 4, alpha: float = 4.0, seed: int = 9,
+                      pairs: bool = True, prefix: str = "diffusion_model."):
+    """A ComfyUI LoRA with whole differences: ``deltas`` (diffusers' parameter name -> a difference of
+    its shape) written in BFL's names, as ``<layer>.diff`` (weights), ``<layer>.diff_b`` (biases) and
+    ``<norm>.scale.diff`` (norms), fused layers fused, by the inverse of diffusers' converter; an
+    all-zero difference for a norm nobody trained beside them, and with ``pairs`` lora_down/lora_up
+    pairs over the double blocks (diffusers converts ComfyUI's single blocks at FLUX.1's width only)."""
+    base = base_tensors(transformer)
+    whole = to_bfl({k: deltas[k] if k in deltas else torch.zeros_like(v) for k, v in base.items()})
+    state = {}
+    for key, value in whole.items():
+        if not bool(value.any()):
+            continue
+        if key.endswith(".scale"):
+            state[f"{prefix}{key}.diff"] = value.contiguous()
+        elif key.endswith(".bias"):
+            state[f"{prefix}{key[: -len('.bias')]}.diff_b"] = value.contiguous()
+        else:
+            state[f"{prefix}{key[: -len('.weight')]}.diff"] = value.contiguous()
+    state[f"{prefix}double_blocks.0.txt_attn.norm.key_norm.scale.diff"] = \
+        torch.zeros_like(base["transformer_blocks.0.attn.norm_added_k.weight"])
+    if pairs:
+        for name, down, up in _bfl_pairs(transformer, rank, seed, single=()):
+            state[f"{prefix}{name}.lora_down.weight"] = down
+            state[f"{prefix}{name}.lora_up.weight"] = up
+            state[f"{prefix}{name}.alpha"] = torch.tensor(alpha)
+    save_file(state, str(path))
+    return path
 
 
 def peft_state(transformer, rank: int = 4, seed: int = 7, modules=("to_q", "to_k", "to_v", "add_q_proj", "proj_mlp"),

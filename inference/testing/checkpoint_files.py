@@ -17,6 +17,12 @@ def swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def base_tensors(transformer) -> dict:
+    """The transformer's own tensors by their base names: a LoRA loaded into it before leaves peft's
+    wrappers (``….base_layer.weight``, ``….lora_A…``), which are seen through."""
+    return {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
+
+
 def to_bfl(state: dict) -> dict:
     """A diffusers FluxTransformer2DModel state dict in BFL's names (the inverse of diffusers'
     convert_flux_transformer_checkpoint_to_diffusers)."""
@@ -78,14 +84,14 @@ def fp8_linear_weights(bfl: dict) -> set[str]:
 
 
 def save_bfl(transformer, path, prefix: str = "", dtype=torch.bfloat16):
-    state = {f"{prefix}{k}": v.to(dtype).contiguous() for k, v in to_bfl(transformer.state_dict()).items()}
+    state = {f"{prefix}{k}": v.to(dtype).contiguous() for k, v in to_bfl(base_tensors(transformer)).items()}
     save_file(state, str(path))
     return path
 
 
 def save_fp8(transformer, path, prefix: str = "model.diffusion_model."):
     """Plain fp8 (what most fp8 FLUX files are): the linear weights cast to float8_e4m3fn, no scales."""
-    bfl = to_bfl(transformer.state_dict())
+    bfl = to_bfl(base_tensors(transformer))
     fp8 = fp8_linear_weights(bfl)
     state = {f"{prefix}{k}": (v.to(torch.float8_e4m3fn) if k in fp8 else v.to(torch.bfloat16)).contiguous()
              for k, v in bfl.items()}
@@ -93,22 +99,40 @@ def save_fp8(transformer, path, prefix: str = "model.diffusion_model."):
     return path
 
 
-def save_comfy_scaled_fp8(transformer, path, prefix: str = "model.diffusion_model."):
+def save_comfy_scaled_fp8(transformer, path, prefix: str = "model.diffusion_model.", *, scale_suffix: str = ".scale_weight",
+                          input_suffix: str = ".scale_input", marker: bool = True, scales: bool = True,
+                          per_row: bool = False):
     """ComfyUI's scaled fp8: each fp8 weight is w / scale_weight, with max |w / scale| = 448, a scalar
-    ``scale_weight`` (and ``scale_input``) beside it, and the ``scaled_fp8`` marker."""
-    bfl = to_bfl(transformer.state_dict())
+    ``scale_weight`` (and ``scale_input``) beside it, and the ``scaled_fp8`` marker.
+
+    The other scaled layouts users meet, from the same values: the scales under other names
+    (``scale_suffix=".weight_scale", input_suffix=".input_scale"``, as compressed-tensors and ModelOpt
+    write them), one scale per output row (``per_row``), and a file stripped of its scales
+    (``scales=False``), with or without the marker."""
+    bfl = to_bfl(base_tensors(transformer))
     fp8 = fp8_linear_weights(bfl)
-    state = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    state = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)} if marker else {}
     for k, v in bfl.items():
         if k in fp8:
-            scale = v.abs().max().float() / FP8_MAX
+            peak = v.abs().amax(dim=1, keepdim=True) if per_row else v.abs().max()
+            scale = peak.float().clamp(min=1e-12) / FP8_MAX
             state[f"{prefix}{k}"] = (v.float() / scale).to(torch.float8_e4m3fn).contiguous()
             stem = k[: -len(".weight")]
-            state[f"{prefix}{stem}.scale_weight"] = scale.reshape(())
-            state[f"{prefix}{stem}.scale_input"] = torch.tensor(1.0)
+            if scales:
+                state[f"{prefix}{stem}{scale_suffix}"] = scale if per_row else scale.reshape(())
+                state[f"{prefix}{stem}{input_suffix}"] = torch.tensor(1.0)
         else:
             state[f"{prefix}{k}"] = v.to(torch.bfloat16).contiguous()
     save_file(state, str(path))
+    return path
+
+
+def truncate(path, keep: float = 0.5):
+    """Cut a file to ``keep`` of its size, as a download that stopped part way leaves it."""
+    from pathlib import Path
+
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
     return path
 
 
@@ -119,7 +143,7 @@ def save_gguf(transformer, path, quantised: dict):
     import gguf
     import numpy as np
 
-    bfl = to_bfl(transformer.state_dict())
+    bfl = to_bfl(base_tensors(transformer))
     writer = gguf.GGUFWriter(str(path), arch="flux")
     values = {}
     for name, tensor in bfl.items():
