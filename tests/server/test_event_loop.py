@@ -98,7 +98,9 @@ def test_five_hundred_watchers_of_one_prediction_leave_health_fast(server_factor
           f"worst {worst * 1000:.0f} ms")
     assert refused.status_code == 429 and "streams open" in refused.json()["detail"]
     assert len(seen) == WATCHERS and min(seen) > 0  # every stream got its events to the end
-    assert median < 0.2 and p95 < 0.2, (median, p95, worst)
+    # A loop that waits on the streams answers in seconds; on a quiet machine p95 is 20-80 ms, with
+    # other test files running beside it on two cores 250 ms was seen.
+    assert median < 0.2 and p95 < 0.5, (median, p95, worst)
     assert httpx.get(f"{server.url}/v1/predictions/{pid}", timeout=30).json()["status"] == "succeeded"
 
 
@@ -123,5 +125,6 @@ def test_creates_with_sixty_megabyte_data_uris_leave_health_fast(server_factory)
     print(f"\n/health during three 60 MB creates: median {median * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
           f"worst {worst * 1000:.0f} ms")
     # json.loads holds the interpreter's lock for a 60 MB body (a fraction of a second) even off the
-    # event loop: a rare request may wait that long; most do not.
-    assert median < 0.2 and p95 < 0.2, (median, p95, worst)
+    # event loop: a rare request may wait that long; most do not (p95 under 100 ms on a quiet machine,
+    # 260 ms with other test files running beside it on two cores).
+    assert median < 0.2 and p95 < 0.5, (median, p95, worst)
