@@ -251,7 +251,8 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
             state.workers.append(Worker(engine, state.service, model.device, own_fetches=own_fetches, fetch_mark=mark))
             if model.demo:
                 log.warning("=" * 72)
-                log.warning("DEMO MODEL: %s. Outputs are noise, not images.", model.name)
+                log.warning("DEMO MODEL: %s.", model.name)
+                log.warning("It keeps the picture outside the mask and paints random colours inside it.")
                 log.warning("Pass --weights (see weights.md) to serve FLUX.1 Fill [dev].")
                 log.warning("=" * 72)
             else:

@@ -207,6 +207,7 @@ class Health(BaseModel):
     status: Literal["STARTING", "READY", "BUSY", "SETUP_FAILED", "UNAVAILABLE"]
     model: str | None = None
     demo: bool = False
+    notice: str | None = None  # a demo model's sentence: what its outputs are
     weights: str | None = None
     devices: list[str] = []
     queue_depth: int = 0

@@ -36,6 +36,7 @@ async def health(caller: Caller | None = Depends(optional_auth), state: AppState
         status=state.health() if queued is not None else "UNAVAILABLE",
         model=model.name if model else None,
         demo=bool(model and model.demo),
+        notice=model.notice if model else None,
         weights=(model.source if model else state.settings.weights) if shown else None,
         devices=[m.device for m in state.models],
         queue_depth=queued or 0,

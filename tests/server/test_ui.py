@@ -175,7 +175,7 @@ def test_page_is_served_offline_with_its_api_base(page, live_server):
     assert assets and all(u.startswith(live_server.url) or u.startswith("data:") for u in assets), assets
     # The tiny model says so.
     page.wait_for_selector("#demo-banner:not([hidden])")
-    assert "Demo model: outputs are random noise" in page.inner_text("#demo-banner")
+    assert "Demo model: it paints random colours" in page.inner_text("#demo-banner")
     # Shortcuts are documented on the page.
     page.click(".shortcuts summary")
     shortcuts = page.inner_text(".shortcuts")
@@ -464,7 +464,7 @@ def test_screenshot_for_the_readme(browser, live_server, tmp_path):
     try:
         open_page(page, live_server.url + "/")
         generate(page, tmp_path, prompt="a red hot-air balloon above the hills", size=(512, 384),
-                 num_outputs=2, preserve_unmasked=True, mask_blur=4)
+                 num_outputs=2)  # the defaults but for the outputs: what a newcomer sees
         assert wait_terminal(page) == "succeeded"
         page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
         page.locator("#history-list li").first.wait_for()
