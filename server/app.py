@@ -257,6 +257,8 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
                 log.warning("=" * 72)
             else:
                 log.info("loaded %s from %s on %s", model.name, model.source, model.device)
+            if state.store.shared:  # the API nodes, which load no model, say what this one serves
+                _record_served(state, model)
     except Exception as exc:
         state.phase = "SETUP_FAILED"
         state.setup_error = str(exc)
@@ -266,6 +268,14 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
         worker.start()
     state.phase = "READY"
     log.info("ready: %d worker(s)", len(state.workers))
+
+
+def _record_served(state: AppState, model) -> None:
+    try:
+        state.store.record_served_model(f"{node_holder(state.settings.data_dir)}:{model.device}", dict(
+            name=model.name, demo=model.demo, notice=model.notice, weights=model.source, device=model.device))
+    except DatabaseUnavailable:  # the API nodes say nothing of this worker until it starts again
+        log.warning("the database is away: the API nodes cannot be told that this worker serves %s", model.name)
 
 
 def _stop_workers(state: AppState) -> None:

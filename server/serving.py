@@ -303,6 +303,10 @@ def run(app, settings: Settings, on_exit: Callable[[], None], command: str = "se
     for name in ("uvicorn.error", "asyncio", LOOP_LOG):  # after Config, which configures uvicorn's loggers
         logging.getLogger(name).addFilter(quiet)
     sock = bind(settings.host, settings.port, command)  # before the app starts: a port in use changes nothing
-    shown = settings.public_url or f"http://{settings.host}:{settings.port}{settings.prefix}"
-    log.info("serving on %s (web page at %s/)", shown, shown)
+    if command == "worker":  # a worker answers its health and metrics, nothing else
+        shown = f"http://{settings.host}:{settings.port}"
+        log.info("worker node: its health at %s/health, its metrics at %s/metrics", shown, shown)
+    else:
+        shown = settings.public_url or f"http://{settings.host}:{settings.port}{settings.prefix}"
+        log.info("serving on %s (web page at %s/)", shown, shown)
     Server(config, on_exit).run(sockets=[sock])

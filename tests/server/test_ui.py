@@ -533,3 +533,14 @@ def test_predictions_made_through_openais_api_are_in_the_history(page, live_serv
     assert page.locator(".output").count() == 1
     page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
     assert mask_coverage(page) > 0.3  # the transparent half is the mask
+
+
+def test_an_api_node_s_page_shows_the_demo_its_workers_serve(page, server_factory, postgres_url, tmp_path):
+    """serve --no-workers loads no model: its page names its workers' model, from the database."""
+    pg = ("--database", postgres_url)
+    api = server_factory(*pg, "--no-workers", data_dir=tmp_path / "api")
+    server_factory(*pg, data_dir=tmp_path / "worker", command="worker")
+    open_page(page, api.url + "/")
+    page.wait_for_selector("#demo-banner:not([hidden])")
+    assert "paints random colours inside it" in page.inner_text("#demo-banner")
+    assert page.inner_text("#model-name") == "tiny demo model (random weights)"
