@@ -44,7 +44,8 @@ async def health(caller: Caller | None = Depends(optional_auth), state: AppState
         demo=bool(model.demo) if model else any(w.demo for w in workers or []),
         notice=model.notice if model else next((m.get("notice") for m in served or [] if m.get("notice")), None),
         workers=workers,
-        weights=(model.source if model else state.settings.weights) if shown else None,
+        weights=(model.source if model else state.settings.weights if state.settings.workers
+                 else latest.get("weights") if latest else None) if shown else None,
         devices=[m.device for m in state.models],
         queue_depth=queued or 0,
         setup_error=error,

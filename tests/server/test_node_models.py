@@ -17,6 +17,7 @@ def test_an_api_node_says_what_its_workers_serve(server_factory, postgres_url, t
     health = httpx.get(f"{api.url}/health").json()
     assert health["model"] == "tiny demo model (random weights)" and health["demo"] is True
     assert "paints random colours inside it" in health["notice"]
+    assert health["weights"] == str(server_factory.weights)  # the workers', not this node's setting
     assert health["workers"] == [{"name": "tiny demo model (random weights)", "demo": True,
                                   "weights": str(server_factory.weights), "device": "cpu"}]
     # The worker's own log: its model and its health and metrics, no web page (it serves none).
