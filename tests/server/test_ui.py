@@ -464,7 +464,7 @@ def test_screenshot_for_the_readme(browser, live_server, tmp_path):
     try:
         open_page(page, live_server.url + "/")
         generate(page, tmp_path, prompt="a red hot-air balloon above the hills", size=(512, 384),
-                 num_outputs=2)  # the defaults but for the outputs: what a newcomer sees
+                 num_outputs=2, megapixels="1", num_inference_steps=28)  # the defaults but for the outputs
         assert wait_terminal(page) == "succeeded"
         page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
         page.locator("#history-list li").first.wait_for()
