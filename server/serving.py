@@ -20,7 +20,7 @@ included, while asyncio logs a traceback for every refused accept. Here:
   the count of those left out, never once per connection.
 
 The body's time limit is :class:`server.middleware.BodyTimeout`. For exposure to the internet, a
-reverse proxy in front (nginx, Caddy) remains the place for per-address limits and TLS (README).
+reverse proxy in front (nginx, Caddy) remains the place for per-address limits and TLS (docs/running.md, "In public").
 """
 
 from __future__ import annotations
