@@ -2,11 +2,13 @@
 
     python bench/make_pictures.py [--out docs] [--weights DIR]
 
-The demo model has random weights, so what it paints is noise. What the pictures show is WHERE it
-paints: each row is input | mask | output | changed pixels (white where the output differs from
-the input at all), so the effect of preserve_unmasked, crop_to_mask and outpaint is plain to see.
+The demo model has random weights, so what it paints is random colours. What the pictures show is
+WHERE it paints: each row is input | mask | output | changed pixels (white where the output differs
+from the input at all), so the effect of preserve_unmasked, crop_to_mask and outpaint is plain to
+see. The model runs with the hosted defaults (28 steps) but for the options each picture shows.
 Writes docs/option-none.png, option-preserve.png, option-crop.png and option-outpaint.png, each
-kept under 150 KB (palette PNG when the noise would make it larger).
+kept under 150 KB (palette PNG when the noise would make it larger), and the README's example
+inputs, docs/house.png and docs/house-mask.png (the door).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def data_uri(img: Image.Image) -> str:
 
 
 def predict(engine: Engine, img: Image.Image, mask: Image.Image | None, **options) -> Image.Image:
-    inp = {"prompt": "a red balloon", "image": data_uri(img), "seed": 1, "num_inference_steps": 4,
+    inp = {"prompt": "a red balloon", "image": data_uri(img), "seed": 1,
            "megapixels": "match_input", "output_format": "png", **options}
     if mask is not None:
         inp["mask"] = data_uri(mask)
@@ -211,7 +213,7 @@ def picture_crop(engine: Engine) -> Image.Image:
     mask = rect_mask(img.size, (0.385, 0.53, 0.475, 0.72))  # the door
     box = mask.getbbox()
     sizes = generated_sizes(engine)
-    out = predict(engine, img, mask, crop_to_mask=True, megapixels="0.25", num_inference_steps=2)
+    out = predict(engine, img, mask, crop_to_mask=True, megapixels="0.25")
     del engine.denoise  # back to the class's method
     diff, share = changed(img, out)
     gw, gh = sizes[0]
@@ -244,6 +246,17 @@ def picture_outpaint(engine: Engine) -> Image.Image:
     return sheet(title, rows, scale=0.75)
 
 
+# The README's example inputs: a house and a mask over its door.
+EXAMPLE_SIZE = (512, 384)
+EXAMPLE_DOOR = (0.37, 0.52, 0.49, 0.74)
+
+
+def example_inputs(folder: Path) -> None:
+    img = scene(*EXAMPLE_SIZE)
+    img.save(folder / "house.png", optimize=True)
+    rect_mask(img.size, EXAMPLE_DOOR).save(folder / "house-mask.png", optimize=True)
+
+
 PICTURES = {
     "option-none.png": picture_none,
     "option-preserve.png": picture_preserve,
@@ -263,6 +276,7 @@ def main() -> None:
 
     engine = build_engine(EngineOptions(weights=args.weights or str(ensure_tiny_weights()), device="cpu"))
     args.out.mkdir(parents=True, exist_ok=True)
+    example_inputs(args.out)
     total = 0
     for name, make in PICTURES.items():
         size = save(make(engine), args.out / name)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import InvalidInput, NonFiniteOutput, SafetyError, WeightsError
 from .inputs import PredictionInput, parse_input
+from .tiny import DEMO_NOTICE
 
 FILE_INPUTS = ("image", "mask")
 
@@ -73,7 +74,7 @@ def predict(args: argparse.Namespace) -> int:
     except Exception as exc:  # a failure no check foresaw: still one sentence, never a traceback
         return _fail(f"the model could not be loaded: {_sentence(exc)}", 1)
     if engine.model.demo:
-        print("Demo model: tiny FLUX Fill with random weights; outputs are noise. Pass --weights for the real model.", file=sys.stderr)
+        print(f"Demo model. {DEMO_NOTICE}", file=sys.stderr)
     bar = tqdm(total=None, unit="step", file=sys.stderr)
 
     def on_step(done: int, total: int) -> None:

@@ -165,7 +165,8 @@ class Engine:
         log(f"Using seed: {seed}")
         seeds = [seed + i for i in range(inp.num_outputs)]
         if self.model.demo:
-            log("Demo model: random weights, the outputs are noise shaped by the mask, not images of the prompt")
+            log("Demo model: random weights; it keeps the picture outside the mask and paints random colours inside it, "
+                "not the prompt")
 
         scene = self.plan_canvas(inp, scene)
         with self.loras.applied(inp.lora_weights, inp.effective_lora_scale(), cancelled, log):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import checkpoints
 from .errors import WeightsError
-from .tiny import ensure_tiny_weights
+from .tiny import DEMO_NOTICE, ensure_tiny_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class LoadedModel:
     safety_checker: object | None = None
     feature_extractor: object | None = None
     extras: dict = field(default_factory=dict)
+    notice: str | None = None  # a demo model's sentence for people: what its outputs are
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -197,7 +198,9 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
 
         pipe = build_random_real_pipeline(place, dtype)
         return LoadedModel(pipeline=pipe, source=RANDOM_REAL, name="FLUX.1 Fill [dev] architecture, random weights",
-                           demo=True, device=device, dtype=str(dtype).replace("torch.", ""))
+                           demo=True, device=device, dtype=str(dtype).replace("torch.", ""),
+                           notice="FLUX.1 Fill [dev]'s architecture with random weights, for benchmarks: the "
+                                  "outputs are noise.")
     kind, path, demo = resolve_weights(weights, components)
     extras = {}
     try:
@@ -235,6 +238,7 @@ def load_model(weights: str | None = None, *, components: str | None = None, dev
         dtype=str(dtype).replace("torch.", ""),
         folder=folder,
         extras=extras,
+        notice=DEMO_NOTICE if demo else None,
     )
     _load_safety_checker(model, folder, dtype, device)
     return model

@@ -251,11 +251,14 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
             state.workers.append(Worker(engine, state.service, model.device, own_fetches=own_fetches, fetch_mark=mark))
             if model.demo:
                 log.warning("=" * 72)
-                log.warning("DEMO MODEL: %s. Outputs are noise, not images.", model.name)
+                log.warning("DEMO MODEL: %s.", model.name)
+                log.warning("It keeps the picture outside the mask and paints random colours inside it.")
                 log.warning("Pass --weights (see weights.md) to serve FLUX.1 Fill [dev].")
                 log.warning("=" * 72)
             else:
                 log.info("loaded %s from %s on %s", model.name, model.source, model.device)
+            if state.store.shared:  # the API nodes, which load no model, say what this one serves
+                _record_served(state, model)
     except Exception as exc:
         state.phase = "SETUP_FAILED"
         state.setup_error = str(exc)
@@ -265,6 +268,14 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
         worker.start()
     state.phase = "READY"
     log.info("ready: %d worker(s)", len(state.workers))
+
+
+def _record_served(state: AppState, model) -> None:
+    try:
+        state.store.record_served_model(f"{node_holder(state.settings.data_dir)}:{model.device}", dict(
+            name=model.name, demo=model.demo, notice=model.notice, weights=model.source, device=model.device))
+    except DatabaseUnavailable:  # the API nodes say nothing of this worker until it starts again
+        log.warning("the database is away: the API nodes cannot be told that this worker serves %s", model.name)
 
 
 def _stop_workers(state: AppState) -> None:

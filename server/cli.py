@@ -14,6 +14,7 @@ FLAG_NAMES = {"api_tokens": "--api-token", "admin_tokens": "--admin-token", "gpu
 
 
 WORKER_PORT = 9100  # a worker node's /health and /metrics
+EXIT_DATABASE_UNREACHABLE = 4
 NOT_WORKER_FLAGS = ("workers",)  # a worker node always runs workers
 
 
@@ -66,6 +67,7 @@ def run_node(args: argparse.Namespace, role: str | None) -> int:
     from . import serving
     from .app import begin_shutdown, create_app
     from .datadir import EXIT_DATA_DIR_IN_USE, DataDirInUse, DataDirLock
+    from .postgres import DatabaseUnreachable
     from .settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -85,8 +87,18 @@ def run_node(args: argparse.Namespace, role: str | None) -> int:
         print(f"flux-fill {args.command}: {exc}", file=sys.stderr)
         return EXIT_DATA_DIR_IN_USE
     try:
+        if settings.database and settings.database.startswith(("postgresql://", "postgres://")):
+            from .postgres import check_reachable
+
+            check_reachable(settings.database)  # in words, before a port is bound or a model loaded
         app = create_app(settings, data_lock=lock, role=role)
-        serving.run(app, settings, on_exit=lambda: begin_shutdown(app))
+        serving.run(app, settings, on_exit=lambda: begin_shutdown(app), command=args.command)
+    except DatabaseUnreachable as exc:
+        print(f"flux-fill {args.command}: {exc}", file=sys.stderr)
+        return EXIT_DATABASE_UNREACHABLE
+    except serving.PortUnavailable as exc:
+        print(f"flux-fill {args.command}: {exc.strerror}", file=sys.stderr)
+        return serving.EXIT_PORT_UNAVAILABLE
     finally:
         lock.release()
     return 0

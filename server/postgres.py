@@ -81,6 +81,55 @@ def describe_url(url: str) -> str:
             f"database {parts.get('dbname') or '(the role name)'}")
 
 
+def masked_url(url: str) -> str:
+    """The URL as given, with its password (if any) replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)
+        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc[-1]}"))
+    except ValueError:
+        return "the --database URL"
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The database of --database cannot be reached or refuses this role: one sentence that names
+    where it looked (host, port, role, database; the password masked) and what to do."""
+
+
+def unreachable(url: str, exc: BaseException) -> DatabaseUnreachable:
+    """The error for a connection to ``url`` that failed with ``exc``: the reason PostgreSQL or the
+    network gave (its first line, past "connection to server ... failed:"), and the fix for it."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else text
+    reason = " ".join(first.rsplit("failed: ", 1)[-1].replace("FATAL:", "").split()).rstrip(".?")
+    lowered = text.lower()
+    if "password" in lowered or "role" in lowered and "does not exist" in lowered:
+        fix = ("Check the role and its password in --database; docs/scale-out.md shows how to create a role "
+               "and a database in the PostgreSQL you have")
+    elif "database" in lowered and "does not exist" in lowered:
+        fix = "Create that database (docs/scale-out.md shows how), or name one that exists in --database"
+    else:
+        fix = ("Start PostgreSQL there, or correct the host and port in --database "
+               "(postgresql://ROLE:PASSWORD@HOST:PORT/DATABASE)")
+    return DatabaseUnreachable(f"Cannot reach the database at {describe_url(url)} ({masked_url(url)}): "
+                               f"{reason}. {fix}.")
+
+
+def check_reachable(url: str) -> None:
+    """Connect to ``url`` once, or raise :class:`DatabaseUnreachable`: a node checks its database
+    before it binds its port or loads a model."""
+    import psycopg
+
+    try:
+        psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_S).close()
+    except psycopg.Error as exc:
+        raise unreachable(url, exc) from None
+
+
 def connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` says the connection or the server went away (not that a statement was wrong,
     nor that the disk is full): the errors a restart, a crash or a cut cable give."""
@@ -151,10 +200,7 @@ class PostgresStore(Store):
         try:
             db = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_S)
         except psycopg.Error as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(f"Cannot reach the database at {describe_url(self.url)}: {reason}. Check that "
-                               "PostgreSQL runs there and that --database names a role and database it has "
-                               "(see the README's Scale out).") from None
+            raise unreachable(self.url, exc) from None
         with db:
             db.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:

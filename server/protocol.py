@@ -202,17 +202,30 @@ class WebhookSecret(BaseModel):
     key: str
 
 
+class ServedModel(BaseModel):
+    """What a worker of a shared database loaded, as it recorded it there."""
+
+    name: str
+    demo: bool = False
+    weights: str | None = None  # shown with a token, on a server that has tokens
+    device: str | None = None
+
+
 class Health(BaseModel):
     # UNAVAILABLE: the database is away (restarting, crashed, cut off); the API answers 503 until it is back.
     status: Literal["STARTING", "READY", "BUSY", "SETUP_FAILED", "UNAVAILABLE"]
     model: str | None = None
     demo: bool = False
+    notice: str | None = None  # a demo model's sentence: what its outputs are
     weights: str | None = None
     devices: list[str] = []
     queue_depth: int = 0
     setup_error: str | None = None
     speed: dict | None = None  # the speed options in force on the first device
     database: Literal["available", "unavailable"] = "available"
+    # On an API node (serve --no-workers), which loads no model: what the workers recorded in the
+    # database, the latest first; model, demo and notice above are then theirs.
+    workers: list[ServedModel] | None = None
     version: str
 
 

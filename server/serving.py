@@ -20,13 +20,14 @@ included, while asyncio logs a traceback for every refused accept. Here:
   the count of those left out, never once per connection.
 
 The body's time limit is :class:`server.middleware.BodyTimeout`. For exposure to the internet, a
-reverse proxy in front (nginx, Caddy) remains the place for per-address limits and TLS (README).
+reverse proxy in front (nginx, Caddy) remains the place for per-address limits and TLS (docs/running.md, "In public").
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import socket
 import time
@@ -253,7 +254,40 @@ def fit_to_open_files(settings: Settings, files: int) -> tuple[int, int]:
     return connections, backlog
 
 
-def run(app, settings: Settings, on_exit: Callable[[], None]) -> None:
+class PortUnavailable(OSError):
+    """The port cannot be bound: one sentence naming the address, the reason and ``--port``."""
+
+
+EXIT_PORT_UNAVAILABLE = 3  # as uvicorn's own start failure
+
+
+def bind(host: str, port: int, command: str = "serve") -> socket.socket:
+    """The listening socket on ``host``:``port`` (as uvicorn binds it), or :class:`PortUnavailable`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            what = (f"Port {port} is already in use on {host} (another flux-fill node or another program "
+                    f"listens there). Stop it, or start this one on a free port: flux-fill {command} --port {port + 1}")
+        elif exc.errno == errno.EACCES:
+            what = (f"Port {port} on {host} needs more privileges than this user has (ports below 1024 do). "
+                    f"Use a port of 1024 or more: flux-fill {command} --port {5000 if port < 1024 else port + 1}")
+        elif exc.errno in (errno.EADDRNOTAVAIL, socket.EAI_NONAME) or isinstance(exc, socket.gaierror):
+            what = (f"{host} is not an address of this machine, so it cannot listen on {where}. "
+                    "Use --host 127.0.0.1 (this machine only) or --host 0.0.0.0 (every network)")
+        else:
+            what = f"Cannot listen on {where}: {exc.strerror or exc}. Choose another with --host and --port"
+        raise PortUnavailable(exc.errno, what + ".") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(app, settings: Settings, on_exit: Callable[[], None], command: str = "serve") -> None:
     """Serve ``app`` with the limits of ``settings`` until a signal stops it."""
     files = raise_open_files_limit()
     connections, backlog = fit_to_open_files(settings, files)
@@ -268,7 +302,11 @@ def run(app, settings: Settings, on_exit: Callable[[], None]) -> None:
     quiet = QuietRepeats()
     for name in ("uvicorn.error", "asyncio", LOOP_LOG):  # after Config, which configures uvicorn's loggers
         logging.getLogger(name).addFilter(quiet)
-    sock: socket.socket = config.bind_socket()  # before the app starts: a port in use changes nothing
-    shown = settings.public_url or f"http://{settings.host}:{settings.port}{settings.prefix}"
-    log.info("serving on %s (web page at %s/)", shown, shown)
+    sock = bind(settings.host, settings.port, command)  # before the app starts: a port in use changes nothing
+    if command == "worker":  # a worker answers its health and metrics, nothing else
+        shown = f"http://{settings.host}:{settings.port}"
+        log.info("worker node: its health at %s/health, its metrics at %s/metrics", shown, shown)
+    else:
+        shown = settings.public_url or f"http://{settings.host}:{settings.port}{settings.prefix}"
+        log.info("serving on %s (web page at %s/)", shown, shown)
     Server(config, on_exit).run(sockets=[sock])

@@ -269,6 +269,21 @@ class Store:
         self._run("INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, default_factory()))
         return self._one("SELECT value FROM settings WHERE key = ?", (key,))["value"]
 
+    # -- what each worker serves ------------------------------------------------------------------
+    # A worker records the model it loaded (under "model:<its node>:<device>"), so that API nodes,
+    # which load none, can say what their predictions run on.
+
+    def record_served_model(self, worker: str, model: dict) -> None:
+        value = json.dumps({**model, "recorded_at": self.now()})
+        self._run("INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                  (f"model:{worker}", value))
+
+    def served_models(self) -> list[dict]:
+        """What the workers recorded, the latest first."""
+        rows = self._all("SELECT value FROM settings WHERE key LIKE ?", ("model:%",))
+        models = [json.loads(r["value"]) for r in rows]
+        return sorted(models, key=lambda m: m.get("recorded_at", 0), reverse=True)
+
     # -- predictions --------------------------------------------------------------------------
     # Statuses are written only by server.lifecycle, through insert_prediction, claim_next, move,
     # and requeue_interrupted; update_prediction writes anything but a status.

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from inference import __version__
 
 from ..auth import Caller
-from ..protocol import ApiError, Health, WebhookSecret
+from ..protocol import ApiError, Health, ServedModel, WebhookSecret
 from ..state import AppState, get_state, optional_auth, require_auth
 from ..store import DatabaseUnavailable
 
@@ -28,15 +28,24 @@ async def health(caller: Caller | None = Depends(optional_auth), state: AppState
     shown = caller is not None
     model = state.models[0] if state.models else None
     error = state.setup_error if shown or state.setup_error is None else HIDDEN_SETUP_ERROR
+    served = None
     try:
         queued = await run_in_threadpool(state.store.count_queued) if state.store.available else None
+        if not state.settings.workers and state.store.shared and queued is not None:
+            served = await run_in_threadpool(state.store.served_models)
     except DatabaseUnavailable:
         queued = None
+    workers = [ServedModel(name=m["name"], demo=bool(m.get("demo")), weights=m.get("weights") if shown else None,
+                           device=m.get("device")) for m in served] if served is not None else None
+    latest = served[0] if served else None
     return Health(
         status=state.health() if queued is not None else "UNAVAILABLE",
-        model=model.name if model else None,
-        demo=bool(model and model.demo),
-        weights=(model.source if model else state.settings.weights) if shown else None,
+        model=model.name if model else latest["name"] if latest else None,
+        demo=bool(model.demo) if model else any(w.demo for w in workers or []),
+        notice=model.notice if model else next((m.get("notice") for m in served or [] if m.get("notice")), None),
+        workers=workers,
+        weights=(model.source if model else state.settings.weights if state.settings.workers
+                 else latest.get("weights") if latest else None) if shown else None,
         devices=[m.device for m in state.models],
         queue_depth=queued or 0,
         setup_error=error,

@@ -623,7 +623,10 @@ $("#history-refresh").addEventListener("click", () => historyList.load());
 
 api.health().then((health) => {
   if (!health) return;
-  if (health.demo) $("#demo-banner").hidden = false;
+  if (health.demo) {
+    if (health.notice) $("#demo-detail").textContent = String(health.notice);
+    $("#demo-banner").hidden = false;
+  }
   if (health.model) {
     $("#model-name").textContent = String(health.model);
     $("#model-line").hidden = false;

@@ -1,4 +1,4 @@
-"""deploy/ (Docker Compose, Kubernetes), Dockerfile.cuda and the README's "Scale out" section: the
+"""deploy/ (Docker Compose, Kubernetes), Dockerfile.cuda and docs/scale-out.md: the
 files parse and hold what they say (API nodes, GPU workers, PostgreSQL holding the files, the
 optional shared blob volume, the KEDA scaler), and every `flux-fill` flag and FLUX_FILL_* variable they use exists in the real
 command line parser and settings. Nothing here starts a container or a cluster."""
@@ -79,10 +79,8 @@ def image_args(args: list[str]) -> tuple[str, list[str]]:
 # -- what the files say ------------------------------------------------------------------------
 
 def readme_scale_out() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Scale out\n")
-    end = text.index("\n## ", start + 1)
-    return text[start:end]
+    """docs/scale-out.md, the page the README links for many nodes."""
+    return (ROOT / "docs" / "scale-out.md").read_text()
 
 
 def yaml_files() -> list[Path]:
@@ -147,7 +145,7 @@ def text_invocations(text: str, where: str, comments: bool) -> list[tuple[str, l
 
 
 def all_invocations() -> list[tuple[str, list[str], str]]:
-    found = text_invocations(readme_scale_out(), "README.md (Scale out)", comments=False)
+    found = text_invocations(readme_scale_out(), "docs/scale-out.md", comments=False)
     found += text_invocations((ROOT / "Dockerfile.cuda").read_text(), "Dockerfile.cuda", comments=True)
     for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
         where = str(path.relative_to(ROOT))
@@ -159,7 +157,7 @@ def all_invocations() -> list[tuple[str, list[str], str]]:
 
 
 def env_texts() -> dict[str, str]:
-    texts = {"README.md (Scale out)": readme_scale_out(), "Dockerfile.cuda": (ROOT / "Dockerfile.cuda").read_text()}
+    texts = {"docs/scale-out.md": readme_scale_out(), "Dockerfile.cuda": (ROOT / "Dockerfile.cuda").read_text()}
     for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
         texts[str(path.relative_to(ROOT))] = path.read_text()
     return texts
@@ -186,20 +184,21 @@ def test_every_command_line_in_deploy_the_dockerfile_and_the_readme_uses_real_fl
     found = all_invocations()
     where = {(w.split(" ")[0], s) for s, _, w in found}
     # The extraction finds what is there (an empty list would pass anything).
-    for source in ("README.md", "Dockerfile.cuda", "deploy/compose.yaml", "deploy/kubernetes/api.yaml",
+    for source in ("docs/scale-out.md", "Dockerfile.cuda", "deploy/compose.yaml", "deploy/kubernetes/api.yaml",
                    "deploy/kubernetes/worker.yaml"):
         assert {s for w, s in where if w == source} & {"serve", "worker"}, (source, where)
-    assert ("README.md", "serve") in where and ("README.md", "worker") in where
+    assert ("docs/scale-out.md", "serve") in where and ("docs/scale-out.md", "worker") in where
     problems = [p for s, a, w in found for p in flag_problems(s, a, w)]
     assert problems == []
 
 
 def test_every_flag_written_alone_in_the_readme_exists():
-    """`--flag` in the Scale out section's prose and in every option table of the README."""
+    """`--flag` in docs/scale-out.md's prose and in every option table of the README and docs/."""
     serve, worker = subparsers()["serve"], subparsers()["worker"]
     known = set(serve._option_string_actions) | set(worker._option_string_actions)
     spans = re.findall(r"`(--[^`]+)`", readme_scale_out())
-    cells = re.findall(r"^\| (`--[^|]+)\|", (ROOT / "README.md").read_text(), flags=re.M)  # first cells
+    tables = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    cells = re.findall(r"^\| (`--[^|]+)\|", tables, flags=re.M)  # first cells
     flags = re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(spans + cells))
     assert {"--lease-s", "--webhook-retry-s", "--database", "--no-workers", "--blob-dir"} <= set(flags)
     assert sorted(set(flags) - known) == []

@@ -175,7 +175,7 @@ def test_page_is_served_offline_with_its_api_base(page, live_server):
     assert assets and all(u.startswith(live_server.url) or u.startswith("data:") for u in assets), assets
     # The tiny model says so.
     page.wait_for_selector("#demo-banner:not([hidden])")
-    assert "Demo model: outputs are random noise" in page.inner_text("#demo-banner")
+    assert "Demo model: it paints random colours" in page.inner_text("#demo-banner")
     # Shortcuts are documented on the page.
     page.click(".shortcuts summary")
     shortcuts = page.inner_text(".shortcuts")
@@ -464,7 +464,7 @@ def test_screenshot_for_the_readme(browser, live_server, tmp_path):
     try:
         open_page(page, live_server.url + "/")
         generate(page, tmp_path, prompt="a red hot-air balloon above the hills", size=(512, 384),
-                 num_outputs=2, preserve_unmasked=True, mask_blur=4)
+                 num_outputs=2, megapixels="1", num_inference_steps=28)  # the defaults but for the outputs
         assert wait_terminal(page) == "succeeded"
         page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
         page.locator("#history-list li").first.wait_for()
@@ -533,3 +533,14 @@ def test_predictions_made_through_openais_api_are_in_the_history(page, live_serv
     assert page.locator(".output").count() == 1
     page.wait_for_function("[...document.querySelectorAll('.output img.cmp-after')].every(i => i.naturalWidth > 0)")
     assert mask_coverage(page) > 0.3  # the transparent half is the mask
+
+
+def test_an_api_node_s_page_shows_the_demo_its_workers_serve(page, server_factory, postgres_url, tmp_path):
+    """serve --no-workers loads no model: its page names its workers' model, from the database."""
+    pg = ("--database", postgres_url)
+    api = server_factory(*pg, "--no-workers", data_dir=tmp_path / "api")
+    server_factory(*pg, data_dir=tmp_path / "worker", command="worker")
+    open_page(page, api.url + "/")
+    page.wait_for_selector("#demo-banner:not([hidden])")
+    assert "paints random colours inside it" in page.inner_text("#demo-banner")
+    assert page.inner_text("#model-name") == "tiny demo model (random weights)"
