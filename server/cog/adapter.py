@@ -21,6 +21,7 @@ import httpx
 from pydantic import ValidationError
 
 from inference.engine import LogFn, Output
+from inference.errors import InvalidInput
 from inference.images import OUTPUT_CONTENT_TYPES
 
 from ..adapters import EngineJob, FileReader
@@ -107,10 +108,6 @@ def webhook_style(service: PredictionService) -> WebhookStyle:
     return WebhookStyle(snapshot=lambda record: render(service, record), signer=lambda _record: None)
 
 
-class UploadFailed(Exception):
-    pass
-
-
 def upload(out: Output, url: str, prediction_id: str, multipart: bool = False) -> str:
     """PUT one output where Cog puts it; the URL it is then at (the response's Location, else the
     URL put to, without its query)."""
@@ -122,8 +119,9 @@ def upload(out: Output, url: str, prediction_id: str, multipart: bool = False) -
             else:
                 resp = client.put(url, content=out.data, headers={**headers, "Content-Type": out.content_type})
             resp.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise UploadFailed(f"Uploading {out.name} to {url} failed: {exc}") from exc
+    except httpx.HTTPError as exc:  # the prediction fails in these words (as an input error: no traceback)
+        raise InvalidInput.one("output", "upload", f"output {out.name} could not be uploaded to {url}: "
+                               f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from exc
     if multipart:
         return url
     final = resp.headers.get("location") or str(resp.url)
