@@ -16,7 +16,7 @@ Mounted at --cog-api (default /cog; / for the root, as a Cog image serves it; of
 Where Cog answers 409 when its one slot is taken, here every request is queued and answered in
 turn. Webhooks carry the prediction in Cog's shape on the events of ``webhook_events_filter``
 (start, output, logs, completed). ``Accept: text/event-stream`` is 406, as Cog answers it for a
-model that does not stream. Errors come in Cog's shape (server.cog.wire).
+model that does not stream. Errors come in Cog's shape (server.cog.protocol).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from fastapi import APIRouter
 from ..apis import ErrorShape
 from ..settings import Settings
 from ..webhooks import WebhookStyle
-from . import adapter, routes, wire
+from . import adapter, protocol, routes
 
 
 class CogApi:
     name = adapter.API
-    errors = ErrorShape(problem=wire.problem_response, validation=wire.validation_error)
+    errors = ErrorShape(problem=protocol.problem_response, validation=protocol.validation_error)
 
     def mount(self, settings: Settings) -> str | None:
         return None if settings.cog_api == "off" else settings.cog_api

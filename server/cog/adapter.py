@@ -30,7 +30,7 @@ from ..predictions import PredictionService
 from ..protocol import PredictionRequest
 from ..records import PredictionRecord
 from ..webhooks import WebhookStyle
-from .wire import CogMetrics, CogPrediction, CogRequest, timestamp
+from .protocol import CogMetrics, CogPrediction, CogRequest, timestamp
 
 log = logging.getLogger(__name__)
 API = "cog"

@@ -22,7 +22,7 @@ from ..routes.system import HIDDEN_SETUP_ERROR
 from ..state import AppState, get_state, optional_auth, require_auth
 from ..store import DatabaseUnavailable
 from .adapter import API, InvalidRequest, kept_data, prediction_request, render
-from .wire import RESPOND_ASYNC, CogHealth, CogPrediction, CogRequest, CogSetup, timestamp, valid_id
+from .protocol import RESPOND_ASYNC, CogHealth, CogIndex, CogPrediction, CogRequest, CogSetup, timestamp, valid_id
 
 WAIT_ROUND_S = 30.0  # a synchronous request looks at its prediction at least this often
 NOT_STREAMING = ("This model does not support streaming responses. Add @cog.streaming to predict() to enable SSE.")
@@ -171,13 +171,9 @@ def router(at: str) -> APIRouter:
         return await _health(state, caller)
 
     if at:
-        @r.get("", summary="Cog: the discovery document")
+        @r.get("", response_model=CogIndex, summary="Cog: the discovery document")
         async def index(request: Request):
-            here = request.url.path.rstrip("/")
-            return {"cog_version": catalog.COG_VERSION, "docs_url": "/docs", "openapi_url": f"{here}/openapi.json",
-                    "healthcheck_url": f"{here}/health-check", "predictions_url": f"{here}/predictions",
-                    "predictions_idempotent_url": f"{here}/predictions/{{prediction_id}}",
-                    "predictions_cancel_url": f"{here}/predictions/{{prediction_id}}/cancel"}
+            return CogIndex.at(request.url.path.rstrip("/"), catalog.COG_VERSION)
 
         @r.get("/openapi.json", summary="Cog: the model's schema (Input, Output), as its Cog image gives it")
         async def openapi():

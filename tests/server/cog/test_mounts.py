@@ -83,7 +83,10 @@ def test_slow_body_is_408_in_cogs_shape(server_factory):
         s.sendall(b"POST /cog/predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"in")
         s.settimeout(10)
-        answer = s.recv(4096).decode()
+        answer = b""
+        while chunk := s.recv(4096):  # the server closes the connection after its answer
+            answer += chunk
+    answer = answer.decode()
     assert answer.startswith("HTTP/1.1 408") and '{"detail":"The request body did not arrive' in answer
 
 

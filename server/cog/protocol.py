@@ -76,6 +76,25 @@ class CogHealth(BaseModel):
     setup: CogSetup | dict = Field(default_factory=dict)
 
 
+class CogIndex(BaseModel):
+    """``GET /``: Cog's discovery document (under a path: its URLs are under it too)."""
+
+    cog_version: str
+    docs_url: str
+    openapi_url: str
+    healthcheck_url: str
+    predictions_url: str
+    predictions_idempotent_url: str
+    predictions_cancel_url: str
+
+    @classmethod
+    def at(cls, here: str, cog_version: str) -> "CogIndex":
+        return cls(cog_version=cog_version, docs_url="/docs", openapi_url=f"{here}/openapi.json",
+                   healthcheck_url=f"{here}/health-check", predictions_url=f"{here}/predictions",
+                   predictions_idempotent_url=f"{here}/predictions/{{prediction_id}}",
+                   predictions_cancel_url=f"{here}/predictions/{{prediction_id}}/cancel")
+
+
 def timestamp(ts: float | None) -> str | None:
     """A time as Cog writes it (Python's isoformat, in UTC): 2025-01-01T00:00:00.000000+00:00."""
     if ts is None:
