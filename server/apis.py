@@ -68,14 +68,16 @@ class Mounted:
 
 
 def mount(app, api: Api, settings: Settings) -> Mounted | None:
-    """Include ``api``'s routes at its mount (and under --prefix too); None when it is off."""
+    """Include ``api``'s routes at its mount (and under --prefix too); None when it is off. They
+    stay out of this server's schema (/openapi.json describes Replicate's API and this server's
+    own routes): an API's own documents describe it."""
     where = api.mount(settings)
     if where is None:
         return None
     router = api.router(where)
     places = [where] + ([settings.prefix + where] if settings.prefix else [])
     for place in places:
-        app.include_router(router, prefix=place, include_in_schema=place == where)
+        app.include_router(router, prefix=place, include_in_schema=False)
     return Mounted(api, tuple(p for p in places if p),
                    tuple(compile_path(route.path)[0] for route in router.routes if not where))
 

@@ -9,10 +9,11 @@ import socket
 import httpx
 import pytest
 
+from server import cog
 from server.catalog import cog_schema
 from tests.conftest import TOKEN
 from tests.helpers import LiveServer
-from tests.server.cog.conftest import quick
+from tests.server.cog.conftest import quick, slow
 
 OTHER = "other-tenant-token-456"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -47,10 +48,23 @@ def test_discovery_document_and_schema_under_a_path(mounted):
     assert httpx.get(f"{mounted.url}/openapi.json").json()["info"]["title"] == "flux-fill-server"
 
 
+def test_every_route_but_the_public_ones_needs_the_token(mounted):
+    operations = [(method, route.path) for route in cog.API.router("/cog").routes for method in route.methods]
+    assert len(operations) == 7, operations
+    for method, path in operations:
+        for base in ("/cog", "/replicate/cog"):
+            url = mounted.url + base + path.replace("{prediction_id}", "abc123")
+            if path in ("", "/openapi.json", "/health-check"):
+                assert httpx.request(method, url).status_code == 200, (method, path)
+                continue
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                r = httpx.request(method, url, headers=headers, json={"input": quick(2)} if method != "GET" else None)
+                assert r.status_code == 401 and r.headers["content-type"] == "application/json", (method, path)
+                assert r.json() == {"detail": "You did not pass a valid authentication token"}
+                assert r.headers["www-authenticate"] == "Bearer"
+
+
 def test_tokens_and_tenants(mounted):
-    anonymous = httpx.post(f"{mounted.url}/cog/predictions", json={"input": quick(2)})
-    assert anonymous.status_code == 401 and set(anonymous.json()) == {"detail"}
-    assert anonymous.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{mounted.url}/cog/health-check").json()["status"] in ("READY", "BUSY")  # no token needed
     mine = httpx.put(f"{mounted.url}/cog/predictions/sharedname1", json={"input": quick(2)}, headers=BEARER,
                      timeout=60)
@@ -110,3 +124,21 @@ def test_setup_failed(tmp_path):
         assert r.status_code == 503 and r.json()["detail"].startswith("The model failed to load")
     finally:
         server.stop()
+
+
+def test_a_full_queue_is_429_in_cogs_shape(server_factory):
+    server = server_factory("--max-queue", "1")
+    url = f"{server.url}/cog/predictions"
+    async_ = {"Prefer": "respond-async"}
+    ids = [httpx.post(url, json={"input": slow(6 + i)}, headers=async_).json()["id"] for i in range(2)]
+    refused = None
+    for i in range(3):  # the first may have left the queue for the worker already
+        r = httpx.post(url, json={"input": slow(8 + i)}, headers=async_)
+        if r.status_code == 429:
+            refused = r
+            break
+        ids.append(r.json()["id"])
+    assert refused is not None and set(refused.json()) == {"detail"} and "overloaded" in refused.json()["detail"]
+    assert int(refused.headers["retry-after"]) >= 1
+    for pid in ids:
+        httpx.post(f"{url}/{pid}/cancel")
