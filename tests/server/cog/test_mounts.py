@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from server import cog
 from server.catalog import cog_schema
 from tests.conftest import TOKEN
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, free_port
 from tests.server.cog.conftest import quick, slow
 
 OTHER = "other-tenant-token-456"
@@ -160,3 +161,35 @@ def test_idempotent_put_on_postgresql(server_factory, postgres_url):
     assert [a.status_code for a in answers] == [200] * 3 and {a.json()["status"] for a in answers} == {"succeeded"}
     listed = httpx.get(f"{server.url}/v1/predictions").json()["results"]
     assert [p["id"] for p in listed] == ["onpostgres"]
+
+
+def test_health_check_while_the_model_loads(tmp_path, tiny_dir):
+    server = LiveServer(tmp_path / "data", args=["--weights", str(tiny_dir)])
+    server.port = free_port()
+    seen: list[dict] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                seen.append(httpx.get(f"{server.url}/cog/health-check", timeout=2).json())
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        server.start()
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        watcher.join()
+        server.stop()
+    statuses = [h["status"] for h in seen]
+    assert "STARTING" in statuses and statuses[-1] == "READY"
+    assert statuses == sorted(statuses, key=lambda s: s != "STARTING")  # STARTING, then READY, never back
+    starting = next(h for h in seen if h["status"] == "STARTING")
+    assert starting["setup"] == {} or (starting["setup"]["status"] == "starting"
+                                       and starting["setup"]["completed_at"] is None)
+    assert seen[-1]["setup"]["status"] == "succeeded"
