@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,9 @@ from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
 from . import bfl
+from .apis import mount, shape_of
 from .bfl_pictures import BFLWorkerSide
+from .cog import API as COG_API
 from .openai_api.protocol import API as OPENAI_API
 from .openai_api.worker_side import OpenAIWorkerSide
 from .routes import bfl as bfl_routes
@@ -69,6 +72,8 @@ def _request_validation(exc: RequestValidationError) -> ApiError:
 
 
 ROLES = ("all", "api", "worker")
+# The APIs served beside Replicate's, each a package of its own (see server.apis).
+APIS = (COG_API,)
 
 
 def create_app(settings: Settings | None = None, *, load_model=None, data_lock: DataDirLock | None = None,
@@ -113,6 +118,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         # How a worker runs the predictions the other APIs' adapters make (see server.adapters).
         service.adapters = {OPENAI_API: OpenAIWorkerSide(settings.max_image_pixels),
                             bfl.API: BFLWorkerSide(settings.max_image_pixels)}
+        service.adapters.update({api.name: side for api in APIS if (side := api.worker_side(settings)) is not None})
         state = AppState(settings=settings, store=store, files=files, hub=hub, service=service,
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute, settings.admin_tokens),
                          metrics=metrics)
@@ -123,8 +129,9 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                                max_per_destination=settings.webhook_slots_per_destination)
         await sender.start()
         state.webhooks = sender
+        styles = {api.name: style for api in APIS if (style := api.webhook_style(state)) is not None}
         lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret,
-                                styles={bfl.API: bfl.webhook_style(service)})
+                                styles={bfl.API: bfl.webhook_style(service), **styles})
         service.recover()  # after the webhooks: a prediction it ends (canceled, failed) gets its webhook
         listening = threading.Event()
         store.on_reconnect(lifecycle.look_again)  # the database is back: what was told meanwhile is read again
@@ -133,6 +140,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                              name="db-events", daemon=True).start()
         if role == "api":
             state.phase = "READY"
+            state.setup_started_at = state.setup_completed_at = time.time()
         else:
             threading.Thread(target=_setup, args=(state, load_model, own_fetches), name="model-loader",
                              daemon=True).start()
@@ -167,12 +175,16 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        if shape := shape_of(request.scope):
+            return shape.problem(exc.problem, exc.headers)
         if bfl_route(request):
             return bfl.problem_response(exc.problem, exc.headers)
         return problem_response(exc.problem, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        if shape := shape_of(request.scope):
+            return shape.validation(list(exc.errors()))
         if bfl_route(request):
             return bfl.validation_response(exc.errors())
         err = _request_validation(exc)
@@ -185,23 +197,29 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                           detail="The database is not reachable right now (it may be restarting); nothing was "
                                  "changed by this request. Try again in a few seconds.")
         headers = {"Retry-After": str(exc.retry_after_s)}
+        if shape := shape_of(request.scope):
+            return shape.problem(problem, headers)
         if bfl_route(request):
             return bfl.problem_response(problem, headers)
         return refusal(request.scope, problem, headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
+        answer = shape_of(request.scope)
+        answer = answer.problem if answer else problem_response
         if exc.status_code == 404:
-            return problem_response(Problem(detail="The requested resource could not be found.", status=404))
-        return problem_response(Problem(detail=str(exc.detail), status=exc.status_code), getattr(exc, "headers", None))
+            return answer(Problem(detail="The requested resource could not be found.", status=404), None)
+        return answer(Problem(detail=str(exc.detail), status=exc.status_code), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
+        answer = shape_of(request.scope)
+        answer = answer.problem if answer else problem_response
         if is_disk_full(exc):
             log.warning("the disk is full: %s", exc)
-            return problem_response(disk_full().problem)
+            return answer(disk_full().problem, None)
         log.exception("unexpected error")
-        return problem_response(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500))
+        return answer(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500), None)
 
     routers = (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
                files_routes.outputs_router, system_routes.router, system_routes.metrics_router, system_routes.public_router,
@@ -212,6 +230,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         app.include_router(router)
         if settings.prefix:
             app.include_router(router, prefix=settings.prefix, include_in_schema=False)
+    if role != "worker":
+        app.state.apis = [m for api in APIS if (m := mount(app, api, settings)) is not None]
     # The last added runs first: slashes and HEAD are settled before anything else sees the request.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RefuseOwnFetches, own=own_fetches, prefix=settings.prefix)
@@ -241,6 +261,7 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
 
     settings = state.settings
     devices = settings.gpus or [None]
+    state.setup_started_at = time.time()
     try:
         for index, device in enumerate(devices):
             mark = own_fetches.mark(index)  # each worker's fetches carry their own mark
@@ -262,10 +283,12 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
     except Exception as exc:
         state.phase = "SETUP_FAILED"
         state.setup_error = str(exc)
+        state.setup_completed_at = time.time()
         log.error("setup failed: %s", exc, exc_info=not exc.__class__.__name__ == "WeightsError")
         return
     for worker in state.workers:
         worker.start()
+    state.setup_completed_at = time.time()
     state.phase = "READY"
     log.info("ready: %d worker(s)", len(state.workers))
 

@@ -30,8 +30,12 @@ def problem_response(problem: Problem, headers: dict | None = None) -> JSONRespo
 
 
 def refusal(scope, problem: Problem, headers: dict | None = None) -> JSONResponse:
-    """A middleware's refusal in the shape the route's clients read: OpenAI's error on OpenAI's
-    image routes, problem+json everywhere else."""
+    """A middleware's refusal in the shape the route's clients read: an API's own (see server.apis)
+    on its routes, OpenAI's error on OpenAI's image routes, problem+json everywhere else."""
+    from .apis import shape_of
+
+    if shape := shape_of(scope):
+        return shape.problem(problem, headers)
     if _OPENAI_PATH.search(scope.get("path", "")):
         from .openai_api.protocol import OpenAIError
 

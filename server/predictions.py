@@ -277,10 +277,15 @@ class PredictionService:
     # -- create / read ------------------------------------------------------------------------
 
     def create(self, request: PredictionRequest, admission: Admission, caller: Caller, *,
-               api: str | None = None, api_data: dict[str, Any] | None = None) -> PredictionRecord:
+               api: str | None = None, api_data: dict[str, Any] | None = None,
+               prediction_id: str | None = None) -> PredictionRecord:
         """Write an admitted prediction to the queue (the input as it was sent, its long strings in
         files of their own) and wake a worker. ``api`` and ``api_data``: the other API (OpenAI's,
-        BFL's) whose adapter made the request, and what it keeps to answer in that API's shape."""
+        BFL's) whose adapter made the request, and what it keeps to answer in that API's shape.
+        ``prediction_id``: the id the client chose (Cog's API, its form checked there); a new one
+        when None. An id already taken is 409 and nothing is written."""
+        if prediction_id is not None and self.store.get_prediction(prediction_id) is not None:
+            raise ApiError(409, f"A prediction with the id {prediction_id} exists already.", "Conflict")
         self.check_queue(caller)
         inline, stored, values = stored_inputs.split(request.sent_input)
         self.quotas.check_room(caller, sum(map(stored_inputs.utf8_size, values)))
@@ -288,7 +293,7 @@ class PredictionService:
         events = request.webhook_events_filter
         if request.webhook is None and request.webhook_completed is not None:
             events = ["completed"]
-        pid = new_id()
+        pid = prediction_id or new_id()
         created = self.store.now()
         with disk_guard():
             sizes = self.files.write_inputs(pid, values)
@@ -317,7 +322,9 @@ class PredictionService:
                 self.files.remove_inputs(pid)
                 raise self.quotas.refusal(exc, limits, self.seconds_until_a_slot_frees) from None
             except BaseException:
-                self.files.remove_inputs(pid)
+                # A chosen id another node took meanwhile: its files are that prediction's now.
+                if prediction_id is None or self.store.get_prediction(pid) is None:
+                    self.files.remove_inputs(pid)
                 raise
 
     def check_queue(self, caller: Caller) -> None:

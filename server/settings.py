@@ -97,6 +97,8 @@ class Settings(BaseSettings):
                     "any name.")
     previews: bool = Field(True, description="Keep a preview of each running prediction's picture as it forms (a cheap linear projection of the latents, a WebP at most every --preview-interval-s, at most 8 a prediction), for GET /v1/predictions/{id}/preview, streams opened with ?previews=true and the web page. --no-previews turns them off; the denoising then does nothing for them.")
     preview_interval_s: float = Field(0.5, gt=0, description="Least time between two previews of a running prediction, in seconds.")
+    cog_api: str = Field("/cog", description="Where Cog's container HTTP API (what `cog serve` and a model's Cog image answer: POST /predictions, PUT /predictions/{id}, POST /predictions/{id}/cancel, GET /health-check) is served, on this server's queue: a path (default /cog: POST /cog/predictions), / for the root, where a Cog image serves it, or off. Under a path, GET <path>/ and <path>/openapi.json are Cog's discovery document and the model's Cog schema; at the root, / and /openapi.json stay this server's web page and schema.")
+    cog_upload_url: str | None = Field(None, description="Cog's --upload-url: outputs of predictions made through Cog's API are PUT to <URL>/<file name> by the worker that made them, and answered as the uploaded URLs (the response's Location, else the URL put to, without its query) instead of data: URIs. Set it on the worker nodes too.")
     log_level: str = Field("info")
 
     @field_validator("gpus", "api_tokens", "admin_tokens", "openai_models", mode="before")
@@ -105,6 +107,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("cog_api")
+    @classmethod
+    def _cog_api(cls, value: str) -> str:
+        value = value.strip()
+        return value if value.lower() == "off" else cls._prefix(value)
 
     @field_validator("prefix")
     @classmethod

@@ -28,6 +28,8 @@ class AppState:
     metrics: ServerMetrics
     phase: str = "STARTING"  # STARTING, READY, SETUP_FAILED
     setup_error: str | None = None
+    setup_started_at: float | None = None  # when loading the model began (the API node alone: when it started)
+    setup_completed_at: float | None = None  # when it ended, loaded or failed
     models: list = field(default_factory=list)  # LoadedModel per device
     workers: list = field(default_factory=list)
     webhooks: object | None = None
