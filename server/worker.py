@@ -192,6 +192,13 @@ class Worker(threading.Thread):
         except Cancelled:
             self.canceled(run, logs, started)
         except Exception as exc:  # one prediction's failure never stops the worker
+            if _database_away(exc):
+                # Its inputs could not be read (or its outcome written) while the database is away:
+                # not the prediction's failure. Nothing is recorded; its lease is no longer renewed,
+                # so it runs again, here or on another worker, once the lease runs out.
+                log.warning("prediction %s: the database went away during its run; it runs again "
+                            "when its lease runs out", pid)
+                return
             if lifecycle.stop_wanted(pid):  # e.g. a fetch that stalled past the cancel, then timed out
                 self.canceled(run, logs, started)
             else:
@@ -291,3 +298,13 @@ def free_gpu_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:
         pass
+
+
+def _database_away(exc: BaseException | None) -> bool:
+    """Whether an exception is, or was raised from, the store's DatabaseUnavailable."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, DatabaseUnavailable):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
