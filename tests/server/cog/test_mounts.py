@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -148,16 +149,8 @@ def test_a_full_queue_is_429_in_cogs_shape(server_factory):
 
 def test_idempotent_put_on_postgresql(server_factory, postgres_url):
     server = server_factory("--database", postgres_url)
-    answers = []
-
-    def put():
-        answers.append(httpx.put(f"{server.url}/cog/predictions/onpostgres", json={"input": quick(12)}, timeout=60))
-
-    threads = [threading.Thread(target=put) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(3) as pool:  # at once
+        answers = list(pool.map(lambda _: httpx.put(f"{server.url}/cog/predictions/onpostgres", json={"input": quick(12)}, timeout=60), range(3)))
     assert [a.status_code for a in answers] == [200] * 3 and {a.json()["status"] for a in answers} == {"succeeded"}
     listed = httpx.get(f"{server.url}/v1/predictions").json()["results"]
     assert [p["id"] for p in listed] == ["onpostgres"]

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from PIL import Image
@@ -98,16 +99,8 @@ def test_idempotent_put_makes_one_prediction(cog_server):
 
 def test_concurrent_puts_of_one_id_make_one_prediction(cog_server):
     pid = new_id()
-    answers = []
-
-    def put():
-        answers.append(httpx.put(f"{cog_server.url}/predictions/{pid}", json={"input": quick(5)}, timeout=60))
-
-    threads = [threading.Thread(target=put) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(4) as pool:  # at once
+        answers = list(pool.map(lambda _: httpx.put(f"{cog_server.url}/predictions/{pid}", json={"input": quick(5)}, timeout=60), range(4)))
     assert [a.status_code for a in answers] == [200] * 4
     assert {a.json()["id"] for a in answers} == {pid} and {a.json()["status"] for a in answers} == {"succeeded"}
     assert {a.json()["completed_at"] for a in answers} == {answers[0].json()["completed_at"]}
