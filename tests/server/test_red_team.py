@@ -297,6 +297,10 @@ def test_a_cancel_of_a_running_prediction_survives_a_restart(server_factory, tmp
     with Origin() as origin:
         p = create(server.url, {**quick_input(), "image": origin.url("/stall")})
         assert wait_status(server, p["id"], ("processing",))["status"] == "processing"
+        deadline = time.monotonic() + 10  # the fetch is under way: the cancel finds it reading
+        while not any(path == "/stall" for path, _ in origin.requests) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # past the fetch's last cancel check before its read blocks
         answer = httpx.post(f"{server.url}/v1/predictions/{p['id']}/cancel", timeout=10).json()
         assert answer["status"] == "processing"  # it stops at its next read, which does not come
         server.kill()
