@@ -38,6 +38,7 @@ class Api(Protocol):
 
     name: str  # the ``api`` of the predictions it makes
     errors: ErrorShape
+    # (optional) in_schema: bool — its routes are listed in this server's /openapi.json
 
     def router(self, at: str) -> APIRouter:
         """Its routes, as mounted at ``at`` ("" for the root)."""
@@ -70,16 +71,19 @@ class Mounted:
 def mount(app, api: Api, settings: Settings) -> Mounted | None:
     """Include ``api``'s routes at its mount (and under --prefix too); None when it is off. They
     stay out of this server's schema (/openapi.json describes Replicate's API and this server's
-    own routes): an API's own documents describe it."""
+    own routes) unless the API says ``in_schema``: an API's own documents describe it."""
     where = api.mount(settings)
     if where is None:
         return None
     router = api.router(where)
     places = [where] + ([settings.prefix + where] if settings.prefix else [])
-    for place in places:
-        app.include_router(router, prefix=place, include_in_schema=False)
-    return Mounted(api, tuple(p for p in places if p),
-                   tuple(compile_path(route.path)[0] for route in router.routes if not where))
+    in_schema = bool(getattr(api, "in_schema", False))
+    for index, place in enumerate(places):
+        app.include_router(router, prefix=place, include_in_schema=in_schema and index == 0)
+    if where:  # under a path of its own: everything there is its
+        return Mounted(api, tuple(places), ())
+    # At the root: only its routes (at the root and under the prefix) are its.
+    return Mounted(api, (), tuple(compile_path(place + route.path)[0] for place in places for route in router.routes))
 
 
 def shape_of(scope) -> ErrorShape | None:

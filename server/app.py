@@ -27,16 +27,12 @@ from .middleware import (BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, Re
 from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
 from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
-from . import bfl
 from .apis import mount, shape_of
-from .bfl_pictures import BFLWorkerSide
+from .bfl import API as BFL_API
 from .cog import API as COG_API
-from .openai_api.protocol import API as OPENAI_API
-from .openai_api.worker_side import OpenAIWorkerSide
-from .routes import bfl as bfl_routes
+from .openai_api import API as OPENAI_API
 from .routes import files as files_routes
 from .routes import models as model_routes
-from .routes import openai as openai_routes
 from .routes import predictions as prediction_routes
 from .routes import system as system_routes
 from .routes import ui as ui_routes
@@ -73,7 +69,7 @@ def _request_validation(exc: RequestValidationError) -> ApiError:
 
 ROLES = ("all", "api", "worker")
 # The APIs served beside Replicate's, each a package of its own (see server.apis).
-APIS = (COG_API,)
+APIS = (OPENAI_API, BFL_API, COG_API)
 
 
 def create_app(settings: Settings | None = None, *, load_model=None, data_lock: DataDirLock | None = None,
@@ -116,9 +112,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         lifecycle = Lifecycle(settings, store, files, hub, metrics, holder=node_holder(data))
         service = PredictionService(settings, store, files, hub, lifecycle)
         # How a worker runs the predictions the other APIs' adapters make (see server.adapters).
-        service.adapters = {OPENAI_API: OpenAIWorkerSide(settings.max_image_pixels),
-                            bfl.API: BFLWorkerSide(settings.max_image_pixels)}
-        service.adapters.update({api.name: side for api in APIS if (side := api.worker_side(settings)) is not None})
+        service.adapters = {api.name: side for api in APIS if (side := api.worker_side(settings)) is not None}
         state = AppState(settings=settings, store=store, files=files, hub=hub, service=service,
                          auth=Auth(settings.api_tokens, settings.rate_limit_per_minute, settings.admin_tokens),
                          metrics=metrics)
@@ -130,8 +124,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         await sender.start()
         state.webhooks = sender
         styles = {api.name: style for api in APIS if (style := api.webhook_style(state)) is not None}
-        lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret,
-                                styles={bfl.API: bfl.webhook_style(service), **styles})
+        lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret, styles=styles)
         service.recover()  # after the webhooks: a prediction it ends (canceled, failed) gets its webhook
         listening = threading.Event()
         store.on_reconnect(lifecycle.look_again)  # the database is back: what was told meanwhile is read again
@@ -170,23 +163,16 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         lifespan=lifespan,
     )
 
-    def bfl_route(request: Request) -> bool:  # BFL's routes answer errors in BFL's shape
-        return bfl.answers_in_bfl_shape(request.url.path, settings.prefix or "")
-
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         if shape := shape_of(request.scope):
             return shape.problem(exc.problem, exc.headers)
-        if bfl_route(request):
-            return bfl.problem_response(exc.problem, exc.headers)
         return problem_response(exc.problem, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         if shape := shape_of(request.scope):
             return shape.validation(list(exc.errors()))
-        if bfl_route(request):
-            return bfl.validation_response(exc.errors())
         err = _request_validation(exc)
         return problem_response(err.problem)
 
@@ -197,10 +183,6 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
                           detail="The database is not reachable right now (it may be restarting); nothing was "
                                  "changed by this request. Try again in a few seconds.")
         headers = {"Retry-After": str(exc.retry_after_s)}
-        if shape := shape_of(request.scope):
-            return shape.problem(problem, headers)
-        if bfl_route(request):
-            return bfl.problem_response(problem, headers)
         return refusal(request.scope, problem, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -223,7 +205,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
 
     routers = (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
                files_routes.outputs_router, system_routes.router, system_routes.metrics_router, system_routes.public_router,
-               ui_routes.router, openai_routes.router, bfl_routes.router)
+               ui_routes.router)
     if role == "worker":  # a worker node answers its health and metrics, nothing else
         routers = (system_routes.public_router, system_routes.metrics_router)
     for router in routers:

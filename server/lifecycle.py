@@ -144,11 +144,13 @@ class Lifecycle:
 
     # -- while it runs ------------------------------------------------------------------------
 
-    def logs(self, run: PredictionRecord, text: str) -> None:
-        """The run's logs so far, written while its claim holds, then told to listeners. While the
-        database is away they wait: the next write carries them all, the outcome's at the latest."""
+    def logs(self, run: PredictionRecord, text: str, progress: tuple[int, int] | None = None) -> None:
+        """The run's logs so far, and its ``progress`` (steps done, steps in all) when known, written
+        while its claim holds, then told to listeners. While the database is away they wait: the
+        next write carries them all, the outcome's at the latest."""
+        facts = {"step": progress[0], "steps": progress[1]} if progress else {}
         try:
-            written = self.store.update_prediction(run.id, held_by=run.lease, durable=False, logs=text)
+            written = self.store.update_prediction(run.id, held_by=run.lease, durable=False, logs=text, **facts)
         except DatabaseUnavailable:
             return
         if written:
@@ -215,12 +217,16 @@ class Lifecycle:
     # called by the worker's thread, never by the event loop.
 
     def succeed(self, run: PredictionRecord, output: list[str], logs: str, predict_time: float,
-                output_run: str | None = None, output_bytes: int | None = None) -> bool:
-        """The run made ``output`` (file names in its folder ``output_run``, ``output_bytes`` in all)."""
+                output_run: str | None = None, output_bytes: int | None = None, seed: int | None = None,
+                progress: tuple[int, int] | None = None) -> bool:
+        """The run made ``output`` (file names in its folder ``output_run``, ``output_bytes`` in all),
+        the first from ``seed``, after ``progress`` (steps done, steps in all)."""
         if output_bytes is None:
             output_bytes = self.files.outputs_size(run.id, output, output_run)
+        facts = {"step": progress[0], "steps": progress[1]} if progress else {}
         return self._outlasting(lambda: self._end(run, Status.SUCCEEDED, output=output, output_run=output_run,
-                                                  logs=logs, predict_time=predict_time, output_bytes=output_bytes))
+                                                  logs=logs, predict_time=predict_time, output_bytes=output_bytes,
+                                                  seed=seed, **facts))
 
     def fail(self, run: PredictionRecord, error: str, logs: str, predict_time: float) -> bool:
         return self._outlasting(lambda: self._end(run, Status.FAILED, error=error, logs=logs,

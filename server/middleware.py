@@ -7,7 +7,6 @@ Each is a plain ASGI wrapper (no BaseHTTPMiddleware), so streamed responses stay
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 
 from fastapi import Request
@@ -21,7 +20,6 @@ from .protocol import Problem
 
 PROBLEM = "application/problem+json"
 FETCH_HEADER = HEADER.encode()
-_OPENAI_PATH = re.compile(r"/v1/images/(edits|generations)/?$")
 
 
 def problem_response(problem: Problem, headers: dict | None = None) -> JSONResponse:
@@ -31,17 +29,11 @@ def problem_response(problem: Problem, headers: dict | None = None) -> JSONRespo
 
 def refusal(scope, problem: Problem, headers: dict | None = None) -> JSONResponse:
     """A middleware's refusal in the shape the route's clients read: an API's own (see server.apis)
-    on its routes, OpenAI's error on OpenAI's image routes, problem+json everywhere else."""
+    on its routes, problem+json everywhere else."""
     from .apis import shape_of
 
     if shape := shape_of(scope):
         return shape.problem(problem, headers)
-    if _OPENAI_PATH.search(scope.get("path", "")):
-        from .openai_api.protocol import OpenAIError
-
-        kind = "server_error" if problem.status >= 500 else "invalid_request_error"
-        body = OpenAIError(problem.status, problem.detail, type=kind).body
-        return JSONResponse(body.model_dump(mode="json"), status_code=problem.status, headers=headers)
     return problem_response(problem, headers)
 
 

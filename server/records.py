@@ -48,6 +48,9 @@ class PredictionRecord:
     output_run: str | None = None  # the run whose files the outputs are (outputs/<id>/<run>/): None before runs had folders
     api: str | None = None  # the API that created it: None (Replicate's), "openai" or "bfl"
     api_data: dict[str, Any] | None = None  # what that API's adapter keeps of the request (never shown by Replicate's)
+    seed: int | None = None  # the seed its first output was made from (output i: seed + i), once it succeeded
+    step: int | None = None  # denoising steps done by its run so far (of ``steps``), while it runs and after
+    steps: int | None = None  # the denoising steps its run makes in all (outputs and tiles included)
 
     @property
     def wants_completed_webhook(self) -> bool:

@@ -115,7 +115,7 @@ ADDED_COLUMNS = {
                     ("webhook_due", "REAL"), ("api", "TEXT"), ("api_data", "TEXT"),
                     ("cancel_reason", "TEXT"), ("output_run", "TEXT"), ("webhook_lease", "TEXT"),
                     ("webhook_lease_until", "REAL"), ("webhook_attempts", "INTEGER NOT NULL DEFAULT 0"),
-                    ("webhook_error", "TEXT")),
+                    ("webhook_error", "TEXT"), ("seed", "INTEGER"), ("step", "INTEGER"), ("steps", "INTEGER")),
     "files": (("owner", "TEXT"),),
 }
 # Indexes on added columns: made once the columns exist.

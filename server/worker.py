@@ -56,6 +56,7 @@ class LogBuffer:
     def __init__(self, lifecycle: Lifecycle, run: PredictionRecord):
         self.lifecycle, self.run = lifecycle, run
         self.text = run.logs
+        self.step: tuple[int, int] | None = None  # steps done, steps in all: recorded as the record's fields
         self.last_flush = 0.0
         self.started = time.monotonic()
 
@@ -66,13 +67,14 @@ class LogBuffer:
     def progress(self, done: int, total: int) -> None:
         elapsed = time.monotonic() - self.started
         self.text += tqdm.format_meter(done, total, elapsed, ncols=80) + "\n"
+        self.step = (done, total)
         self.flush(force=done == total)  # the last step is told at once: then come the outputs
 
     def flush(self, force: bool = True) -> None:
         t = time.monotonic()
         if force or t - self.last_flush >= LOG_FLUSH_S:
             self.last_flush = t
-            self.lifecycle.logs(self.run, self.text)
+            self.lifecycle.logs(self.run, self.text, self.step)
 
 
 class Worker(threading.Thread):
@@ -227,7 +229,8 @@ class Worker(threading.Thread):
         try:
             names = lifecycle._outlasting(lambda: service.files.write_outputs(pid, outputs, folder, cancelled))
             recorded = lifecycle.succeed(run, names, logs.text, time.monotonic() - started, output_run=folder,
-                                         output_bytes=size)
+                                         output_bytes=size, seed=outputs[0].seed if outputs else None,
+                                         progress=logs.step)
         except BaseException:
             self.discard(pid, folder)
             raise

@@ -29,7 +29,7 @@ from inference.inputs import MAX_OUTPUTS, MAX_SEED
 from ..admission import Admission
 from ..auth import Caller
 from ..middleware import name_request
-from ..protocol import ApiError, PredictionRequest, Status
+from ..protocol import ApiError, PredictionRequest, Problem, Status
 from ..records import PredictionRecord
 from ..state import AppState
 from . import models
@@ -67,14 +67,32 @@ def error_response(exc: OpenAIError) -> JSONResponse:
 
 def from_api_error(exc: ApiError) -> OpenAIError:
     """One of the server's own refusals (overload, quota, full disk) in OpenAI's shape and status."""
-    problem = exc.problem
+    return from_problem(exc.problem, exc.headers)
+
+
+def from_problem(problem: Problem, headers: dict[str, str] | None = None) -> OpenAIError:
+    """An error of this server (a refusal, 404, 405, 408, 413, 429, 5xx) in OpenAI's shape and status."""
     if problem.status == 401:
         return unauthenticated()
     if problem.status == 429:
-        return OpenAIError(429, problem.detail, type="requests", code="rate_limit_exceeded", headers=exc.headers)
+        return OpenAIError(429, problem.detail, type="requests", code="rate_limit_exceeded", headers=headers)
     if problem.status >= 500:
-        return OpenAIError(problem.status, problem.detail, type="server_error", code=None, headers=exc.headers)
-    return OpenAIError(400 if problem.status == 422 else problem.status, problem.detail, headers=exc.headers)
+        return OpenAIError(problem.status, problem.detail, type="server_error", code=None, headers=headers)
+    return OpenAIError(400 if problem.status == 422 else problem.status, problem.detail, headers=headers)
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    return error_response(from_problem(problem, headers))
+
+
+def validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    """A request FastAPI's validation refused, as OpenAI's 400 naming the first broken parameter."""
+    first = errors[0] if errors else {}
+    loc = [part for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = str(loc[0]) if loc else None
+    message = str(first.get("msg", "The request is invalid.")).removeprefix("Value error, ")
+    return error_response(OpenAIError(400, f"Invalid value for '{param}': {message}" if param else message,
+                                      param=param))
 
 
 def unauthenticated() -> OpenAIError:

@@ -1,19 +1,16 @@
 """The models API for the one model served: the model, its versions, and deployments of it.
 
-``GET /v1/models`` answers Replicate's clients and OpenAI's with one body (see ModelList), and
-``GET /v1/models/{name}`` is OpenAI's model object for each image model name this server accepts
-(all served by FLUX.1 Fill [dev]), beside Replicate's ``/v1/models/{owner}/{name}``."""
+``GET /v1/models`` answers Replicate's clients and OpenAI's with one body (see ModelList); OpenAI's
+``GET /v1/models/{name}`` is in OpenAI's package (server.openai_api.routes)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from .. import catalog
 from ..auth import Caller
 from ..openai_api import models as openai_models
-from ..openai_api.protocol import ErrorResponse, ModelList, OpenAIError, OpenAIModel
-from ..openai_api.service import error_response, unauthenticated
+from ..openai_api.protocol import ModelList
 from ..protocol import Deployment, ModelObject, ModelVersion, VersionPage, not_found
 from ..state import AppState, get_state, require_auth
 
@@ -27,18 +24,6 @@ async def list_models(request: Request, caller: Caller = Depends(require_auth), 
     names = openai_models.listed(state.settings.openai_models)
     return ModelList(next=None, previous=None, results=[state.model_object(request, caller)],
                      data=[openai_models.model_object(name) for name in names])
-
-
-@router.get("/v1/models/{name}", response_model=OpenAIModel, responses={401: {"model": ErrorResponse},
-                                                                        404: {"model": ErrorResponse}},
-            summary="OpenAI: an image model name this server answers (every one is served by FLUX.1 Fill [dev])")
-async def get_openai_model(name: str, request: Request, state: AppState = Depends(get_state)):
-    if state.auth.identify(request) is None:
-        return error_response(unauthenticated())
-    if not openai_models.accepts(state.settings.openai_models, name):
-        return error_response(OpenAIError(404, f"The model '{name}' does not exist or you do not have access to it.",
-                                          code="model_not_found"))
-    return JSONResponse(openai_models.model_object(name).model_dump(mode="json"))
 
 
 @router.get("/v1/models/{owner}/{name}", response_model=ModelObject, summary="Get the model")

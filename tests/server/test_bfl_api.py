@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server.bfl import dev_guidance, file_input
+from server.bfl.adapter import dev_guidance, file_input
 from tests.conftest import TOKEN
 from tests.helpers import LiveServer, Receiver, box_mask, noise_image, png_bytes
 
@@ -342,3 +342,18 @@ def test_a_queued_task_survives_a_restart_and_its_webhook_is_sent_once(server_fa
     server_factory("--api-token", TOKEN, data_dir=data)  # a second restart owes nothing: nothing sent again
     time.sleep(2.0)
     assert len(receiver.posts) == 1
+
+
+def test_progress_and_seed_are_the_records_facts_not_its_logs():
+    """get_result's progress and seed are what the run recorded (Store fields), whatever the logs say."""
+    from server.bfl.adapter import progress
+    from server.protocol import Status
+    from server.records import PredictionRecord
+
+    base = dict(id="abc", version="v", input={}, created_at=0.0, output_token="t",
+                logs="Using seed: 99\n 90%|#########  | 9/10 [00:01<00:00]\n")
+    running = PredictionRecord(status=Status.PROCESSING, step=7, steps=28, **base)
+    assert progress(running) == 0.25
+    assert progress(PredictionRecord(status=Status.PROCESSING, **base)) == 0.0  # no step recorded yet
+    assert progress(PredictionRecord(status=Status.STARTING, **base)) == 0.0
+    assert progress(PredictionRecord(status=Status.FAILED, **base)) is None

@@ -16,9 +16,9 @@ from inference.errors import FetchError, InvalidInput
 from inference.images import ImageHeader, decode_data_uri, read_header
 from inference.sizing import output_size as engine_size
 
-from .adapters import EngineJob, FileReader, fit_outputs
-from .protocol import ApiError, InvalidField, validation_failed
-from .records import PredictionRecord
+from ..adapters import EngineJob, FileReader, fit_outputs
+from ..protocol import ApiError, InvalidField, validation_failed
+from ..records import PredictionRecord
 
 COST_STEPS = 50  # cost: megapixel-steps / 50, so a 1 MP task at BFL's default steps costs 1.0
 

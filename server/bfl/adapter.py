@@ -11,7 +11,7 @@ record's ``api_data``, which Replicate's answers never show.
 - Sizes, exactly as BFL's: Fill's output is the input's size, Expand's the input's plus the sides
   (``top``/``bottom``/``left``/``right`` are ``expand_*``). The engine generates at sides floored to
   a multiple of 32 (at most 1440 px, ``megapixels: match_input``) and the worker scales the outputs
-  back to that size (server.bfl_pictures). A mask must have the image's size (422 naming it).
+  back to that size (server.bfl.pictures). A mask must have the image's size (422 naming it).
 - Admission before work: the setup and the queue are checked first, then the pictures' headers (a
   base64 image is read for its header only, never decoded on the API node), then the rate limit is
   charged; a picture given as a URL is checked by the worker that fetches it, and fails the task in
@@ -48,11 +48,11 @@ from starlette.concurrency import run_in_threadpool
 from inference.errors import ALL_FLAGGED
 from inference.inputs import MAX_EXPAND, MAX_SEED, describe_errors
 
-from .admission import admit
-from .auth import Caller
-from .bfl_pictures import check_pictures
-from .predictions import PredictionService, iso
-from .protocol import (
+from ..admission import admit
+from ..auth import Caller
+from .pictures import check_pictures
+from ..predictions import PredictionService, iso
+from ..protocol import (
     ApiError,
     InvalidField,
     PredictionRequest,
@@ -62,13 +62,12 @@ from .protocol import (
     not_unicode,
     validation_failed,
 )
-from .records import PredictionRecord
-from .webhooks import Signer, WebhookStyle, sign_bfl
+from ..records import PredictionRecord
+from ..webhooks import Signer, WebhookStyle, sign_bfl
 
 API = "bfl"
 FILL = "flux-pro-1.0-fill"
 EXPAND = "flux-pro-1.0-expand"
-PATHS = (f"/v1/{FILL}", f"/v1/{EXPAND}", "/v1/get_result")
 SIGNATURE_HEADER = "X-BFL-Signature"
 NOT_AUTHENTICATED = "Not authenticated - Invalid Authentication"  # BFL's 403 detail for a bad or missing x-key
 DEV_GUIDANCE_RANGE = (0.0, 100.0)
@@ -76,8 +75,6 @@ PENDING_RETRY_CAP_S = 10
 _SNIFF_CHARS = 64  # base64 characters decoded to tell an image's type: 48 bytes
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
           (b"GIF89a", "image/gif"))
-_PROGRESS = re.compile(r"(\d+)/(\d+) \[")
-_SEED = re.compile(r"Using seed: (\d+)")
 
 
 # -- wire shapes ------------------------------------------------------------------------------------
@@ -158,15 +155,6 @@ class ResultResponse(BaseModel):
 
 
 # -- errors in BFL's shape --------------------------------------------------------------------------
-
-
-def answers_in_bfl_shape(path: str, prefix: str = "") -> bool:
-    """Whether ``path`` is one of BFL's routes (under the prefix, with or without a trailing slash),
-    whose errors are answered as BFL answers them: ``{"detail": ...}``."""
-    path = path.rstrip("/")
-    if prefix and path.startswith(prefix + "/"):
-        path = path[len(prefix):]
-    return path in PATHS
 
 
 def validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
@@ -287,14 +275,12 @@ async def create(service: PredictionService, endpoint: str, body: FillRequest | 
 
 
 def progress(record: PredictionRecord) -> float | None:
-    """The share of denoising steps done, from the last progress line of the logs."""
+    """The share of denoising steps done, as the run recorded them."""
     if record.status == Status.SUCCEEDED:
         return 1.0
-    found = _PROGRESS.findall(record.logs or "")
-    if not found:
+    if record.step is None or not record.steps:
         return 0.0 if record.status in (Status.STARTING, Status.PROCESSING) else None
-    done, total = map(int, found[-1])
-    return round(done / total, 4) if total else None
+    return round(record.step / record.steps, 4)
 
 
 def retry_after(service: PredictionService, record: PredictionRecord) -> int:
@@ -304,11 +290,6 @@ def retry_after(service: PredictionService, record: PredictionRecord) -> int:
     if record.status == Status.PROCESSING:
         return 1
     return max(1, min(PENDING_RETRY_CAP_S, service.seconds_until_a_slot_frees()))
-
-
-def _seed(record: PredictionRecord) -> int | None:
-    found = _SEED.search(record.logs or "")
-    return int(found[1]) if found else None
 
 
 def result(service: PredictionService, prediction_id: str, record: PredictionRecord | None,
@@ -326,7 +307,7 @@ def result(service: PredictionService, prediction_id: str, record: PredictionRec
         return ResultResponse(id=record.id, status=ResultStatus.READY, progress=1.0, result={
             "sample": sample,
             "prompt": request.get("prompt", record.input.get("prompt")),
-            "seed": _seed(record),
+            "seed": record.seed,
             "start_time": record.started_at,
             "end_time": record.completed_at,
             "duration": round(record.completed_at - record.started_at, 6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from .. import bfl
+from . import adapter as bfl
 from ..auth import Caller
 from ..bodies import OffLoopJSON
 from ..middleware import name_request

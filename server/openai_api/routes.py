@@ -1,14 +1,15 @@
-"""OpenAI's image API: edits and generations, answered by this server's model (see server/openai_api)."""
+"""OpenAI's image API: edits and generations, answered by this server's model (see server.openai_api)."""
 
 from __future__ import annotations
 
 import logging
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
-from ..openai_api.protocol import ErrorResponse, ImagesResponse, OpenAIError
-from ..openai_api.service import EDITS, GENERATIONS, OpenAIImages, error_response, from_api_error
+from . import models as openai_models
+from .protocol import ErrorResponse, ImagesResponse, OpenAIError, OpenAIModel
+from .service import EDITS, GENERATIONS, OpenAIImages, error_response, from_api_error, unauthenticated
 from ..protocol import ApiError
 from ..state import AppState, get_state
 from ..store import DatabaseUnavailable
@@ -45,3 +46,15 @@ async def edit_image(request: Request, state: AppState = Depends(get_state)):
              summary="OpenAI: generate an image (JSON: prompt, n, size, ...)")
 async def generate_image(request: Request, state: AppState = Depends(get_state)):
     return await answer(request, state, GENERATIONS)
+
+
+@router.get("/v1/models/{name}", response_model=OpenAIModel, responses={401: {"model": ErrorResponse},
+                                                                        404: {"model": ErrorResponse}},
+            summary="OpenAI: an image model name this server answers (every one is served by FLUX.1 Fill [dev])")
+async def get_openai_model(name: str, request: Request, state: AppState = Depends(get_state)):
+    if state.auth.identify(request) is None:
+        return error_response(unauthenticated())
+    if not openai_models.accepts(state.settings.openai_models, name):
+        return error_response(OpenAIError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                                          code="model_not_found"))
+    return JSONResponse(openai_models.model_object(name).model_dump(mode="json"))
