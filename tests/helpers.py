@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from tests.forkserver import ForkServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,11 +77,14 @@ class LiveServer:
         self.port = self.port or free_port()
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        cmd = [sys.executable, "-m", "server.cli", self.command, "--port", str(self.port), "--data-dir", str(self.data_dir),
-               *self.args]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log_path, "ab"),
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=self._in_child)
+        argv = [self.command, "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args]
+        forks = ForkServer.get(ROOT) if not self.env else None  # see tests.forkserver
+        if forks is not None:
+            self.process = forks.spawn(argv, env, ROOT, self.log_path, self.open_files)
+        else:
+            self.process = subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, env=env,
+                                            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                            start_new_session=True, preexec_fn=self._in_child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
