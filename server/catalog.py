@@ -25,6 +25,7 @@ from .protocol import (
     DeploymentRelease,
     ModelObject,
     ModelVersion,
+    Status,
     not_found,
 )
 
@@ -45,7 +46,7 @@ def cog_schema() -> dict:
             "schemas": {
                 "Input": PredictionInput.model_json_schema(),
                 "Output": {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"},
-                "Status": {"enum": ["starting", "processing", "succeeded", "canceled", "failed"], "type": "string"},
+                "Status": {"enum": [status.value for status in Status], "type": "string"},
             }
         },
     }

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .events import PREVIEW, Hub
+from .events import COMPLETED, LOGS, OUTPUT, PREVIEW, START, Hub
 from .outbox import Outbox
 from .protocol import Status
 from .records import PredictionRecord
@@ -124,7 +124,7 @@ class Lifecycle:
         """The oldest queued prediction, now ``processing`` under a fresh lease; None if none waits."""
         record = self.store.claim_next(f"{self.holder}/{secrets.token_hex(16)}", self.settings.lease_s)
         if record is not None:
-            self._publish(record, "start")
+            self._publish(record, START)
         return record
 
     @property
@@ -154,7 +154,7 @@ class Lifecycle:
         except DatabaseUnavailable:
             return
         if written:
-            self._publish(run, "logs")
+            self._publish(run, LOGS)
 
     def preview(self, run: PredictionRecord, step: int, total: int, content_type: str, data: bytes) -> bool:
         """The run's latest preview (an encoded image after ``step`` of ``total`` steps), kept while
@@ -298,8 +298,8 @@ class Lifecycle:
         self.cancel_reasons.pop(record.id, None)
         self.forget(record.id)
         if record.output:
-            self._publish(record, "output")
-        self._publish(record, "completed")
+            self._publish(record, OUTPUT)
+        self._publish(record, COMPLETED)
 
     # -- cancel and deadlines -----------------------------------------------------------------
 
@@ -497,15 +497,15 @@ class Lifecycle:
             return  # previews are for streams; a webhook event list has no such event
         if self.webhooks is not None and record.webhook:
             self._send_webhook(record, event)
-        if event == "completed" and self.metrics is not None and record.predict_time is not None:
+        if event == COMPLETED and self.metrics is not None and record.predict_time is not None:
             self.metrics.predict_time.observe(record.predict_time)
 
     def _send_webhook(self, record: PredictionRecord, event: str) -> None:
         """Hand one event to the sender; its body is read at send time (off the event loop). A
         final webhook this node owes (see server.outbox) is settled in the database."""
         pid = record.id
-        final = self.outbox.delivery(record) if event == "completed" and self.outbox.owes(record) else None
-        done = (lambda: self.store.webhook_sent(pid)) if event == "completed" and final is None and record.webhook_due \
+        final = self.outbox.delivery(record) if event == COMPLETED and self.outbox.owes(record) else None
+        done = (lambda: self.store.webhook_sent(pid)) if event == COMPLETED and final is None and record.webhook_due \
             else None
         style = self._styles.get(record.api) if record.api else None
         if style is not None:
@@ -522,4 +522,4 @@ class Lifecycle:
         (see server.outbox)."""
         if self.webhooks is None:
             return
-        await self.outbox.run(lambda record: self._send_webhook(record, "completed"))
+        await self.outbox.run(lambda record: self._send_webhook(record, COMPLETED))

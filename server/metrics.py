@@ -23,7 +23,7 @@ class ServerMetrics:
 
     def render(self, store, devices: list[str], webhook_stats: dict | None) -> bytes:
         counts = store.count_by_status()
-        self.queue_depth.set(counts.get("starting", 0))
+        self.queue_depth.set(counts.get(Status.STARTING.value, 0))
         for status in Status:
             self.predictions.labels(status.value).set(counts.get(status.value, 0))
         for device in devices:

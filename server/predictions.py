@@ -33,7 +33,7 @@ from .adapters import EngineJob, FileReader, WorkerSide
 from .admission import Admission
 from .auth import ADMIN, Caller
 from .bodies import LargeStrings, data_uri_file, text_file
-from .events import Hub
+from .events import COMPLETED, Hub
 from .files import FileStore, disk_guard, is_disk_full, new_id
 from .lifecycle import Lifecycle
 from .pages import paginate, parse_cursor
@@ -292,7 +292,7 @@ class PredictionService:
         webhook = request.webhook or request.webhook_completed
         events = request.webhook_events_filter
         if request.webhook is None and request.webhook_completed is not None:
-            events = ["completed"]
+            events = [COMPLETED]
         pid = prediction_id or new_id()
         created = self.store.now()
         with disk_guard():

@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from inference.inputs import PredictionInput
 
+from .events import COMPLETED, LOGS, OUTPUT, START
+
 MODEL_OWNER = "black-forest-labs"
 MODEL_NAME = "flux-fill-dev"
 MODEL_REF = f"{MODEL_OWNER}/{MODEL_NAME}"
-WebhookEvent = Literal["start", "output", "logs", "completed"]
+WebhookEvent = Literal[START, OUTPUT, LOGS, COMPLETED]  # the order Replicate's schema lists them in
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
 
 
@@ -22,8 +24,8 @@ class Status(str, enum.Enum):
     STARTING = "starting"
     PROCESSING = "processing"
     SUCCEEDED = "succeeded"
-    FAILED = "failed"
     CANCELED = "canceled"
+    FAILED = "failed"
 
     @property
     def terminal(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .events import COMPLETED
 from .protocol import Status
 
 
@@ -54,7 +55,7 @@ class PredictionRecord:
 
     @property
     def wants_completed_webhook(self) -> bool:
-        return bool(self.webhook) and (self.webhook_events is None or "completed" in self.webhook_events)
+        return bool(self.webhook) and (self.webhook_events is None or COMPLETED in self.webhook_events)
 
     @property
     def terminal(self) -> bool:

@@ -25,7 +25,7 @@ from typing import AsyncIterator, NamedTuple
 
 from sse_starlette.sse import ServerSentEvent
 
-from .events import PREVIEW, SharedReads
+from .events import LOGS, OUTPUT, PREVIEW, SharedReads
 from .protocol import Status
 from .records import PredictionRecord
 from .store import DatabaseUnavailable
@@ -73,7 +73,7 @@ class StreamReads:
         record = self.service.get(prediction_id)
         outputs = None
         if record is not None and record.status == Status.SUCCEEDED:
-            outputs = [encoded("output", item) for item in self.service.output_strings(record) or []]
+            outputs = [encoded(OUTPUT, item) for item in self.service.output_strings(record) or []]
         return Seen(record, outputs)
 
     def _preview(self, prediction_id: str) -> tuple[tuple, bytes] | None:
@@ -117,7 +117,7 @@ async def prediction_events(service, prediction_id: str, previews: bool = False,
             chunk = b""
             logs = record.logs
             if len(logs) > sent_logs:
-                chunk += event(encoded("logs", logs[sent_logs:]))
+                chunk += event(encoded(LOGS, logs[sent_logs:]))
                 sent_logs = len(logs)
             status = record.status
             if status.terminal:

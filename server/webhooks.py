@@ -45,12 +45,13 @@ import httpx
 
 from inference.images import USER_AGENT, non_public_address, pinned_request
 
+from .events import COMPLETED, LOGS, OUTPUT
 from .protocol import WEBHOOK_EVENTS
 
 logger = logging.getLogger(__name__)
 
 EVENTS = WEBHOOK_EVENTS
-_PROGRESS = frozenset({"output", "logs"})  # the throttled events
+_PROGRESS = frozenset({OUTPUT, LOGS})  # the throttled events
 _SECRET_PREFIX = "whsec_"
 
 
@@ -282,7 +283,7 @@ class WebhookSender:
                 on_loop = asyncio.get_running_loop() is self._loop
             except RuntimeError:
                 on_loop = False
-            if event == "completed" and final is None:
+            if event == COMPLETED and final is None:
                 final = LocalFinal(self._retry_for_s, done)
             args = (prediction_id, url, events_filter, event, snapshot, secret, final, signer)
             if on_loop:
@@ -320,8 +321,8 @@ class WebhookSender:
             if final is not None:
                 final.released()  # already being sent
             return  # nothing follows completed, whether it was sent or filtered out
-        job = _Job(event, url, snapshot, secret, final if event == "completed" else None, signer)
-        if event == "completed":
+        job = _Job(event, url, snapshot, secret, final if event == COMPLETED else None, signer)
+        if event == COMPLETED:
             channel.completed = True  # even when filtered out: no events follow the end
             if wanted:  # the final body carries everything: pending output/logs sends are moot
                 channel.cut_short.set()
@@ -405,7 +406,7 @@ class WebhookSender:
         # One message per prediction event: a completed event sent again (by another node, after a
         # restart) keeps its webhook-id, by which receivers drop what they already have.
         msg_id = "msg_" + hashlib.sha256(f"{prediction_id}:{job.event}".encode()).hexdigest()[:32] \
-            if job.event == "completed" else "msg_" + secrets.token_hex(16)
+            if job.event == COMPLETED else "msg_" + secrets.token_hex(16)
         where = _host_of(job.url)  # the URL itself may carry a token: log only the host
         final = job.final
         attempts = final.attempts if final is not None else 0

@@ -62,6 +62,7 @@ from ..protocol import (
     not_unicode,
     validation_failed,
 )
+from ..events import COMPLETED
 from ..records import PredictionRecord
 from ..webhooks import Signer, WebhookStyle, sign_bfl
 
@@ -256,7 +257,7 @@ async def create(service: PredictionService, endpoint: str, body: FillRequest | 
         request = PredictionRequest.model_validate({
             "input": model_input(body),
             "webhook": body.webhook_url,
-            "webhook_events_filter": ["completed"] if body.webhook_url else None,
+            "webhook_events_filter": [COMPLETED] if body.webhook_url else None,
         })
     except ValidationError as exc:  # a rule of this model's input that BFL's inputs do not have
         errors = [dict(e, loc=tuple(e["loc"][1:])) for e in exc.errors()]
@@ -317,7 +318,7 @@ def result(service: PredictionService, prediction_id: str, record: PredictionRec
     if status == Status.FAILED and error == ALL_FLAGGED:
         return ResultResponse(id=record.id, status=ResultStatus.CONTENT_MODERATED,
                               details={"Moderation Reasons": ["NSFW"], "error": error})
-    kind = "canceled" if status == Status.CANCELED else "failed"
+    kind = status.value  # "canceled" or "failed"
     return ResultResponse(id=record.id, status=ResultStatus.ERROR, details={"error": error, "reason": kind})
 
 

@@ -12,12 +12,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..protocol import Problem, WebhookEvent
+from ..protocol import Problem, Status, WebhookEvent
 
 # A prediction id a client may choose: Cog suggests 26 base32 characters; ids name folders here.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 _ID = re.compile(ID_PATTERN)
 RESPOND_ASYNC = "respond-async"
+PredictionStatus = Literal[tuple(status.value for status in Status)]  # Cog's statuses are this server's
 HealthStatus = Literal["STARTING", "READY", "BUSY", "SETUP_FAILED", "DEFUNCT"]
 
 
@@ -58,7 +59,7 @@ class CogPrediction(BaseModel):
     completed_at: str | None = None
     logs: str = ""
     error: str | None = None
-    status: Literal["starting", "processing", "succeeded", "canceled", "failed"]
+    status: PredictionStatus
     metrics: CogMetrics | None = None
 
 
