@@ -14,7 +14,6 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import __version__
-from inference.inputs import describe_errors
 
 from .auth import Auth
 from .datadir import DataDirLock, clean_leftovers, node_holder, trim_lora_cache
@@ -26,14 +25,13 @@ from .middleware import (BodyLimit, BodyTimeout, HeadAsGet, RefuseOwnFetches, Re
                          refusal)
 from .lifecycle import WEBHOOK_TIMEOUT_S, Lifecycle
 from .predictions import PredictionService
-from .protocol import ApiError, InvalidField, Problem, disk_full, validation_failed
+from .protocol import ApiError, Problem, disk_full
 from .apis import mount, shape_of
 from .bfl import API as BFL_API
 from .cog import API as COG_API
 from .openai_api import API as OPENAI_API
-from .routes import files as files_routes
-from .routes import models as model_routes
-from .routes import predictions as prediction_routes
+from .replicate import REPLICATE, answers
+from .replicate import files as files_routes
 from .routes import system as system_routes
 from .routes import ui as ui_routes
 from .settings import Settings
@@ -48,28 +46,9 @@ SHUTDOWN_GRACE_S = 20.0
 GZIP_MIN_BYTES = 1024
 
 
-def _request_validation(exc: RequestValidationError) -> ApiError:
-    fields = []
-    for err in exc.errors():
-        loc = [p for p in err.get("loc", ()) if not isinstance(p, int)]
-        if loc and loc[0] == "body":
-            loc = loc[1:]
-        if loc and loc[0] == "input":
-            prefix, rest = "input.", loc[1:]
-        else:
-            prefix, rest = "", loc
-        err = dict(err, loc=tuple(rest))
-        if err.get("type") == "json_invalid" or (not rest and not prefix):
-            fields.append(InvalidField(type="format", field="body", description="the body must be a JSON object"))
-            continue
-        for fe in describe_errors([err], prefix):
-            fields.append(InvalidField(type=fe.type, field=fe.field, description=fe.description))
-    return validation_failed(fields)
-
-
 ROLES = ("all", "api", "worker")
-# The APIs served beside Replicate's, each a package of its own (see server.apis).
-APIS = (OPENAI_API, BFL_API, COG_API)
+# The APIs this server speaks, each a package of its own (see server.apis): one line each.
+APIS = (REPLICATE, OPENAI_API, BFL_API, COG_API)
 
 
 def create_app(settings: Settings | None = None, *, load_model=None, data_lock: DataDirLock | None = None,
@@ -124,7 +103,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         await sender.start()
         state.webhooks = sender
         styles = {api.name: style for api in APIS if (style := api.webhook_style(state)) is not None}
-        lifecycle.send_webhooks(sender, service.snapshot, state.webhook_secret, styles=styles)
+        lifecycle.send_webhooks(sender, lambda record: answers.webhook_body(service, record), state.webhook_secret,
+                                styles=styles)
         service.recover()  # after the webhooks: a prediction it ends (canceled, failed) gets its webhook
         listening = threading.Event()
         store.on_reconnect(lifecycle.look_again)  # the database is back: what was told meanwhile is read again
@@ -171,10 +151,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        if shape := shape_of(request.scope):
-            return shape.validation(list(exc.errors()))
-        err = _request_validation(exc)
-        return problem_response(err.problem)
+        return (shape_of(request.scope) or REPLICATE.errors).validation(list(exc.errors()))
 
     @app.exception_handler(DatabaseUnavailable)
     async def _database_away(request: Request, exc: DatabaseUnavailable):
@@ -203,9 +180,8 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         log.exception("unexpected error")
         return answer(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500), None)
 
-    routers = (prediction_routes.router, prediction_routes.stream_router, files_routes.router, model_routes.router,
-               files_routes.outputs_router, system_routes.router, system_routes.metrics_router, system_routes.public_router,
-               ui_routes.router)
+    routers = (files_routes.outputs_router, system_routes.router, system_routes.metrics_router,
+               system_routes.public_router, ui_routes.router)
     if role == "worker":  # a worker node answers its health and metrics, nothing else
         routers = (system_routes.public_router, system_routes.metrics_router)
     for router in routers:

@@ -1,5 +1,6 @@
-"""The prediction service: what routes ask of predictions (create, read, list, wait, cancel) and
-how a prediction is answered. Statuses are moved by :mod:`server.lifecycle` alone; this service
+"""The prediction service: what every API's routes ask of predictions (create, read, list, wait,
+cancel), and their inputs and outputs as URLs or data: URIs for any API's answer (Replicate's
+answers: :mod:`server.replicate.answers`). Statuses are moved by :mod:`server.lifecycle` alone; this service
 checks and writes a create's inputs, then hands it to the lifecycle.
 
 Each prediction belongs to the tenant that made it (:class:`~server.auth.Caller`); another tenant's
@@ -23,7 +24,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from fastapi.responses import Response
 
 from inference.errors import FetchError, InvalidInput
 from inference.images import OUTPUT_CONTENT_TYPES, decode_data_uri
@@ -36,19 +36,7 @@ from .bodies import LargeStrings, data_uri_file, text_file
 from .events import COMPLETED, Hub
 from .files import FileStore, disk_guard, is_disk_full, new_id
 from .lifecycle import Lifecycle
-from .pages import paginate, parse_cursor
-from .protocol import (
-    MODEL_REF,
-    ApiError,
-    Metrics,
-    Prediction,
-    PredictionPage,
-    PredictionRequest,
-    PredictionUrls,
-    Status,
-    lone_surrogate_at,
-    not_unicode,
-)
+from .protocol import ApiError, PredictionRequest, lone_surrogate_at, not_unicode
 from .quotas import Quotas
 from .records import PredictionRecord, PreviewRecord
 from .settings import Settings
@@ -135,7 +123,7 @@ class PredictionService:
         return [u for u in uris if u is not None]
 
     def output_url(self, record: PredictionRecord, name: str, base: str) -> str:
-        """Where this server serves one output: no token, an unguessable URL (routes/files.py)."""
+        """Where this server serves one output: no token, an unguessable URL (server.replicate.files)."""
         return f"{base}/outputs/{record.id}/{record.output_token}/{name}"
 
     def stored(self, record: PredictionRecord) -> list[Stored]:
@@ -225,55 +213,6 @@ class PredictionService:
 
         return resolve
 
-    def render(self, record: PredictionRecord, request_base: str | None = None, listing: bool = False,
-               body: LargeStrings | None = None) -> Prediction:
-        """The prediction as answered. With ``body`` (not a list page), the input is the one sent and
-        its long strings and data: outputs are streamed by the answer; without, long input strings
-        are URLs (list pages, webhook bodies)."""
-        base = self.base_for(request_base)
-        pid = record.id
-        status = record.status
-        metrics = None
-        if status.terminal and record.completed_at:
-            metrics = Metrics(
-                predict_time=round(record.predict_time, 6) if record.predict_time is not None else None,
-                total_time=round(record.completed_at - record.created_at, 6),
-            )
-        return Prediction(
-            id=pid,
-            model=MODEL_REF,
-            version=record.version,
-            input=self.shown_input(record, request_base, None if listing else body),
-            logs=record.logs,
-            output=self.output_strings(record, request_base, listing, body),
-            data_removed=bool(record.data_removed),
-            error=record.error,
-            status=status,
-            created_at=iso(record.created_at),
-            started_at=iso(record.started_at),
-            completed_at=iso(record.completed_at),
-            urls=PredictionUrls(
-                get=f"{base}/v1/predictions/{pid}",
-                cancel=f"{base}/v1/predictions/{pid}/cancel",
-                web=f"{base}/?prediction={pid}",
-                stream=f"{base}/v1/predictions/{pid}/stream",
-            ),
-            metrics=metrics,
-        )
-
-    def respond(self, record: PredictionRecord, request_base: str, status_code: int = 200,
-                headers: dict[str, str] | None = None, status: Status | None = None) -> Response:
-        """One prediction as an answer (create, get, cancel): the input exactly as sent, streamed."""
-        body = LargeStrings()
-        prediction = self.render(record, request_base, body=body)
-        if status is not None:
-            prediction.status = status
-        return body.response(prediction.model_dump(mode="json"), status_code, headers)
-
-    def snapshot(self, record: PredictionRecord) -> dict[str, Any]:
-        """A webhook body: the prediction, with long input strings as URLs."""
-        return self.render(record).model_dump(mode="json")
-
     # -- create / read ------------------------------------------------------------------------
 
     def create(self, request: PredictionRequest, admission: Admission, caller: Caller, *,
@@ -358,25 +297,6 @@ class PredictionService:
         if not record.terminal:
             self.lifecycle.watch_previews(prediction_id, seconds=10.0)
         return self.store.get_preview(prediction_id)
-
-    def page(self, caller: Caller, request_base: str, list_url: str, cursor: str | None, created_after: str | None,
-             created_before: str | None) -> Response:
-        """A list page of the caller's predictions (an admin's: everyone's); data: outputs, when
-        --output-urls data asks for them in pages, are streamed from their files."""
-        window = parse_cursor(cursor)
-        try:
-            ca = parse_iso(created_after) if created_after else None
-            cb = parse_iso(created_before) if created_before else None
-        except ValueError:
-            raise ApiError(400, "created_after and created_before must be ISO 8601 dates.", "Bad Request") from None
-        query = {k: v for k, v in (("created_after", created_after), ("created_before", created_before)) if v}
-        page = paginate(lambda **kw: self.store.list_predictions(created_after=ca, created_before=cb,
-                                                                 owner=caller.scope, **kw),
-                        window, list_url, query)
-        body = LargeStrings()
-        listed = PredictionPage(next=page.next, previous=page.previous,
-                                results=[self.render(r, request_base, listing=True, body=body) for r in page.rows])
-        return body.response(listed.model_dump(mode="json"))
 
     async def wait(self, prediction_id: str, timeout: float,
                    last: PredictionRecord | None = None) -> PredictionRecord | None:

@@ -16,6 +16,7 @@ from ..middleware import name_request
 from ..protocol import ApiError, Prediction, PredictionPage, PredictionRequest, Status, not_found
 from ..state import AppState, get_state, optional_auth, require_auth
 from ..streaming import prediction_events
+from . import answers
 
 router = APIRouter(tags=["predictions"], route_class=OffLoopJSON)
 stream_router = APIRouter(tags=["predictions"], route_class=OffLoopJSON)
@@ -52,7 +53,7 @@ async def create(state: AppState, request: Request, body: PredictionRequest, ver
         record = await state.service.wait(record.id, max(0.5, admission.wait.seconds - 0.5), last=record)
     # Clients return early on any non-terminal status but starting.
     status = None if record.status.terminal else Status.STARTING
-    return state.service.respond(record, base, 201, headers, status)
+    return answers.respond(state.service, record, base, 201, headers, status)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201, response_model=Prediction,
@@ -84,7 +85,7 @@ async def list_predictions(request: Request, cursor: str | None = Query(None),
                            created_after: str | None = Query(None), created_before: str | None = Query(None),
                            caller: Caller = Depends(require_auth), state: AppState = Depends(get_state)):
     base = state.api_base(request)
-    return state.service.page(caller, base, f"{base}/v1/predictions", cursor, created_after, created_before)
+    return answers.page(state.service, caller, base, f"{base}/v1/predictions", cursor, created_after, created_before)
 
 
 @router.get("/v1/predictions/{prediction_id}", response_model=Prediction, summary="Get a prediction")
@@ -94,7 +95,7 @@ async def get_prediction(prediction_id: str, request: Request, caller: Caller = 
     if record is None:
         raise not_found()
     name_request(request, record.id)
-    return state.service.respond(record, state.api_base(request))
+    return answers.respond(state.service, record, state.api_base(request))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
@@ -108,7 +109,7 @@ async def cancel_prediction(prediction_id: str, request: Request, caller: Caller
         # It stops at its next denoising step: answer then, or after CANCEL_WAIT_S with the prediction
         # as it is (still processing), never later.
         record = await state.service.wait(prediction_id, CANCEL_WAIT_S, last=record)
-    return state.service.respond(record, state.api_base(request))
+    return answers.respond(state.service, record, state.api_base(request))
 
 
 @stream_router.get("/v1/predictions/{prediction_id}/stream", summary="Server-sent events of a prediction",
