@@ -83,11 +83,18 @@ LONG_FILES = (
     "tests/server/test_stored_inputs.py",
     "tests/inference/test_accel.py",
     "tests/inference/test_lora_compiled.py",
-    "tests/server/test_js_client.py",
-    "tests/server/test_contract_postgres_js.py",
-    "tests/server/test_openai_api.py",
+    "tests/server/replicate/test_js_client.py",
+    "tests/server/replicate/test_contract_postgres_js.py",
+    "tests/server/openai_api/test_openai_api.py",
     "tests/test_cli.py",
 )
+
+
+def pytest_xdist_auto_num_workers(config):
+    """One test process more than there are cores (``-n auto``, at most --maxprocesses): much of a
+    test's time is spent waiting on the servers it started, and a core left idle then is a core
+    the run does not get back."""
+    return (os.cpu_count() or 1) + 1
 
 
 def pytest_collection_modifyitems(config, items):

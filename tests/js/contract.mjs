@@ -4,7 +4,7 @@
 //
 // Environment: FLUX_BASE_URL (the client's baseUrl, ending in /v1), FLUX_TOKEN, FLUX_IMAGE and
 // FLUX_MASK (PNG files). Each scenario prints one JSON object on its last line of output, which
-// tests/server/test_js_client.py reads and checks; a failure prints {"error", "status"} and exits 1.
+// tests/server/replicate/test_js_client.py reads and checks; a failure prints {"error", "status"} and exits 1.
 
 import { File as BufferFile } from "node:buffer";
 import { readFileSync } from "node:fs";

@@ -4,7 +4,7 @@
 //
 // Environment: FLUX_BASE_URL (the client's baseURL, ending in /v1), FLUX_TOKEN, FLUX_IMAGE (a PNG)
 // and FLUX_MASK (an OpenAI mask: a PNG whose transparent pixels are edited). Each scenario prints
-// one JSON object on its last line of output, which tests/server/test_openai_js.py reads and
+// one JSON object on its last line of output, which tests/server/openai_api/test_openai_js.py reads and
 // checks; a failure prints {"error", "status"} and exits 1.
 
 import { readFileSync } from "node:fs";

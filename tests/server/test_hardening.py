@@ -272,7 +272,7 @@ def test_a_5000_word_prompt_succeeds(faulty):
 def fault_cases(origin: Loopback) -> list[tuple[str, dict, str]]:
     """(what, input changes, a phrase the error must contain): each a real fault, none simulated.
     File strings that are not URLs at all (file://, gopher://, a broken host or port) are refused at
-    create with 422 (tests/server/test_api.py); these fail only when the server reads them."""
+    create with 422 (tests/server/replicate/test_api.py); these fail only when the server reads them."""
     picture = png_bytes(noise_image(32, 32))
     closed = free_port()
     return [

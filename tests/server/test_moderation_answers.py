@@ -14,7 +14,7 @@ from inference.errors import ALL_FLAGGED
 from tests.conftest import TOKEN
 from tests.helpers import LiveServer, noise_image, png_bytes
 from tests.inference.test_safety import add_safety_checker
-from tests.server.test_bfl_api import KEY, fill_body, poll, post
+from tests.server.bfl.test_bfl_api import KEY, fill_body, poll, post
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
