@@ -63,7 +63,7 @@ def main() -> None:
 
     import tempfile
 
-    from tests.server.large_pngs import flat_png
+    from bench.large_pngs import flat_png
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "flat.png")

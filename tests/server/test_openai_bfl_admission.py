@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TOKEN
-from tests.server.large_pngs import flat_png
+from bench.large_pngs import flat_png
 
 MB = 1024 * 1024
 LIMIT = 99_000_000  # --max-image-pixels: below 10000 x 10000, above 8000 x 8000

@@ -19,7 +19,7 @@ from server.openai_api.worker_side import image_tokens, usage_of
 from server.protocol import Status
 from server.records import PredictionRecord
 from tests.helpers import noise_image, png_bytes
-from tests.server.large_pngs import flat_png
+from bench.large_pngs import flat_png
 
 MAX_PIXELS = 10_000_000
 

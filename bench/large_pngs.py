@@ -1,6 +1,6 @@
-"""Large pictures that are small files, for the tests of admission before work: a PNG of one colour
-is a few hundred KB however many pixels it has, and is written here row by row, so that making a
-10000 x 10000 one costs the test neither 300 MB nor seconds of Pillow."""
+"""Large pictures that are small files, for the benchmark and the tests of admission before work: a
+PNG of one colour is a few hundred KB however many pixels it has, and is written here row by row, so
+that making a 10000 x 10000 one costs neither 300 MB nor seconds of Pillow."""
 
 from __future__ import annotations
 
