@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.helpers import ROOT, free_port, png_bytes, noise_image
-from tests.server.test_hardening import MODEL_PATH, TERMINAL, create, quick_input, wait_terminal
+from tests.server.hostile import MODEL_PATH, TERMINAL, create, quick_input, wait_terminal
 
 
 class Origin:
@@ -529,7 +529,7 @@ def test_sigterm_during_a_long_prefer_wait_answers_it_with_the_prediction_as_it_
 def test_a_slow_webhook_receiver_delays_only_its_own_webhooks(server_factory):
     """Twenty predictions send their webhooks to a receiver that takes 10 s to answer each; the
     next prediction's webhook goes to another receiver and arrives as soon as it completes."""
-    from tests.server.test_hardening import Loopback
+    from tests.server.hostile import Loopback
 
     server = server_factory()
     with Loopback(post_delay_s=10) as slow, Loopback() as fast:
