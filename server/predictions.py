@@ -259,6 +259,7 @@ class PredictionService:
                 stream=f"{base}/v1/predictions/{pid}/stream",
             ),
             metrics=metrics,
+            api=record.api or "replicate",
         )
 
     def respond(self, record: PredictionRecord, request_base: str, status_code: int = 200,

@@ -1,6 +1,6 @@
 // The mask-painting page: open an image, paint a mask, run flux-fill-dev through the public API.
 
-import { Api, ApiError, TERMINAL, parseProgress, parseSeed } from "./api.js";
+import { Api, ApiError, TERMINAL, parseProgress, parseRemaining, parseSeed, timeLeft } from "./api.js";
 import { MaskEditor, MIN_BRUSH, MAX_BRUSH } from "./editor.js";
 import { PredictionForm } from "./form.js";
 import { HistoryList, statusLabel } from "./history.js";
@@ -65,17 +65,38 @@ const stageWrap = $("#stage-wrap");
 
 function fitStage() {
   if (!editor.hasImage) return;
+  const { width, height, scale } = stageBox(editor.width, editor.height);
+  const stage = $("#stage");
+  stage.style.width = `${width}px`;
+  stage.style.height = `${height}px`;
+  stage.classList.toggle("pixelated", scale >= 2);
+}
+
+/** The box a picture of w×h gets in the editor: the input's, or the forming result's in its place. */
+function stageBox(w, h) {
   const style = getComputedStyle(stageWrap);
   const availW = stageWrap.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
   const availH = Math.max(240, Math.min(window.innerHeight * 0.66, 900));
-  const scale = Math.min(availW / editor.width, availH / editor.height, 8);
-  const stage = $("#stage");
-  stage.style.width = `${Math.max(1, Math.floor(editor.width * scale))}px`;
-  stage.style.height = `${Math.max(1, Math.floor(editor.height * scale))}px`;
-  stage.classList.toggle("pixelated", scale >= 2);
+  const scale = Math.min(availW / w, availH / h, 8);
+  return { width: Math.max(1, Math.floor(w * scale)), height: Math.max(1, Math.floor(h * scale)), scale };
 }
-new ResizeObserver(fitStage).observe(stageWrap);
-window.addEventListener("resize", fitStage);
+
+/** The forming picture at the size the result will have where the input was shown. */
+function fitPreview() {
+  const img = $("#run-preview-img");
+  if ($("#run-preview").hidden || !img.naturalWidth) return;
+  const box = stageBox(img.naturalWidth, img.naturalHeight);
+  img.style.width = `${box.width}px`;
+  img.style.height = `${box.height}px`;
+  img.classList.toggle("pixelated", box.scale >= 2);
+}
+
+function fitAll() {
+  fitStage();
+  fitPreview();
+}
+new ResizeObserver(fitAll).observe(stageWrap);
+window.addEventListener("resize", fitAll);
 
 const EXPAND_SIDES = ["expand_top", "expand_bottom", "expand_left", "expand_right"];
 
@@ -377,6 +398,8 @@ function showProgress(prediction, logs) {
   const text = $("#progress-text");
   const status = prediction.status;
   const progress = parseProgress(logs);
+  const left = status === "processing" && progress && progress.current < progress.total
+    ? timeLeft(parseRemaining(logs)) : "";
   bar.classList.toggle("indeterminate", false);
   let fraction = 0;
   let message = "";
@@ -386,7 +409,7 @@ function showProgress(prediction, logs) {
   } else if (status === "processing") {
     if (progress) {
       fraction = progress.fraction;
-      message = `Step ${progress.current} of ${progress.total}`;
+      message = `Step ${progress.current} of ${progress.total}${left ? ` · ${left}` : ""}`;
     } else {
       bar.classList.add("indeterminate");
       message = "Running…";
@@ -419,6 +442,26 @@ function showProgress(prediction, logs) {
   if (status === "succeeded") summary = `${message} See the result ↓`;
   else if (status === "failed" && prediction.error) summary = `Failed: ${prediction.error}`;
   $("#mini-progress-text").textContent = summary;
+
+  // And over the picture, in the editor: what the page shows first while it works.
+  const active = !TERMINAL.has(status);
+  const run = $("#stage-run");
+  run.hidden = !active;
+  if (!active) return;
+  const stageBar = run.querySelector(".progress");
+  stageBar.className = `${bar.className} progress-thin`;
+  $("#stage-run-fill").style.width = fill.style.width;
+  $("#stage-run-step").textContent = status === "processing" && progress
+    ? `Step ${progress.current}/${progress.total}` : message;
+  $("#run-preview-eta").textContent = left ? ` · ${left}` : "";
+}
+
+/** Bring the editor's picture into view (once a run), where the forming picture shows. */
+function revealStage() {
+  const box = stageWrap.getBoundingClientRect();
+  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  stageWrap.scrollIntoView({ block: box.height <= window.innerHeight ? "nearest" : "start", behavior: smooth ? "smooth" : "auto" });
 }
 
 function render(prediction) {
@@ -479,7 +522,10 @@ function render(prediction) {
   $("#generate").disabled = active;
 }
 
-/** The picture as it forms: the latest `preview` event of the stream (asked for with ?previews=true). */
+/**
+ * The picture as it forms: the latest `preview` event of the stream (asked for with ?previews=true),
+ * shown in the editor in the input's place, at the size the result will have.
+ */
 function showPreview(data) {
   let preview;
   try { preview = JSON.parse(data); } catch { return; }
@@ -487,12 +533,30 @@ function showPreview(data) {
   $("#run-preview-img").src = preview.image;
   $("#run-preview-text").textContent = `Preview at step ${preview.step} of ${preview.total}`;
   $("#run-preview").hidden = false;
+  $("#preview-toggle").hidden = false;
+  stageWrap.classList.add("previewing");
 }
 
 function hidePreview() {
   $("#run-preview").hidden = true;
-  $("#run-preview-img").removeAttribute("src");
+  const img = $("#run-preview-img");
+  img.removeAttribute("src");
+  img.style.width = img.style.height = "";
+  $("#run-preview-text").textContent = "";
+  stageWrap.classList.remove("previewing", "show-input");
+  const toggle = $("#preview-toggle");
+  toggle.hidden = true;
+  toggle.setAttribute("aria-pressed", "false");
+  toggle.textContent = "Show input";
 }
+
+$("#run-preview-img").addEventListener("load", fitPreview);
+$("#preview-toggle").addEventListener("click", (e) => {
+  const input = stageWrap.classList.toggle("show-input");
+  e.currentTarget.setAttribute("aria-pressed", String(input));
+  e.currentTarget.textContent = input ? "Show preview" : "Show input";
+  if (input) fitStage();
+});
 
 function track(prediction, before) {
   stopTracking();
@@ -501,6 +565,7 @@ function track(prediction, before) {
   const mine = tracked;
   render(prediction);
   if (TERMINAL.has(prediction.status)) return;
+  revealStage();
 
   const stream = prediction.urls?.stream;
   if (stream && "EventSource" in window) {
@@ -546,9 +611,8 @@ function track(prediction, before) {
   poll();
 }
 
-$("#cancel").addEventListener("click", async () => {
+async function cancelTracked(button) {
   if (!tracked) return;
-  const button = $("#cancel");
   button.disabled = true;
   try {
     const prediction = await api.cancelPrediction(tracked.id);
@@ -560,7 +624,9 @@ $("#cancel").addEventListener("click", async () => {
   } finally {
     button.disabled = false;
   }
-});
+}
+$("#cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
+$("#stage-cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
 
 async function editOutput(output) {
   try {
@@ -604,7 +670,8 @@ async function reopen(id) {
     toast("The input image of this prediction is no longer available.");
   }
   track(prediction, before);
-  $("#run-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
+  // A running one shows over the picture (track brought it into view); a finished one in the result card.
+  if (TERMINAL.has(prediction.status)) $("#run-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
 }
 
 const historyList = new HistoryList({
@@ -613,6 +680,12 @@ const historyList = new HistoryList({
   empty: $("#history-empty"),
   more: $("#history-more"),
   onOpen: reopen,
+  filters: {
+    text: $("#history-filter-text"),
+    api: $("#history-filter-api"),
+    status: $("#history-filter-status"),
+    count: $("#history-count"),
+  },
   onError: (err) => {
     if (err instanceof ApiError && err.status === 401) askForToken("Enter the API token to see the history.");
   },
