@@ -72,11 +72,14 @@ function fitStage() {
   stage.classList.toggle("pixelated", scale >= 2);
 }
 
+/** The room the progress bar over the picture takes at the bottom of the editor while a prediction runs. */
+let runBarRoom = 0;
+
 /** The box a picture of w×h gets in the editor: the input's, or the forming result's in its place. */
 function stageBox(w, h) {
   const style = getComputedStyle(stageWrap);
   const availW = stageWrap.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
-  const availH = Math.max(240, Math.min(window.innerHeight * 0.66, 900));
+  const availH = Math.max(240, Math.min(window.innerHeight * 0.66, 900)) - runBarRoom;
   const scale = Math.min(availW / w, availH / h, 8);
   return { width: Math.max(1, Math.floor(w * scale)), height: Math.max(1, Math.floor(h * scale)), scale };
 }
@@ -447,13 +450,27 @@ function showProgress(prediction, logs) {
   const active = !TERMINAL.has(status);
   const run = $("#stage-run");
   run.hidden = !active;
-  if (!active) return;
-  const stageBar = run.querySelector(".progress");
-  stageBar.className = `${bar.className} progress-thin`;
-  $("#stage-run-fill").style.width = fill.style.width;
-  $("#stage-run-step").textContent = status === "processing" && progress
-    ? `Step ${progress.current}/${progress.total}` : message;
-  $("#run-preview-eta").textContent = left ? ` · ${left}` : "";
+  if (active) {
+    const stageBar = run.querySelector(".progress");
+    stageBar.className = `${bar.className} progress-thin`;
+    $("#stage-run-fill").style.width = fill.style.width;
+    // The stream's preview can be a step ahead of the logs read last.
+    const step = Math.max(progress?.current || 0, tracked?.previewStep || 0);
+    $("#stage-run-step").textContent = status === "processing" && progress
+      ? `Step ${step}/${progress.total}` : message;
+    $("#run-preview-eta").textContent = left ? ` · ${left}` : "";
+  }
+  makeRoomForRunBar();
+}
+
+/** The bar sits below the picture, not over it: the picture gets smaller by its height. */
+function makeRoomForRunBar() {
+  const run = $("#stage-run");
+  const room = run.hidden ? 0 : run.offsetHeight + 10;
+  if (room === runBarRoom) return;
+  runBarRoom = room;
+  stageWrap.style.paddingBottom = room ? `${room + 12}px` : "";
+  fitAll();
 }
 
 /** Bring the editor's picture into view (once a run), where the forming picture shows. */
@@ -499,7 +516,9 @@ function render(prediction) {
 
   const meta = $("#run-meta");
   meta.replaceChildren();
-  const seed = prediction.input?.seed ?? parseSeed(logs);
+  // The logged seed is exact; a seed past 2^53 read from JSON is not.
+  const sent = prediction.input?.seed;
+  const seed = Number.isSafeInteger(sent) ? sent : (parseSeed(logs) ?? sent);
   if (seed !== null && seed !== undefined) {
     const span = document.createElement("span");
     span.textContent = `Seed ${seed}`;
@@ -532,6 +551,7 @@ function showPreview(data) {
   if (!preview || typeof preview.image !== "string" || !preview.image.startsWith("data:image/")) return;
   $("#run-preview-img").src = preview.image;
   $("#run-preview-text").textContent = `Preview at step ${preview.step} of ${preview.total}`;
+  if (tracked) tracked.previewStep = Math.max(tracked.previewStep || 0, Number(preview.step) || 0);
   $("#run-preview").hidden = false;
   $("#preview-toggle").hidden = false;
   stageWrap.classList.add("previewing");

@@ -26,7 +26,9 @@ const DEFAULTS = { num_inference_steps: 28, guidance: 30, megapixels: "1", num_o
 export function settingsOf(prediction) {
   const input = prediction.input || {};
   const pick = (name) => (input[name] ?? DEFAULTS[name]);
-  const seed = input.seed ?? /Using seed:\s*(\d+)/.exec(prediction.logs || "")?.[1];
+  // The logged seed is exact; a seed past 2^53 read from JSON is not.
+  const logged = /Using seed:\s*(\d+)/.exec(prediction.logs || "")?.[1];
+  const seed = logged ?? input.seed;
   const size = /Generating \d+ output\(s\) at (\d+x\d+)/.exec(prediction.logs || "")?.[1];
   const mp = pick("megapixels");
   const parts = [
