@@ -472,6 +472,7 @@ function makeRoomForRunBar() {
   stageWrap.style.paddingBottom = room ? `${room + 12}px` : "";
   fitAll();
 }
+new ResizeObserver(makeRoomForRunBar).observe($("#stage-run"));
 
 /** Bring the editor's picture into view (once a run), where the forming picture shows. */
 function revealStage() {
@@ -551,7 +552,12 @@ function showPreview(data) {
   if (!preview || typeof preview.image !== "string" || !preview.image.startsWith("data:image/")) return;
   $("#run-preview-img").src = preview.image;
   $("#run-preview-text").textContent = `Preview at step ${preview.step} of ${preview.total}`;
-  if (tracked) tracked.previewStep = Math.max(tracked.previewStep || 0, Number(preview.step) || 0);
+  if (tracked) {
+    tracked.previewStep = Math.max(tracked.previewStep || 0, Number(preview.step) || 0);
+    const step = $("#stage-run-step");
+    const shown = /^Step (\d+)\/(\d+)$/.exec(step.textContent);
+    if (!shown || Number(shown[1]) < tracked.previewStep) step.textContent = `Step ${tracked.previewStep}/${preview.total}`;
+  }
   $("#run-preview").hidden = false;
   $("#preview-toggle").hidden = false;
   stageWrap.classList.add("previewing");
