@@ -72,7 +72,7 @@ function fitStage() {
   stage.classList.toggle("pixelated", scale >= 2);
 }
 
-/** The room the progress bar over the picture takes at the bottom of the editor while a prediction runs. */
+/** The room the run's bar takes under the picture in the editor while a prediction runs (0: none). */
 let runBarRoom = 0;
 
 /** The box a picture of w×h gets in the editor: the input's, or the forming result's in its place. */
@@ -155,6 +155,8 @@ async function openImage(blob, name) {
   const transparent = editor.setImage(read.bitmap);
   $("#dropzone").hidden = true;
   $("#stage").hidden = false;
+  // A picture opened while a prediction runs is shown, not hidden under the forming one.
+  if (stageWrap.classList.contains("previewing") && !stageWrap.classList.contains("show-input")) $("#preview-toggle").click();
   form.clearError("image");
   fitStage();
   describeImage();
