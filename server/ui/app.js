@@ -87,8 +87,10 @@ function stageBox(w, h) {
 /** The forming picture at the size the result will have where the input was shown. */
 function fitPreview() {
   const img = $("#run-preview-img");
-  if ($("#run-preview").hidden || !img.naturalWidth) return;
-  const box = stageBox(img.naturalWidth, img.naturalHeight);
+  const w = Number(img.dataset.width);
+  const h = Number(img.dataset.height);
+  if ($("#run-preview").hidden || !w || !h) return;
+  const box = stageBox(w, h);
   img.style.width = `${box.width}px`;
   img.style.height = `${box.height}px`;
   img.classList.toggle("pixelated", box.scale >= 2);
@@ -402,7 +404,13 @@ function showProgress(prediction, logs) {
   const fill = $("#progress-fill");
   const text = $("#progress-text");
   const status = prediction.status;
-  const progress = parseProgress(logs);
+  if (tracked) tracked.shown = { prediction, logs };
+  let progress = parseProgress(logs);
+  // The stream's preview can be a step ahead of the logs read last.
+  const previewStep = tracked?.previewStep || 0;
+  if (status === "processing" && progress && previewStep > progress.current && previewStep <= progress.total) {
+    progress = { ...progress, current: previewStep, fraction: previewStep / progress.total };
+  }
   const left = status === "processing" && progress && progress.current < progress.total
     ? timeLeft(parseRemaining(logs)) : "";
   bar.classList.toggle("indeterminate", false);
@@ -456,10 +464,8 @@ function showProgress(prediction, logs) {
     const stageBar = run.querySelector(".progress");
     stageBar.className = `${bar.className} progress-thin`;
     $("#stage-run-fill").style.width = fill.style.width;
-    // The stream's preview can be a step ahead of the logs read last.
-    const step = Math.max(progress?.current || 0, tracked?.previewStep || 0);
     $("#stage-run-step").textContent = status === "processing" && progress
-      ? `Step ${step}/${progress.total}` : message;
+      ? `Step ${progress.current}/${progress.total}` : message;
     $("#run-preview-eta").textContent = left ? ` · ${left}` : "";
   }
   makeRoomForRunBar();
@@ -552,17 +558,33 @@ function showPreview(data) {
   let preview;
   try { preview = JSON.parse(data); } catch { return; }
   if (!preview || typeof preview.image !== "string" || !preview.image.startsWith("data:image/")) return;
-  $("#run-preview-img").src = preview.image;
+  // Decoded first, so the picture is shown at once at its place and size, never at its own.
+  const mine = tracked;
+  const next = new Image();
+  next.addEventListener("load", () => {
+    if (tracked !== mine || mine?.stopped || TERMINAL.has(mine?.status)) return;
+    if (mine && Number(preview.step) < (mine.placedStep || 0)) return; // a later one was decoded first
+    if (mine) mine.placedStep = Number(preview.step) || 0;
+    placePreview(preview, next);
+  });
+  next.src = preview.image;
+}
+
+function placePreview(preview, decoded) {
+  const img = $("#run-preview-img");
+  img.dataset.width = String(decoded.naturalWidth);
+  img.dataset.height = String(decoded.naturalHeight);
+  img.src = preview.image;
   $("#run-preview-text").textContent = `Preview at step ${preview.step} of ${preview.total}`;
   if (tracked) {
     tracked.previewStep = Math.max(tracked.previewStep || 0, Number(preview.step) || 0);
-    const step = $("#stage-run-step");
-    const shown = /^Step (\d+)\/(\d+)$/.exec(step.textContent);
-    if (!shown || Number(shown[1]) < tracked.previewStep) step.textContent = `Step ${tracked.previewStep}/${preview.total}`;
+    // The step counts catch up with the picture.
+    if (tracked.shown?.prediction.status === "processing") showProgress(tracked.shown.prediction, tracked.shown.logs);
   }
   $("#run-preview").hidden = false;
   $("#preview-toggle").hidden = false;
   stageWrap.classList.add("previewing");
+  fitPreview();
 }
 
 function hidePreview() {
@@ -570,6 +592,8 @@ function hidePreview() {
   const img = $("#run-preview-img");
   img.removeAttribute("src");
   img.style.width = img.style.height = "";
+  delete img.dataset.width;
+  delete img.dataset.height;
   $("#run-preview-text").textContent = "";
   stageWrap.classList.remove("previewing", "show-input");
   const toggle = $("#preview-toggle");
@@ -578,7 +602,6 @@ function hidePreview() {
   toggle.textContent = "Show input";
 }
 
-$("#run-preview-img").addEventListener("load", fitPreview);
 $("#preview-toggle").addEventListener("click", (e) => {
   const input = stageWrap.classList.toggle("show-input");
   e.currentTarget.setAttribute("aria-pressed", String(input));

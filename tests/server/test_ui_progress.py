@@ -91,6 +91,10 @@ WATCH = """() => {
                 caption: document.querySelector('#run-preview-text').textContent,
                 run_shown: !document.querySelector('#stage-run').hidden,
                 natural: [img.naturalWidth, img.naturalHeight],
+                stage: [parseFloat(document.querySelector('#stage').style.width),
+                        parseFloat(document.querySelector('#stage').style.height)],
+                wrap: (({left, right, top}) => ({left, right, top}))(
+                    document.querySelector('#stage-wrap').getBoundingClientRect()),
             });
         }
         if (!['succeeded', 'failed', 'canceled'].includes(status)) requestAnimationFrame(frame);
@@ -131,10 +135,14 @@ def test_the_forming_picture_is_in_view_with_its_step_and_time_left(browser, ser
     seen = [f for f in running if in_view(f)]
     assert seen, f"the forming picture was never wholly in view while it ran: {running[-3:]}"
     first = seen[0]
-    # At the result's size: the editor's width (a wide picture), the output's proportions.
+    # In the input's place, as large: the input and the output are both 160x128 here, so the
+    # forming picture has the box the editor gives the input, centred in the editor.
     assert first["natural"] == [160, 128]
-    assert first["width"] >= viewport["width"] * (0.45 if viewport is LAPTOP else 0.75)
-    assert abs(first["width"] / first["height"] - 160 / 128) < 0.02
+    assert first["width"] == pytest.approx(first["stage"][0], abs=1)
+    assert first["height"] == pytest.approx(first["stage"][1], abs=1)
+    assert first["width"] >= viewport["width"] * (0.4 if viewport is LAPTOP else 0.75)
+    assert (first["left"] + first["right"]) / 2 == pytest.approx((first["wrap"]["left"] + first["wrap"]["right"]) / 2, abs=2)
+    assert first["top"] - first["wrap"]["top"] < 20
     if viewport is PHONE:
         assert first["top"] < viewport["height"] / 2  # at the top of the screen, above the fold
     # Over it: the step, the time left (once tqdm has an estimate), and the picture's own step.
