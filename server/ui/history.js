@@ -140,9 +140,10 @@ export class HistoryList {
     }
     const total = this.items.size;
     const filtering = Boolean(this.filters.api.value || this.filters.status.value || this.filters.text.value.trim());
-    this.filters.count.textContent = !total ? "" : filtering
+    const count = !total ? "" : filtering
       ? (shown ? `${shown} of ${total} shown` : `None of ${total} match`) + (this.next ? " (of those loaded)" : "")
       : `${total}${this.next ? "+" : ""} prediction${total === 1 ? "" : "s"}`;
+    if (this.filters.count.textContent !== count) this.filters.count.textContent = count; // announced only when it changes
   }
 
   select(id) {
