@@ -126,6 +126,12 @@ def test_the_forming_picture_is_in_view_with_its_step_and_time_left(browser, ser
             shot = keep_screenshot(page, f"running-{viewport['width']}.png")
             if shot and os.environ.get("FLUX_FILL_SCREENSHOT") == "1":
                 Image.open(shot).convert("RGB").save(DOCS / f"page-running-{viewport['width']}.webp", quality=70)
+        # Show input brings back the input (and its mask) while it runs; pressed again, the preview.
+        page.click("#preview-toggle")
+        assert page.get_attribute("#preview-toggle", "aria-pressed") == "true"
+        assert page.is_visible("#stage") and page.is_hidden("#run-preview-img")
+        page.click("#preview-toggle")
+        assert page.is_hidden("#stage") and page.is_visible("#run-preview-img")
         # The Cancel under the picture stops it (and keeps the test short); the picture gives way.
         page.click("#stage-cancel")
         assert wait_terminal(page) in ("canceled", "succeeded"), page.inner_text("#run-error")
