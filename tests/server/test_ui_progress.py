@@ -115,17 +115,16 @@ def test_the_forming_picture_is_in_view_with_its_step_and_time_left(browser, ser
     try:
         open_page(page, server.url + "/")
         page.evaluate(WATCH)
-        # A wide picture makes a picture as wide as the editor; the form's Generate button is
-        # below the picture on a phone: clicking it scrolls down there.
+        # On a phone the form's Generate button is below the picture: clicking it scrolls down there.
         generate(page, tmp_path, prompt="a kite over the hills", size=(160, 128), num_inference_steps=36, seed=5)
-        # While it runs: the forming picture, in view, where the input was (the stage is hidden).
+        # While it runs: the forming picture, wholly in the window, where the input was, and the
+        # time left under it.
         page.wait_for_function("window.__frames.some(f => f.status === 'processing' && f.top >= 0"
                                " && f.bottom <= f.vh && f.left >= 0 && f.right <= f.vw && f.left_text.includes('left'))",
                                timeout=60_000)
-        if page.get_attribute("#run-status", "data-status") == "processing":
-            shot = keep_screenshot(page, f"running-{viewport['width']}.png")
-            if shot and os.environ.get("FLUX_FILL_SCREENSHOT") == "1":
-                Image.open(shot).convert("RGB").save(DOCS / f"page-running-{viewport['width']}.webp", quality=70)
+        shot = keep_screenshot(page, f"running-{viewport['width']}.png")
+        if shot and os.environ.get("FLUX_FILL_SCREENSHOT") == "1":
+            Image.open(shot).convert("RGB").save(DOCS / f"page-running-{viewport['width']}.webp", quality=70)
         # Show input brings back the input (and its mask) while it runs; pressed again, the preview.
         page.click("#preview-toggle")
         assert page.get_attribute("#preview-toggle", "aria-pressed") == "true"
@@ -155,7 +154,7 @@ def test_the_forming_picture_is_in_view_with_its_step_and_time_left(browser, ser
     assert first["top"] - first["wrap"]["top"] < 20
     if viewport is PHONE:
         assert first["top"] < viewport["height"] / 2  # at the top of the screen, above the fold
-    # Over it: the step, the time left (once tqdm has an estimate), and the picture's own step.
+    # Under it, all along: the step, the time left (once tqdm has an estimate), the picture's own step.
     assert all(f["run_shown"] for f in running)
     steps = [f["step"] for f in running if f["step"].startswith("Step ")]
     assert steps and all(s.split()[1].endswith("/36") for s in steps), {f["step"] for f in running}
