@@ -98,6 +98,9 @@ class Prediction(BaseModel):
     completed_at: str | None = Field(None, exclude_if=_unset)
     urls: PredictionUrls
     metrics: Metrics | None = Field(None, exclude_if=_unset)
+    # This server's own: the API that created the prediction ("replicate", "openai", "bfl", "cog").
+    # The official clients ignore keys they do not know; the web page's history shows it.
+    api: str = "replicate"
 
 
 class PredictionPage(BaseModel):

@@ -49,6 +49,7 @@ def render(service: PredictionService, record: PredictionRecord, request_base: s
             stream=f"{base}/v1/predictions/{pid}/stream",
         ),
         metrics=metrics,
+        api=record.api or "replicate",
     )
 
 

@@ -126,6 +126,28 @@ export function parseProgress(logs) {
   return { current, total, fraction: Math.min(1, current / total) };
 }
 
+/**
+ * tqdm's estimate of the seconds left, from the last progress line of `logs` ("[00:03<00:04, ...]"),
+ * or null while it has none ("<?").
+ */
+export function parseRemaining(logs) {
+  if (!logs) return null;
+  const re = /\d+\/\d+\s*\[\s*[\d:?]+\s*<\s*([\d:?]+)/g;
+  let last = null;
+  let m;
+  while ((m = re.exec(logs)) !== null) last = m[1];
+  if (!last || !/^\d+(?::\d+){1,2}$/.test(last)) return null;
+  return last.split(":").reduce((sum, part) => sum * 60 + Number(part), 0);
+}
+
+/** "about 12 s left", "about 3 min left"; "" when unknown. */
+export function timeLeft(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "";
+  if (seconds < 1) return "less than a second left";
+  if (seconds < 90) return `about ${Math.round(seconds)} s left`;
+  return `about ${Math.round(seconds / 60)} min left`;
+}
+
 /** The seed that the server logged ("Using seed: N"), or null. */
 export function parseSeed(logs) {
   const m = /Using seed:\s*(\d+)/.exec(logs || "");

@@ -1,6 +1,6 @@
 // The mask-painting page: open an image, paint a mask, run flux-fill-dev through the public API.
 
-import { Api, ApiError, TERMINAL, parseProgress, parseSeed } from "./api.js";
+import { Api, ApiError, TERMINAL, parseProgress, parseRemaining, parseSeed, timeLeft } from "./api.js";
 import { MaskEditor, MIN_BRUSH, MAX_BRUSH } from "./editor.js";
 import { PredictionForm } from "./form.js";
 import { HistoryList, statusLabel } from "./history.js";
@@ -65,17 +65,43 @@ const stageWrap = $("#stage-wrap");
 
 function fitStage() {
   if (!editor.hasImage) return;
-  const style = getComputedStyle(stageWrap);
-  const availW = stageWrap.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
-  const availH = Math.max(240, Math.min(window.innerHeight * 0.66, 900));
-  const scale = Math.min(availW / editor.width, availH / editor.height, 8);
+  const { width, height, scale } = stageBox(editor.width, editor.height);
   const stage = $("#stage");
-  stage.style.width = `${Math.max(1, Math.floor(editor.width * scale))}px`;
-  stage.style.height = `${Math.max(1, Math.floor(editor.height * scale))}px`;
+  stage.style.width = `${width}px`;
+  stage.style.height = `${height}px`;
   stage.classList.toggle("pixelated", scale >= 2);
 }
-new ResizeObserver(fitStage).observe(stageWrap);
-window.addEventListener("resize", fitStage);
+
+/** The room the run's bar takes under the picture in the editor while a prediction runs (0: none). */
+let runBarRoom = 0;
+
+/** The box a picture of w×h gets in the editor: the input's, or the forming result's in its place. */
+function stageBox(w, h) {
+  const style = getComputedStyle(stageWrap);
+  const availW = stageWrap.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const availH = Math.max(240, Math.min(window.innerHeight * 0.66, 900)) - runBarRoom;
+  const scale = Math.min(availW / w, availH / h, 8);
+  return { width: Math.max(1, Math.floor(w * scale)), height: Math.max(1, Math.floor(h * scale)), scale };
+}
+
+/** The forming picture at the size the result will have where the input was shown. */
+function fitPreview() {
+  const img = $("#run-preview-img");
+  const w = Number(img.dataset.width);
+  const h = Number(img.dataset.height);
+  if ($("#run-preview").hidden || !w || !h) return;
+  const box = stageBox(w, h);
+  img.style.width = `${box.width}px`;
+  img.style.height = `${box.height}px`;
+  img.classList.toggle("pixelated", box.scale >= 2);
+}
+
+function fitAll() {
+  fitStage();
+  fitPreview();
+}
+new ResizeObserver(fitAll).observe(stageWrap);
+window.addEventListener("resize", fitAll);
 
 const EXPAND_SIDES = ["expand_top", "expand_bottom", "expand_left", "expand_right"];
 
@@ -131,6 +157,8 @@ async function openImage(blob, name) {
   const transparent = editor.setImage(read.bitmap);
   $("#dropzone").hidden = true;
   $("#stage").hidden = false;
+  // A picture opened while a prediction runs is shown, not hidden under the forming one.
+  if (stageWrap.classList.contains("previewing") && !stageWrap.classList.contains("show-input")) $("#preview-toggle").click();
   form.clearError("image");
   fitStage();
   describeImage();
@@ -376,7 +404,15 @@ function showProgress(prediction, logs) {
   const fill = $("#progress-fill");
   const text = $("#progress-text");
   const status = prediction.status;
-  const progress = parseProgress(logs);
+  if (tracked) tracked.shown = { prediction, logs };
+  let progress = parseProgress(logs);
+  // The stream's preview can be a step ahead of the logs read last.
+  const previewStep = tracked?.previewStep || 0;
+  if (status === "processing" && progress && previewStep > progress.current && previewStep <= progress.total) {
+    progress = { ...progress, current: previewStep, fraction: previewStep / progress.total };
+  }
+  const left = status === "processing" && progress && progress.current < progress.total
+    ? timeLeft(parseRemaining(logs)) : "";
   bar.classList.toggle("indeterminate", false);
   let fraction = 0;
   let message = "";
@@ -386,7 +422,7 @@ function showProgress(prediction, logs) {
   } else if (status === "processing") {
     if (progress) {
       fraction = progress.fraction;
-      message = `Step ${progress.current} of ${progress.total}`;
+      message = `Step ${progress.current} of ${progress.total}${left ? ` · ${left}` : ""}`;
     } else {
       bar.classList.add("indeterminate");
       message = "Running…";
@@ -419,6 +455,39 @@ function showProgress(prediction, logs) {
   if (status === "succeeded") summary = `${message} See the result ↓`;
   else if (status === "failed" && prediction.error) summary = `Failed: ${prediction.error}`;
   $("#mini-progress-text").textContent = summary;
+
+  // And over the picture, in the editor: what the page shows first while it works.
+  const active = !TERMINAL.has(status);
+  const run = $("#stage-run");
+  run.hidden = !active;
+  if (active) {
+    const stageBar = run.querySelector(".progress");
+    stageBar.className = `${bar.className} progress-thin`;
+    $("#stage-run-fill").style.width = fill.style.width;
+    $("#stage-run-step").textContent = status === "processing" && progress
+      ? `Step ${progress.current}/${progress.total}` : message;
+    $("#run-preview-eta").textContent = left ? ` · ${left}` : "";
+  }
+  makeRoomForRunBar();
+}
+
+/** The bar sits below the picture, not over it: the picture gets smaller by its height. */
+function makeRoomForRunBar() {
+  const run = $("#stage-run");
+  const room = run.hidden ? 0 : run.offsetHeight + 10;
+  if (room === runBarRoom) return;
+  runBarRoom = room;
+  stageWrap.style.paddingBottom = room ? `${room + 12}px` : "";
+  fitAll();
+}
+new ResizeObserver(makeRoomForRunBar).observe($("#stage-run"));
+
+/** Bring the editor's picture into view (once a run), where the forming picture shows. */
+function revealStage() {
+  const box = stageWrap.getBoundingClientRect();
+  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  stageWrap.scrollIntoView({ block: box.height <= window.innerHeight ? "nearest" : "start", behavior: smooth ? "smooth" : "auto" });
 }
 
 function render(prediction) {
@@ -456,7 +525,9 @@ function render(prediction) {
 
   const meta = $("#run-meta");
   meta.replaceChildren();
-  const seed = prediction.input?.seed ?? parseSeed(logs);
+  // The logged seed is exact; a seed past 2^53 read from JSON is not.
+  const sent = prediction.input?.seed;
+  const seed = Number.isSafeInteger(sent) ? sent : (parseSeed(logs) ?? sent);
   if (seed !== null && seed !== undefined) {
     const span = document.createElement("span");
     span.textContent = `Seed ${seed}`;
@@ -479,20 +550,64 @@ function render(prediction) {
   $("#generate").disabled = active;
 }
 
-/** The picture as it forms: the latest `preview` event of the stream (asked for with ?previews=true). */
+/**
+ * The picture as it forms: the latest `preview` event of the stream (asked for with ?previews=true),
+ * shown in the editor in the input's place, at the size the result will have.
+ */
 function showPreview(data) {
   let preview;
   try { preview = JSON.parse(data); } catch { return; }
   if (!preview || typeof preview.image !== "string" || !preview.image.startsWith("data:image/")) return;
-  $("#run-preview-img").src = preview.image;
+  // Decoded first, so the picture is shown at once at its place and size, never at its own.
+  const mine = tracked;
+  const next = new Image();
+  next.addEventListener("load", () => {
+    if (tracked !== mine || mine?.stopped || TERMINAL.has(mine?.status)) return;
+    if (mine && Number(preview.step) < (mine.placedStep || 0)) return; // a later one was decoded first
+    if (mine) mine.placedStep = Number(preview.step) || 0;
+    placePreview(preview, next);
+  });
+  next.src = preview.image;
+}
+
+function placePreview(preview, decoded) {
+  const img = $("#run-preview-img");
+  img.dataset.width = String(decoded.naturalWidth);
+  img.dataset.height = String(decoded.naturalHeight);
+  img.src = preview.image;
   $("#run-preview-text").textContent = `Preview at step ${preview.step} of ${preview.total}`;
+  if (tracked) {
+    tracked.previewStep = Math.max(tracked.previewStep || 0, Number(preview.step) || 0);
+    // The step counts catch up with the picture.
+    if (tracked.shown?.prediction.status === "processing") showProgress(tracked.shown.prediction, tracked.shown.logs);
+  }
   $("#run-preview").hidden = false;
+  $("#preview-toggle").hidden = false;
+  stageWrap.classList.add("previewing");
+  fitPreview();
 }
 
 function hidePreview() {
   $("#run-preview").hidden = true;
-  $("#run-preview-img").removeAttribute("src");
+  const img = $("#run-preview-img");
+  img.removeAttribute("src");
+  img.style.width = img.style.height = "";
+  delete img.dataset.width;
+  delete img.dataset.height;
+  $("#run-preview-text").textContent = "";
+  stageWrap.classList.remove("previewing", "show-input");
+  const toggle = $("#preview-toggle");
+  toggle.hidden = true;
+  toggle.setAttribute("aria-pressed", "false");
+  toggle.textContent = "Show input";
 }
+
+$("#preview-toggle").addEventListener("click", (e) => {
+  const input = stageWrap.classList.toggle("show-input");
+  e.currentTarget.setAttribute("aria-pressed", String(input));
+  e.currentTarget.textContent = input ? "Show preview" : "Show input";
+  if (input) fitStage();
+});
 
 function track(prediction, before) {
   stopTracking();
@@ -501,6 +616,7 @@ function track(prediction, before) {
   const mine = tracked;
   render(prediction);
   if (TERMINAL.has(prediction.status)) return;
+  revealStage();
 
   const stream = prediction.urls?.stream;
   if (stream && "EventSource" in window) {
@@ -546,9 +662,8 @@ function track(prediction, before) {
   poll();
 }
 
-$("#cancel").addEventListener("click", async () => {
+async function cancelTracked(button) {
   if (!tracked) return;
-  const button = $("#cancel");
   button.disabled = true;
   try {
     const prediction = await api.cancelPrediction(tracked.id);
@@ -560,7 +675,9 @@ $("#cancel").addEventListener("click", async () => {
   } finally {
     button.disabled = false;
   }
-});
+}
+$("#cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
+$("#stage-cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
 
 async function editOutput(output) {
   try {
@@ -604,7 +721,8 @@ async function reopen(id) {
     toast("The input image of this prediction is no longer available.");
   }
   track(prediction, before);
-  $("#run-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
+  // A running one shows over the picture (track brought it into view); a finished one in the result card.
+  if (TERMINAL.has(prediction.status)) $("#run-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
 }
 
 const historyList = new HistoryList({
@@ -613,6 +731,12 @@ const historyList = new HistoryList({
   empty: $("#history-empty"),
   more: $("#history-more"),
   onOpen: reopen,
+  filters: {
+    text: $("#history-filter-text"),
+    api: $("#history-filter-api"),
+    status: $("#history-filter-status"),
+    count: $("#history-count"),
+  },
   onError: (err) => {
     if (err instanceof ApiError && err.status === 401) askForToken("Enter the API token to see the history.");
   },

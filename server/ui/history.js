@@ -12,6 +12,38 @@ export function statusLabel(status) {
   return STATUS_LABEL[status] || status || "";
 }
 
+// The API that created a prediction (the prediction's `api`, this server's own key).
+const API_LABEL = { replicate: "Replicate", openai: "OpenAI", bfl: "BFL", cog: "Cog" };
+
+export function apiLabel(api) {
+  return API_LABEL[api || "replicate"] || String(api);
+}
+
+// The model's defaults, for settings a request left out (what the prediction ran with).
+const DEFAULTS = { num_inference_steps: 28, guidance: 30, megapixels: "1", num_outputs: 1 };
+
+/** The settings a history entry shows: steps, guidance, seed, outputs, size. */
+export function settingsOf(prediction) {
+  const input = prediction.input || {};
+  const pick = (name) => (input[name] ?? DEFAULTS[name]);
+  // The logged seed is exact; a seed past 2^53 read from JSON is not.
+  const logged = /Using seed:\s*(\d+)/.exec(prediction.logs || "")?.[1];
+  const seed = logged ?? input.seed;
+  const size = /Generating \d+ output\(s\) at (\d+x\d+)/.exec(prediction.logs || "")?.[1];
+  const mp = pick("megapixels");
+  const parts = [
+    `${pick("num_inference_steps")} steps`,
+    `guidance ${pick("guidance")}`,
+    seed !== undefined && seed !== null ? `seed ${seed}` : null,
+    size ? size.replace("x", "×") : (mp === "match_input" ? "input size" : `${mp} MP`),
+    pick("num_outputs") > 1 ? `${pick("num_outputs")} outputs` : null,
+  ];
+  return parts.filter(Boolean);
+}
+
+// The status filter's choices: "running" is both the queued and the running ones.
+const STATUS_GROUP = { starting: "running", processing: "running" };
+
 function timeAgo(iso) {
   const then = Date.parse(iso);
   if (!Number.isFinite(then)) return "";
@@ -30,11 +62,18 @@ function thumbnailOf(prediction) {
 }
 
 export class HistoryList {
-  constructor({ api, list, empty, more, onOpen, onError }) {
+  constructor({ api, list, empty, more, onOpen, onError, filters }) {
     this.api = api;
     this.list = list;
     this.empty = empty;
     this.more = more;
+    this.filters = filters; // {text, api, status, count}: inputs that narrow the list as they change
+    this.predictions = new Map();
+    if (filters) {
+      for (const control of [filters.text, filters.api, filters.status]) {
+        control.addEventListener("input", () => this.applyFilter());
+      }
+    }
     this.onOpen = onOpen;
     this.onError = onError;
     this.next = null;
@@ -49,12 +88,14 @@ export class HistoryList {
       if (!append) {
         this.list.replaceChildren();
         this.items.clear();
+        this.predictions.clear();
       }
       for (const prediction of page.results || []) this._add(prediction);
       this.next = page.next || null;
       this.more.hidden = !this.next;
       this.empty.hidden = this.items.size > 0;
       this.empty.textContent = "No predictions yet.";
+      this.applyFilter();
     } catch (err) {
       this.onError?.(err);
       if (!this.items.size) {
@@ -71,7 +112,38 @@ export class HistoryList {
     if (row) row.replaceWith(fresh);
     else this.list.prepend(fresh);
     this.items.set(prediction.id, fresh);
+    this.predictions.set(prediction.id, prediction);
     this.empty.hidden = true;
+    this.applyFilter();
+  }
+
+  /** Whether `prediction` passes the filters: its API, its status, words of its prompt. */
+  matches(prediction) {
+    if (!this.filters) return true;
+    const api = this.filters.api.value;
+    const status = this.filters.status.value;
+    const words = this.filters.text.value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+    if (api && (prediction.api || "replicate") !== api) return false;
+    if (status && (STATUS_GROUP[prediction.status] || prediction.status) !== status) return false;
+    const prompt = String(prediction.input?.prompt || "").toLowerCase();
+    return words.every((word) => prompt.includes(word));
+  }
+
+  /** Hide the entries the filters leave out, and say how many are shown. */
+  applyFilter() {
+    if (!this.filters) return;
+    let shown = 0;
+    for (const [id, row] of this.items) {
+      const visible = this.matches(this.predictions.get(id) || {});
+      row.hidden = !visible;
+      if (visible) shown += 1;
+    }
+    const total = this.items.size;
+    const filtering = Boolean(this.filters.api.value || this.filters.status.value || this.filters.text.value.trim());
+    const count = !total ? "" : filtering
+      ? (shown ? `${shown} of ${total} shown` : `None of ${total} match`) + (this.next ? " (of those loaded)" : "")
+      : `${total}${this.next ? "+" : ""} prediction${total === 1 ? "" : "s"}`;
+    if (this.filters.count.textContent !== count) this.filters.count.textContent = count; // announced only when it changes
   }
 
   select(id) {
@@ -86,12 +158,14 @@ export class HistoryList {
     const row = this._row(prediction);
     this.list.append(row);
     this.items.set(prediction.id, row);
+    this.predictions.set(prediction.id, prediction);
   }
 
   _row(prediction) {
     const li = document.createElement("li");
     li.dataset.id = prediction.id;
     li.dataset.status = prediction.status || "";
+    li.dataset.api = prediction.api || "replicate";
     const button = document.createElement("button");
     button.type = "button";
     button.className = "history-item";
@@ -123,11 +197,21 @@ export class HistoryList {
     when.className = "muted small";
     when.textContent = timeAgo(prediction.created_at);
     when.title = prediction.created_at || "";
-    meta.append(badge, when);
-    body.append(prompt, meta);
+    const api = document.createElement("span");
+    api.className = "badge badge-api";
+    api.dataset.api = prediction.api || "replicate";
+    api.textContent = apiLabel(prediction.api);
+    api.title = `Made through ${apiLabel(prediction.api)}'s API`;
+    meta.append(badge, api, when);
+    const settings = settingsOf(prediction);
+    const line = document.createElement("span");
+    line.className = "history-settings";
+    line.textContent = settings.join(" · ");
+    body.append(prompt, meta, line);
 
     button.append(thumb, body);
-    button.setAttribute("aria-label", `${statusLabel(prediction.status)}: ${text || "no prompt"}, ${timeAgo(prediction.created_at)}`);
+    button.setAttribute("aria-label", `${statusLabel(prediction.status)}, ${apiLabel(prediction.api)}: ` +
+      `${text || "no prompt"}; ${settings.join(", ")}; ${timeAgo(prediction.created_at)}`);
     button.addEventListener("click", () => this.onOpen(prediction.id));
     li.append(button);
     return li;

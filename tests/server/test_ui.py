@@ -226,7 +226,8 @@ def test_paint_generate_see_progress_and_reopen_from_history(page, live_server, 
     assert page.input_value("#f-num_inference_steps") == "4"
     assert page.input_value("#f-megapixels") == "match_input"
     assert page.input_value("#f-seed") == "1234"
-    assert page.get_attribute("#run-status", "data-status") == "succeeded"
+    # The result follows once the input's mask is read too.
+    page.wait_for_function("document.querySelector('#run-status').dataset.status === 'succeeded'")
     assert page.locator(".output").count() == 2
     assert mask_coverage(page) > 0.01  # its mask is back on the canvas
 
