@@ -63,7 +63,7 @@ def main() -> None:
 
     import tempfile
 
-    from bench.large_pngs import flat_png
+    from large_pngs import flat_png  # beside this script
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "flat.png")

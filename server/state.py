@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable, TypeVar
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from . import catalog
 from .auth import Auth, Caller
@@ -12,9 +14,11 @@ from .events import Hub
 from .files import FileStore
 from .metrics import ServerMetrics
 from .predictions import PredictionService
-from .protocol import Deployment, ModelObject
+from .protocol import ApiError, Deployment, ModelObject
 from .settings import Settings
 from .store import Store
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +48,28 @@ class AppState:
             key = "webhook_secret" if owner is None else f"webhook_secret:{owner}"
             self.secrets[owner] = self.store.setting(key, new_secret)
         return self.secrets[owner]
+
+    async def submit(self, caller: Caller, create: Callable[[], T], prepare: Callable[[], Awaitable[None]] | None = None,
+                     count: Callable[[T], int] = lambda _: 1) -> T:
+        """A create, as every API makes one, its request already valid: the model must have loaded
+        (503), then ``prepare``, an adapter's work before the create (reading the pictures'
+        headers), runs once the queue has room for the caller (429: refused before any work), then
+        the caller's rate limit is charged, then ``create()`` runs off the event loop (it writes
+        files, and checks the queue again as it writes). What it made is counted (``count``: how
+        many predictions), and so is a refusal."""
+        try:
+            if self.phase == "SETUP_FAILED":
+                raise ApiError(503, f"The model failed to load: {self.setup_error}", "Service Unavailable")
+            if prepare is not None:
+                self.service.check_queue(caller)
+                await prepare()
+            self.auth.charge(caller)
+            made = await run_in_threadpool(create)
+        except ApiError:
+            self.metrics.refused.inc()
+            raise
+        self.metrics.created.inc(count(made))
+        return made
 
     def api_base(self, request: Request) -> str:
         """The base URL the client used: scheme, host and, when it came through it, the prefix; with

@@ -68,6 +68,7 @@ class LiveServer:
     log_path: Path | None = None
     open_files: int | None = None  # the process's limit on open files (soft and hard), when given
     command: str = "serve"  # or "worker": a worker node, whose /health is on its own port
+    fork: bool = True  # forked from the fork server (tests.forkserver); False: started cold, as a user starts it
 
     @property
     def url(self) -> str:
@@ -78,7 +79,7 @@ class LiveServer:
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         argv = [self.command, "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args]
-        forks = ForkServer.get(ROOT) if not self.env else None  # see tests.forkserver
+        forks = ForkServer.get(ROOT) if self.fork and not self.env else None  # see tests.forkserver
         if forks is not None:
             self.process = forks.spawn(argv, env, ROOT, self.log_path, self.open_files)
         else:

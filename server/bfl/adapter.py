@@ -38,7 +38,7 @@ import base64
 import binascii
 import enum
 import re
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
@@ -50,7 +50,7 @@ from inference.inputs import MAX_EXPAND, MAX_SEED, describe_errors
 
 from ..admission import admit
 from ..auth import Caller
-from .pictures import check_pictures
+from ..events import COMPLETED
 from ..predictions import PredictionService, iso
 from ..protocol import (
     ApiError,
@@ -62,9 +62,12 @@ from ..protocol import (
     not_unicode,
     validation_failed,
 )
-from ..events import COMPLETED
 from ..records import PredictionRecord
 from ..webhooks import Signer, WebhookStyle, sign_bfl
+from .pictures import check_pictures
+
+if TYPE_CHECKING:
+    from ..state import AppState
 
 API = "bfl"
 FILL = "flux-pro-1.0-fill"
@@ -244,12 +247,14 @@ def kept_data(endpoint: str, body: FillRequest | ExpandRequest) -> dict[str, Any
     return {"endpoint": endpoint, "request": request, "webhook_secret": body.webhook_secret}
 
 
-async def create(service: PredictionService, endpoint: str, body: FillRequest | ExpandRequest, caller: Caller,
-                 base: str, charge: Callable[[], None] = lambda: None) -> AsyncResponse:
+async def create(state: AppState, endpoint: str, body: FillRequest | ExpandRequest, caller: Caller,
+                 base: str) -> AsyncResponse:
     """Write a BFL request as a prediction; its id, polling URL, cost and sizes. Raises ApiError
     (the caller answers it in BFL's shape) when a value or the server refuses it; nothing is
-    written then. The queue is checked before a picture is read, the pictures are read for their
-    headers only, and ``charge`` (the caller's rate limit) is called once the request is valid."""
+    written then. As every API's create (AppState.submit): the queue is checked before a picture
+    is read, the pictures are read for their headers only, and the caller's rate limit is charged
+    once the request is valid."""
+    service = state.service
     bad = lone_surrogate_at(body.model_dump(exclude={"image", "mask"}))
     if bad:
         raise not_unicode(bad)
@@ -264,12 +269,15 @@ async def create(service: PredictionService, endpoint: str, body: FillRequest | 
         raise validation_failed([InvalidField(type=fe.type, field=fe.field, description=fe.description)
                                  for fe in describe_errors(errors, "input.")]) from None
     admission = admit(request, "hidden", None, None)
-    service.check_queue(caller)
-    measured = await run_in_threadpool(check_pictures, request.sent_input, service.settings.max_image_pixels)
-    charge()
-    record = await run_in_threadpool(lambda: service.create(request, admission, caller, api=API,  # writes files
-                                                            api_data=kept_data(endpoint, body)))
-    return AsyncResponse(id=record.id, polling_url=f"{base}/v1/get_result?id={record.id}", **(measured or {}))
+    measured: dict[str, Any] = {}
+
+    async def read_headers() -> None:
+        measured.update(await run_in_threadpool(check_pictures, request.sent_input,
+                                                service.settings.max_image_pixels) or {})
+
+    record = await state.submit(caller, lambda: service.create(request, admission, caller, api=API,
+                                                               api_data=kept_data(endpoint, body)), read_headers)
+    return AsyncResponse(id=record.id, polling_url=f"{base}/v1/get_result?id={record.id}", **measured)
 
 
 # -- predictions to results -------------------------------------------------------------------------

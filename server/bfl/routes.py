@@ -10,22 +10,13 @@ from . import adapter as bfl
 from ..auth import Caller
 from ..bodies import OffLoopJSON
 from ..middleware import name_request
-from ..protocol import ApiError
 from ..state import AppState, get_state, require_auth
 
 router = APIRouter(tags=["bfl"], route_class=OffLoopJSON)  # base64 pictures: parsed off the event loop
 
 
 async def _create(state: AppState, request: Request, endpoint: str, body, caller: Caller) -> bfl.AsyncResponse:
-    if state.phase == "SETUP_FAILED":
-        raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
-    try:
-        answer = await bfl.create(state.service, endpoint, body, caller, state.api_base(request),
-                                  charge=lambda: state.auth.charge(caller))
-    except ApiError:
-        state.metrics.refused.inc()
-        raise
-    state.metrics.created.inc()
+    answer = await bfl.create(state, endpoint, body, caller, state.api_base(request))
     name_request(request, answer.id)
     return answer
 

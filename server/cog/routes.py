@@ -106,16 +106,8 @@ async def _create(state: AppState, request: Request, body: CogRequest | None, ca
     except InvalidRequest as exc:
         raise RequestValidationError(exc.errors) from None
     admission = admit(sent, "hidden", None, None)  # the checks of Replicate's creates, nothing written before
-    state.auth.charge(caller)
-    if state.phase == "SETUP_FAILED":
-        raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
-    try:
-        record, made = await run_in_threadpool(_made, service, body, caller, prediction_id, admission, sent)
-    except ApiError:
-        state.metrics.refused.inc()
-        raise
-    if made:
-        state.metrics.created.inc()
+    record, _ = await state.submit(caller, lambda: _made(service, body, caller, prediction_id, admission, sent),
+                                   count=lambda made: int(made[1]))
     name_request(request, record.id)
     return await _answer(service, record, _respond_async(prefer))
 

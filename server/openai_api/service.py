@@ -196,19 +196,6 @@ class OpenAIImages:
 
     # -- making the predictions ----------------------------------------------------------------
 
-    def admit(self, caller: Caller) -> None:
-        """What a request must pass before anything of its pictures is read: the model loaded, room
-        in the queue (the server's and the caller's). The rate limit is charged once the request
-        is valid (see create)."""
-        state = self.state
-        if state.phase == "SETUP_FAILED":
-            raise OpenAIError(503, f"The model failed to load: {state.setup_error}", type="server_error")
-        try:
-            self.service.check_queue(caller)
-        except ApiError as exc:
-            state.metrics.refused.inc()
-            raise from_api_error(exc) from None
-
     def pictures(self, options: ImageOptions, sent: Sent | None) -> tuple[dict[str, str], tuple[int, int]]:
         """An edit's pictures as the prediction keeps them (as sent, data: URIs of the type their
         headers show), once their headers pass OpenAI's rules; and the size of every output. Nothing
@@ -223,12 +210,11 @@ class OpenAIImages:
 
     def create(self, caller: Caller, options: ImageOptions, pictures: dict[str, str], size: tuple[int, int],
                endpoint: str) -> Made:
-        """One prediction per four images, from consecutive seeds: image i is made from seed + i."""
-        state = self.state
+        """One prediction per four images, from consecutive seeds: image i is made from seed + i. A
+        refusal (ApiError) cancels those already made."""
         seed = random.randint(0, MAX_SEED - options.n)
         made: list[str] = []
         try:
-            state.auth.charge(caller)
             for first in range(0, options.n, MAX_OUTPUTS):
                 count = min(MAX_OUTPUTS, options.n - first)
                 sent_input = {
@@ -245,15 +231,9 @@ class OpenAIImages:
                 record = self.service.create(adapter_request(sent_input), ADMITTED, caller, api=API,
                                              api_data=api_data)
                 made.append(record.id)
-        except ApiError as exc:
-            self.cancel(made)
-            state.metrics.refused.inc()
-            raise from_api_error(exc) from None
         except BaseException:
             self.cancel(made)
             raise
-        for _ in made:
-            state.metrics.created.inc()
         log.info("OpenAI image %s for model %r, %d image(s) at %dx%d: run by %s as prediction(s) %s", endpoint,
                  options.model or models.OWN_NAME, options.n, size[0], size[1], models.SERVED_BY, ", ".join(made))
         return Made(ids=made, size=size)
@@ -269,10 +249,15 @@ class OpenAIImages:
     async def answer(self, request: Request, endpoint: str) -> Response:
         caller = self.caller(request)
         options, sent = await (self.read_edit(request) if endpoint == EDITS else self.read_generation(request))
-        # Admission before work: the setup and the queue, then the pictures' headers, then the rate limit.
-        self.admit(caller)
-        pictures, size = await run_in_threadpool(self.pictures, options, sent)
-        made = await run_in_threadpool(self.create, caller, options, pictures, size, endpoint)  # writes files
+        # Admission before work (AppState.submit): the setup and the queue, then the pictures' headers,
+        # then the rate limit, then the predictions are written.
+        read: dict[str, Any] = {}
+
+        async def read_headers() -> None:
+            read["pictures"], read["size"] = await run_in_threadpool(self.pictures, options, sent)
+
+        made = await self.state.submit(caller, lambda: self.create(caller, options, read["pictures"], read["size"],
+                                                                   endpoint), read_headers, count=lambda m: len(m.ids))
         name_request(request, made.ids[0])
         base = self.state.api_base(request)
         if options.stream:

@@ -35,16 +35,8 @@ def known_model(owner: str, name: str) -> None:
 async def create(state: AppState, request: Request, body: PredictionRequest, version: str | None, caller: Caller,
                  prefer: str | None, cancel_after: str | None) -> Response:
     admission = admit(body, version, prefer, cancel_after)  # nothing is written unless every check passes
-    state.auth.charge(caller)
-    if state.phase == "SETUP_FAILED":
-        raise ApiError(503, f"The model failed to load: {state.setup_error}", "Service Unavailable")
     base = state.api_base(request)
-    try:  # off the event loop: long inputs are written to files (and the database) before the row
-        record = await run_in_threadpool(state.service.create, body, admission, caller)
-    except ApiError:
-        state.metrics.refused.inc()
-        raise
-    state.metrics.created.inc()
+    record = await state.submit(caller, lambda: state.service.create(body, admission, caller))
     name_request(request, record.id)
     headers = {}
     if admission.wait is not None:

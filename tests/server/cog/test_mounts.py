@@ -157,7 +157,8 @@ def test_idempotent_put_on_postgresql(server_factory, postgres_url):
 
 
 def test_health_check_while_the_model_loads(tmp_path, tiny_dir):
-    server = LiveServer(tmp_path / "data", args=["--weights", str(tiny_dir)])
+    # Started cold, as a user starts it: a forked server's setup is over before it could be seen.
+    server = LiveServer(tmp_path / "data", args=["--weights", str(tiny_dir)], fork=False)
     server.port = free_port()
     seen: list[dict] = []
     stop = threading.Event()
