@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         store.on_reconnect(lifecycle.look_again)  # the database is back: what was told meanwhile is read again
         if store.shared:  # the other nodes' moves wake this node's streams and waiting requests
             threading.Thread(target=store.listen, args=(lifecycle.remote_event, listening, lifecycle.look_again),
+                             kwargs=dict(moves=role != "worker", queue=settings.workers),
                              name="db-events", daemon=True).start()
         if role == "api":
             state.phase = "READY"

@@ -89,6 +89,14 @@ class Lifecycle:
         self._cancel_checked: dict[str, float] = {}  # when each running prediction's cancel was last read
         self._watch_written: dict[str, float] = {}  # when this node last wrote a wish for previews, per prediction
         self._watch_read: dict[str, tuple[float, bool]] = {}  # a running prediction's watchers, last read
+        # The cancels and watchers of every run on this node are read together, in one statement per
+        # CANCEL_CHECK_S (PREVIEW_CHECK_S), by whichever worker asks first once it is due: the reads
+        # grow with the nodes, not with the GPUs.
+        self._cancels_read_at = float("-inf")
+        self._watches_read_at = float("-inf")
+        self._watched: set[str] = set()
+        self._cancels_reading = threading.Lock()
+        self._watches_reading = threading.Lock()
         self.outbox = Outbox(store, settings, self.holder)  # the owed final webhooks this node sends
         self.webhooks: WebhookSender | None = None
         self._snapshot: Callable[[PredictionRecord], dict] | None = None
@@ -186,30 +194,36 @@ class Lifecycle:
         """Whether anyone, on any node, wants this running prediction's previews now (read from the
         database at most every PREVIEW_CHECK_S)."""
         at = time.monotonic()
-        read_at, watched = self._watch_read.get(prediction_id, (float("-inf"), False))
-        if at - read_at >= PREVIEW_CHECK_S:
-            watched = self.store.previews_watched(prediction_id, self.store.now())
-            self._watch_read[prediction_id] = (at, watched)
-        return watched
+        self._watch_read.setdefault(prediction_id, (at, False))  # read with the others from now on
+        if at - self._watches_read_at >= PREVIEW_CHECK_S and self._watches_reading.acquire(blocking=False):
+            try:
+                if at - self._watches_read_at >= PREVIEW_CHECK_S:
+                    self._watched = self.store.previews_watched_of(list(self._watch_read), self.store.now())
+                    self._watches_read_at = at
+            finally:
+                self._watches_reading.release()
+        return prediction_id in self._watched
 
     def stop_wanted(self, prediction_id: str) -> bool:
         """A cancel (a user's, or a deadline's, asked of any node) waits for this running prediction."""
         if prediction_id in self.cancel_requested:
             return True
         at = time.monotonic()
-        if at - self._cancel_checked.get(prediction_id, 0.0) < CANCEL_CHECK_S:
-            return False
-        self._cancel_checked[prediction_id] = at
-        try:
-            reason = self.store.cancel_request(prediction_id)
-        except DatabaseUnavailable:
-            return False  # looked for again at the next step
-        if reason is None:
-            return False
-        if reason:  # a deadline's words, set on whichever node saw it pass
-            self.cancel_reasons.setdefault(prediction_id, reason)
-        self.cancel_requested.add(prediction_id)
-        return True
+        self._cancel_checked.setdefault(prediction_id, at)  # read with the others from now on
+        if at - self._cancels_read_at >= CANCEL_CHECK_S and self._cancels_reading.acquire(blocking=False):
+            try:
+                if at - self._cancels_read_at >= CANCEL_CHECK_S:
+                    self._cancels_read_at = at
+                    found = self.store.cancel_requests(list(self._cancel_checked))
+                    for pid, reason in found.items():
+                        if reason:  # a deadline's words, set on whichever node saw it pass
+                            self.cancel_reasons.setdefault(pid, reason)
+                        self.cancel_requested.add(pid)
+            except DatabaseUnavailable:
+                pass  # looked for again at the next step
+            finally:
+                self._cancels_reading.release()
+        return prediction_id in self.cancel_requested
 
     # -- outcomes of a run --------------------------------------------------------------------
 
@@ -463,7 +477,7 @@ class Lifecycle:
             self.work_available.notify()
         if self.store.shared:
             try:
-                self.store.notify(f"{self.node} {prediction_id} {QUEUED}")
+                self.store.notify(f"{self.node} {prediction_id} {QUEUED}", queue=True)
             except Exception as exc:  # the other nodes' workers then find it at their next look
                 log.warning("could not tell the other nodes of queued prediction %s: %s", prediction_id, exc)
 

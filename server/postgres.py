@@ -169,7 +169,8 @@ class PostgresStore(Store):
     from one queue, each prediction once."""
 
     shared = True
-    CHANNEL = "flux_fill_events"
+    CHANNEL = "flux_fill_events"  # moves of predictions: heard by the nodes that answer the API
+    QUEUE_CHANNEL = "flux_fill_queue"  # a prediction waits to run: heard by the nodes that run workers
 
     def __init__(self, url: str, pool_size: int = 10):
         try:
@@ -377,20 +378,24 @@ class PostgresStore(Store):
 
     # -- events between nodes -------------------------------------------------------------------
 
-    def notify(self, payload: str) -> None:
-        self._run("SELECT pg_notify(?, ?)", (self.CHANNEL, payload))
+    def notify(self, payload: str, queue: bool = False) -> None:
+        self._run("SELECT pg_notify(?, ?)", (self.QUEUE_CHANNEL if queue else self.CHANNEL, payload))
 
-    def listen(self, on_message, stopping, on_reconnect=None) -> None:
+    def listen(self, on_message, stopping, on_reconnect=None, moves: bool = True, queue: bool = True) -> None:
         """LISTEN on a connection of its own, reconnecting after a lost connection, until ``stopping``
         (a threading.Event) is set. ``on_reconnect()`` is called each time it listens again after
-        it lost the connection: what was told meanwhile never arrives, so look again."""
+        it lost the connection: what was told meanwhile never arrives, so look again. ``moves`` and
+        ``queue``: which channels (a worker node hears only the queue's, an API node only the
+        moves: what each node hears does not grow with the other kind's number)."""
         import psycopg
 
+        channels = [c for c, wanted in ((self.CHANNEL, moves), (self.QUEUE_CHANNEL, queue)) if wanted]
         delay, lost = PROBE_S[0], False
         while not stopping.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_S) as db:
-                    db.execute(f"LISTEN {self.CHANNEL}")
+                    for channel in channels:
+                        db.execute(f"LISTEN {channel}")
                     delay = PROBE_S[0]
                     if lost and on_reconnect is not None:
                         on_reconnect()

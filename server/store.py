@@ -220,11 +220,14 @@ class Store:
     def on_reconnect(self, callback) -> None:
         """Call ``callback()`` each time the database comes back after it was away."""
 
-    def notify(self, payload: str) -> None:
-        """Tell the other nodes of a shared database (see listen); nothing on a database of one."""
+    def notify(self, payload: str, queue: bool = False) -> None:
+        """Tell the other nodes of a shared database (see listen); nothing on a database of one.
+        ``queue``: a prediction waits to run, told only to the nodes that run workers; the other
+        moves are told only to the nodes that answer the API."""
 
-    def listen(self, on_message, stopping, on_reconnect=None) -> None:
-        """Hand each other node's notify() payload to ``on_message`` until ``stopping`` is set."""
+    def listen(self, on_message, stopping, on_reconnect=None, moves: bool = True, queue: bool = True) -> None:
+        """Hand each other node's notify() payload to ``on_message`` until ``stopping`` is set: the
+        moves (for a node that answers the API), the queue's (for a node that runs workers)."""
 
     # -- how statements run: each backend's own ----------------------------------------------
 
@@ -483,6 +486,16 @@ class Store:
                         "AND cancel_requested_at IS NOT NULL", (prediction_id,))
         return None if row is None else (row["cancel_reason"] or "")
 
+    def cancel_requests(self, prediction_ids: list[str]) -> dict[str, str]:
+        """:meth:`cancel_request` of many running predictions in one read per ``ID_BATCH``: those asked
+        to stop, with their reasons ("" for none)."""
+        found: dict[str, str] = {}
+        for part in _batches(prediction_ids):
+            rows = self._all(f"SELECT id, cancel_reason FROM predictions WHERE id IN ({', '.join('?' for _ in part)}) "
+                             f"AND status = '{PROCESSING}' AND cancel_requested_at IS NOT NULL", part)
+            found.update((r["id"], r["cancel_reason"] or "") for r in rows)
+        return found
+
     def request_cancel(self, prediction_id: str, at: float, reason: str | None = None) -> bool:
         """Record that a running prediction was asked to stop (and why: the first reason given stays),
         so that the node running it logs that reason and a restart ends it canceled."""
@@ -686,6 +699,15 @@ class Store:
         return self._one("SELECT 1 AS watched FROM preview_watchers WHERE prediction_id = ? AND until >= ?",
                          (prediction_id, at)) is not None
 
+    def previews_watched_of(self, prediction_ids: list[str], at: float) -> set[str]:
+        """:meth:`previews_watched` of many predictions in one read per ``ID_BATCH``: those watched."""
+        watched: set[str] = set()
+        for part in _batches(prediction_ids):
+            rows = self._all("SELECT prediction_id FROM preview_watchers WHERE prediction_id IN "
+                             f"({', '.join('?' for _ in part)}) AND until >= ?", [*part, at])
+            watched.update(r["prediction_id"] for r in rows)
+        return watched
+
     def drop_stale_previews(self) -> int:
         """Retention: the previews (and watchers) of predictions that no longer run (a node died
         before it dropped them, or a preview was written as its prediction ended). The number of
@@ -812,6 +834,15 @@ class SqliteStore(Store):
         with self.lock:
             self.db.execute("VACUUM")
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+ID_BATCH = 500  # ids read in one statement (SQLite allows 999 parameters in older builds)
+
+
+def _batches(ids: list[str]) -> Iterator[list[str]]:
+    ids = list(ids)
+    for start in range(0, len(ids), ID_BATCH):
+        yield ids[start:start + ID_BATCH]
 
 
 def open_store(location: str | Path, **options: Any) -> Store:
