@@ -431,6 +431,8 @@ def run_config(args, cluster: Cluster, folder: Path, api: int, gpus: int, databa
         after = {kind: sum(cpu_s(pid) for pid in pids) for kind, pids in kinds.items() if kind != "load"}
         pg_after = {pid: cpu_s(pid) for pid in cluster.pids()}
         counters1, busy1 = db_counters(db, name), machine_busy()
+        scans = db.execute("SELECT relname, seq_scan, seq_tup_read, idx_scan, idx_tup_fetch, n_tup_hot_upd, n_tup_upd "
+                           "FROM pg_stat_user_tables ORDER BY seq_tup_read DESC LIMIT 4").fetchall()
         rows = db.execute("SELECT id, status, attempts, created_at, started_at, completed_at FROM predictions "
                           "WHERE id = ANY(%s)", (ids,)).fetchall()
         db.close()
@@ -478,6 +480,7 @@ def run_config(args, cluster: Cluster, folder: Path, api: int, gpus: int, databa
         queued_max=max((s[1] for s in samples), default=0),
         running_max=max((s[2] for s in samples), default=0),
         processes={"api": api, "worker": len(kinds["worker"])},
+        scans=[(t, a, b, c, d, h, u) for t, a, b, c, d, h, u in scans],
     )
     return result
 
@@ -506,6 +509,8 @@ def print_result(r: dict) -> None:
           f"{d['read']:.0f} rows read, {d['wal'] / 1024:.1f} KiB WAL")
     print(f"  PostgreSQL / s        {r['db_rate']['xacts']:.0f} transactions, {r['db_rate']['wal'] / 1048576:.2f} MiB WAL; "
           f"connections {r['connections']}; queue max {r['queued_max']}, running max {r['running_max']}")
+    print("  tables (whole run)    " + "; ".join(f"{t}: {a} seq scans ({b} rows), {c} index scans, {u} updates "
+                                                  f"({h} HOT)" for t, a, b, c, d, h, u in r["scans"][:3]))
     busiest = max(r["busy"].items(), key=lambda kv: kv[1])
     per_process = {"api": busiest[1] / max(1, r["processes"]["api"]),
                    "worker": busiest[1] / max(1, r["processes"]["worker"])}.get(busiest[0], busiest[1])

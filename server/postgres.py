@@ -376,6 +376,26 @@ class PostgresStore(Store):
                 .replace("{now}", "EXTRACT(EPOCH FROM clock_timestamp())::float8")
                 .replace("{db_started}", "EXTRACT(EPOCH FROM pg_postmaster_start_time())::float8"))
 
+    def update_logs(self, runs: list[tuple]) -> list[str]:
+        """One statement for all of them (see Store.update_logs)."""
+        if not runs:
+            return []
+        ids, leases, texts, steps, totals = (list(column) for column in zip(*runs))
+        rows = self._all("UPDATE predictions AS p SET logs = v.logs, step = COALESCE(v.step, p.step), "
+                         "steps = COALESCE(v.steps, p.steps) "
+                         "FROM unnest(?::text[], ?::text[], ?::text[], ?::bigint[], ?::bigint[]) "
+                         "AS v(id, lease, logs, step, steps) WHERE p.id = v.id AND p.lease = v.lease "
+                         "AND p.status = 'processing' RETURNING p.id", (ids, leases, texts, steps, totals),
+                         durable=False)
+        return [r["id"] for r in rows]
+
+    def drop_preview(self, prediction_id: str, watchers: bool = True) -> None:
+        """One statement for the preview and its watchers (see Store.drop_preview)."""
+        if not watchers:
+            return super().drop_preview(prediction_id, watchers=False)
+        self._run("WITH gone AS (DELETE FROM previews WHERE prediction_id = ?) "
+                  "DELETE FROM preview_watchers WHERE prediction_id = ?", (prediction_id, prediction_id), durable=False)
+
     # -- events between nodes -------------------------------------------------------------------
 
     def notify(self, payload: str, queue: bool = False) -> None:

@@ -329,6 +329,17 @@ class Store:
             params.append(held_by)
         return self._run(sql, params, durable=durable) > 0
 
+    def update_logs(self, runs: list[tuple]) -> list[str]:
+        """The logs of many running predictions, ``(id, lease, logs, step, steps)`` each (a step of
+        None keeps the recorded one), written (not durably) where that lease still holds the
+        prediction; the ids written."""
+        written = []
+        for pid, lease, text, step, steps in runs:
+            facts = {"step": step, "steps": steps} if step is not None else {}
+            if self.update_prediction(pid, held_by=lease, durable=False, logs=text, **facts):
+                written.append(pid)
+        return written
+
     def move(self, prediction_id: str, to: Status, *, only_from: tuple[Status, ...], held_by: str | None = None,
              expired_grace_s: float | None = None, **fields: Any) -> PredictionRecord | None:
         """Move one prediction to ``to`` while its status is one of ``only_from`` (and, with
