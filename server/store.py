@@ -123,6 +123,7 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS predictions_owner ON predictions(owner, seq);
 CREATE INDEX IF NOT EXISTS files_owner ON files(owner);
 CREATE INDEX IF NOT EXISTS predictions_webhook_due ON predictions(webhook_due) WHERE webhook_due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS predictions_retention ON predictions(completed_at) WHERE data_removed = 0;
 """
 _JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs", "api_data")
 
@@ -639,10 +640,13 @@ class Store:
         out = [_record(r) for r in rows]
         return out if order == "DESC" else out[::-1]
 
-    def expired_predictions(self, before: float) -> list[str]:
+    def expired_predictions(self, before: float, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` predictions that ended before ``before`` and still keep their data, the
+        oldest first (an index finds them: a sweep costs what it removes, not the table's size)."""
         rows = self._all(
-            "SELECT id FROM predictions WHERE data_removed = 0 AND completed_at IS NOT NULL AND completed_at < ?",
-            (before,),
+            "SELECT id FROM predictions WHERE data_removed = 0 AND completed_at IS NOT NULL AND completed_at < ? "
+            "ORDER BY completed_at LIMIT ?",
+            (before, limit),
         )
         return [r["id"] for r in rows]
 
