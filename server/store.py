@@ -124,6 +124,7 @@ CREATE INDEX IF NOT EXISTS predictions_owner ON predictions(owner, seq);
 CREATE INDEX IF NOT EXISTS files_owner ON files(owner);
 CREATE INDEX IF NOT EXISTS predictions_webhook_due ON predictions(webhook_due) WHERE webhook_due IS NOT NULL;
 CREATE INDEX IF NOT EXISTS predictions_retention ON predictions(completed_at) WHERE data_removed = 0;
+CREATE INDEX IF NOT EXISTS predictions_queue ON predictions(seq) WHERE status = 'starting';
 """
 _JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs", "api_data")
 
