@@ -99,7 +99,9 @@ class Client:
                f"content-length: {len(data)}\r\n{extra}\r\n").encode() + data
         for attempt in (1, 2):
             pool = self.idle[host]
-            conn = pool.pop() if pool else await asyncio.open_connection(*host)
+            # A kept-alive connection the server closed meanwhile fails at once: the retry opens a
+            # fresh one.
+            conn = pool.pop() if pool and attempt == 1 else await asyncio.open_connection(*host)
             try:
                 conn[1].write(raw)
                 status, payload = await _read_response(conn[0])
@@ -546,7 +548,7 @@ def fill(database: str, count: int) -> float:
                 "completed_at, predict_time, output_token, attempts, input_blobs, output_bytes, output_run) "
                 "SELECT 'old' || md5(random()::text || g::text), 'succeeded', 'dev', "
                 "'{\"prompt\": \"a red door\", \"image\": \"https://example.com/house.png\"}', "
-                "'Using seed: 1\n100%|##########| 28/28\n', '[\"out-0.png\"]', "
+                "'Using seed: 1\n100%%|##########| 28/28\n', '[\"out-0.png\"]', "
                 "extract(epoch from now()) - 3600 - g * 0.001, extract(epoch from now()) - 3600 - g * 0.001 + 0.1, "
                 "extract(epoch from now()) - 3600 - g * 0.001 + 3.1, 3.0, md5(g::text), 1, '[]', 120, 'r' "
                 "FROM generate_series(1, %s) g", (batch,))
@@ -581,6 +583,16 @@ def probe_big(args, cluster: Cluster, folder: Path, database: str, rows: int) ->
                 metrics.append(time.monotonic() - t)
     finally:
         nodes.stop()
+    import psycopg
+
+    claims = []  # the claim's statement alone, on an empty queue, in a transaction rolled back
+    with psycopg.connect(database) as db:
+        for _ in range(200):
+            t = time.monotonic()
+            db.execute("SELECT seq FROM predictions WHERE status = 'starting' AND (cancel_at IS NULL OR cancel_at > "
+                       "extract(epoch from clock_timestamp())) ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED").fetchall()
+            claims.append(time.monotonic() - t)
+            db.rollback()
     store = PostgresStore(database, pool_size=2)
     try:
         sweeps = []
@@ -590,7 +602,7 @@ def probe_big(args, cluster: Cluster, folder: Path, database: str, rows: int) ->
             sweeps.append(time.monotonic() - t)
     finally:
         store.close()
-    r.update(rows=rows, page=pages, metrics=metrics, sweep=sweeps)
+    r.update(rows=rows, page=pages, metrics=metrics, sweep=sweeps, claim_sql=claims)
     return r
 
 
@@ -649,7 +661,7 @@ def main() -> int:
                     table.append(r)
                     print(f"  {target:>9} rows: claim p50 {ms(r['claim'], .5)} p99 {ms(r['claim'], .99)} ms; "
                           f"list page p50 {ms(r['page'], .5)} p99 {ms(r['page'], .99)} ms; "
-                          f"sweep {ms(r['sweep'], .5)} ms; /metrics {ms(r['metrics'], .5)} ms; "
+                          f"claim statement {ms(r['claim_sql'], .5)} ms; sweep {ms(r['sweep'], .5)} ms; /metrics {ms(r['metrics'], .5)} ms; "
                           f"create p50 {ms(r['create'], .5)} ms; {r['rate']:.1f}/s; lost {r['lost']}, twice {r['twice']}, "
                           f"unfinished {r['unfinished']}")
                     sys.stdout.flush()

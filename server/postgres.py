@@ -480,7 +480,8 @@ class PostgresStore(Store):
 
     def delete_blobs(self, prefix: str) -> int:
         """Remove every file kept under a key starting with ``prefix``; the number of parts removed."""
-        return self._run("DELETE FROM blobs WHERE key LIKE ?", (_prefix_pattern(prefix),))
+        return self._run("DELETE FROM blobs WHERE key LIKE ? AND key >= ? AND key < ?",
+                         (_prefix_pattern(prefix), prefix, _prefix_end(prefix)))
 
     def blobs_present(self, keys: list[str]) -> set[str]:
         """Which of ``keys`` are kept."""
@@ -491,7 +492,8 @@ class PostgresStore(Store):
         """The folders under ``prefix`` (``inputs/``: one per prediction) and when their newest file
         was written (ns)."""
         folders: dict[str, int] = {}
-        for row in self._all("SELECT key, mtime_ns FROM blobs WHERE key LIKE ? AND part = 0", (_prefix_pattern(prefix),)):
+        for row in self._all("SELECT key, mtime_ns FROM blobs WHERE key LIKE ? AND key >= ? AND key < ? AND part = 0",
+                             (_prefix_pattern(prefix), prefix, _prefix_end(prefix))):
             name = row["key"][len(prefix):].split("/", 1)[0]
             folders[name] = max(folders.get(name, 0), int(row["mtime_ns"]))
         return folders
@@ -500,6 +502,12 @@ class PostgresStore(Store):
 def _prefix_pattern(prefix: str) -> str:
     """A LIKE pattern for the keys that start with ``prefix``."""
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _prefix_end(prefix: str) -> str:
+    """The least key past every key that starts with ``prefix`` (in the "C" collation): with it the
+    key's index finds a prefix's files whatever plan a prepared statement gets."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
 
 
 def pool_options(settings: Any) -> dict[str, Any]:
