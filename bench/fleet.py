@@ -140,7 +140,9 @@ async def _load(spec: dict) -> dict:
         async with sem:
             wait = rng.random() < spec["wait_share"]
             cancel = not wait and rng.random() < spec["cancel_share"]
-            body = {"input": dict(INPUT, seed=i), "webhook": webhook, "webhook_events_filter": ["completed"]}
+            body = {"input": dict(INPUT, seed=i)}
+            if rng.random() < spec["webhook_share"]:
+                body.update(webhook=webhook, webhook_events_filter=["completed"])
             headers = {"Prefer": "wait=60"} if wait else None
             started = time.monotonic()
             try:
@@ -154,7 +156,7 @@ async def _load(spec: dict) -> dict:
                 errors[key] = errors.get(key, 0) + 1
                 return
             pid = json.loads(payload)["id"]
-            created.append({"id": pid, "latency": took, "wait": wait, "cancel": cancel})
+            created.append({"id": pid, "latency": took, "wait": wait, "cancel": cancel, "hook": "webhook" in body})
         if cancel:
             await asyncio.sleep(rng.random() * spec["delay"])
             try:
@@ -389,7 +391,7 @@ def run_config(args, cluster: Cluster, folder: Path, api: int, gpus: int, databa
         time.sleep(1.0)
         spec = {"hosts": [("127.0.0.1", port) for _, port in nodes.api], "rate": rate, "seconds": seconds,
                 "webhook": f"http://127.0.0.1:{recv_port}/hook", "wait_share": args.wait_share,
-                "cancel_share": args.cancel_share, "delay": args.delay}
+                "cancel_share": args.cancel_share, "delay": args.delay, "webhook_share": args.webhook_share}
         spec_path, load_out = folder / f"load-{recv_port}.json", folder / f"load-out-{recv_port}.json"
         spec_path.write_text(json.dumps(spec))
         db = psycopg.connect(database, autocommit=True)
@@ -465,7 +467,8 @@ def run_config(args, cluster: Cluster, folder: Path, api: int, gpus: int, databa
         row = by_id.get(pid)
         if row is not None and row[5] is not None and received[pid] == 1:
             delivery.append(at - row[5])
-    missing_hooks = sum(1 for r in rows if r[1] in TERMINAL and received.get(r[0], 0) == 0)
+    hooked = {c["id"] for c in out["created"] if c.get("hook", True)}
+    missing_hooks = sum(1 for r in rows if r[0] in hooked and r[1] in TERMINAL and received.get(r[0], 0) == 0)
     duplicate_hooks = sum(1 for c in received.values() if c > 1)
     window = (t0 + args.delay, t0 + load_s)
     done_in_window = sum(1 for r in rows if r[5] is not None and window[0] <= r[5] < window[1])
@@ -619,6 +622,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=10, help="--database-connections of every node")
     parser.add_argument("--wait-share", type=float, default=0.05, help="creates with Prefer: wait")
     parser.add_argument("--cancel-share", type=float, default=0.02, help="creates canceled while they run")
+    parser.add_argument("--webhook-share", type=float, default=1.0,
+                        help="creates with a webhook (0 and 1 compared give the webhook sender's cost)")
     parser.add_argument("--drain-s", type=float, default=600.0, help="the longest wait for the queue to drain")
     parser.add_argument("--big", default="", help="finished predictions in the table for the big-table runs, "
                                                   "e.g. 100000,1000000 (an empty run is measured first)")
