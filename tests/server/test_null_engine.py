@@ -73,6 +73,9 @@ def test_a_worker_with_n_simulated_gpus_claims_n_at_once(tmp_path, postgres_url)
             running = wait_for(lambda: (rows := [store.get_prediction(pid) for pid in ids])
                                and sum(r.status == "processing" for r in rows) == 4 and rows)
             assert len({r.lease for r in running if r.status == "processing"}) == 4  # a lease each
+            # Their logs and progress are written together, in one statement per batch.
+            progressed = wait_for(lambda: [r for pid in ids if (r := store.get_prediction(pid)).step])
+            assert all(r.steps == 28 and "Null engine" in r.logs for r in progressed)
             time.sleep(0.5)
             assert sum(store.get_prediction(pid).status == "starting" for pid in ids) == 2  # four GPUs, no more
         finally:
