@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         store.on_reconnect(lifecycle.look_again)  # the database is back: what was told meanwhile is read again
         if store.shared:  # the other nodes' moves wake this node's streams and waiting requests
             threading.Thread(target=store.listen, args=(lifecycle.remote_event, listening, lifecycle.look_again),
+                             kwargs=dict(moves=role != "worker", queue=settings.workers),
                              name="db-events", daemon=True).start()
         if role == "api":
             state.phase = "READY"
@@ -220,6 +221,9 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
     settings = state.settings
     devices = settings.gpus or [None]
     state.setup_started_at = time.time()
+    if settings.weights == "null":
+        _setup_null(state, own_fetches)
+        return
     try:
         for index, device in enumerate(devices):
             mark = own_fetches.mark(index)  # each worker's fetches carry their own mark
@@ -244,6 +248,31 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
         state.setup_completed_at = time.time()
         log.error("setup failed: %s", exc, exc_info=not exc.__class__.__name__ == "WeightsError")
         return
+    for worker in state.workers:
+        worker.start()
+    state.setup_completed_at = time.time()
+    state.phase = "READY"
+    log.info("ready: %d worker(s)", len(state.workers))
+
+
+def _setup_null(state: AppState, own_fetches: OwnFetches) -> None:
+    """--weights null: no model; --simulated-gpus workers share one null engine (inference.null),
+    each a thread of its own holding its own lease, as a GPU's worker does."""
+    from inference.null import NullEngine
+
+    from .engines import engine_options
+    from .worker import Worker
+
+    settings = state.settings
+    engine = NullEngine(settings.null_delay_s, engine_options(settings, "null", own_fetches.mark(0)).engine_settings())
+    state.models.append(engine.model)
+    for index in range(settings.simulated_gpus):
+        mark = own_fetches.mark(index)
+        state.workers.append(Worker(engine, state.service, f"null:{index}", own_fetches=own_fetches, fetch_mark=mark))
+    log.warning("NULL ENGINE: no model; %d simulated GPU(s), %.3g s a prediction", settings.simulated_gpus,
+                settings.null_delay_s)
+    if state.store.shared:
+        _record_served(state, engine.model)
     for worker in state.workers:
         worker.start()
     state.setup_completed_at = time.time()

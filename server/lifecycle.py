@@ -63,6 +63,8 @@ CANCEL_CHECK_S = 0.1  # a running prediction's worker looks for a cancel in the 
 PREVIEW_WATCH_S = 30.0  # a stream's (or a preview reader's) wish for previews holds this long unless renewed
 PREVIEW_WATCH_RENEW_S = 5.0  # a node writes one watcher's wish at most this often
 PREVIEW_CHECK_S = 0.2  # a running prediction's worker looks for watchers in the database at most this often
+LOG_BATCH_S = 0.05  # on a shared database, the logs of a node's runs are written together, this long after the first
+NOTIFY_IDS = 200  # prediction ids in one notification (PostgreSQL's payloads hold 8000 bytes)
 
 
 def interrupted_too_often(attempts: int) -> str:
@@ -89,6 +91,18 @@ class Lifecycle:
         self._cancel_checked: dict[str, float] = {}  # when each running prediction's cancel was last read
         self._watch_written: dict[str, float] = {}  # when this node last wrote a wish for previews, per prediction
         self._watch_read: dict[str, tuple[float, bool]] = {}  # a running prediction's watchers, last read
+        # The cancels and watchers of every run on this node are read together, in one statement per
+        # CANCEL_CHECK_S (PREVIEW_CHECK_S), by whichever worker asks first once it is due: the reads
+        # grow with the nodes, not with the GPUs.
+        self._cancels_read_at = float("-inf")
+        self._watches_read_at = float("-inf")
+        self._watched: set[str] = set()
+        self._cancels_reading = threading.Lock()
+        self._logs_pending: dict[str, tuple] = {}  # run id -> (run, logs, progress) to write
+        self._logs_lock = threading.Lock()
+        self._logs_due = threading.Event()
+        self._logs_writer: threading.Thread | None = None
+        self._watches_reading = threading.Lock()
         self.outbox = Outbox(store, settings, self.holder)  # the owed final webhooks this node sends
         self.webhooks: WebhookSender | None = None
         self._snapshot: Callable[[PredictionRecord], dict] | None = None
@@ -147,7 +161,20 @@ class Lifecycle:
     def logs(self, run: PredictionRecord, text: str, progress: tuple[int, int] | None = None) -> None:
         """The run's logs so far, and its ``progress`` (steps done, steps in all) when known, written
         while its claim holds, then told to listeners. While the database is away they wait: the
-        next write carries them all, the outcome's at the latest."""
+        next write carries them all, the outcome's at the latest. On a shared database the logs of
+        all the runs of this node are written together, in one statement and one notification
+        every LOG_BATCH_S (see _write_logs)."""
+        if self.store.shared:
+            with self._logs_lock:
+                earlier = self._logs_pending.get(run.id)
+                if progress is None and earlier is not None:
+                    progress = earlier[2]  # a later text carries the earlier one; its progress stays
+                self._logs_pending[run.id] = (run, text, progress)
+                if self._logs_writer is None:
+                    self._logs_writer = threading.Thread(target=self._write_logs, name="logs-writer", daemon=True)
+                    self._logs_writer.start()
+            self._logs_due.set()
+            return
         facts = {"step": progress[0], "steps": progress[1]} if progress else {}
         try:
             written = self.store.update_prediction(run.id, held_by=run.lease, durable=False, logs=text, **facts)
@@ -155,6 +182,36 @@ class Lifecycle:
             return
         if written:
             self._publish(run, LOGS)
+
+    def _write_logs(self) -> None:
+        """The logs waiting to be written, a batch at a time: each written only while its run's
+        lease holds (a run that ended or lost its claim writes nothing), then told here and, in one
+        notification per NOTIFY_IDS runs, to the other nodes."""
+        while True:
+            self._logs_due.wait()
+            time.sleep(LOG_BATCH_S)
+            with self._logs_lock:
+                batch = list(self._logs_pending.values())
+                self._logs_pending.clear()
+                self._logs_due.clear()
+            if not batch:
+                continue
+            try:
+                written = self.store.update_logs([(run.id, run.lease, text, *(progress or (None, None)))
+                                                  for run, text, progress in batch])
+            except DatabaseUnavailable:
+                continue  # the next write of each run carries these logs, its outcome's at the latest
+            except Exception:
+                log.exception("could not write the logs of %d running predictions", len(batch))
+                continue
+            runs = {run.id: run for run, _, _ in batch}
+            for pid in written:
+                self.hub.publish(pid, LOGS, record=runs[pid])
+            for start in range(0, len(written), NOTIFY_IDS):
+                try:
+                    self.store.notify(f"{self.node} {','.join(written[start:start + NOTIFY_IDS])} {LOGS}")
+                except Exception as exc:  # the other nodes' streams then see it at their next look
+                    log.warning("could not tell the other nodes of new logs: %s", exc)
 
     def preview(self, run: PredictionRecord, step: int, total: int, content_type: str, data: bytes) -> bool:
         """The run's latest preview (an encoded image after ``step`` of ``total`` steps), kept while
@@ -186,30 +243,36 @@ class Lifecycle:
         """Whether anyone, on any node, wants this running prediction's previews now (read from the
         database at most every PREVIEW_CHECK_S)."""
         at = time.monotonic()
-        read_at, watched = self._watch_read.get(prediction_id, (float("-inf"), False))
-        if at - read_at >= PREVIEW_CHECK_S:
-            watched = self.store.previews_watched(prediction_id, self.store.now())
-            self._watch_read[prediction_id] = (at, watched)
-        return watched
+        self._watch_read.setdefault(prediction_id, (at, False))  # read with the others from now on
+        if at - self._watches_read_at >= PREVIEW_CHECK_S and self._watches_reading.acquire(blocking=False):
+            try:
+                if at - self._watches_read_at >= PREVIEW_CHECK_S:
+                    self._watched = self.store.previews_watched_of(list(self._watch_read), self.store.now())
+                    self._watches_read_at = at
+            finally:
+                self._watches_reading.release()
+        return prediction_id in self._watched
 
     def stop_wanted(self, prediction_id: str) -> bool:
         """A cancel (a user's, or a deadline's, asked of any node) waits for this running prediction."""
         if prediction_id in self.cancel_requested:
             return True
         at = time.monotonic()
-        if at - self._cancel_checked.get(prediction_id, 0.0) < CANCEL_CHECK_S:
-            return False
-        self._cancel_checked[prediction_id] = at
-        try:
-            reason = self.store.cancel_request(prediction_id)
-        except DatabaseUnavailable:
-            return False  # looked for again at the next step
-        if reason is None:
-            return False
-        if reason:  # a deadline's words, set on whichever node saw it pass
-            self.cancel_reasons.setdefault(prediction_id, reason)
-        self.cancel_requested.add(prediction_id)
-        return True
+        self._cancel_checked.setdefault(prediction_id, at)  # read with the others from now on
+        if at - self._cancels_read_at >= CANCEL_CHECK_S and self._cancels_reading.acquire(blocking=False):
+            try:
+                if at - self._cancels_read_at >= CANCEL_CHECK_S:
+                    self._cancels_read_at = at
+                    found = self.store.cancel_requests(list(self._cancel_checked))
+                    for pid, reason in found.items():
+                        if reason:  # a deadline's words, set on whichever node saw it pass
+                            self.cancel_reasons.setdefault(pid, reason)
+                        self.cancel_requested.add(pid)
+            except DatabaseUnavailable:
+                pass  # looked for again at the next step
+            finally:
+                self._cancels_reading.release()
+        return prediction_id in self.cancel_requested
 
     # -- outcomes of a run --------------------------------------------------------------------
 
@@ -463,7 +526,7 @@ class Lifecycle:
             self.work_available.notify()
         if self.store.shared:
             try:
-                self.store.notify(f"{self.node} {prediction_id} {QUEUED}")
+                self.store.notify(f"{self.node} {prediction_id} {QUEUED}", queue=True)
             except Exception as exc:  # the other nodes' workers then find it at their next look
                 log.warning("could not tell the other nodes of queued prediction %s: %s", prediction_id, exc)
 
@@ -478,7 +541,8 @@ class Lifecycle:
             with self.work_available:
                 self.work_available.notify()
         else:
-            self.hub.publish(prediction_id, event, remote=True)
+            for pid in prediction_id.split(","):  # the logs of many runs are told in one
+                self.hub.publish(pid, event, remote=True)
 
     def look_again(self) -> None:
         """The database is back after it was away (or this node's notifications were cut): what

@@ -169,7 +169,8 @@ class PostgresStore(Store):
     from one queue, each prediction once."""
 
     shared = True
-    CHANNEL = "flux_fill_events"
+    CHANNEL = "flux_fill_events"  # moves of predictions: heard by the nodes that answer the API
+    QUEUE_CHANNEL = "flux_fill_queue"  # a prediction waits to run: heard by the nodes that run workers
 
     def __init__(self, url: str, pool_size: int = 10):
         try:
@@ -375,22 +376,46 @@ class PostgresStore(Store):
                 .replace("{now}", "EXTRACT(EPOCH FROM clock_timestamp())::float8")
                 .replace("{db_started}", "EXTRACT(EPOCH FROM pg_postmaster_start_time())::float8"))
 
+    def update_logs(self, runs: list[tuple]) -> list[str]:
+        """One statement for all of them (see Store.update_logs)."""
+        if not runs:
+            return []
+        ids, leases, texts, steps, totals = (list(column) for column in zip(*runs))
+        rows = self._all("UPDATE predictions AS p SET logs = v.logs, step = COALESCE(v.step, p.step), "
+                         "steps = COALESCE(v.steps, p.steps) "
+                         "FROM unnest(?::text[], ?::text[], ?::text[], ?::bigint[], ?::bigint[]) "
+                         "AS v(id, lease, logs, step, steps) WHERE p.id = v.id AND p.lease = v.lease "
+                         "AND p.status = 'processing' RETURNING p.id", (ids, leases, texts, steps, totals),
+                         durable=False)
+        return [r["id"] for r in rows]
+
+    def drop_preview(self, prediction_id: str, watchers: bool = True) -> None:
+        """One statement for the preview and its watchers (see Store.drop_preview)."""
+        if not watchers:
+            return super().drop_preview(prediction_id, watchers=False)
+        self._run("WITH gone AS (DELETE FROM previews WHERE prediction_id = ?) "
+                  "DELETE FROM preview_watchers WHERE prediction_id = ?", (prediction_id, prediction_id), durable=False)
+
     # -- events between nodes -------------------------------------------------------------------
 
-    def notify(self, payload: str) -> None:
-        self._run("SELECT pg_notify(?, ?)", (self.CHANNEL, payload))
+    def notify(self, payload: str, queue: bool = False) -> None:
+        self._run("SELECT pg_notify(?, ?)", (self.QUEUE_CHANNEL if queue else self.CHANNEL, payload))
 
-    def listen(self, on_message, stopping, on_reconnect=None) -> None:
+    def listen(self, on_message, stopping, on_reconnect=None, moves: bool = True, queue: bool = True) -> None:
         """LISTEN on a connection of its own, reconnecting after a lost connection, until ``stopping``
         (a threading.Event) is set. ``on_reconnect()`` is called each time it listens again after
-        it lost the connection: what was told meanwhile never arrives, so look again."""
+        it lost the connection: what was told meanwhile never arrives, so look again. ``moves`` and
+        ``queue``: which channels (a worker node hears only the queue's, an API node only the
+        moves: what each node hears does not grow with the other kind's number)."""
         import psycopg
 
+        channels = [c for c, wanted in ((self.CHANNEL, moves), (self.QUEUE_CHANNEL, queue)) if wanted]
         delay, lost = PROBE_S[0], False
         while not stopping.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_S) as db:
-                    db.execute(f"LISTEN {self.CHANNEL}")
+                    for channel in channels:
+                        db.execute(f"LISTEN {channel}")
                     delay = PROBE_S[0]
                     if lost and on_reconnect is not None:
                         on_reconnect()
@@ -455,7 +480,8 @@ class PostgresStore(Store):
 
     def delete_blobs(self, prefix: str) -> int:
         """Remove every file kept under a key starting with ``prefix``; the number of parts removed."""
-        return self._run("DELETE FROM blobs WHERE key LIKE ?", (_prefix_pattern(prefix),))
+        return self._run("DELETE FROM blobs WHERE key LIKE ? AND key >= ? AND key < ?",
+                         (_prefix_pattern(prefix), prefix, _prefix_end(prefix)))
 
     def blobs_present(self, keys: list[str]) -> set[str]:
         """Which of ``keys`` are kept."""
@@ -466,7 +492,8 @@ class PostgresStore(Store):
         """The folders under ``prefix`` (``inputs/``: one per prediction) and when their newest file
         was written (ns)."""
         folders: dict[str, int] = {}
-        for row in self._all("SELECT key, mtime_ns FROM blobs WHERE key LIKE ? AND part = 0", (_prefix_pattern(prefix),)):
+        for row in self._all("SELECT key, mtime_ns FROM blobs WHERE key LIKE ? AND key >= ? AND key < ? AND part = 0",
+                             (_prefix_pattern(prefix), prefix, _prefix_end(prefix))):
             name = row["key"][len(prefix):].split("/", 1)[0]
             folders[name] = max(folders.get(name, 0), int(row["mtime_ns"]))
         return folders
@@ -475,6 +502,12 @@ class PostgresStore(Store):
 def _prefix_pattern(prefix: str) -> str:
     """A LIKE pattern for the keys that start with ``prefix``."""
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _prefix_end(prefix: str) -> str:
+    """The least key past every key that starts with ``prefix`` (in the "C" collation): with it the
+    key's index finds a prefix's files whatever plan a prepared statement gets."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
 
 
 def pool_options(settings: Any) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from .streaming import StreamReads
 log = logging.getLogger(__name__)
 ORPHAN_INPUTS_S = 3600.0  # on a shared database, stored inputs without a row this old are a crash's
 DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
+RETENTION_BATCH = 1000  # predictions a retention sweep reads at a time
 
 
 def iso(ts: float | None) -> str | None:
@@ -391,11 +392,15 @@ class PredictionService:
         removed = 0
         if self.settings.retention_hours > 0:
             cutoff = self.store.now() - self.settings.retention_hours * 3600
-            for pid in self.store.expired_predictions(cutoff):
-                self.files.remove_outputs(pid)
-                self.files.remove_inputs(pid)
-                self.store.remove_data(pid)
-                removed += 1
+            while True:  # a batch at a time: each statement stays small however many are due
+                due = self.store.expired_predictions(cutoff, limit=RETENTION_BATCH)
+                for pid in due:
+                    self.files.remove_outputs(pid)
+                    self.files.remove_inputs(pid)
+                    self.store.remove_data(pid)
+                    removed += 1
+                if len(due) < RETENTION_BATCH:
+                    break
         for f in self.store.expired_files(self.store.now()):
             self.files.delete_upload(f.id)
         self.files.sweep()  # copies of files another node removed (files kept in the database)

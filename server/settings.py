@@ -37,7 +37,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(5000, description="Port to bind.")
-    weights: str = Field("tiny", description="Weights: a diffusers folder, a .safetensors file (with --components), a repo id, or 'tiny' (the demo model).")
+    weights: str = Field("tiny", description="Weights: a diffusers folder, a .safetensors file (with --components), a repo id, 'tiny' (the demo model), or 'null' (no model: a fixed picture after --null-delay-s, for benchmarks and tests).")
+    null_delay_s: float = Field(0.0, ge=0, description="With --weights null: the seconds each prediction takes, spread over its steps.")
+    simulated_gpus: int = Field(1, ge=1, le=10000, description="With --weights null: simulated GPUs this process runs, one worker thread each, each holding its own lease (benchmarks of the control plane).")
     components: str | None = Field(None, description="With a single-file --weights: folder with VAE, text encoders, tokenizers, scheduler.")
     gpus: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Devices to run on, one worker each (e.g. cuda:0,cuda:1). Default: the first GPU, else the CPU.")
     data_dir: Path = Field(Path("./data"), description="Where the SQLite database, uploads and outputs live.")

@@ -123,6 +123,8 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS predictions_owner ON predictions(owner, seq);
 CREATE INDEX IF NOT EXISTS files_owner ON files(owner);
 CREATE INDEX IF NOT EXISTS predictions_webhook_due ON predictions(webhook_due) WHERE webhook_due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS predictions_retention ON predictions(completed_at) WHERE data_removed = 0;
+CREATE INDEX IF NOT EXISTS predictions_queue ON predictions(seq) WHERE status = 'starting';
 """
 _JSON_COLUMNS = ("input", "output", "webhook_events", "input_blobs", "api_data")
 
@@ -220,11 +222,14 @@ class Store:
     def on_reconnect(self, callback) -> None:
         """Call ``callback()`` each time the database comes back after it was away."""
 
-    def notify(self, payload: str) -> None:
-        """Tell the other nodes of a shared database (see listen); nothing on a database of one."""
+    def notify(self, payload: str, queue: bool = False) -> None:
+        """Tell the other nodes of a shared database (see listen); nothing on a database of one.
+        ``queue``: a prediction waits to run, told only to the nodes that run workers; the other
+        moves are told only to the nodes that answer the API."""
 
-    def listen(self, on_message, stopping, on_reconnect=None) -> None:
-        """Hand each other node's notify() payload to ``on_message`` until ``stopping`` is set."""
+    def listen(self, on_message, stopping, on_reconnect=None, moves: bool = True, queue: bool = True) -> None:
+        """Hand each other node's notify() payload to ``on_message`` until ``stopping`` is set: the
+        moves (for a node that answers the API), the queue's (for a node that runs workers)."""
 
     # -- how statements run: each backend's own ----------------------------------------------
 
@@ -325,6 +330,17 @@ class Store:
             sql += f" AND lease = ? AND status = '{PROCESSING}'"
             params.append(held_by)
         return self._run(sql, params, durable=durable) > 0
+
+    def update_logs(self, runs: list[tuple]) -> list[str]:
+        """The logs of many running predictions, ``(id, lease, logs, step, steps)`` each (a step of
+        None keeps the recorded one), written (not durably) where that lease still holds the
+        prediction; the ids written."""
+        written = []
+        for pid, lease, text, step, steps in runs:
+            facts = {"step": step, "steps": steps} if step is not None else {}
+            if self.update_prediction(pid, held_by=lease, durable=False, logs=text, **facts):
+                written.append(pid)
+        return written
 
     def move(self, prediction_id: str, to: Status, *, only_from: tuple[Status, ...], held_by: str | None = None,
              expired_grace_s: float | None = None, **fields: Any) -> PredictionRecord | None:
@@ -483,6 +499,16 @@ class Store:
                         "AND cancel_requested_at IS NOT NULL", (prediction_id,))
         return None if row is None else (row["cancel_reason"] or "")
 
+    def cancel_requests(self, prediction_ids: list[str]) -> dict[str, str]:
+        """:meth:`cancel_request` of many running predictions in one read per ``ID_BATCH``: those asked
+        to stop, with their reasons ("" for none)."""
+        found: dict[str, str] = {}
+        for part in _batches(prediction_ids):
+            rows = self._all(f"SELECT id, cancel_reason FROM predictions WHERE id IN ({', '.join('?' for _ in part)}) "
+                             f"AND status = '{PROCESSING}' AND cancel_requested_at IS NOT NULL", part)
+            found.update((r["id"], r["cancel_reason"] or "") for r in rows)
+        return found
+
     def request_cancel(self, prediction_id: str, at: float, reason: str | None = None) -> bool:
         """Record that a running prediction was asked to stop (and why: the first reason given stays),
         so that the node running it logs that reason and a restart ends it canceled."""
@@ -615,10 +641,13 @@ class Store:
         out = [_record(r) for r in rows]
         return out if order == "DESC" else out[::-1]
 
-    def expired_predictions(self, before: float) -> list[str]:
+    def expired_predictions(self, before: float, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` predictions that ended before ``before`` and still keep their data, the
+        oldest first (an index finds them: a sweep costs what it removes, not the table's size)."""
         rows = self._all(
-            "SELECT id FROM predictions WHERE data_removed = 0 AND completed_at IS NOT NULL AND completed_at < ?",
-            (before,),
+            "SELECT id FROM predictions WHERE data_removed = 0 AND completed_at IS NOT NULL AND completed_at < ? "
+            "ORDER BY completed_at LIMIT ?",
+            (before, limit),
         )
         return [r["id"] for r in rows]
 
@@ -685,6 +714,15 @@ class Store:
     def previews_watched(self, prediction_id: str, at: float) -> bool:
         return self._one("SELECT 1 AS watched FROM preview_watchers WHERE prediction_id = ? AND until >= ?",
                          (prediction_id, at)) is not None
+
+    def previews_watched_of(self, prediction_ids: list[str], at: float) -> set[str]:
+        """:meth:`previews_watched` of many predictions in one read per ``ID_BATCH``: those watched."""
+        watched: set[str] = set()
+        for part in _batches(prediction_ids):
+            rows = self._all("SELECT prediction_id FROM preview_watchers WHERE prediction_id IN "
+                             f"({', '.join('?' for _ in part)}) AND until >= ?", [*part, at])
+            watched.update(r["prediction_id"] for r in rows)
+        return watched
 
     def drop_stale_previews(self) -> int:
         """Retention: the previews (and watchers) of predictions that no longer run (a node died
@@ -812,6 +850,15 @@ class SqliteStore(Store):
         with self.lock:
             self.db.execute("VACUUM")
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+ID_BATCH = 500  # ids read in one statement (SQLite allows 999 parameters in older builds)
+
+
+def _batches(ids: list[str]) -> Iterator[list[str]]:
+    ids = list(ids)
+    for start in range(0, len(ids), ID_BATCH):
+        yield ids[start:start + ID_BATCH]
 
 
 def open_store(location: str | Path, **options: Any) -> Store:

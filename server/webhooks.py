@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 EVENTS = WEBHOOK_EVENTS
 _PROGRESS = frozenset({OUTPUT, LOGS})  # the throttled events
 _SECRET_PREFIX = "whsec_"
+KEEP_BODY_BYTES = 65536  # an answer body at most this long is read, so its connection is kept
+KEEP_BODY_S = 0.5  # ... for at most this long
 
 
 def new_secret() -> str:
@@ -511,11 +513,20 @@ class WebhookSender:
 
     async def _post(self, url: str, headers: dict, body: bytes, address: str | None = None) -> int:
         # Sent to the address that was checked (no DNS rebinding gap). Streamed so that a
-        # receiver's (possibly huge) answer body is never read.
+        # receiver's (possibly huge) answer body is never read: only a small one that says its
+        # length is, briefly, so that the connection is kept for the next webhook (an unread body
+        # closes it, and a new connection per webhook costs both sides more than the webhook).
         target, pin_headers, extensions = pinned_request(url, address)
         async with self._client.stream("POST", target, content=body, headers={**headers, **pin_headers},
                                        extensions=extensions) as response:
-            return response.status_code
+            status = response.status_code
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) <= KEEP_BODY_BYTES:
+                try:
+                    await asyncio.wait_for(response.aread(), KEEP_BODY_S)
+                except (asyncio.TimeoutError, httpx.HTTPError, OSError):
+                    pass  # the answer stands; only the connection is not kept
+            return status
 
     async def _check_destination(self, url: str) -> str | None:
         """Raise _Refused unless url is http(s) and, without allow_private, every address is public;
