@@ -122,8 +122,10 @@ class Server:
         if device:
             cmd += ["--gpus", device]
         started = time.monotonic()
+        from bench.children import die_with_parent
+
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
         self.cold_start = self._wait_ready(started, timeout)
 
     def _wait_ready(self, started: float, timeout: float) -> float:

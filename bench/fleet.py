@@ -40,7 +40,6 @@ import os
 import random
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.children import die_with_parent  # noqa: E402
 CREATE_PATH = "/v1/models/black-forest-labs/flux-fill-dev/predictions"
 TERMINAL = ("succeeded", "failed", "canceled")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -325,7 +326,8 @@ class Nodes:
         cmd = [sys.executable, "-m", "server.cli", command, "--port", str(port), "--data-dir", str(data),
                "--database", self.database, "--log-level", "warning", "--max-queue", "100000", *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(f"{data}.log", "ab"), stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(f"{data}.log", "ab"), stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent)
         return proc, port
 
     def start(self, api: int, gpus: int, per_worker: int, delay: float, connections: int) -> None:
@@ -384,7 +386,8 @@ def run_config(args, cluster: Cluster, folder: Path, api: int, gpus: int, databa
     nodes = Nodes(folder, database)
     recv_port = free_port()
     recv_out = folder / f"webhooks-{recv_port}.json"
-    receiver = subprocess.Popen([sys.executable, __file__, "--receiver", str(recv_port), str(recv_out)], cwd=ROOT)
+    receiver = subprocess.Popen([sys.executable, __file__, "--receiver", str(recv_port), str(recv_out)], cwd=ROOT,
+                                preexec_fn=die_with_parent)
     result: dict = {"api": api, "gpus": gpus, "offered": rate, "seconds": seconds}
     try:
         nodes.start(api, gpus, args.gpus_per_worker, args.delay, args.connections)
@@ -401,7 +404,8 @@ def run_config(args, cluster: Cluster, folder: Path, api: int, gpus: int, databa
         before = {kind: sum(cpu_s(pid) for pid in pids) for kind, pids in kinds.items()}
         counters0, busy0 = db_counters(db, name), machine_busy()
         t0 = time.time()
-        load = subprocess.Popen([sys.executable, __file__, "--load", str(spec_path), str(load_out)], cwd=ROOT)
+        load = subprocess.Popen([sys.executable, __file__, "--load", str(spec_path), str(load_out)], cwd=ROOT,
+                                preexec_fn=die_with_parent)
         kinds["load"] = [load.pid]
         samples, stop_sampling = [], threading.Event()
 
@@ -510,7 +514,7 @@ def print_result(r: dict) -> None:
     print(f"  lost / ran twice      {r['lost']} / {r['twice']};  webhooks missing {r['missing_hooks']}, "
           f"duplicated {r['duplicate_hooks']}" + (f"; UNFINISHED when the drain stopped: {r['unfinished']}"
                                                   if r["unfinished"] else ""))
-    print(f"  latency ms            p50     p99")
+    print("  latency ms            p50     p99")
     print(f"    create           {ms(r['create'], .5)} {ms(r['create'], .99)}")
     print(f"    create, wait     {ms(r['wait'], .5)} {ms(r['wait'], .99)}   (includes the run)")
     print(f"    claim            {ms(r['claim'], .5)} {ms(r['claim'], .99)}   (created -> started)")

@@ -379,8 +379,10 @@ def start_server(folder: Path, max_queue: int, timeout_s: float = 120.0,
     port = _free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir", str(folder / "data"),
            "--weights", str(weights), "--max-queue", str(max_queue), "--log-level", "warning", *extra]
+    from bench.children import die_with_parent
+
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=open(folder / "server.log", "ab"), stderr=subprocess.STDOUT)
+                            stdout=open(folder / "server.log", "ab"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from children import die_with_parent  # noqa: E402
 from load import CREATE_PATH, ROOT, TERMINAL, _free_port, tiny_input  # noqa: E402
 
 
@@ -49,7 +50,8 @@ class Fleet:
         cmd = [sys.executable, "-m", "server.cli", command, "--port", str(port), "--data-dir", str(data),
                "--weights", str(self.weights), "--log-level", "warning", "--max-queue", "5000", *extra]
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                stdout=open(data.with_suffix(".log"), "ab"), stderr=subprocess.STDOUT)
+                                stdout=open(data.with_suffix(".log"), "ab"), stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent)
         self.procs.append(proc)
         return f"http://127.0.0.1:{port}"
 
