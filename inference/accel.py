@@ -64,6 +64,9 @@ The options, and why each is built the way it is (figures from ``GPU-NOTES.md``,
   ``pipe.encode_prompt`` directly; accelerate's hooks sit on the modules' ``forward``, so they still
   apply, and ``pipe._execution_device`` reads the GPU from those hooks. The weights are then loaded
   on the CPU (in bf16) instead of straight onto the GPU.
+
+Its length: each speed option (compile, fp8, step cache, offload, memory modes) needs its own
+checks of the device and the weights, and they are combined in one order here.
 """
 
 from __future__ import annotations

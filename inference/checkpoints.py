@@ -20,6 +20,9 @@ The transformer's config comes from ``components/transformer/config.json`` when 
 has one; otherwise it is read off the checkpoint's own shapes (blocks, widths, channels), so a single
 file loads offline with no config from the Hugging Face Hub. Before any tensor is read, the header
 says what model the file is: FLUX.1 [dev], [schnell], Canny or Depth files are refused in words.
+
+Its length: every checkpoint layout (BFL's single file, ComfyUI's, fp8 with scales, GGUF) is
+recognised from its header and converted here, so a layout is added in one file.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ stage that runs a model (prompt encoding, VAE, denoising, safety checker) runs u
 prediction and the base model is back, bit for bit, when the prediction ends or fails
 (:mod:`inference.lora`). A prediction whose latents or pixels are not finite fails: a broken
 checkpoint never returns a black image as a success.
+
+Its length: it is the one prediction path (seeds, canvas, tiles, previews, safety, non-finite
+checks); loading, LoRAs and speed options are in their own modules.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ but is written into the one adapter the transformer was compiled with, so no LoR
 (:mod:`inference.lora_slot`); the rest (resolving, reading, norms, differences, the cache) is the same.
 
 Loaded adapters stay cached (least recently used first out, ``max_loaded`` at most).
+
+Its length: every LoRA format people use (diffusers, kohya, ComfyUI, BFL's, norms and differences)
+is resolved, read and undone here, so a format is added in one file.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ the database's clock, and a database that restarted gives every lease a fresh ``
 While the database is away, a run goes on: its logs and previews wait, a cancel is looked for
 again at the next step, and its outcome is written once the database is back (tried again for
 ``OUTCOME_RETRY_S``); what asks from a route gets :class:`~server.store.DatabaseUnavailable` (503).
+
+Its length is on purpose: it is the one module that moves a status (claims, leases, cancels,
+deadlines, restarts, owed webhooks), so every transition and its fencing are read in one place.
 """
 
 from __future__ import annotations

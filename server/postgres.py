@@ -16,6 +16,9 @@ database, and keeps reaching it while the database restarts, crashes or is cut o
 - **Durable commits** by default (``synchronous_commit`` as the server sets it, on by default);
   the writes whose loss is harmless turn it off for their own transaction only.
 - **Events** between nodes by LISTEN/NOTIFY on a connection of its own, which reconnects.
+
+Its length is on purpose: it holds everything that is PostgreSQL's own (pools and reconnects, the
+away mode, LISTEN/NOTIFY, advisory locks, files in the database); the SQL it shares is server.store's.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ Each prediction belongs to the tenant that made it (:class:`~server.auth.Caller`
 prediction is answered as an unknown one. Long input strings are stored apart from the record
 (:mod:`server.stored_inputs`); answers about one prediction stream them exactly as sent, list pages
 and webhook bodies carry their URLs.
+
+Its length: the create's checks and writes, reads, waits, cancels, recovery and retention are the
+service's one job (what routes ask of predictions); rendering an answer is each API's.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ previews): those are written with ``durable=False``.
 
 **A database away** (restarting, crashed, cut off) raises :class:`DatabaseUnavailable` at once
 rather than hanging: routes answer 503 with a Retry-After, background work tries again.
+
+Its length is on purpose: the statements both backends run are here (SQLite's backend, which
+PostgreSQL's reuses), so a change of the schema or of a status rule is read in one file.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Bodies are signed with the Standard Webhooks scheme (https://www.standardwebhook
 official clients validate: `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
 A prediction made through another API's adapter is sent in that API's style (`WebhookStyle`): its
 own body and signature headers, through the same channels, retries and owed-webhook records.
+
+Its length is on purpose: it is one delivery engine (channels per destination, throttled progress
+events, bounded slots, retries, signing) whose parts share the same queue and bookkeeping.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ creates (``api="openai"``, with what is needed to answer in ``api_data``); the a
 them and is written in OpenAI's shape, or streamed as OpenAI's server-sent events.
 
 A client that goes away before its images are made cancels its predictions.
+
+Its length: one OpenAI request is several predictions, answered together as JSON or as a stream
+of events, and canceled together when the client goes away; the wire shapes are in protocol.py.
 """
 
 from __future__ import annotations
