@@ -38,7 +38,7 @@ class Api(Protocol):
 
     name: str  # the ``api`` of the predictions it makes
     errors: ErrorShape
-    # (optional) in_schema: bool — its routes are listed in this server's /openapi.json
+    in_schema: bool  # its routes are listed in this server's /openapi.json
 
     def router(self, at: str) -> APIRouter:
         """Its routes, as mounted at ``at`` ("" for the root)."""
@@ -77,9 +77,8 @@ def mount(app, api: Api, settings: Settings) -> Mounted | None:
         return None
     router = api.router(where)
     places = [where] + ([settings.prefix + where] if settings.prefix else [])
-    in_schema = bool(getattr(api, "in_schema", False))
     for index, place in enumerate(places):
-        app.include_router(router, prefix=place, include_in_schema=in_schema and index == 0)
+        app.include_router(router, prefix=place, include_in_schema=api.in_schema and index == 0)
     if where:  # under a path of its own: everything there is its
         return Mounted(api, tuple(places), ())
     # At the root: only its routes (at the root and under the prefix) are its.

@@ -34,6 +34,7 @@ from . import adapter, protocol, routes
 class CogApi:
     name = adapter.API
     errors = ErrorShape(problem=protocol.problem_response, validation=protocol.validation_error)
+    in_schema = False  # Cog's schema is its own document, <mount>/openapi.json
 
     def mount(self, settings: Settings) -> str | None:
         return None if settings.cog_api == "off" else settings.cog_api
