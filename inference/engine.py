@@ -52,6 +52,9 @@ PROMPT_CACHE_SIZE = 16  # prompts whose embeddings are kept (about 4 MB each on 
 # The tokenizers read at most this many characters of a prompt: far more than T5's 512 tokens of any
 # text (a T5 token averages 3 to 4 characters), so a prompt of megabytes costs milliseconds, not minutes.
 PROMPT_CHARS = 16_384
+MASK_NAME = "mask.png"  # the mask a mask_prompt made, kept beside the outputs
+NO_SEGMENTER = ("this server selects no masks by words: start it with --segmenter (tiny: the demo models; or a SAM "
+                "folder and a Grounding DINO folder, see weights.md), or send a mask")
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 CancelCheck = Callable[[], bool]
@@ -88,6 +91,7 @@ class Scene:
 
     image: Image.Image  # RGB
     mask: Image.Image  # L, white = repaint; at its stored size, which may differ from the image's
+    selection: Image.Image | None = None  # the mask mask_prompt made (combined with the sent one): the image's size
 
     def mask_at(self, size: tuple[int, int]) -> Image.Image:
         """The mask at ``size``, resized once from what the user sent (as the hosted model does)."""
@@ -138,6 +142,7 @@ class Engine:
             logging.getLogger(name).setLevel(logging.ERROR)
         self.loras = LoraManager(pipe, self.settings.lora)
         self.accelerator = None  # set by the speed options (go_fast)
+        self.segmenter = None  # inference.segment.Segmenter: mask_prompt (shared by the process's engines)
         self._prompts: OrderedDict[str, tuple] = OrderedDict()  # prompt -> (embeddings, pooled), LRU
 
     # -- the prediction -------------------------------------------------------------------------
@@ -152,18 +157,23 @@ class Engine:
         log: LogFn | None = None,
         on_preview: PreviewCallback | None = None,
         preview_wanted: PreviewWanted | None = None,
+        on_mask: Callable[[Output], None] | None = None,
     ) -> list[Output]:
         """Run one prediction. ``on_step(done, total)`` after each denoising step; ``cancelled()`` is
         asked between steps (True stops it with :class:`Cancelled`); ``log`` gets the prediction's
         log lines. ``on_preview`` gets a few :class:`inference.previews.Preview` of the picture as
         it forms (at most ``MAX_PREVIEWS``), each when ``preview_wanted()`` (asked at a few steps)
-        says yes; without ``on_preview`` the loop takes none."""
+        says yes; without ``on_preview`` the loop takes none. ``on_mask`` gets the mask a
+        ``mask_prompt`` made (a PNG, before the run starts)."""
         import torch
 
         log = log or logger.info
         stop = _Progress(0, None, cancelled)
-        scene = self.load_scene(inp, resolver, cancelled)
+        scene = self.load_scene(inp, resolver, cancelled, log)
         stop.check()
+        if scene.selection is not None and on_mask is not None:
+            on_mask(Output(name=MASK_NAME, data=imageio.encode_image(scene.selection, "png", 100), content_type="image/png",
+                           seed=0, width=scene.selection.width, height=scene.selection.height))
         seed = inp.seed if inp.seed is not None else random.randint(0, 2**32 - 1)
         log(f"Using seed: {seed}")
         seeds = [seed + i for i in range(inp.num_outputs)]
@@ -192,24 +202,56 @@ class Engine:
     # -- stages ---------------------------------------------------------------------------------
 
     def load_scene(self, inp: PredictionInput, resolver: imageio.Resolver | None,
-                   cancelled: CancelCheck | None = None) -> Scene:
-        """Decode the image and mask; with no mask, the image's alpha is the mask. A cancel stops a
-        fetch between two reads."""
+                   cancelled: CancelCheck | None = None, log: LogFn | None = None) -> Scene:
+        """Decode the image and mask; with no mask, the image's alpha is the mask. ``mask_prompt``
+        selects by words, combined with that mask by ``mask_mode``. A cancel stops a fetch between
+        two reads."""
         read = dict(policy=self.settings.fetch_policy, resolver=resolver, allow_paths=self.settings.allow_paths,
                     cancelled=cancelled)
         raw = imageio.open_image(imageio.read_file_string(inp.image, "image", **read), "image", self.settings.max_pixels)
+        mask = None
         if inp.mask:
             mask = imageio.open_image(imageio.read_file_string(inp.mask, "mask", **read), "mask", self.settings.max_pixels)
             mask = imageio.to_mask(mask)  # kept at its own size: resized once, to the size it is used at
         elif imageio.has_alpha(raw):
             mask = imageio.mask_from_alpha(raw)
-        elif inp.extends_canvas:
+        image = imageio.to_rgb(raw)
+        if inp.mask_prompt:
+            mask = self.selected(inp, image, mask, log or logger.info)
+            return Scene(image=image, mask=mask, selection=mask)
+        if mask is None and inp.extends_canvas:
             mask = Image.new("L", raw.size, 0)
-        else:
+        if mask is None:
             raise InvalidInput.one(
-                "mask", "required", "mask is required when the image has no transparent area to repaint"
+                "mask", "required", "mask is required when the image has no transparent area to repaint "
+                "(or select the area by words with mask_prompt)"
             )
-        return Scene(image=imageio.to_rgb(raw), mask=mask)
+        return Scene(image=image, mask=mask)
+
+    def selected(self, inp: PredictionInput, image: Image.Image, base: Image.Image | None, log: LogFn) -> Image.Image:
+        """``mask_prompt``'s selection combined with ``base`` (the sent mask or the image's
+        transparency) by ``mask_mode``; the logs say what was found and how much it covers."""
+        from .segment import combine, coverage
+
+        if self.segmenter is None:
+            raise InvalidInput.one("mask_prompt", "unavailable", NO_SEGMENTER)
+        found = self.segmenter.find(image, inp.mask_prompt, inp.mask_prompt_threshold)
+        regions = ", ".join(f"{s:.2f}" for s in found.scores)
+        log(f"mask_prompt {inp.mask_prompt!r}: {len(found.scores)} region{'s' if len(found.scores) != 1 else ''} found"
+            f"{f' (scores {regions})' if regions else ''}, {found.coverage:.1%} of the image")
+        if self.segmenter.demo:
+            log("Demo segmenter: random weights; its selection has no meaning")
+        if not found.scores and inp.mask_mode in ("add", "replace") and (base is None or inp.mask_mode == "replace"):
+            raise InvalidInput.one("mask_prompt", "not_found", (
+                f"nothing in the image matched mask_prompt {inp.mask_prompt!r} with a score of at least "
+                f"{inp.mask_prompt_threshold:g}: try other words, or a lower mask_prompt_threshold"))
+        mask = combine(base, found.mask, inp.mask_mode)
+        if base is not None:
+            log(f"mask_mode {inp.mask_mode}: the mask covers {coverage(mask):.1%} of the image")
+        if mask.getbbox() is None:
+            raise InvalidInput.one("mask_prompt", "empty", (
+                f"mask_mode {inp.mask_mode!r} of mask_prompt {inp.mask_prompt!r} leaves nothing to repaint"))
+        return mask
 
     def plan_canvas(self, inp: PredictionInput, scene: Scene) -> Scene:
         """Outpaint (a preset, or expand_* pixels per side): put the image on a larger canvas whose

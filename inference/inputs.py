@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import FieldError, InvalidInput
 from .images import OutputFormat
+from .segment import DEFAULT_THRESHOLD, MASK_MODES, MAX_PROMPT_CHARS
 from .sizing import MATCH_INPUT_MAX_SIDE, MULTIPLE, Megapixels
 
 Outpaint = Literal[
@@ -26,6 +27,8 @@ Outpaint = Literal[
 ]
 
 OUTPAINT_PRESETS: tuple[str, ...] = get_args(Outpaint)
+MaskMode = Literal["add", "replace", "subtract", "intersect"]
+assert get_args(MaskMode) == MASK_MODES
 
 MAX_SEED = 2**63 - 1
 MAX_EXPAND = 2048  # pixels added on one side by expand_*, as FLUX.1 Expand [pro] allows
@@ -56,6 +59,25 @@ class PredictionInput(BaseModel):
         description="A black-and-white image of the image's size: white repaints, black keeps. "
         "Grey values are kept soft.",
         json_schema_extra={"format": "uri", "x-order": 2},
+    )
+    mask_prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Select what to repaint by words instead of (or with) a mask: e.g. \"the red car\" or \"sky\". "
+        "Needs a server started with --segmenter. The selection is combined with mask by mask_mode; its coverage "
+        "is logged and the mask used is kept beside the outputs.",
+        json_schema_extra={"x-order": 3},
+    )
+    mask_mode: MaskMode = Field(
+        "add",
+        description="How mask_prompt's selection combines with mask (or the image's transparency): add (either), "
+        "replace (the selection alone), subtract (the mask less the selection), intersect (both).",
+    )
+    mask_prompt_threshold: float = Field(
+        DEFAULT_THRESHOLD,
+        ge=0.01,
+        le=0.99,
+        description="How sure the detector must be of a region mask_prompt names; lower finds more.",
     )
     num_outputs: int = Field(1, ge=1, le=MAX_OUTPUTS, description="Number of outputs to generate.")
     num_inference_steps: int = Field(

@@ -80,7 +80,7 @@ class NullEngine:
     def predict(self, inp: PredictionInput, *, resolver=None, on_step: StepCallback | None = None,
                 cancelled: CancelCheck | None = None, log: LogFn | None = None,
                 on_preview: PreviewCallback | None = None, preview_wanted: PreviewWanted | None = None,
-                ) -> list[Output]:
+                on_mask=None) -> list[Output]:
         """``delay_s`` over ``num_inference_steps`` steps, then the fixed picture per output."""
 
         def check() -> None:

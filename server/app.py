@@ -32,6 +32,7 @@ from .cog import API as COG_API
 from .openai_api import API as OPENAI_API
 from .replicate import REPLICATE, answers
 from .replicate import files as files_routes
+from .routes import masks as masks_routes
 from .routes import system as system_routes
 from .routes import ui as ui_routes
 from .settings import Settings
@@ -182,7 +183,7 @@ def create_app(settings: Settings | None = None, *, load_model=None, data_lock: 
         return answer(Problem(title="Internal Server Error", detail="An unexpected error occurred; the server log has the details.", status=500), None)
 
     routers = (files_routes.outputs_router, system_routes.router, system_routes.metrics_router,
-               system_routes.public_router, ui_routes.router)
+               system_routes.public_router, ui_routes.router, masks_routes.router)
     if role == "worker":  # a worker node answers its health and metrics, nothing else
         routers = (system_routes.public_router, system_routes.metrics_router)
     for router in routers:
@@ -242,6 +243,8 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
                 log.info("loaded %s from %s on %s", model.name, model.source, model.device)
             if state.store.shared:  # the API nodes, which load no model, say what this one serves
                 _record_served(state, model)
+        if settings.segmenter:
+            _setup_segmenter(state, state.models[0].device if state.models else None)
     except Exception as exc:
         state.phase = "SETUP_FAILED"
         state.setup_error = str(exc)
@@ -253,6 +256,21 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
     state.setup_completed_at = time.time()
     state.phase = "READY"
     log.info("ready: %d worker(s)", len(state.workers))
+
+
+def _setup_segmenter(state: AppState, device: str | None) -> None:
+    """--segmenter: its models loaded once on --segmenter-device (default: the first worker's), shared
+    by every worker's engine (mask_prompt) and POST /v1/masks."""
+    from inference.segment import TINY_NOTICE, load_segmenter
+
+    segmenter = load_segmenter(state.settings.segmenter, state.settings.segmenter_device or device)
+    for worker in state.workers:
+        worker.engine.segmenter = segmenter
+    state.segmenter = segmenter
+    if segmenter.demo:
+        log.warning("DEMO SEGMENTER: %s", TINY_NOTICE)
+    else:
+        log.info("segmenter: %s on %s", ", ".join(segmenter.sources), segmenter.device)
 
 
 def _setup_null(state: AppState, own_fetches: OwnFetches) -> None:

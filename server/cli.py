@@ -15,6 +15,7 @@ FLAG_NAMES = {"api_tokens": "--api-token", "admin_tokens": "--admin-token", "gpu
 
 WORKER_PORT = 9100  # a worker node's /health and /metrics
 EXIT_DATABASE_UNREACHABLE = 4
+EXIT_SEGMENTER_MISSING = 6  # --segmenter names a folder that is not there, or lacks a file
 NOT_WORKER_FLAGS = ("workers",)  # a worker node always runs workers
 
 
@@ -78,6 +79,15 @@ def run_node(args: argparse.Namespace, role: str | None) -> int:
     settings = Settings(**given)
     settings.check_exposure()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.segmenter and settings.workers:
+        from inference.errors import WeightsError
+        from inference.segment import check_sources
+
+        try:
+            check_sources(settings.segmenter)  # each file named, before anything starts
+        except WeightsError as exc:
+            print(f"flux-fill {args.command}: {exc}", file=sys.stderr)
+            return EXIT_SEGMENTER_MISSING
     # The data folder is locked, then the port bound, before the app reads its queue: a second
     # server on the same folder or port stops here, having changed nothing.
     lock = DataDirLock(settings.data_dir)

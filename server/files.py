@@ -31,7 +31,7 @@ from .records import FileRecord
 from .store import OwnerLimits, Store
 
 _FILE_URL = re.compile(r"/v1/files/([a-z0-9]{20,40})/?$")
-_SAFE_NAME = re.compile(r"^out-\d+\.(webp|jpg|png)$")
+_SAFE_NAME = re.compile(r"^(out-\d+\.(webp|jpg|png)|mask\.png)$")  # outputs, and a mask_prompt's mask
 _SAFE_RUN = re.compile(r"^[a-z0-9]{1,32}$")
 
 

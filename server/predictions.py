@@ -28,6 +28,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 
+from inference.engine import MASK_NAME, NO_SEGMENTER
 from inference.errors import FetchError, InvalidInput
 from inference.images import OUTPUT_CONTENT_TYPES, decode_data_uri
 
@@ -39,7 +40,7 @@ from .bodies import LargeStrings, data_uri_file, text_file
 from .events import COMPLETED, Hub
 from .files import FileStore, disk_guard, is_disk_full, new_id
 from .lifecycle import Lifecycle
-from .protocol import ApiError, PredictionRequest, lone_surrogate_at, not_unicode
+from .protocol import ApiError, InvalidField, PredictionRequest, lone_surrogate_at, not_unicode, validation_failed
 from .quotas import Quotas
 from .records import PredictionRecord, PreviewRecord
 from .settings import Settings
@@ -126,6 +127,12 @@ class PredictionService:
         uris = [self.files.data_uri(record.id, name, record.output_run) for name in names]
         return [u for u in uris if u is not None]
 
+    def mask_url(self, record: PredictionRecord, request_base: str | None = None) -> str | None:
+        """Where the mask a mask_prompt made is served, once its run succeeded (None otherwise)."""
+        if not (record.input or {}).get("mask_prompt") or record.output is None or record.data_removed:
+            return None
+        return self.output_url(record, MASK_NAME, self.base_for(request_base))
+
     def output_url(self, record: PredictionRecord, name: str, base: str) -> str:
         """Where this server serves one output: no token, an unguessable URL (server.replicate.files)."""
         return f"{base}/outputs/{record.id}/{record.output_token}/{name}"
@@ -209,7 +216,11 @@ class PredictionService:
     def resolver_for(self, record: PredictionRecord) -> Callable[[str], bytes | None]:
         """Resolves this server's file URLs in the prediction's input: its own tenant's files only
         (an admin's, or a server without tokens, any)."""
-        owner = record.owner
+        return self.resolver_of(record.owner)
+
+    def resolver_of(self, owner: str | None) -> Callable[[str], bytes | None]:
+        """Resolves this server's file URLs as ``owner`` may read them: its own files only (an
+        admin, or the one tenant of a server without tokens, any)."""
 
         def resolve(value: str) -> bytes | None:
             found = self.files.resolve(value, lambda file_owner: owner in (None, ADMIN) or file_owner == owner)
@@ -227,6 +238,9 @@ class PredictionService:
         BFL's) whose adapter made the request, and what it keeps to answer in that API's shape.
         ``prediction_id``: the id the client chose (Cog's API, its form checked there); a new one
         when None. An id already taken is 409 and nothing is written."""
+        if request.input.mask_prompt and not self.settings.segmenter:
+            raise validation_failed([InvalidField(type="unavailable", field="input.mask_prompt",
+                                                  description=f"mask_prompt: {NO_SEGMENTER}")])
         if prediction_id is not None and self.store.get_prediction(prediction_id) is not None:
             raise ApiError(409, f"A prediction with the id {prediction_id} exists already.", "Conflict")
         self.check_queue(caller)

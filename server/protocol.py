@@ -63,6 +63,8 @@ class PredictionRequest(BaseModel):
 
 
 class PredictionUrls(BaseModel):
+    model_config = ConfigDict(extra="allow")  # mask: the mask a mask_prompt made, once the prediction succeeded
+
     get: str
     cancel: str
     web: str

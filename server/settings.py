@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     weights: str = Field("tiny", description="Weights: a diffusers folder, a .safetensors file (with --components), a repo id, 'tiny' (the demo model), or 'null' (no model: a fixed picture after --null-delay-s, for benchmarks and tests).")
     null_delay_s: float = Field(0.0, ge=0, description="With --weights null: the seconds each prediction takes, spread over its steps.")
     simulated_gpus: int = Field(1, ge=1, le=10000, description="With --weights null: simulated GPUs this process runs, one worker thread each, each holding its own lease (benchmarks of the control plane).")
+    segmenter: str | None = Field(None, description="Masks without a brush (mask_prompt, POST /v1/masks, the page's click to select): a SAM folder and a Grounding DINO folder (or Hugging Face repo ids in the local cache), comma-separated; or 'tiny' (random demo models built in code). Loaded once by the process that runs the workers. Without it mask_prompt is refused (422). Set it on API nodes too: they accept mask_prompt only when it is set.")
+    segmenter_device: str | None = Field(None, description="Where the segmenter runs (e.g. cpu, cuda:1). Default: the first worker's device. About 1.1 GB for SAM ViT-B with Grounding DINO tiny in float32 (weights.md).")
     components: str | None = Field(None, description="With a single-file --weights: folder with VAE, text encoders, tokenizers, scheduler.")
     gpus: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Devices to run on, one worker each (e.g. cuda:0,cuda:1). Default: the first GPU, else the CPU.")
     data_dir: Path = Field(Path("./data"), description="Where the SQLite database, uploads and outputs live.")

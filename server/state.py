@@ -37,6 +37,8 @@ class AppState:
     models: list = field(default_factory=list)  # LoadedModel per device
     workers: list = field(default_factory=list)
     webhooks: object | None = None
+    segmenter: object | None = None  # inference.segment.Segmenter, when --segmenter is set and loaded
+    mask_gate: object | None = None  # server.routes.masks: the requests waiting for the segmenter
     secrets: dict = field(default_factory=dict)  # owner -> its webhook signing secret, once read
 
     def webhook_secret(self, owner: str | None) -> str:

@@ -173,17 +173,19 @@ class Worker(threading.Thread):
             if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
             job = service.job(run, self.reader(run, cancelled), logs.line)  # another API's adapter prepares here
+            masks: list = []  # the mask a mask_prompt made, kept beside the outputs
             outputs = self.engine.predict(
                 parse_input(job.input),
                 resolver=job.resolver(service.resolver_for(run)),
                 on_step=logs.progress,
                 cancelled=cancelled,
                 log=logs.line,
+                on_mask=masks.append,
                 **self.previews.for_run(run),
             )
             facts = job.facts_of(outputs)
             lifecycle._outlasting(lambda: service.keep_facts(run, facts))
-            self.save(run, job.finished(outputs), logs, started, cancelled)
+            self.save(run, job.finished(outputs), logs, started, cancelled, beside=masks)
         except Requeued:
             lifecycle.requeue(run, logs.text, time.monotonic() - started)
         except LeaseLost:
@@ -209,13 +211,15 @@ class Worker(threading.Thread):
             self.current = self.run_held = None
             lifecycle.forget(pid)
 
-    def save(self, run: PredictionRecord, outputs: list, logs: LogBuffer, started: float, cancelled) -> None:
+    def save(self, run: PredictionRecord, outputs: list, logs: LogBuffer, started: float, cancelled,
+             beside: list = ()) -> None:
         """Count the outputs against their owner's storage quota, write them into this run's own
         folder, and record them under the run's claim. A cancel is honoured until they are
-        recorded; a run that lost its claim leaves nothing (its folder is removed)."""
+        recorded; a run that lost its claim leaves nothing (its folder is removed). ``beside``:
+        files kept in the folder that are not outputs (a mask_prompt's mask), counted too."""
         service, lifecycle, pid = self.service, self.lifecycle, run.id
         folder = run_folder(run)
-        size = sum(len(out.data) for out in outputs)
+        size = sum(len(out.data) for out in [*outputs, *beside])
         if cancelled():
             raise Cancelled()
         quotas = service.quotas
@@ -227,7 +231,9 @@ class Worker(threading.Thread):
         if not held:
             raise LeaseLost()
         try:
-            names = lifecycle._outlasting(lambda: service.files.write_outputs(pid, outputs, folder, cancelled))
+            written = lifecycle._outlasting(lambda: service.files.write_outputs(pid, [*outputs, *beside], folder,
+                                                                                  cancelled))
+            names = written[:len(outputs)]
             recorded = lifecycle.succeed(run, names, logs.text, time.monotonic() - started, output_run=folder,
                                          output_bytes=size, seed=outputs[0].seed if outputs else None,
                                          progress=logs.step)

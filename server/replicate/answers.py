@@ -47,6 +47,7 @@ def render(service: PredictionService, record: PredictionRecord, request_base: s
             cancel=f"{base}/v1/predictions/{pid}/cancel",
             web=f"{base}/?prediction={pid}",
             stream=f"{base}/v1/predictions/{pid}/stream",
+            **({"mask": mask} if (mask := service.mask_url(record, request_base)) else {}),
         ),
         metrics=metrics,
         api=record.api or "replicate",

@@ -30,7 +30,7 @@ def test_schemathesis_finds_no_server_error(server_factory, tmp_path):
     cli = schemathesis_cli()
     if cli is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
-    server = server_factory("--api-token", TOKEN, "--max-queue", "1000", "--log-level", "warning")
+    server = server_factory("--api-token", TOKEN, "--max-queue", "1000", "--log-level", "warning", "--segmenter", "tiny")
     cmd = [cli, "run", f"{server.url}/openapi.json",
            "--checks", "not_a_server_error",
            "--max-examples", str(EXAMPLES_PER_OPERATION),
