@@ -233,6 +233,9 @@ class Health(BaseModel):
     # On an API node (serve --no-workers), which loads no model: what the workers recorded in the
     # database, the latest first; model, demo and notice above are then theirs.
     workers: list[ServedModel] | None = None
+    # Masks without a brush: "points" (clicks and boxes, POST /v1/masks on this node) and "text"
+    # (mask_prompt); empty without --segmenter. On an API node: "text" when --segmenter is set.
+    selects: list[Literal["points", "text"]] = []
     version: str
 
 

@@ -51,8 +51,17 @@ async def health(caller: Caller | None = Depends(optional_auth), state: AppState
         setup_error=error,
         speed=model.extras.get("speed") if model and shown else None,
         database="available" if queued is not None else "unavailable",
+        selects=selects(state),
         version=__version__,
     )
+
+
+def selects(state: AppState) -> list[str]:
+    """What this node selects masks by (Health.selects)."""
+    segmenter = state.segmenter
+    if segmenter is not None:
+        return ["points", "text"] if segmenter.reads_text else ["points"]
+    return ["text"] if state.settings.segmenter and not state.settings.workers else []
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics")
