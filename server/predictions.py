@@ -238,7 +238,7 @@ class PredictionService:
         BFL's) whose adapter made the request, and what it keeps to answer in that API's shape.
         ``prediction_id``: the id the client chose (Cog's API, its form checked there); a new one
         when None. An id already taken is 409 and nothing is written."""
-        if request.input.mask_prompt and not self.settings.segmenter:
+        if request.sent_input.get("mask_prompt") and not self.settings.segmenter:
             raise validation_failed([InvalidField(type="unavailable", field="input.mask_prompt",
                                                   description=f"mask_prompt: {NO_SEGMENTER}")])
         if prediction_id is not None and self.store.get_prediction(prediction_id) is not None:

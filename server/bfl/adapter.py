@@ -46,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from inference.errors import ALL_FLAGGED
-from inference.inputs import MAX_EXPAND, MAX_SEED, describe_errors
+from inference.inputs import MAX_EXPAND, MAX_SEED, MaskMode, describe_errors
+from inference.segment import MAX_PROMPT_CHARS as SELECTION_CHARS
 
 from ..admission import admit
 from ..auth import Caller
@@ -110,6 +111,13 @@ class FillRequest(_Common):
     image: str = Field(..., description="The image to inpaint: base64, or an http(s) URL. Its alpha is the "
                                         "mask when no mask is given.")
     mask: str | None = Field(None, description="Black keeps, white repaints: base64, or an http(s) URL.")
+    # This server's additions (BFL's Fill has none like them): what to repaint in words, combined with
+    # the mask (or the image's alpha) by mask_mode.
+    mask_prompt: str | None = Field(None, max_length=SELECTION_CHARS,
+                                    description="What to repaint, in words (\"the red car\"), instead of or with a "
+                                                "mask; needs a server started with --segmenter.")
+    mask_mode: MaskMode = Field("add", description="How mask_prompt's selection combines with the mask: add, "
+                                                   "replace, subtract or intersect.")
 
 
 class ExpandRequest(_Common):
@@ -233,6 +241,8 @@ def model_input(body: FillRequest | ExpandRequest) -> dict[str, Any]:
         data["seed"] = body.seed
     if isinstance(body, FillRequest) and body.mask:
         data["mask"] = file_input(body.mask, "mask")
+    if isinstance(body, FillRequest) and body.mask_prompt:
+        data.update(mask_prompt=body.mask_prompt, mask_mode=body.mask_mode)
     if isinstance(body, ExpandRequest):
         for side in ("top", "bottom", "left", "right"):
             if getattr(body, side):
@@ -315,6 +325,7 @@ def result(service: PredictionService, prediction_id: str, record: PredictionRec
         sample = f"{base}/outputs/{record.id}/{record.output_token}/{record.output[0]}"
         return ResultResponse(id=record.id, status=ResultStatus.READY, progress=1.0, result={
             "sample": sample,
+            **({"mask": mask} if (mask := service.mask_url(record, request_base)) else {}),
             "prompt": request.get("prompt", record.input.get("prompt")),
             "seed": record.seed,
             "start_time": record.started_at,

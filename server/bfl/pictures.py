@@ -79,7 +79,7 @@ def check_pictures(data: dict[str, Any], max_pixels: int) -> dict[str, float] | 
                                      "the mask must have the image's size")
     added = sides(data)
     expands = any(added.values())
-    if not data.get("mask") and not expands and not image.has_alpha:
+    if not data.get("mask") and not data.get("mask_prompt") and not expands and not image.has_alpha:
         raise _invalid("input.mask", "mask is required when the image has no alpha channel (its transparent "
                                      "pixels are the ones repainted)", "missing")
     out = output_size(image.size, added)

@@ -54,9 +54,10 @@ def check_edit(image: bytes, mask: bytes | None, max_pixels: int) -> tuple[Image
 
 
 def edit_pictures(image: bytes, mask: bytes | None, size: tuple[int, int],
-                  max_pixels: int) -> tuple[Image.Image, Image.Image]:
+                  max_pixels: int, selects: bool = False) -> tuple[Image.Image, Image.Image | None]:
     """On the worker: the image to edit (RGB) and our mask ("L", white is repainted) at ``size``,
-    from OpenAI's image and (optional) mask."""
+    from OpenAI's image and (optional) mask. ``selects``: the edit has a mask_prompt, so an image
+    with neither a mask nor transparency has no mask (None): the selection is the mask."""
     picture = open_image(image, "image", max_pixels)
     if mask is not None:
         stencil = open_image(mask, "mask", max_pixels)
@@ -66,14 +67,16 @@ def edit_pictures(image: bytes, mask: bytes | None, size: tuple[int, int],
         ours = _edited_where_transparent(stencil)
     elif has_alpha(picture):
         ours = _edited_where_transparent(picture)
+    elif selects:
+        ours = None
     else:
         ours = Image.new("L", picture.size, 255)  # no transparency anywhere: the whole image is repainted
-    if ours.getextrema() == (0, 0):
+    if ours is not None and ours.getextrema() == (0, 0) and not selects:
         ours = Image.new("L", picture.size, 255)
     rgb = picture.convert("RGB")
     if rgb.size != tuple(size):
         rgb = rgb.resize(tuple(size), Image.Resampling.LANCZOS)
-        ours = ours.resize(tuple(size), Image.Resampling.BILINEAR)
+        ours = ours.resize(tuple(size), Image.Resampling.BILINEAR) if ours is not None else None
     return rgb, ours
 
 

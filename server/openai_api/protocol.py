@@ -9,6 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inference.inputs import MaskMode
+from inference.segment import MAX_PROMPT_CHARS as SELECTION_CHARS
+
 from ..protocol import ModelPage
 
 API = "openai"  # the ``api`` of the predictions this adapter makes
@@ -50,9 +53,13 @@ class ImageOptions(BaseModel):
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES)
     user: str | None = None
+    # This server's additions to an edit (the SDKs send them with extra_body): what to repaint in words,
+    # and how it combines with the mask (or the image's transparency): see inference.inputs.
+    mask_prompt: str | None = Field(None, max_length=SELECTION_CHARS)
+    mask_mode: MaskMode = "add"
 
     @field_validator("model", "size", "quality", "response_format", "output_format", "background", "user",
-                     "n", "output_compression", "partial_images", "stream", mode="before")
+                     "n", "output_compression", "partial_images", "stream", "mask_prompt", "mask_mode", mode="before")
     @classmethod
     def _null_is_default(cls, value: Any, info) -> Any:
         """The clients send null (JSON) or nothing for "the default"; null must not be an error."""

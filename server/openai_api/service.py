@@ -107,6 +107,13 @@ def data_uri(data: bytes, content_type: str) -> str:
     return f"data:{content_type};base64," + base64.b64encode(data).decode()
 
 
+def selection(options: ImageOptions, endpoint: str) -> dict[str, Any]:
+    """An edit's mask_prompt and mask_mode, as the prediction's input keeps them (none when not sent)."""
+    if endpoint != EDITS or not options.mask_prompt:
+        return {}
+    return {"mask_prompt": options.mask_prompt, "mask_mode": options.mask_mode}
+
+
 def adapter_request(sent_input: dict[str, Any]) -> PredictionRequest:
     """The create of one prediction of an OpenAI request. Its input is this adapter's own, checked
     here (a generation has no image; an edit keeps OpenAI's mask as ``openai_mask``), so it is not
@@ -221,7 +228,7 @@ class OpenAIImages:
             for first in range(0, options.n, MAX_OUTPUTS):
                 count = min(MAX_OUTPUTS, options.n - first)
                 sent_input = {
-                    "prompt": options.prompt, **pictures,
+                    "prompt": options.prompt, **pictures, **selection(options, endpoint),
                     "num_outputs": count, "num_inference_steps": options.steps, "seed": seed + first,
                     "megapixels": "match_input", "output_format": ENGINE_FORMATS[options.output_format],
                     "output_quality": options.output_compression,

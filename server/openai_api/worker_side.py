@@ -40,15 +40,17 @@ class OpenAIWorkerSide:
         if edit:
             mask = sent.get(MASK_INPUT)
             image, ours = edit_pictures(read(sent["image"], "image"), read(mask, "mask") if mask else None, size,
-                                        self.max_pixels)
+                                        self.max_pixels, selects=bool(sent.get("mask_prompt")))
         else:
             image, ours = canvas(size)
         engine_input = {key: value for key, value in sent.items() if key != MASK_INPUT}
-        engine_input.update(image=PREPARED_IMAGE, mask=PREPARED_MASK)
+        engine_input.update(image=PREPARED_IMAGE)
+        if ours is not None:
+            engine_input.update(mask=PREPARED_MASK)
         output_format, quality = sent.get("output_format", "png"), int(sent.get("output_quality", 100))
         return EngineJob(
             input=engine_input,
-            files={PREPARED_IMAGE: prepared_png(image), PREPARED_MASK: prepared_png(ours)},
+            files={PREPARED_IMAGE: prepared_png(image), **({PREPARED_MASK: prepared_png(ours)} if ours else {})},
             finish=lambda outputs: fit_outputs(outputs, size, output_format, quality),
             facts=lambda outputs: {"usage": counted(outputs, int(sent.get("num_outputs", 1)), edit)},
         )
