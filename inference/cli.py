@@ -44,6 +44,8 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--components", default=None, help="With a single-file --weights: the other components.")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when there is one).")
     p.add_argument("--lora-dir", default=None, help="Folder of named LoRAs.")
+    p.add_argument("--segmenter", default=None, help="For --mask-prompt: a SAM folder and a Grounding DINO folder, "
+                                                     "comma-separated, or 'tiny' (weights.md).")
     p.set_defaults(func=predict)
 
 
@@ -69,6 +71,10 @@ def predict(args: argparse.Namespace) -> int:
                             warm_up=False, allow_paths=True, lora=lora)
     try:
         engine = build_engine(options)
+        if args.segmenter:
+            from .segment import load_segmenter
+
+            engine.segmenter = load_segmenter(args.segmenter, args.device)
     except (WeightsError, AccelError) as exc:
         return _fail(str(exc), 2)
     except Exception as exc:  # a failure no check foresaw: still one sentence, never a traceback
@@ -81,8 +87,10 @@ def predict(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
+    masks: list = []
     try:
-        outputs = engine.predict(inp, on_step=on_step, log=lambda line: bar.write(line, file=sys.stderr))
+        outputs = engine.predict(inp, on_step=on_step, log=lambda line: bar.write(line, file=sys.stderr),
+                                 on_mask=masks.append)
     except InvalidInput as exc:
         bar.close()
         for e in exc.errors:
@@ -97,7 +105,7 @@ def predict(args: argparse.Namespace) -> int:
     bar.close()
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
-    for out in outputs:
+    for out in [*outputs, *masks]:  # a --mask-prompt's mask is written beside the outputs
         (folder / out.name).write_bytes(out.data)
         print(folder / out.name)
     return 0

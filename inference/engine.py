@@ -53,8 +53,8 @@ PROMPT_CACHE_SIZE = 16  # prompts whose embeddings are kept (about 4 MB each on 
 # text (a T5 token averages 3 to 4 characters), so a prompt of megabytes costs milliseconds, not minutes.
 PROMPT_CHARS = 16_384
 MASK_NAME = "mask.png"  # the mask a mask_prompt made, kept beside the outputs
-NO_SEGMENTER = ("this server selects no masks by words: start it with --segmenter (tiny: the demo models; or a SAM "
-                "folder and a Grounding DINO folder, see weights.md), or send a mask")
+NO_SEGMENTER = ("no segmenter is loaded to select a mask by words: pass --segmenter (tiny: the demo models; or a "
+                "SAM folder and a Grounding DINO folder, see weights.md), or send a mask")
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 CancelCheck = Callable[[], bool]

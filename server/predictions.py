@@ -28,7 +28,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 
-from inference.engine import MASK_NAME, NO_SEGMENTER
+from inference.engine import MASK_NAME
 from inference.errors import FetchError, InvalidInput
 from inference.images import OUTPUT_CONTENT_TYPES, decode_data_uri
 
@@ -47,6 +47,10 @@ from .settings import Settings
 from .store import DatabaseUnavailable, QuotaExceeded, Store
 from .stored_inputs import Stored
 from .streaming import StreamReads
+
+NO_SEGMENTER_HERE = ("mask_prompt: this server has no segmenter to select a mask by words: start it with --segmenter "
+                     "(tiny: the demo models; or a SAM folder and a Grounding DINO folder, see weights.md), or send a "
+                     "mask")
 
 log = logging.getLogger(__name__)
 ORPHAN_INPUTS_S = 3600.0  # on a shared database, stored inputs without a row this old are a crash's
@@ -240,7 +244,7 @@ class PredictionService:
         when None. An id already taken is 409 and nothing is written."""
         if request.sent_input.get("mask_prompt") and not self.settings.segmenter:
             raise validation_failed([InvalidField(type="unavailable", field="input.mask_prompt",
-                                                  description=f"mask_prompt: {NO_SEGMENTER}")])
+                                                  description=NO_SEGMENTER_HERE)])
         if prediction_id is not None and self.store.get_prediction(prediction_id) is not None:
             raise ApiError(409, f"A prediction with the id {prediction_id} exists already.", "Conflict")
         self.check_queue(caller)

@@ -80,6 +80,18 @@ def predict_in_process(capsys, *args: str) -> tuple[int, list[str]]:
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
 
+def test_predict_selects_by_mask_prompt_with_a_segmenter_and_says_the_flag_without(tmp_path, tiny_dir, capsys):
+    noise_image(64, 48).save(tmp_path / "in.png")
+    base = ["--weights", str(tiny_dir), "--image", str(tmp_path / "in.png"), "--prompt", "x", "--mask-prompt", "sky",
+            "--num-inference-steps", "2", "--megapixels", "match_input"]
+    code, errors = predict_in_process(capsys, *base, "-o", str(tmp_path / "none"))
+    assert code == 2 and errors and "mask_prompt" in errors[0] and "--segmenter" in errors[0]
+    code, errors = predict_in_process(capsys, *base, "--segmenter", "tiny", "-o", str(tmp_path / "out"))
+    assert code == 0, errors
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mask.png", "out-0.webp"]
+    assert Image.open(tmp_path / "out" / "mask.png").size == (64, 48)
+
+
 @pytest.mark.parametrize("case", ["truncated", "scale-less fp8"])
 def test_predict_refuses_broken_weights_in_one_sentence(broken_weights, tmp_path, capsys, case):
     path, sentence = broken_weights[case]
