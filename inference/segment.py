@@ -25,10 +25,12 @@ it, one call at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +50,7 @@ MAX_REGIONS = 16  # regions a sentence may select, the best scores first
 MAX_PROMPT_CHARS = 256  # the detector reads a short phrase (its text encoder: 256 tokens at most)
 MAX_POINTS = 64
 MAX_BOXES = 16
+ENCODED_PICTURES = 4  # pictures whose SAM image embeddings are kept (ViT-H: 4 MB each, 256x64x64 floats)
 TINY_LAYOUT_VERSION = "1"
 # What the tiny segmenter does, in the words the logs and /health use.
 TINY_NOTICE = ("The tiny built-in segmenter with random weights: its masks have no meaning. Start the server with "
@@ -113,6 +116,7 @@ class Segmenter:
         self.detector, self.detector_processor = detector, detector_processor
         self.device, self.sources, self.demo = device, list(sources), demo
         self.lock = threading.Lock()
+        self._encoded: OrderedDict[bytes, object] = OrderedDict()  # picture -> SAM's image embeddings
 
     @property
     def reads_text(self) -> bool:
@@ -179,6 +183,20 @@ class Segmenter:
 
     # -- SAM ------------------------------------------------------------------------------------
 
+    def _embeddings(self, image: Image.Image, pixel_values):
+        """SAM's image encoder's output for ``image`` (nearly all of a click's work): kept for the last
+        few pictures, so the second click on a picture costs only the prompt encoder and mask decoder."""
+        key = hashlib.blake2b(image.tobytes(), digest_size=16, person=f"{image.width}x{image.height}".encode()[:16]).digest()
+        found = self._encoded.get(key)
+        if found is not None:
+            self._encoded.move_to_end(key)
+            return found
+        embeddings = self.sam.get_image_embeddings(pixel_values)
+        self._encoded[key] = embeddings
+        while len(self._encoded) > ENCODED_PICTURES:
+            self._encoded.popitem(last=False)
+        return embeddings
+
     def _sam(self, image: Image.Image, points=None, labels=None, boxes=None) -> Image.Image:
         """SAM's mask for one object (points, with at most one box) or one per box, united."""
         import torch
@@ -193,8 +211,11 @@ class Segmenter:
         # One click is ambiguous (a shirt, or the person wearing it): SAM proposes three masks and the
         # one it scores best is taken. More points or a box say enough for one.
         several = bool(points) and len(points) == 1 and not boxes
+        pixel_values = inputs.pop("pixel_values")
+        prompts = {k: v for k, v in inputs.items() if k.startswith("input_")}
         with torch.inference_mode():
-            out = self.sam(**inputs, multimask_output=several)
+            embeddings = self._embeddings(image, pixel_values)
+            out = self.sam(image_embeddings=embeddings, multimask_output=several, **prompts)
         masks = self.sam_processor.image_processor.post_process_masks(
             out.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())[0]
         # masks: (objects, candidates, H, W) booleans; scores: (1, objects, candidates)

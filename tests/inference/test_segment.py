@@ -219,3 +219,26 @@ def test_a_wrong_segmenter_folder_is_told_naming_what_is_missing(tiny_segmenter_
         check_sources("nobody/no-such-segmenter")
     found = check_sources(f" {tiny_segmenter_dir / 'grounding-dino'} , {tiny_segmenter_dir / 'sam'} ")
     assert found == {"detector": tiny_segmenter_dir / "grounding-dino", "sam": tiny_segmenter_dir / "sam"}
+
+
+def test_a_second_click_on_a_picture_reuses_its_image_embeddings(segmenter, monkeypatch):
+    import torch
+
+    calls = []
+    encode = segmenter.sam.get_image_embeddings
+    monkeypatch.setattr(segmenter.sam, "get_image_embeddings", lambda pv: calls.append(1) or encode(pv))
+    img, other = noise_image(80, 64, 11), noise_image(80, 64, 12)
+    first = segmenter.select(img, points=[(10, 10, 1)])
+    segmenter.select(img, points=[(50, 30, 1)])
+    assert len(calls) == 1
+    segmenter.select(other, points=[(10, 10, 1)])
+    assert len(calls) == 2
+    # What the kept embeddings give is what SAM gives from the pixels.
+    inputs = segmenter.sam_processor(images=img, input_points=[[[[10.0, 10.0]]]], input_labels=[[[1]]],
+                                     return_tensors="pt")
+    with torch.inference_mode():
+        out = segmenter.sam(**inputs, multimask_output=True)
+    masks = segmenter.sam_processor.image_processor.post_process_masks(
+        out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]
+    best = masks[0, out.iou_scores[0, 0].argmax()].numpy().astype("uint8") * 255
+    assert np.array_equal(pixels(first.mask), best)
