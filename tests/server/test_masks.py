@@ -116,6 +116,15 @@ def test_mask_prompt_through_bfls_fill_shows_the_mask_in_the_result(server):
     assert mask_of(mask.content).shape == (48, 64)
 
 
+def test_mask_prompt_through_cogs_container_api(server):
+    r = httpx.post(f"{server.url}/cog/predictions", headers=auth(ALICE), timeout=120,
+                   json={"input": fast_input(noise_image(64, 64, 7), mask_prompt="the tree")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "succeeded" and body["output"][0].startswith("data:image/png")
+    assert "mask_prompt 'the tree':" in body["logs"]
+
+
 # -- POST /v1/masks -------------------------------------------------------------------------------
 
 def test_a_click_answers_a_png_mask_of_the_pictures_size_with_its_coverage(server):
