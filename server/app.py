@@ -261,7 +261,8 @@ def _setup(state: AppState, load_model, own_fetches: OwnFetches) -> None:
 def _setup_segmenter(state: AppState, device: str | None) -> None:
     """--segmenter: its models loaded once on --segmenter-device (default: the first worker's), shared
     by every worker's engine (mask_prompt) and POST /v1/masks."""
-    from inference.segment import TINY_NOTICE, load_segmenter
+    from inference.segment import load_segmenter
+    from inference.tiny_segmenter import TINY_NOTICE
 
     segmenter = load_segmenter(state.settings.segmenter, state.settings.segmenter_device or device)
     for worker in state.workers:

@@ -13,8 +13,8 @@ from PIL import Image
 from inference.engine import MASK_NAME
 from inference.errors import InvalidInput, WeightsError
 from inference.inputs import parse_input
-from inference.segment import (Selection, check_sources, combine, coverage, detector_phrase, ensure_tiny_segmenter,
-                               load_segmenter)
+from inference.segment import Selection, check_sources, combine, coverage, detector_phrase, load_segmenter
+from inference.tiny_segmenter import ensure_tiny_segmenter
 from tests.helpers import box_mask, fast_input, noise_image
 
 

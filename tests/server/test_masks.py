@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from inference.segment import ensure_tiny_segmenter
+from inference.tiny_segmenter import ensure_tiny_segmenter
 from tests.helpers import LiveServer, box_mask, data_uri, fast_input, noise_image, png_bytes
 
 ALICE, BOB = "alice-token-1", "bob-token-2"
