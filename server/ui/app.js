@@ -134,7 +134,9 @@ function updateTools() {
   $("#tool-brush").setAttribute("aria-pressed", String(editor.tool === "brush"));
   $("#tool-eraser").setAttribute("aria-pressed", String(editor.tool === "eraser"));
   $("#tool-select").setAttribute("aria-pressed", String(editor.tool === "select"));
+  // The select tool has no size: its controls take the size slider's place.
   $("#select-tools").hidden = editor.tool !== "select";
+  $(".brush-size").hidden = editor.tool === "select";
   $("#select-subtract").setAttribute("aria-pressed", String(editor.subtract));
   $("#brush-size").value = editor.brushSize;
   $("#brush-size-value").textContent = editor.brushSize;
@@ -313,6 +315,7 @@ editor.addEventListener("select", (e) => {
       if (err instanceof ApiError && err.status === 401) askForToken("The server needs an API token to select.");
       const why = err instanceof ApiError ? err.message : `the browser could not read the answer (${err.message})`;
       selectStatus(`Could not select: ${why}`, "error");
+      toast(`Could not select: ${why}`);
     } finally {
       selectsWaiting -= 1;
       if (!selectsWaiting) $("#stage").classList.remove("selecting");
@@ -579,7 +582,7 @@ function render(prediction) {
 
   // The mask a mask_prompt made: shown beside the outputs, so a wrong selection is seen.
   const maskUrl = prediction.status === "succeeded" ? prediction.urls?.mask : null;
-  const maskLink = $("#run-mask");
+  const maskLink = $("#run-mask-link");
   if (maskUrl) {
     if (maskLink.getAttribute("href") !== maskUrl) {
       maskLink.href = maskUrl;
@@ -589,7 +592,9 @@ function render(prediction) {
     maskLink.removeAttribute("href");
     $("#run-mask-img").removeAttribute("src");
   }
-  maskLink.hidden = !maskUrl;
+  $("#run-mask").hidden = !maskUrl;
+  // Editable where the editor shows this prediction's input.
+  $("#run-mask-edit").hidden = !(maskUrl && tracked?.before && tracked.before === source?.dataUri);
 
   const meta = $("#run-meta");
   meta.replaceChildren();
@@ -746,6 +751,29 @@ async function cancelTracked(button) {
 }
 $("#cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
 $("#stage-cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
+
+/** The mask a prediction used, into the editor: the brush corrects it; Mask by words is emptied. */
+$("#run-mask-edit").addEventListener("click", async () => {
+  const url = $("#run-mask-link").getAttribute("href");
+  if (!url || !editor.hasImage) return;
+  if (!tracked?.before || tracked.before !== source?.dataUri) {
+    toast("The editor shows another picture: open this prediction from the history to edit its mask.");
+    return;
+  }
+  try {
+    const blob = await fetchImage(url);
+    if (!blob) throw new Error("it is not an image");
+    editor.loadMask(await createImageBitmap(blob));
+  } catch (err) {
+    toast(`Could not open the mask: ${err.message}`);
+    return;
+  }
+  const words = form.control("mask_prompt");
+  words.value = "";
+  words.dispatchEvent(new Event("input", { bubbles: true }));
+  $(".editor").scrollIntoView({ behavior: "smooth", block: "start" });
+  toast("The mask is in the editor; Mask by words was emptied.");
+});
 
 async function editOutput(output) {
   try {

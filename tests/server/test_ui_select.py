@@ -174,9 +174,15 @@ def test_a_prediction_by_words_shows_the_mask_it_used(browser, server, tmp_path)
 
         mask_url = httpx.get(f"{server.url}/v1/predictions/{created.value.json()['id']}").json()["urls"]["mask"]
         page.wait_for_selector("#run-mask:not([hidden])")
-        assert page.get_attribute("#run-mask", "href") == mask_url
+        assert page.get_attribute("#run-mask-link", "href") == mask_url
         page.wait_for_function("document.querySelector('#run-mask-img').naturalWidth === 96")
         keep_screenshot(page, "select-mask-link.png", full_page=True)
+
+        # Edit this mask puts it in the editor, for the brush to correct, and empties Mask by words.
+        assert coverage_now(page) == 0
+        page.click("#run-mask-edit")
+        page.wait_for_function("document.querySelector('#image-info').textContent.includes('mask covers')")
+        assert coverage_now(page) > 0 and page.input_value("#f-mask_prompt") == ""
     finally:
         page.context.close()
     assert not errors, errors
