@@ -95,6 +95,14 @@ export class Api {
     return this.request("GET", next || "/v1/predictions");
   }
 
+  /**
+   * A mask from this node's segmenter: the object at `points` ([x, y, label] in the image's pixels)
+   * or in `boxes` ([x0, y0, x1, y1]). Answers {mask: data URI, coverage, width, height, ...}.
+   */
+  selectMask({ image, points = [], boxes = [] }) {
+    return this.request("POST", "/v1/masks", { image, points, boxes });
+  }
+
   async health() {
     // /health sits at the server's root; under a prefix it may also be mounted there.
     const tries = this.base ? [`${this.base}/health`, "/health"] : ["/health"];

@@ -17,6 +17,7 @@ const editor = new MaskEditor({
   imageCanvas: $("#image-canvas"),
   maskCanvas: $("#mask-canvas"),
   cursor: $("#brush-cursor"),
+  selectBox: $("#select-box"),
 });
 
 /** The image being edited: what is sent as `image`, and a name for the page. */
@@ -112,7 +113,10 @@ function describeImage() {
     return;
   }
   const coverage = editor.coverage();
-  const mask = coverage > 0 ? `mask covers ${(coverage * 100).toFixed(coverage < 0.01 ? 2 : 1)}%` : "no mask painted yet";
+  const words = form.control("mask_prompt");
+  const byWords = !words.disabled && words.value.trim() !== "";
+  const mask = coverage > 0 ? `mask covers ${(coverage * 100).toFixed(coverage < 0.01 ? 2 : 1)}%`
+    : byWords ? "mask by words" : "no mask painted yet";
   const size = outputSize(editor.width, editor.height, form.control("megapixels").value);
   const converted = source?.reencoded ? " (sent as PNG)" : "";
   info.textContent = `${source?.name || "image"}${converted} · ${editor.width}×${editor.height} px · ${mask}`;
@@ -129,6 +133,11 @@ function updateTools() {
   for (const id of ["#clear-mask", "#invert-mask"]) $(id).disabled = !editor.hasImage;
   $("#tool-brush").setAttribute("aria-pressed", String(editor.tool === "brush"));
   $("#tool-eraser").setAttribute("aria-pressed", String(editor.tool === "eraser"));
+  $("#tool-select").setAttribute("aria-pressed", String(editor.tool === "select"));
+  // The select tool has no size: its controls take the size slider's place.
+  $("#select-tools").hidden = editor.tool !== "select";
+  $(".brush-size").hidden = editor.tool === "select";
+  $("#select-subtract").setAttribute("aria-pressed", String(editor.subtract));
   $("#brush-size").value = editor.brushSize;
   $("#brush-size-value").textContent = editor.brushSize;
 }
@@ -224,6 +233,11 @@ document.addEventListener("paste", async (e) => {
 
 $("#tool-brush").addEventListener("click", () => editor.setTool("brush"));
 $("#tool-eraser").addEventListener("click", () => editor.setTool("eraser"));
+$("#tool-select").addEventListener("click", () => editor.setTool("select"));
+$("#select-subtract").addEventListener("click", () => {
+  editor.subtract = !editor.subtract;
+  updateTools();
+});
 $("#brush-size").addEventListener("input", (e) => editor.setBrushSize(Number(e.target.value)));
 $("#undo").addEventListener("click", () => editor.undo());
 $("#redo").addEventListener("click", () => editor.redo());
@@ -264,14 +278,57 @@ document.addEventListener("keydown", (e) => {
     else if (e.key === "]") editor.setBrushSize(Math.min(MAX_BRUSH, size + step));
     else if (key === "b") editor.setTool("brush");
     else if (key === "e") editor.setTool("eraser");
+    else if (key === "s" && !$("#tool-select").hidden) editor.setTool("select");
   }
+});
+
+// --- select: the object at a click, or in a box, from the server's segmenter ------------------
+
+let selecting = Promise.resolve();
+let selectsWaiting = 0;
+
+function selectStatus(message, kind = "") {
+  const status = $("#select-status");
+  status.textContent = message;
+  status.dataset.kind = kind;
+}
+
+editor.addEventListener("select", (e) => {
+  const mine = source;
+  const { points, boxes, subtract } = e.detail;
+  selectsWaiting += 1;
+  $("#stage").classList.add("selecting");
+  selectStatus(subtract ? "Selecting to take away…" : "Selecting…", "busy");
+  // One at a time, in order: each is one edit of the mask as it is when its answer comes.
+  selecting = selecting.then(async () => {
+    try {
+      if (source !== mine) return;
+      const answer = await api.selectMask({ image: mine.dataUri, points, boxes });
+      if (source !== mine) return; // another picture was opened meanwhile
+      const bitmap = await createImageBitmap(await (await fetch(answer.mask)).blob());
+      const changed = editor.applySelection(bitmap, subtract);
+      const share = `${(Number(answer.coverage || 0) * 100).toFixed(1)}%`;
+      selectStatus(!changed ? (Number(answer.coverage) ? "Nothing changed: the mask had it already." : "Nothing found there.")
+        : subtract ? `Took away a selection of ${share}.` : `Selected ${share} of the image.`,
+      changed ? "" : "warn");
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) askForToken("The server needs an API token to select.");
+      const why = err instanceof ApiError ? err.message : `the browser could not read the answer (${err.message})`;
+      selectStatus(`Could not select: ${why}`, "error");
+      toast(`Could not select: ${why}`);
+    } finally {
+      selectsWaiting -= 1;
+      if (!selectsWaiting) $("#stage").classList.remove("selecting");
+    }
+  });
 });
 
 // --- the form --------------------------------------------------------------------------------
 
 form.form.addEventListener("input", (e) => {
   if (e.target.name) form.clearError(e.target.name);
-  if (["megapixels", "outpaint", "crop_to_mask", ...EXPAND_SIDES].includes(e.target.name)) describeImage();
+  if (e.target.name === "mask_prompt") form.clearError("mask");
+  if (["mask_prompt", "megapixels", "outpaint", "crop_to_mask", ...EXPAND_SIDES].includes(e.target.name)) describeImage();
 });
 form.form.addEventListener("change", (e) => {
   if (["megapixels", "outpaint", "crop_to_mask", ...EXPAND_SIDES].includes(e.target.name)) describeImage();
@@ -523,6 +580,22 @@ function render(prediction) {
     if (tracked) tracked.outputsKey = key;
   }
 
+  // The mask a mask_prompt made: shown beside the outputs, so a wrong selection is seen.
+  const maskUrl = prediction.status === "succeeded" ? prediction.urls?.mask : null;
+  const maskLink = $("#run-mask-link");
+  if (maskUrl) {
+    if (maskLink.getAttribute("href") !== maskUrl) {
+      maskLink.href = maskUrl;
+      $("#run-mask-img").src = maskUrl;
+    }
+  } else {
+    maskLink.removeAttribute("href");
+    $("#run-mask-img").removeAttribute("src");
+  }
+  $("#run-mask").hidden = !maskUrl;
+  // Editable where the editor shows this prediction's input.
+  $("#run-mask-edit").hidden = !(maskUrl && tracked?.before && tracked.before === source?.dataUri);
+
   const meta = $("#run-meta");
   meta.replaceChildren();
   // The logged seed is exact; a seed past 2^53 read from JSON is not.
@@ -679,6 +752,29 @@ async function cancelTracked(button) {
 $("#cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
 $("#stage-cancel").addEventListener("click", (e) => cancelTracked(e.currentTarget));
 
+/** The mask a prediction used, into the editor: the brush corrects it; Mask by words is emptied. */
+$("#run-mask-edit").addEventListener("click", async () => {
+  const url = $("#run-mask-link").getAttribute("href");
+  if (!url || !editor.hasImage) return;
+  if (!tracked?.before || tracked.before !== source?.dataUri) {
+    toast("The editor shows another picture: open this prediction from the history to edit its mask.");
+    return;
+  }
+  try {
+    const blob = await fetchImage(url);
+    if (!blob) throw new Error("it is not an image");
+    editor.loadMask(await createImageBitmap(blob));
+  } catch (err) {
+    toast(`Could not open the mask: ${err.message}`);
+    return;
+  }
+  const words = form.control("mask_prompt");
+  words.value = "";
+  words.dispatchEvent(new Event("input", { bubbles: true }));
+  $(".editor").scrollIntoView({ behavior: "smooth", block: "start" });
+  toast("The mask is in the editor; Mask by words was emptied.");
+});
+
 async function editOutput(output) {
   try {
     const blob = await fetchImage(output);
@@ -755,7 +851,25 @@ api.health().then((health) => {
     $("#model-name").textContent = String(health.model);
     $("#model-line").hidden = false;
   }
+  showSelects(Array.isArray(health.selects) ? health.selects : []);
 });
+
+/** The select tool and "Mask by words" where the server selects by points and by text. */
+function showSelects(selects) {
+  const points = selects.includes("points");
+  $("#tool-select").hidden = !points;
+  document.querySelectorAll(".select-only").forEach((el) => { el.hidden = !points; });
+  if (!points && editor.tool === "select") editor.setTool("brush");
+  const words = form.control("mask_prompt");
+  const text = selects.includes("text");
+  words.disabled = !text;
+  words.closest(".field").classList.toggle("disabled", !text);
+  for (const name of ["mask_mode", "mask_prompt_threshold"]) form.control(name).disabled = !text;
+  $("#mask-prompt-hint").textContent = text
+    ? "Selected on the server and added to the painted mask (Mask mode, under Advanced)."
+    : "Needs a server started with --segmenter.";
+  describeImage();
+}
 historyList.load();
 updateTools();
 // urls.web links here with ?prediction=<id>.

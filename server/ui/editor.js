@@ -3,10 +3,16 @@
 // The mask lives in the alpha channel of `maskCanvas` (painted in one tint colour so it can be
 // shown as an overlay); it is exported as an opaque greyscale PNG where white means "repaint".
 // Undo keeps, per edit, only the rectangle of the mask that the edit touched.
+//
+// The select tool paints nothing itself: a click (or a box dragged) is dispatched as a "select"
+// event in the image's pixels; the page asks the server for the object there and hands the mask
+// it answers to `applySelection`, which adds it to (or takes it from) the painted mask as one edit.
 
 const MASK_TINT = [255, 45, 120];
 const UNDO_LIMIT = 60;
 const UNDO_BYTES = 320 * 1024 * 1024;
+
+const BOX_MIN_PX = 8; // a drag shorter than this (in screen pixels) is a click
 
 export const MIN_BRUSH = 2;
 export const MAX_BRUSH = 300;
@@ -26,9 +32,10 @@ function makeCanvas(width, height, readback = false) {
 }
 
 export class MaskEditor extends EventTarget {
-  constructor({ stage, imageCanvas, maskCanvas, cursor }) {
+  constructor({ stage, imageCanvas, maskCanvas, cursor, selectBox }) {
     super();
     this.stage = stage;
+    this.selectBox = selectBox;
     this.imageCanvas = imageCanvas;
     this.maskCanvas = maskCanvas;
     this.cursor = cursor;
@@ -42,6 +49,8 @@ export class MaskEditor extends EventTarget {
     this.undoStack = [];
     this.redoStack = [];
     this.stroke = null;
+    this.drag = null; // the select tool's press: where it started, in image and screen pixels
+    this.subtract = false; // the select tool takes its selection away (alt-click does it once)
     this.backup = null;
     this._bindPointer();
   }
@@ -52,6 +61,7 @@ export class MaskEditor extends EventTarget {
 
   /** Show `bitmap` and start a new mask; transparent pixels pre-fill it. Returns true if they did. */
   setImage(bitmap) {
+    this._endDrag();
     this.bitmap = bitmap;
     this.width = bitmap.width;
     this.height = bitmap.height;
@@ -124,12 +134,44 @@ export class MaskEditor extends EventTarget {
     });
   }
 
+  /**
+   * Add a selection (a greyscale mask, white = selected, any size: scaled to the image's) to the
+   * mask, or with `subtract` take it away from the mask. One undo step. Returns the share of the
+   * image it changed, 0..1.
+   */
+  applySelection(bitmap, subtract = false) {
+    if (!this.hasImage) return 0;
+    const { ctx } = makeCanvas(this.width, this.height, true);
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, this.width, this.height);
+    ctx.drawImage(bitmap, 0, 0, this.width, this.height);
+    const sel = ctx.getImageData(0, 0, this.width, this.height).data;
+    let changed = 0;
+    this._editWhole(() => {
+      const mask = this.maskCtx.getImageData(0, 0, this.width, this.height);
+      const out = mask.data;
+      for (let i = 0; i < out.length; i += 4) {
+        const s = sel[i];
+        if (!s) continue;
+        const a = out[i + 3];
+        const next = subtract ? Math.round((a * (255 - s)) / 255) : Math.max(a, s);
+        if (next === a) continue;
+        changed += 1;
+        out[i] = MASK_TINT[0]; out[i + 1] = MASK_TINT[1]; out[i + 2] = MASK_TINT[2];
+        out[i + 3] = next;
+      }
+      this.maskCtx.putImageData(mask, 0, 0);
+    });
+    return changed / (this.width * this.height);
+  }
+
   undo() { this._step(this.undoStack, this.redoStack, "before"); }
   redo() { this._step(this.redoStack, this.undoStack, "after"); }
   get canUndo() { return this.undoStack.length > 0; }
   get canRedo() { return this.redoStack.length > 0; }
 
   setTool(tool) {
+    this._endDrag();
     this.tool = tool;
     this.stage.dataset.tool = tool;
     this._changed("tool");
@@ -197,7 +239,7 @@ export class MaskEditor extends EventTarget {
   }
 
   _hover(e) {
-    if (e.pointerType === "touch") { this.cursor.hidden = true; return; }
+    if (e.pointerType === "touch" || this.tool === "select") { this.cursor.hidden = true; return; }
     const rect = this.stage.getBoundingClientRect();
     this.cursor.hidden = false;
     this.cursor.style.left = `${e.clientX - rect.left}px`;
@@ -215,6 +257,12 @@ export class MaskEditor extends EventTarget {
     // shortcuts that follow (Ctrl+Z) act on the mask and not on a text field.
     if (document.activeElement instanceof HTMLElement) document.activeElement.blur();
     this.maskCanvas.setPointerCapture(e.pointerId);
+    if (this.tool === "select") {
+      if (this.drag) return; // a second finger: the first one's press goes on
+      const subtract = e.altKey ? true : e.shiftKey ? false : this.subtract;
+      this.drag = { id: e.pointerId, start: this._point(e), screen: [e.clientX, e.clientY], subtract, box: false };
+      return;
+    }
     this.backup.ctx.clearRect(0, 0, this.width, this.height);
     this.backup.ctx.drawImage(this.maskCanvas, 0, 0);
     const p = this._point(e);
@@ -225,6 +273,10 @@ export class MaskEditor extends EventTarget {
 
   _move(e) {
     this._hover(e);
+    if (this.drag && e.pointerId === this.drag.id) {
+      this._dragTo(e);
+      return;
+    }
     if (!this.stroke || e.pointerId !== this.stroke.id) return;
     const events = e.getCoalescedEvents ? e.getCoalescedEvents() : [e];
     for (const ev of events.length ? events : [e]) {
@@ -235,6 +287,30 @@ export class MaskEditor extends EventTarget {
   }
 
   _up(e) {
+    if (this.drag && e.pointerId === this.drag.id) {
+      const drag = this.drag;
+      this._dragTo(e);
+      this._endDrag();
+      if (e.type === "pointercancel") return;
+      const detail = { subtract: drag.subtract, points: [], boxes: [] };
+      if (drag.box) {
+        const a = drag.start;
+        const b = this._point(e);
+        const clamp = (v, max) => Math.max(0, Math.min(max, Math.round(v)));
+        const x0 = clamp(Math.min(a.x, b.x), this.width);
+        const y0 = clamp(Math.min(a.y, b.y), this.height);
+        const x1 = clamp(Math.max(a.x, b.x), this.width);
+        const y1 = clamp(Math.max(a.y, b.y), this.height);
+        if (x1 <= x0 || y1 <= y0) return;
+        detail.boxes.push([x0, y0, x1, y1]);
+      } else {
+        const x = Math.max(0, Math.min(this.width - 1, Math.round(drag.start.x)));
+        const y = Math.max(0, Math.min(this.height - 1, Math.round(drag.start.y)));
+        detail.points.push([x, y, 1]);
+      }
+      this.dispatchEvent(new CustomEvent("select", { detail }));
+      return;
+    }
     if (!this.stroke || e.pointerId !== this.stroke.id) return;
     const { box, width } = this.stroke;
     this.stroke = null;
@@ -252,6 +328,34 @@ export class MaskEditor extends EventTarget {
       after: this.maskCtx.getImageData(x0, y0, w, h),
     });
     this._changed("mask");
+  }
+
+  /** The select tool's box follows the pointer once it moved past a click's reach. */
+  _dragTo(e) {
+    const d = this.drag;
+    const dx = e.clientX - d.screen[0];
+    const dy = e.clientY - d.screen[1];
+    if (!d.box && Math.hypot(dx, dy) < BOX_MIN_PX) return;
+    d.box = true;
+    if (!this.selectBox) return;
+    const stage = this.stage.getBoundingClientRect();
+    const canvas = this.maskCanvas.getBoundingClientRect();
+    const clampX = (v) => Math.max(canvas.left, Math.min(canvas.right, v));
+    const clampY = (v) => Math.max(canvas.top, Math.min(canvas.bottom, v));
+    const x0 = clampX(Math.min(d.screen[0], e.clientX));
+    const x1 = clampX(Math.max(d.screen[0], e.clientX));
+    const y0 = clampY(Math.min(d.screen[1], e.clientY));
+    const y1 = clampY(Math.max(d.screen[1], e.clientY));
+    Object.assign(this.selectBox.style, {
+      left: `${x0 - stage.left}px`, top: `${y0 - stage.top}px`, width: `${x1 - x0}px`, height: `${y1 - y0}px`,
+    });
+    this.selectBox.classList.toggle("subtract", d.subtract);
+    this.selectBox.hidden = false;
+  }
+
+  _endDrag() {
+    this.drag = null;
+    if (this.selectBox) this.selectBox.hidden = true;
   }
 
   _segment(a, b) {

@@ -21,6 +21,7 @@ export class PredictionForm {
     const input = {};
     for (const el of this.controls) {
       const name = el.name;
+      if (el.disabled) continue; // an input this server cannot take (mask_prompt without a segmenter)
       if (el.type === "checkbox") {
         input[name] = el.checked;
         continue;
