@@ -185,6 +185,9 @@ class ImagesResponse(BaseModel):
     quality: str
     size: str
     usage: Usage
+    # This server's addition: the mask an edit's mask_prompt made, as a URL (absent otherwise). The SDKs
+    # keep keys they do not know: answer.model_extra["mask_url"] in Python, answer.mask_url in JavaScript.
+    mask_url: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class PartialImageEvent(BaseModel):

@@ -282,7 +282,7 @@ class OpenAIImages:
                 for record in records for name in record.output or []]
         answer = ImagesResponse(created=int(records[0].created_at), data=data, output_format=options.output_format,
                                 quality=self.quality_name(options), size="x".join(map(str, made.size)),
-                                usage=usage_of(records))
+                                usage=usage_of(records), mask_url=self.service.mask_url(records[0], base))
         return JSONResponse(answer.model_dump(mode="json"))
 
     async def settled(self, ids: list[str], request: Request) -> list[PredictionRecord]:

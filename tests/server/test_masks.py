@@ -91,10 +91,14 @@ def test_mask_prompt_through_openais_edit_with_the_official_client(server):
                                 extra_body={"mask_prompt": "the sky", "mask_mode": "replace"})
     out = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json)))
     assert out.size == (64, 64)
+    assert mask_of(httpx.get(answer.model_extra["mask_url"], timeout=30).content).shape == (64, 64)
     listed = httpx.get(f"{server.url}/v1/predictions", headers=auth(ALICE)).json()["results"]
     made = next(p for p in listed if p.get("api") == "openai")
     assert made["input"]["mask_prompt"] == "the sky" and made["input"]["mask_mode"] == "replace"
     assert "mask" in httpx.get(f"{server.url}/v1/predictions/{made['id']}", headers=auth(ALICE)).json()["urls"]
+    painted = client.images.edit(image=("cat.png", png_bytes(img), "image/png"), prompt="a cat",
+                                 mask=("m.png", png_bytes(noise_image(64, 64, 3, mode="RGBA")), "image/png"))
+    assert "mask_url" not in (painted.model_extra or {})  # an edit without mask_prompt answers OpenAI's keys only
     with pytest.raises(openai.BadRequestError) as err:
         client.images.edit(image=("cat.png", png_bytes(img), "image/png"), prompt="a cat",
                            extra_body={"mask_prompt": "sky", "mask_mode": "xor"})
