@@ -118,11 +118,6 @@ class Segmenter:
     def reads_text(self) -> bool:
         return self.detector is not None
 
-    def describe(self) -> dict:
-        return {"sam": self.sources[0] if self.sources else None,
-                "detector": self.sources[1] if len(self.sources) > 1 else None,
-                "device": self.device, "demo": self.demo, "text": self.reads_text}
-
     # -- points and boxes -----------------------------------------------------------------------
 
     def select(self, image: Image.Image, points: Sequence[tuple[float, float, int]] = (),
