@@ -117,9 +117,6 @@ async def make_mask(body: MaskRequest, request: Request, caller: Caller = Depend
         raise validation_failed(problems)
     segmenter = _segmenter(state)
     gate = _gate(state)
-    if gate.waiting >= MAX_WAITING:
-        raise ApiError(429, f"{gate.waiting} mask requests are waiting for this node's segmenter. Try again shortly.",
-                       "Too Many Requests", headers={"Retry-After": "1"})
     settings = state.settings
     resolve = state.service.resolver_of(None if caller.sees_everything else caller.tenant)
 
@@ -132,6 +129,9 @@ async def make_mask(body: MaskRequest, request: Request, caller: Caller = Depend
     except InvalidInput as exc:
         raise validation_failed([InvalidField(type=e.type, field=e.field, description=e.description)
                                  for e in exc.errors]) from None
+    if gate.waiting >= MAX_WAITING:  # counted as the request joins the queue, its picture read
+        raise ApiError(429, f"{gate.waiting} mask requests are waiting for this node's segmenter. Try again shortly.",
+                       "Too Many Requests", headers={"Retry-After": "1"})
     gate.waiting += 1
     try:
         try:
