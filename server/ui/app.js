@@ -162,7 +162,7 @@ async function openImage(blob, name) {
     toast("This image could not be read by the browser.");
     return false;
   }
-  source = { name: name || "pasted image", dataUri: read.dataUri, reencoded: read.reencoded };
+  source = { name: name || "pasted image", dataUri: read.dataUri, reencoded: read.reencoded, bitmap: read.bitmap };
   const transparent = editor.setImage(read.bitmap);
   $("#dropzone").hidden = true;
   $("#stage").hidden = false;
@@ -287,6 +287,30 @@ document.addEventListener("keydown", (e) => {
 let selecting = Promise.resolve();
 let selectsWaiting = 0;
 
+// SAM looks at a picture at 1024 px on its long side: a larger one is sent at that size (hundreds of
+// KB, not a photo's megabytes, on every click), its points and boxes scaled to it; the mask that
+// comes back is scaled to the picture by the editor.
+const SELECT_SIDE = 1024;
+
+function selectionPicture(src) {
+  if (!src.forSelect) {
+    const { width, height } = src.bitmap;
+    const scale = Math.min(1, SELECT_SIDE / Math.max(width, height));
+    if (scale === 1) {
+      src.forSelect = { dataUri: src.dataUri, scale: 1 };
+    } else {
+      const canvas = document.createElement("canvas");
+      canvas.width = Math.max(1, Math.round(width * scale));
+      canvas.height = Math.max(1, Math.round(height * scale));
+      const ctx = canvas.getContext("2d");
+      ctx.imageSmoothingQuality = "high";
+      ctx.drawImage(src.bitmap, 0, 0, canvas.width, canvas.height);
+      src.forSelect = { dataUri: canvas.toDataURL("image/png"), scale: canvas.width / width };
+    }
+  }
+  return src.forSelect;
+}
+
 function selectStatus(message, kind = "") {
   const status = $("#select-status");
   status.textContent = message;
@@ -303,7 +327,12 @@ editor.addEventListener("select", (e) => {
   selecting = selecting.then(async () => {
     try {
       if (source !== mine) return;
-      const answer = await api.selectMask({ image: mine.dataUri, points, boxes });
+      const sent = selectionPicture(mine);
+      const answer = await api.selectMask({
+        image: sent.dataUri,
+        points: points.map(([x, y, label]) => [x * sent.scale, y * sent.scale, label]),
+        boxes: boxes.map((box) => box.map((v) => v * sent.scale)),
+      });
       if (source !== mine) return; // another picture was opened meanwhile
       const bitmap = await createImageBitmap(await (await fetch(answer.mask)).blob());
       const changed = editor.applySelection(bitmap, subtract);

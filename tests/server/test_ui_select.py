@@ -9,11 +9,14 @@ the same picture and point, which is all these tests need.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.helpers import ServerFactory
 from tests.server.test_ui import (CHROMIUM, CHROMIUM_ARGS, is_create, mask_coverage, open_page, paint_stroke, save_png, scene,
@@ -146,6 +149,31 @@ def test_select_adds_editable_pixels_undo_and_subtract(browser, server, tmp_path
         assert page.is_hidden("#select-box")
         assert coverage_now(page) > 0
         keep_screenshot(page, f"select-{viewport['width']}.png")
+    finally:
+        page.context.close()
+    assert not errors, errors
+
+
+def test_a_large_picture_is_sent_at_sams_size_and_its_mask_fills_the_picture(browser, server, tmp_path):
+    errors: list[str] = []
+    page = new_page(browser, LAPTOP, errors)
+    try:
+        open_page(page, server.url + "/")
+        page.wait_for_selector("#tool-select:not([hidden])")
+        page.set_input_files("#image-file", str(save_png(scene(2048, 1536), tmp_path / "large.png")))
+        page.wait_for_selector("#stage:not([hidden])")
+        page.click("#tool-select")
+        sent = select_at(page, 0.5, 0.5, touch=False)
+        # SAM looks at 1024 px on the long side: the page sends that, not the 2048 px photo.
+        picture = Image.open(io.BytesIO(base64.b64decode(sent["image"].split(",", 1)[1])))
+        assert picture.size == (1024, 768)
+        (x, y, label), = sent["points"]
+        assert abs(x - 512) <= 2 and abs(y - 384) <= 2 and label == 1
+        # The mask that came back at 1024x768 covers the picture at its own 2048x1536.
+        assert coverage_now(page) > 0
+        width, height = page.evaluate("() => [document.querySelector('#mask-canvas').width, "
+                                      "document.querySelector('#mask-canvas').height]")
+        assert (width, height) == (2048, 1536)
     finally:
         page.context.close()
     assert not errors, errors
