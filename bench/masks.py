@@ -216,6 +216,7 @@ def main(argv=None) -> int:
                 figures = measure(segmenter, width, height, runs=args.runs, warmup=args.warmup,
                                   threshold=threshold, phrase=args.phrase)
                 results.append((label, figures))
+                print(f"  {label} {width}x{height} measured", file=sys.stderr, flush=True)
             del segmenter
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
