@@ -581,8 +581,9 @@ def segmenter(check: Check, _state: dict) -> dict:
     with torch.inference_mode():
         for width, height in ((1024, 768), (2048, 1536)):
             figures = measure(model, width, height, runs=5, warmup=1, threshold=threshold)
-            result[figures.pop("size")] = {k: ({q: round(v, 1) for q, v in f.items()} if isinstance(f, dict)
-                                               else round(f, 2)) for k, f in figures.items()}
+            size = figures.pop("size")
+            result[size] = {k: ({q: round(v, 1) for q, v in f.items()} if isinstance(f, dict) else round(f, 2))
+                            for k, f in figures.items()}
     result["peak_gib"] = peak(check.cuda)
     del model
     if check.cuda:
