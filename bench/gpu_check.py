@@ -40,6 +40,9 @@ is measured on what an earlier one left behind:
 11. ``fp8_compiled`` (optional, ``--fp8-compile``, last): fp8 with an explicit ``--compile``
    (row-wise fp8 activations fused by the compiler) in a child process with what is left of the
    time budget; compiling fp8 blocks has been measured to take minutes, more than a 7-minute run has.
+12. ``segmenter`` (with ``--segmenter`` folders; skipped without): masks without a brush, after
+   FLUX is freed: a click, a box and a phrase to mask at 1024x768 and 2048x1536 (bench/masks.py),
+   median and p90 in ms, and the ratio text/click.
 
 A section that fails records its error and the others go on; a section the budget cannot fit says so.
 Relative error: mean |a - b| / mean |b| of the decoded 8-bit pixels, same input and seed.
@@ -563,6 +566,31 @@ def fp8_compiled(check: Check, _state: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def segmenter(check: Check, _state: dict) -> dict:
+    """Click, box and phrase to mask with --segmenter's models (bench/masks.py's measure), 5 runs each."""
+    import torch
+    from masks import measure  # bench/masks.py
+
+    from inference.segment import DEFAULT_THRESHOLD, load_segmenter
+
+    t = time.perf_counter()
+    reset_peak(check.cuda)
+    model = load_segmenter(check.args.segmenter, check.args.device)
+    result: dict = {"sources": model.sources, "load_s": round(time.perf_counter() - t, 1)}
+    threshold = 0.01 if model.demo else DEFAULT_THRESHOLD  # random weights find regions only at a low score
+    with torch.inference_mode():
+        for width, height in ((1024, 768), (2048, 1536)):
+            figures = measure(model, width, height, runs=5, warmup=1, threshold=threshold)
+            size = figures.pop("size")
+            result[size] = {k: ({q: round(v, 1) for q, v in f.items()} if isinstance(f, dict) else round(f, 2))
+                            for k, f in figures.items()}
+    result["peak_gib"] = peak(check.cuda)
+    del model
+    if check.cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
 def child_fp8_compile(args) -> None:
     """Build, quantise to row-wise fp8 with compiling, warm up, time one run; print one JSON line."""
     from inference import factory
@@ -599,6 +627,9 @@ def main(argv=None) -> int:
     parser.add_argument("--step-cache", type=float, default=0.08, help="the step cache's threshold")
     parser.add_argument("--fp8-compile", action="store_true",
                         help="also run fp8_compiled, last (compiling fp8 blocks takes minutes: give it --budget-s)")
+    parser.add_argument("--segmenter", default=None,
+                        help="SAM and Grounding DINO folders (comma-separated, as serve takes them): time click "
+                             "and text to mask last but fp8_compiled")
     parser.add_argument("--child-fp8-compile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -643,6 +674,11 @@ def main(argv=None) -> int:
 
         gc.collect()
         torch.cuda.empty_cache()
+    if args.segmenter:
+        check.section("segmenter", lambda: segmenter(check, state), needs_s=30 if cuda else 0)
+    else:
+        check.report["sections"]["segmenter"] = {
+            "skipped": "no --segmenter: give the SAM and Grounding DINO folders to time click and text to mask"}
     if args.fp8_compile:
         check.section("fp8_compiled", lambda: fp8_compiled(check, state), needs_s=120, needs_cuda=True)
     else:

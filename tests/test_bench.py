@@ -88,7 +88,7 @@ def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     report = json.loads(report_path.read_text())
     sections = report["sections"]
     assert list(sections) == ["build", "baseline", "eager", "previews", "formats", "lora_eager", "step_cache",
-                              "compiled", "lora_compiled", "memory_flat", "memory_modes", "fp8_compiled"]
+                              "compiled", "lora_compiled", "memory_flat", "memory_modes", "segmenter", "fp8_compiled"]
     for name in ("build", "baseline", "eager", "previews", "formats", "lora_eager", "step_cache", "compiled",
                  "lora_compiled", "memory_flat"):
         assert "error" not in sections[name] and "skipped" not in sections[name], sections[name]
@@ -117,6 +117,7 @@ def test_the_gpu_check_runs_its_cpu_smoke_mode(tiny_dir, tmp_path):
     flat = sections["memory_flat"]
     assert flat["flat"] and flat["embeddings_with_a_graph"] == 0 and flat["cache_entries"] == flat["cache_limit"]
     assert sections["memory_modes"] == {"skipped": "needs a CUDA GPU"}
+    assert sections["segmenter"]["skipped"].startswith("no --segmenter")
     assert sections["fp8_compiled"] == {"skipped": "optional: --fp8-compile runs it last (compiling fp8 blocks takes "
                                                    "minutes)"}
     # it runs inside the CUDA image, which has no tests/
@@ -134,3 +135,24 @@ def test_the_durability_bench_prints_what_durable_commits_cost(postgres_url):
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["commits", "clients"] and len(lines) == 7
     assert lines[-1].startswith("ratio 2 client(s): durable commits give ") and "create latency" in lines[-1]
+
+
+def test_the_masks_bench_prints_click_and_text_to_mask_times():
+    """bench/masks.py on the tiny segmenter: click, box and text to mask at one picture size, and the
+    ratio text/click of the same run."""
+    proc = subprocess.run(
+        [sys.executable, "bench/masks.py", "--device", "cpu", "--sizes", "320x240", "--runs", "2", "--warmup", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("device cpu: ms from the call to the mask, median and p90 of 2 runs")
+    assert lines[1].startswith("tiny: ") and " M parameters" in lines[1]
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[header].split() == ["model", "picture", "click", "p50", "p90", "box", "p50", "p90", "text", "p50",
+                                     "p90", "regions"]
+    cells = lines[header + 1].split()
+    assert cells[:2] == ["tiny", "320x240"] and len(cells) == 9
+    click, click90, box, box90, text, text90 = map(float, cells[2:8])
+    assert 0 < click <= click90 and 0 < box <= box90 and 0 < text <= text90
+    assert re.fullmatch(r"ratio text/click tiny 320x240: \d+\.\d\dx \(\d+ regions?\)", lines[-1]), lines[-1]
