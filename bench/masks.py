@@ -5,8 +5,10 @@
     python bench/masks.py --segmenter /models/sam-vit-base,/models/grounding-dino-tiny --device cuda
 
 What is timed is :class:`inference.segment.Segmenter`, as ``POST /v1/masks`` and ``mask_prompt``
-call it: ``select`` with one point (a click) and with one box, ``find`` with a short phrase (Grounding
-DINO's boxes, then SAM's masks of them). Each is timed ``--runs`` times after ``--warmup`` untimed
+call it: ``select`` with one point on a picture it has not seen (a first click: SAM encodes the
+picture), with another point and with one box on the same picture (what the page's later clicks
+cost: the picture's embeddings are kept), and ``find`` with a short phrase on a picture it has not
+seen (Grounding DINO's boxes, then SAM's masks of them). Each is timed ``--runs`` times after ``--warmup`` untimed
 runs, on each picture size of ``--sizes``; printed are the median and the 90th percentile in
 milliseconds, the regions the phrase found, and the ratio text/click of the same run.
 
@@ -73,9 +75,9 @@ def build_random_real(device: str, folder: Path):
                               SamModel, SamProcessor, SwinConfig)
     from transformers.models.sam.configuration_sam import SamVisionConfig
 
-    from inference.segment import Segmenter, _quiet
+    from inference.segment import Segmenter, quiet
 
-    _quiet()
+    quiet()
     torch.manual_seed(0)
     vision = SamVisionConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                              global_attn_indexes=[2, 5, 8, 11])  # sam-vit-base
@@ -140,15 +142,28 @@ def timed(fn, runs: int, warmup: int) -> tuple[dict, object]:
 
 def measure(segmenter, width: int, height: int, *, runs: int, warmup: int, threshold: float,
             phrase: str = PHRASE) -> dict:
-    """Click, box and phrase to mask on one picture: ms (p50, p90) and the regions the phrase found."""
+    """On one picture, in ms (p50, p90): a first click (SAM encodes the picture: its kept embeddings
+    are dropped before each run), a next click and a box on the same picture (the kept embeddings:
+    the page's second and later clicks), and a phrase on a new picture (a prediction's mask_prompt);
+    and the regions the phrase found."""
     image = picture(width, height)
     click = [(width * 0.35, height * 0.5, 1)]
+    other = [(width * 0.7, height * 0.3, 1)]
     box = [(width * 0.2, height * 0.33, width * 0.5, height * 0.67)]
+
+    def fresh(call):
+        def run():
+            segmenter._encoded.clear()
+            return call()
+        return run
+
     figures = {"size": f"{width}x{height}"}
-    figures["click"], _ = timed(lambda: segmenter.select(image, points=click), runs, warmup)
+    figures["click"], _ = timed(fresh(lambda: segmenter.select(image, points=click)), runs, warmup)
+    segmenter.select(image, points=click)
+    figures["next"], _ = timed(lambda: segmenter.select(image, points=other), runs, warmup)
     figures["box"], _ = timed(lambda: segmenter.select(image, boxes=box), runs, warmup)
     if segmenter.reads_text:
-        figures["text"], found = timed(lambda: segmenter.find(image, phrase, threshold), runs, warmup)
+        figures["text"], found = timed(fresh(lambda: segmenter.find(image, phrase, threshold)), runs, warmup)
         figures["regions"] = len(found.scores)
         figures["text_over_click"] = figures["text"]["p50"] / figures["click"]["p50"]
     return figures
@@ -168,12 +183,12 @@ def row(model: str, figures: dict) -> str:
         return f"{f['p50']:9.1f} {f['p90']:9.1f}" if f else f"{'-':>9} {'-':>9}"
 
     regions = figures.get("regions")
-    return (f"{model:<12} {figures['size']:>10} {cell('click')}  {cell('box')}  {cell('text')}  "
+    return (f"{model:<12} {figures['size']:>10} {cell('click')}  {cell('next')}  {cell('box')}  {cell('text')}  "
             f"{'-' if regions is None else regions:>7}")
 
 
-HEADER = (f"{'model':<12} {'picture':>10} {'click p50':>9} {'p90':>9}  {'box p50':>9} {'p90':>9}  "
-          f"{'text p50':>9} {'p90':>9}  {'regions':>7}")
+HEADER = (f"{'model':<12} {'picture':>10} {'1st click':>9} {'p90':>9}  {'next clk':>9} {'p90':>9}  "
+          f"{'box p50':>9} {'p90':>9}  {'text p50':>9} {'p90':>9}  {'regions':>7}")
 
 
 def main(argv=None) -> int:
@@ -227,6 +242,9 @@ def main(argv=None) -> int:
         if "text_over_click" in figures:
             print(f"ratio text/click {label} {figures['size']}: {figures['text_over_click']:.2f}x "
                   f"({figures['regions']} region{'s' if figures['regions'] != 1 else ''})")
+    for label, figures in results:
+        print(f"ratio first/next click {label} {figures['size']}: "
+              f"{figures['click']['p50'] / figures['next']['p50']:.1f}x (the picture's embeddings kept)")
     return 0
 
 

@@ -207,13 +207,13 @@ class Segmenter:
         with torch.inference_mode():
             embeddings = self._embeddings(image, pixel_values)
             out = self.sam(image_embeddings=embeddings, multimask_output=several, **prompts)
-        masks = self.sam_processor.image_processor.post_process_masks(
-            out.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())[0]
-        # masks: (objects, candidates, H, W) booleans; scores: (1, objects, candidates)
-        scores = out.iou_scores[0].float().cpu()
-        best = scores.argmax(dim=-1)  # the best candidate of each object
-        chosen = masks[torch.arange(masks.shape[0]), best]
-        union = chosen.any(dim=0).numpy().astype("uint8") * 255
+            # The best candidate of each object is chosen at SAM's 256x256 and only it is scaled to the
+            # picture's size, where it lies (on a GPU, only the united mask comes back to the host).
+            best = out.iou_scores[0].argmax(dim=-1)  # iou_scores: (1, objects, candidates)
+            low = out.pred_masks[0][torch.arange(best.shape[0], device=best.device), best]  # (objects, 256, 256)
+            masks = self.sam_processor.image_processor.post_process_masks(
+                low[None, :, None].float(), inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]
+            union = masks.any(dim=0)[0].to(torch.uint8).mul_(255).cpu().numpy()
         return Image.fromarray(union, mode="L")
 
 

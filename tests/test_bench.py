@@ -138,8 +138,8 @@ def test_the_durability_bench_prints_what_durable_commits_cost(postgres_url):
 
 
 def test_the_masks_bench_prints_click_and_text_to_mask_times():
-    """bench/masks.py on the tiny segmenter: click, box and text to mask at one picture size, and the
-    ratio text/click of the same run."""
+    """bench/masks.py on the tiny segmenter: a first and a next click, a box and text to mask at one
+    picture size, and the ratios text/click and first/next click of the same run."""
     proc = subprocess.run(
         [sys.executable, "bench/masks.py", "--device", "cpu", "--sizes", "320x240", "--runs", "2", "--warmup", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
@@ -149,10 +149,12 @@ def test_the_masks_bench_prints_click_and_text_to_mask_times():
     assert lines[0].startswith("device cpu: ms from the call to the mask, median and p90 of 2 runs")
     assert lines[1].startswith("tiny: ") and " M parameters" in lines[1]
     header = next(i for i, line in enumerate(lines) if line.startswith("model "))
-    assert lines[header].split() == ["model", "picture", "click", "p50", "p90", "box", "p50", "p90", "text", "p50",
-                                     "p90", "regions"]
+    assert lines[header].split() == ["model", "picture", "1st", "click", "p90", "next", "clk", "p90", "box", "p50",
+                                     "p90", "text", "p50", "p90", "regions"]
     cells = lines[header + 1].split()
-    assert cells[:2] == ["tiny", "320x240"] and len(cells) == 9
-    click, click90, box, box90, text, text90 = map(float, cells[2:8])
-    assert 0 < click <= click90 and 0 < box <= box90 and 0 < text <= text90
-    assert re.fullmatch(r"ratio text/click tiny 320x240: \d+\.\d\dx \(\d+ regions?\)", lines[-1]), lines[-1]
+    assert cells[:2] == ["tiny", "320x240"] and len(cells) == 11
+    click, click90, after, after90, box, box90, text, text90 = map(float, cells[2:10])
+    assert 0 < click <= click90 and 0 < after <= after90 and 0 < box <= box90 and 0 < text <= text90
+    assert re.fullmatch(r"ratio text/click tiny 320x240: \d+\.\d\dx \(\d+ regions?\)", lines[-2]), lines[-2]
+    assert re.fullmatch(r"ratio first/next click tiny 320x240: \d+\.\dx \(the picture's embeddings kept\)",
+                        lines[-1]), lines[-1]
