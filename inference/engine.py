@@ -216,11 +216,11 @@ class Engine:
         elif imageio.has_alpha(raw):
             mask = imageio.mask_from_alpha(raw)
         image = imageio.to_rgb(raw)
+        if mask is None and inp.extends_canvas:  # the new area of the canvas is the mask
+            mask = Image.new("L", raw.size, 0)
         if inp.mask_prompt:
             mask = self.selected(inp, image, mask, log or logger.info)
             return Scene(image=image, mask=mask, selection=mask)
-        if mask is None and inp.extends_canvas:
-            mask = Image.new("L", raw.size, 0)
         if mask is None:
             raise InvalidInput.one(
                 "mask", "required", "mask is required when the image has no transparent area to repaint "
@@ -241,14 +241,16 @@ class Engine:
             f"{f' (scores {regions})' if regions else ''}, {found.coverage:.1%} of the image")
         if self.segmenter.demo:
             log("Demo segmenter: random weights; its selection has no meaning")
-        if not found.scores and inp.mask_mode in ("add", "replace") and (base is None or inp.mask_mode == "replace"):
+        outpaints = inp.extends_canvas  # the canvas's new area is repainted whatever the selection
+        if not found.scores and not outpaints and inp.mask_mode in ("add", "replace") and (
+                base is None or inp.mask_mode == "replace"):
             raise InvalidInput.one("mask_prompt", "not_found", (
                 f"nothing in the image matched mask_prompt {inp.mask_prompt!r} with a score of at least "
                 f"{inp.mask_prompt_threshold:g}: try other words, or a lower mask_prompt_threshold"))
         mask = combine(base, found.mask, inp.mask_mode)
         if base is not None:
             log(f"mask_mode {inp.mask_mode}: the mask covers {coverage(mask):.1%} of the image")
-        if mask.getbbox() is None:
+        if mask.getbbox() is None and not outpaints:
             raise InvalidInput.one("mask_prompt", "empty", (
                 f"mask_mode {inp.mask_mode!r} of mask_prompt {inp.mask_prompt!r} leaves nothing to repaint"))
         return mask

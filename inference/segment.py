@@ -50,6 +50,7 @@ MAX_REGIONS = 16  # regions a sentence may select, the best scores first
 MAX_PROMPT_CHARS = 256  # the detector reads a short phrase (its text encoder: 256 tokens at most)
 MAX_POINTS = 64
 MAX_BOXES = 16
+SEGMENT_SIDE = 2048  # the longest side a picture is segmented at (see fitted)
 ENCODED_PICTURES = 4  # pictures whose SAM image embeddings are kept (ViT-H: 4 MB each, 256x64x64 floats)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -127,7 +128,10 @@ class Segmenter:
         together; each further box selects its own."""
         if not points and not boxes:
             raise InvalidInput.one("points", "required", "give at least one point or box to select")
-        image = image.convert("RGB")
+        full = image.size
+        image, scale = fitted(image)
+        points = [(x * scale, y * scale, label) for x, y, label in points]
+        boxes = [tuple(v * scale for v in b) for b in boxes]
         with self.lock:
             if points:
                 first = [list(boxes[0])] if boxes else None
@@ -139,7 +143,7 @@ class Segmenter:
             if rest:
                 more = self._sam(image, boxes=[list(b) for b in rest])
                 mask = more if mask is None else ImageChops.lighter(mask, more)
-        return Selection(mask=mask)
+        return Selection(mask=scaled_back(mask, full))
 
     # -- a sentence -----------------------------------------------------------------------------
 
@@ -152,7 +156,8 @@ class Segmenter:
                 "DINO folder too (--segmenter <SAM folder>,<Grounding DINO folder>; weights.md) to select by text"))
         import torch
 
-        image = image.convert("RGB")
+        full = image.size
+        image, scale = fitted(image)
         phrase = detector_phrase(text)
         with self.lock:
             inputs = self.detector_processor(images=image, text=phrase, return_tensors="pt").to(self.device)
@@ -168,9 +173,10 @@ class Segmenter:
             scores = [s for s, _ in ranked]
             kept = [(s, b) for s, b in zip(scores, boxes) if b[2] > b[0] and b[3] > b[1]]
             if not kept:
-                return Selection(mask=Image.new("L", image.size, 0))
+                return Selection(mask=Image.new("L", full, 0))
             mask = self._sam(image, boxes=[list(b) for _, b in kept])
-        return Selection(mask=mask, boxes=[b for _, b in kept], scores=[s for s, _ in kept])
+        return Selection(mask=scaled_back(mask, full), boxes=[tuple(v / scale for v in b) for _, b in kept],
+                         scores=[s for s, _ in kept])
 
     # -- SAM ------------------------------------------------------------------------------------
 
@@ -209,12 +215,35 @@ class Segmenter:
             out = self.sam(image_embeddings=embeddings, multimask_output=several, **prompts)
             # The best candidate of each object is chosen at SAM's 256x256 and only it is scaled to the
             # picture's size, where it lies (on a GPU, only the united mask comes back to the host).
+            # Each object's mask is scaled on its own into the union: one picture-sized mask at a time.
             best = out.iou_scores[0].argmax(dim=-1)  # iou_scores: (1, objects, candidates)
             low = out.pred_masks[0][torch.arange(best.shape[0], device=best.device), best]  # (objects, 256, 256)
-            masks = self.sam_processor.image_processor.post_process_masks(
-                low[None, :, None].float(), inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]
-            union = masks.any(dim=0)[0].to(torch.uint8).mul_(255).cpu().numpy()
-        return Image.fromarray(union, mode="L")
+            union = None
+            for one in low:
+                mask = self.sam_processor.image_processor.post_process_masks(
+                    one[None, None, None].float(), inputs["original_sizes"], inputs["reshaped_input_sizes"])[0][0, 0]
+                union = mask if union is None else union.logical_or_(mask)
+            pixels = union.to(torch.uint8).mul_(255).cpu().numpy()
+        return Image.fromarray(pixels, mode="L")
+
+
+def fitted(image: Image.Image) -> tuple[Image.Image, float]:
+    """The picture as it is segmented, RGB, at most SEGMENT_SIDE a side, and its scale. SAM looks at
+    1024 px and Grounding DINO at 1333 on the long side, and SAM's masks are 256x256 scaled up: a larger
+    picture gives no finer mask, only more memory and time, so it is made smaller first."""
+    image = image.convert("RGB")
+    scale = min(1.0, SEGMENT_SIDE / max(image.size))
+    if scale == 1.0:
+        return image, 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0), size[0] / image.width
+
+
+def scaled_back(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A mask made on the smaller picture, at the picture's size, still black and white."""
+    if mask.size == tuple(size):
+        return mask
+    return mask.resize(size, Image.Resampling.BILINEAR).point(lambda v: 255 if v >= 128 else 0)
 
 
 def detector_phrase(text: str) -> str:

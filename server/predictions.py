@@ -48,7 +48,7 @@ from .store import DatabaseUnavailable, QuotaExceeded, Store
 from .stored_inputs import Stored
 from .streaming import StreamReads
 
-NO_SEGMENTER_HERE = ("mask_prompt: this server has no segmenter to select a mask by words: start it with --segmenter "
+NO_SEGMENTER_HERE = ("this server has no segmenter to select a mask by words (mask_prompt): start it with --segmenter "
                      "(tiny: the demo models; or a SAM folder and a Grounding DINO folder, see weights.md), or send a "
                      "mask")
 
@@ -131,6 +131,10 @@ class PredictionService:
         uris = [self.files.data_uri(record.id, name, record.output_run) for name in names]
         return [u for u in uris if u is not None]
 
+    def serves_output(self, record: PredictionRecord, name: str) -> bool:
+        """Whether ``name`` is a file of the prediction's outputs: an output, or the mask its mask_prompt made."""
+        return name in (record.output or []) or (name == MASK_NAME and self.mask_url(record) is not None)
+
     def mask_url(self, record: PredictionRecord, request_base: str | None = None) -> str | None:
         """Where the mask a mask_prompt made is served, once its run succeeded (None otherwise)."""
         if not (record.input or {}).get("mask_prompt") or record.output is None or record.data_removed:
@@ -163,7 +167,7 @@ class PredictionService:
         if record is None or record.data_removed:
             return None
         if kind == "outputs":
-            if not hmac.compare_digest(token.encode(), record.output_token.encode()) or name not in (record.output or []):
+            if not hmac.compare_digest(token.encode(), record.output_token.encode()) or not self.serves_output(record, name):
                 return None
             path = self.files.output_path(prediction_id, name, record.output_run)
             return path.read_bytes() if path is not None and path.is_file() else None

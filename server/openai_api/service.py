@@ -32,6 +32,7 @@ from inference.inputs import MAX_OUTPUTS, MAX_SEED
 from ..admission import Admission
 from ..auth import Caller
 from ..middleware import name_request
+from ..predictions import NO_SEGMENTER_HERE
 from ..protocol import ApiError, PredictionRequest, Problem, Status
 from ..records import PredictionRecord
 from ..state import AppState
@@ -259,6 +260,11 @@ class OpenAIImages:
     async def answer(self, request: Request, endpoint: str) -> Response:
         caller = self.caller(request)
         options, sent = await (self.read_edit(request) if endpoint == EDITS else self.read_generation(request))
+        if endpoint != EDITS and options.mask_prompt:
+            raise invalid("Invalid 'mask_prompt': it selects what an edit repaints; a generation has no image to "
+                          "select in.", "mask_prompt")
+        if options.mask_prompt and not self.state.settings.segmenter:
+            raise invalid(f"Invalid 'mask_prompt': {NO_SEGMENTER_HERE}.", "mask_prompt")
         # Admission before work (AppState.submit): the setup and the queue, then the pictures' headers,
         # then the rate limit, then the predictions are written.
         read: dict[str, Any] = {}

@@ -11,8 +11,6 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from inference.engine import MASK_NAME
-
 from .. import stored_inputs
 from ..auth import Caller
 from ..files import content_type_for, describe_bytes, disk_guard
@@ -145,7 +143,7 @@ async def get_output(prediction_id: str, token: str, name: str, state: AppState 
     record = state.service.get(prediction_id)
     if record is None or record.data_removed or not hmac.compare_digest(token.encode(), record.output_token.encode()):
         raise not_found()
-    if name not in (record.output or []) and not (name == MASK_NAME and state.service.mask_url(record)):
+    if not state.service.serves_output(record, name):
         raise not_found()
     # Off the event loop: with the files in the database, a first read streams it into this node's copy.
     path = await run_in_threadpool(state.files.output_path, prediction_id, name, record.output_run)

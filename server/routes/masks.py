@@ -94,8 +94,9 @@ def _segmenter(state: AppState):
     if state.segmenter is not None:
         return state.segmenter
     if not state.settings.workers:
-        detail = ("This node runs no models (--no-workers): POST /v1/masks is answered by a node that runs the "
-                  "workers with --segmenter.")
+        detail = ("This node runs no models (--no-workers): POST /v1/masks is answered by a `flux-fill serve` "
+                  "node that runs its workers with --segmenter (a `flux-fill worker` node answers only /health and "
+                  "/metrics); mask_prompt is run by the workers.")
     elif not state.settings.segmenter:
         detail = ("This server has no segmenter: start it with --segmenter (tiny: the demo models; or a SAM folder "
                   "and a Grounding DINO folder, see weights.md).")
@@ -124,16 +125,18 @@ async def make_mask(body: MaskRequest, request: Request, caller: Caller = Depend
         data = imageio.read_file_string(body.image, "image", policy=fetch_policy(settings), resolver=resolve)
         return imageio.to_rgb(imageio.open_image(data, "image", settings.max_image_pixels))
 
-    try:
-        image = await run_in_threadpool(picture)
-    except InvalidInput as exc:
-        raise validation_failed([InvalidField(type=e.type, field=e.field, description=e.description)
-                                 for e in exc.errors]) from None
-    if gate.waiting >= MAX_WAITING:  # counted as the request joins the queue, its picture read
+    # Counted from the start: a request waits while its picture is fetched and read too, so no more
+    # than MAX_WAITING pictures are held (or fetched) at once for the segmenter.
+    if gate.waiting >= MAX_WAITING:
         raise ApiError(429, f"{gate.waiting} mask requests are waiting for this node's segmenter. Try again shortly.",
                        "Too Many Requests", headers={"Retry-After": "1"})
     gate.waiting += 1
     try:
+        try:
+            image = await run_in_threadpool(picture)
+        except InvalidInput as exc:
+            raise validation_failed([InvalidField(type=e.type, field=e.field, description=e.description)
+                                     for e in exc.errors]) from None
         try:
             await asyncio.wait_for(gate.turn.acquire(), WAIT_S)
         except asyncio.TimeoutError:
@@ -148,9 +151,9 @@ async def make_mask(body: MaskRequest, request: Request, caller: Caller = Depend
             points = [(x, y, int(label)) for x, y, label in body.points]
             boxes = [tuple(b) for b in body.boxes]
             found = await run_in_threadpool(segmenter.select, image, points, boxes)
-    except InvalidInput as exc:
-        raise validation_failed([InvalidField(type=e.type, field=e.field, description=e.description)
-                                 for e in exc.errors]) from None
+    except InvalidInput as exc:  # the segmenter's words name mask_prompt; here the field is text
+        raise validation_failed([InvalidField(type=e.type, field="text" if e.field == "mask_prompt" else e.field,
+                                              description=e.description) for e in exc.errors]) from None
     finally:
         gate.turn.release()
     png = imageio.encode_image(found.mask, "png", 100)

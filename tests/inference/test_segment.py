@@ -242,3 +242,37 @@ def test_a_second_click_on_a_picture_reuses_its_image_embeddings(segmenter, monk
         out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]
     best = masks[0, out.iou_scores[0, 0].argmax()].numpy().astype("uint8") * 255
     assert np.array_equal(pixels(first.mask), best)
+
+
+def test_a_picture_past_the_segmenters_side_is_segmented_smaller_and_its_mask_scaled_back(segmenter):
+    from inference.segment import SEGMENT_SIDE
+
+    img = noise_image(2 * SEGMENT_SIDE, 96, 13)
+    big = segmenter.select(img, points=[(1500, 40, 1)], boxes=[(100, 10, 900, 90)])
+    assert big.mask.size == img.size and set(np.unique(pixels(big.mask))) <= {0, 255}
+    small = segmenter.select(img.resize((SEGMENT_SIDE, 48), Image.Resampling.BILINEAR, reducing_gap=3.0),
+                             points=[(750, 20, 1)], boxes=[(50, 5, 450, 45)])
+    expected = small.mask.resize(img.size, Image.Resampling.BILINEAR).point(lambda v: 255 if v >= 128 else 0)
+    assert np.array_equal(pixels(big.mask), pixels(expected))
+    found = segmenter.find(img, "the sky")
+    assert found.mask.size == img.size
+    assert all(x1 <= img.width + 1e-3 and y1 <= img.height + 1e-3 for _, _, x1, y1 in found.boxes)
+    assert max(x1 for _, _, x1, _ in found.boxes) > SEGMENT_SIDE  # boxes in the picture's own pixels
+
+
+def test_a_mask_prompt_with_an_outpaint_needs_no_mask_and_may_find_nothing(engine, segmenter, monkeypatch):
+    img = noise_image(64, 64, 14)
+    monkeypatch.setattr(engine, "segmenter", segmenter)
+    for mode in ("subtract", "intersect", "add"):
+        outputs = engine.predict(parse_input(fast_input(img, mask_prompt="sky", mask_mode=mode, expand_right=32)))
+        assert (outputs[0].width, outputs[0].height) == (96, 64)  # the canvas's new area is what is repainted
+
+    class FindsNothing:
+        demo = False
+
+        def find(self, image, text, threshold):
+            return Selection(mask=Image.new("L", image.size, 0))
+
+    monkeypatch.setattr(engine, "segmenter", FindsNothing())
+    outputs = engine.predict(parse_input(fast_input(img, mask_prompt="sky", expand_bottom=32)))
+    assert (outputs[0].width, outputs[0].height) == (64, 96)

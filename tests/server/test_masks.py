@@ -75,6 +75,11 @@ def test_a_replicate_create_with_mask_prompt_and_no_mask_succeeds_and_shows_the_
     same = httpx.post(f"{server.url}/v1/masks", headers=auth(ALICE), timeout=60,
                       json={"image": data_uri(img), "text": "the red car"})
     assert np.array_equal(mask_of(same.content), pixels)
+    # The mask is an input like an output: the next prediction repaints what this one selected.
+    again = httpx.post(server.url + MODEL, headers=auth(ALICE) | {"Prefer": "wait"}, timeout=120,
+                       json={"input": fast_input(img) | {"mask": p["urls"]["mask"]}})
+    again = again.json() if again.json()["status"] == "succeeded" else wait_for(server, again.json()["id"], ALICE)
+    assert again["status"] == "succeeded", again["error"]
     # Another prediction's mask name is not served by a token of this one, nor for a prediction without one.
     plain = httpx.post(server.url + MODEL, headers=auth(ALICE) | {"Prefer": "wait"}, timeout=120,
                        json={"input": fast_input(img, box_mask(96, 64, (0, 0, 40, 40)))}).json()
@@ -103,6 +108,9 @@ def test_mask_prompt_through_openais_edit_with_the_official_client(server):
         client.images.edit(image=("cat.png", png_bytes(img), "image/png"), prompt="a cat",
                            extra_body={"mask_prompt": "sky", "mask_mode": "xor"})
     assert err.value.status_code == 400 and err.value.body["param"] == "mask_mode"
+    with pytest.raises(openai.BadRequestError) as err:  # a generation has no picture to select in
+        client.images.generate(prompt="a cat", extra_body={"mask_prompt": "sky"})
+    assert err.value.body["param"] == "mask_prompt"
 
 
 def test_mask_prompt_through_bfls_fill_shows_the_mask_in_the_result(server):
@@ -201,7 +209,8 @@ def test_a_server_without_a_segmenter_refuses_mask_prompt_naming_the_flag(live_s
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIStatusError) as err:
         client.images.edit(image=("a.png", png_bytes(img), "image/png"), prompt="x", extra_body={"mask_prompt": "sky"})
-    assert "--segmenter" in str(err.value.body)
+    assert err.value.status_code == 400 and err.value.body["param"] == "mask_prompt", err.value.body
+    assert "--segmenter" in err.value.body["message"]
     bfl = httpx.post(f"{url}/v1/flux-pro-1.0-fill", json={"image": base64.b64encode(png_bytes(img)).decode(),
                                                          "prompt": "x", "mask_prompt": "sky"})
     assert bfl.status_code == 422 and "--segmenter" in bfl.text

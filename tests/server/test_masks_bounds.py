@@ -88,3 +88,19 @@ def test_a_node_without_the_models_says_where_masks_are_made(workers, segmenter,
     with pytest.raises(ApiError) as err:
         asyncio.run(masks.make_mask(body, SimpleNamespace(headers={}), SimpleNamespace(sees_everything=True), state))
     assert err.value.problem.status == 503 and words in err.value.problem.detail
+
+
+def test_text_to_a_segmenter_without_the_detector_names_the_text_field():
+    from inference.errors import InvalidInput
+
+    class SamOnly(SlowSegmenter):
+        reads_text = False
+
+        def find(self, image, text, threshold):
+            raise InvalidInput.one("mask_prompt", "unavailable", "this server's segmenter has SAM only")
+
+    body = masks.MaskRequest(image=data_uri(noise_image(16, 16)), text="sky")
+    with pytest.raises(ApiError) as err:
+        asyncio.run(masks.make_mask(body, SimpleNamespace(headers={}), SimpleNamespace(sees_everything=True),
+                                    node(SamOnly(0))))
+    assert err.value.problem.status == 422 and err.value.problem.invalid_fields[0].field == "text"
