@@ -27,6 +27,9 @@ Models:
   ``--text-threshold`` (0.01 by default for random-real, 0.3 otherwise) and the regions it found
   are printed, since SAM's share of a sentence grows with them (16 at most).
 - ``--segmenter FOLDERS``: real folders (or repo ids in the local cache), as the server takes them.
+- ``--compare-clipseg``: CLIPSeg at its real size (rd64-refined: CLIP ViT-B/16 at 352x352), random
+  weights, from the phrase to a mask: the text-to-mask alternative the server does not serve, timed
+  beside Grounding DINO with SAM.
 
 SAM and Grounding DINO resize every picture to a fixed size, so a larger picture costs only its
 preprocessing and the masks' upsampling to the picture's size; the two sizes show that part.
@@ -100,6 +103,38 @@ def build_random_real(device: str, folder: Path):
         model.requires_grad_(False)
     return Segmenter(sam, sam_processor, detector, detector_processor, device=device,
                      sources=["random-real sam-vit-base", "random-real grounding-dino-tiny"])
+
+
+def build_clipseg(device: str):
+    """CLIPSeg (CIDAS/clipseg-rd64-refined's architecture: CLIP ViT-B/16, a 64-wide decoder; pictures at
+    352x352) at its real size with random weights: the text-to-mask alternative to Grounding DINO with
+    SAM, timed beside it (--compare-clipseg). Not served: see inference.segment for why."""
+    import torch
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    from inference.tiny import _clip_tokenizer
+
+    torch.manual_seed(0)
+    config = CLIPSegConfig(vision_config={"patch_size": 16}, reduce_dim=64)
+    with torch.device(device):
+        model = CLIPSegForImageSegmentation(config).eval()
+    model.requires_grad_(False)
+    images = ViTImageProcessor(size={"height": 352, "width": 352}, image_mean=[0.485, 0.456, 0.406],
+                               image_std=[0.229, 0.224, 0.225])
+    return model, CLIPSegProcessor(image_processor=images, tokenizer=_clip_tokenizer())
+
+
+def clipseg_mask(model, processor, image, phrase: str, device: str):
+    """CLIPSeg's mask of ``phrase``: its 352x352 map scaled to the picture, thresholded at 0.5."""
+    import torch
+    from PIL import Image
+
+    inputs = processor(text=[phrase], images=[image], padding=True, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        logits = model(**inputs).logits
+    heat = torch.sigmoid(logits.reshape(1, 1, *logits.shape[-2:]).float())
+    full = torch.nn.functional.interpolate(heat, size=image.size[::-1], mode="bilinear", align_corners=False)
+    return Image.fromarray(((full[0, 0] > 0.5).to(torch.uint8) * 255).cpu().numpy(), mode="L")
 
 
 def load(name: str, device: str, tmp: Path):
@@ -204,6 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--text-threshold", type=float, default=None,
                         help="the phrase's box score: 0.3 (the server's default); 0.01 for random weights")
     parser.add_argument("--phrase", default=PHRASE)
+    parser.add_argument("--compare-clipseg", action="store_true",
+                        help="also time CLIPSeg (rd64-refined's size, random weights) from the phrase to a mask")
     args = parser.parse_args(argv)
     import torch
 
@@ -235,9 +272,20 @@ def main(argv=None) -> int:
             del segmenter
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    clipseg = []
+    if args.compare_clipseg:
+        model, processor = build_clipseg(device)
+        for width, height in sizes:
+            image = picture(width, height)
+            figures, _ = timed(lambda: clipseg_mask(model, processor, image, args.phrase, device), args.runs, args.warmup)
+            clipseg.append((f"{width}x{height}", figures))
+        del model
     print(HEADER)
     for label, figures in results:
         print(row(label, figures))
+    for size, figures in clipseg:
+        print(f"{'clipseg':<12} {size:>10} {'-':>9} {'-':>9}  {'-':>9} {'-':>9}  {'-':>9} {'-':>9}  "
+              f"{figures['p50']:9.1f} {figures['p90']:9.1f}  {'-':>7}")
     for label, figures in results:
         if "text_over_click" in figures:
             print(f"ratio text/click {label} {figures['size']}: {figures['text_over_click']:.2f}x "
