@@ -52,6 +52,11 @@ NO_SEGMENTER_HERE = ("this server has no segmenter to select a mask by words (ma
                      "(tiny: the demo models; or a SAM folder and a Grounding DINO folder, see weights.md), or send a "
                      "mask")
 
+
+def has_mask(record: PredictionRecord) -> bool:
+    """Whether a mask_prompt's mask is kept beside the prediction's outputs (its run succeeded)."""
+    return bool((record.input or {}).get("mask_prompt")) and record.output is not None and not record.data_removed
+
 log = logging.getLogger(__name__)
 ORPHAN_INPUTS_S = 3600.0  # on a shared database, stored inputs without a row this old are a crash's
 DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
@@ -133,13 +138,11 @@ class PredictionService:
 
     def serves_output(self, record: PredictionRecord, name: str) -> bool:
         """Whether ``name`` is a file of the prediction's outputs: an output, or the mask its mask_prompt made."""
-        return name in (record.output or []) or (name == MASK_NAME and self.mask_url(record) is not None)
+        return name in (record.output or []) or (name == MASK_NAME and has_mask(record))
 
     def mask_url(self, record: PredictionRecord, request_base: str | None = None) -> str | None:
         """Where the mask a mask_prompt made is served, once its run succeeded (None otherwise)."""
-        if not (record.input or {}).get("mask_prompt") or record.output is None or record.data_removed:
-            return None
-        return self.output_url(record, MASK_NAME, self.base_for(request_base))
+        return self.output_url(record, MASK_NAME, self.base_for(request_base)) if has_mask(record) else None
 
     def output_url(self, record: PredictionRecord, name: str, base: str) -> str:
         """Where this server serves one output: no token, an unguessable URL (server.replicate.files)."""
