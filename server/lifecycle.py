@@ -279,7 +279,7 @@ class Lifecycle:
 
     # -- outcomes of a run --------------------------------------------------------------------
 
-    # A run's outcome is written even across a database outage (see _outlasting): these are
+    # A run's outcome is written even across a database outage (see outlasting): these are
     # called by the worker's thread, never by the event loop.
 
     def succeed(self, run: PredictionRecord, output: list[str], logs: str, predict_time: float,
@@ -290,23 +290,24 @@ class Lifecycle:
         if output_bytes is None:
             output_bytes = self.files.outputs_size(run.id, output, output_run)
         facts = {"step": progress[0], "steps": progress[1]} if progress else {}
-        return self._outlasting(lambda: self._end(run, Status.SUCCEEDED, output=output, output_run=output_run,
+        return self.outlasting(lambda: self._end(run, Status.SUCCEEDED, output=output, output_run=output_run,
                                                   logs=logs, predict_time=predict_time, output_bytes=output_bytes,
                                                   seed=seed, **facts))
 
     def fail(self, run: PredictionRecord, error: str, logs: str, predict_time: float) -> bool:
-        return self._outlasting(lambda: self._end(run, Status.FAILED, error=error, logs=logs,
+        return self.outlasting(lambda: self._end(run, Status.FAILED, error=error, logs=logs,
                                                   predict_time=predict_time, output_bytes=0))
 
     def end_canceled(self, run: PredictionRecord, logs: str, predict_time: float) -> bool:
-        return self._outlasting(lambda: self._end(run, Status.CANCELED, logs=logs, predict_time=predict_time,
+        return self.outlasting(lambda: self._end(run, Status.CANCELED, logs=logs, predict_time=predict_time,
                                                   output_bytes=0))
 
     @staticmethod
-    def _outlasting(write: Callable[[], Any], for_s: float = OUTCOME_RETRY_S):
+    def outlasting(write: Callable[[], Any], for_s: float = OUTCOME_RETRY_S):
         """``write()``, tried again while the database is away, for up to ``for_s``: a run that
         ends during a restart of the database is recorded once it is back (its lease runs on: see
-        Store.expired_leases). Raises DatabaseUnavailable past that."""
+        Store.expired_leases), and one that reads its inputs then reads them once it is back.
+        Raises DatabaseUnavailable past that."""
         ends, pause = time.monotonic() + for_s, 0.1
         while True:
             try:
@@ -332,7 +333,7 @@ class Lifecycle:
             error = interrupted_too_often(run.attempts)
             return Status.FAILED if self.fail(run, error, logs + f"Error: {error}\n", predict_time) else None
         logs += "The server is stopping; this prediction goes back to the queue.\n"
-        moved = self._outlasting(lambda: self.store.move(
+        moved = self.outlasting(lambda: self.store.move(
             run.id, Status.STARTING, only_from=(Status.PROCESSING,), held_by=run.lease, started_at=None, lease=None,
             lease_expires_at=None, logs=logs), for_s=10.0)
         if moved is None:

@@ -172,11 +172,19 @@ class Worker(threading.Thread):
         try:
             if service.files.free_bytes() < service.settings.min_free_disk_mb * 1024 * 1024:
                 raise OSError("the server's disk is full")
-            job = service.job(run, self.reader(run, cancelled), logs.line)  # another API's adapter prepares here
+            # Its inputs are read across a restart of the database, as its outcome is written: a
+            # run that starts while the database is away waits for it, and keeps its attempt.
+            resolve = service.resolver_for(run)
+
+            def resolver(value: str) -> bytes | None:
+                return lifecycle.outlasting(lambda: resolve(value))
+
+            # another API's adapter prepares here
+            job = lifecycle.outlasting(lambda: service.job(run, self.reader(cancelled, resolver), logs.line))
             masks: list = []  # the mask a mask_prompt made, kept beside the outputs
             outputs = self.engine.predict(
                 parse_input(job.input),
-                resolver=job.resolver(service.resolver_for(run)),
+                resolver=job.resolver(resolver),
                 on_step=logs.progress,
                 cancelled=cancelled,
                 log=logs.line,
@@ -184,7 +192,7 @@ class Worker(threading.Thread):
                 **self.previews.for_run(run),
             )
             facts = job.facts_of(outputs)
-            lifecycle._outlasting(lambda: service.keep_facts(run, facts))
+            lifecycle.outlasting(lambda: service.keep_facts(run, facts))
             self.save(run, job.finished(outputs), logs, started, cancelled, beside=masks)
         except Requeued:
             lifecycle.requeue(run, logs.text, time.monotonic() - started)
@@ -201,7 +209,7 @@ class Worker(threading.Thread):
                 # not the prediction's failure. Nothing is recorded; its lease is no longer renewed,
                 # so it runs again, here or on another worker, once the lease runs out.
                 log.warning("prediction %s: the database went away during its run; it runs again "
-                            "when its lease runs out", pid)
+                            "when its lease runs out", pid, exc_info=True)
                 return
             if lifecycle.stop_wanted(pid):  # e.g. a fetch that stalled past the cancel, then timed out
                 self.canceled(run, logs, started)
@@ -225,13 +233,13 @@ class Worker(threading.Thread):
         quotas = service.quotas
         limits = quotas.limits_of_owner(run.owner, adds_bytes=size)
         try:
-            held = lifecycle._outlasting(lambda: service.store.reserve_output_bytes(pid, run.lease, size, limits))
+            held = lifecycle.outlasting(lambda: service.store.reserve_output_bytes(pid, run.lease, size, limits))
         except QuotaExceeded as exc:
             raise OutputsRefused(outputs_exceeded(exc.used, exc.limit, size)) from None
         if not held:
             raise LeaseLost()
         try:
-            written = lifecycle._outlasting(lambda: service.files.write_outputs(pid, [*outputs, *beside], folder,
+            written = lifecycle.outlasting(lambda: service.files.write_outputs(pid, [*outputs, *beside], folder,
                                                                                   cancelled))
             names = written[:len(outputs)]
             recorded = lifecycle.succeed(run, names, logs.text, time.monotonic() - started, output_run=folder,
@@ -251,13 +259,13 @@ class Worker(threading.Thread):
         except Exception as exc:
             log.warning("could not remove the unrecorded outputs of prediction %s: %s", prediction_id, exc)
 
-    def reader(self, run: PredictionRecord, cancelled):
+    def reader(self, cancelled, resolver):
         """Reads a file string of the run's input as the engine reads it: its fetch limits, this
-        server's own files resolved where they lie, a cancel between two reads."""
+        server's own files resolved where they lie (by ``resolver``), a cancel between two reads."""
         settings = self.engine.settings
 
         def read(value: str, field: str) -> bytes:
-            return read_file_string(value, field, policy=settings.fetch_policy, resolver=self.service.resolver_for(run),
+            return read_file_string(value, field, policy=settings.fetch_policy, resolver=resolver,
                                     allow_paths=settings.allow_paths, cancelled=cancelled)
 
         return read

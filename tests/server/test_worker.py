@@ -85,3 +85,48 @@ def test_a_prediction_stopped_by_a_shutdown_goes_back_to_the_queue_until_its_las
     assert outcomes[0] == ("starting", 1, None)
     assert outcomes[1] == ("failed", 2, "This prediction was interrupted 2 times while it ran (the server stopped "
                                         "or was killed each time), so it is not run again.")
+
+
+def test_a_run_that_reads_its_inputs_while_the_database_is_away_waits_for_it_and_keeps_its_attempt(tmp_path, engine):
+    """The database restarts as a run begins: reading its stored input (a long data URI) and
+    resolving its uploaded mask (this server's file URL) fail twice each, as they do while the
+    database is away. The run waits for it and succeeds as its first attempt, instead of leaving
+    the prediction to run again once its lease runs out."""
+    from server.store import DatabaseUnavailable
+    from tests.helpers import data_uri, png_bytes
+
+    store = SqliteStore(tmp_path / "flux-fill.sqlite3")
+    files = FileStore(tmp_path, store, 24)
+    service = PredictionService(Settings(data_dir=tmp_path), store, files, Hub())
+    upload = tmp_path / "mask.png"
+    upload.write_bytes(png_bytes(box_mask(64, 64, (8, 8, 40, 40))))
+    mask = files.save_upload(upload, "mask.png", "image/png", {})
+    image = data_uri(noise_image(64, 64))
+    assert len(image) > 4096  # stored apart from the row, read by the worker
+    request = PredictionRequest(input={"prompt": "a cat", "image": image,
+                                       "mask": f"http://127.0.0.1:1/v1/files/{mask.id}", "num_inference_steps": 1})
+    calls = {"read_input": 0, "get_file": 0}
+
+    def away_twice(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            if calls[name] <= 2:
+                raise DatabaseUnavailable("the database is restarting")
+            return real(*args, **kwargs)
+        return call
+
+    created = service.create(request, Admission(version="hidden", wait=None, cancel_after_s=None), NOBODY)
+    files.read_input = away_twice("read_input", files.read_input)
+    store.get_file = away_twice("get_file", store.get_file)
+    worker = Worker(engine, service, "cpu")
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while store.get_prediction(created.id).status in ("starting", "processing") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+        worker.join(10)
+    done = store.get_prediction(created.id)
+    assert done.status == "succeeded" and done.attempts == 1, (done.status, done.error, done.logs)
+    assert calls["read_input"] >= 3 and calls["get_file"] >= 3, calls
