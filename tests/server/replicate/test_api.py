@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -507,12 +509,17 @@ def test_cancel_after_cancels_queued_and_running_predictions(server_factory, pic
     queued = httpx.post(url, json=slow, headers={"Cancel-After": "0h0m5s"}).json()  # waits behind it
     later = httpx.post(url, json={"input": fast_input(img, mask)}, headers={"Cancel-After": "1h30m45s"}).json()
     c = replicate.Client(base_url=server.url, api_token="unused")
-    started = time.monotonic()
     p_running, p_queued = c.predictions.get(running["id"]), c.predictions.get(queued["id"])
     p_running.wait()
     p_queued.wait()
-    assert time.monotonic() - started < 12
     assert p_running.status == "canceled" and p_queued.status == "canceled"
+    # Each ended at its deadline by the server's clock, not before it; the running one mid-run, with
+    # steps left (a deadline that waited for the run to end would show its last step done).
+    lived = {p.id: (datetime.fromisoformat(p.completed_at) - datetime.fromisoformat(p.created_at)).total_seconds()
+             for p in (p_running, p_queued)}
+    assert lived[p_running.id] >= 8 and lived[p_queued.id] >= 5, lived
+    steps = [tuple(map(int, m)) for m in re.findall(r"(\d+)/(\d+) \[", p_running.logs)]
+    assert not steps or steps[-1][0] < steps[-1][1], p_running.logs[-500:]
     assert "Cancel-After deadline (8 s after creation) passed while the prediction was running" in p_running.logs
     assert "Cancel-After deadline (5 s after creation) passed before the prediction started" in p_queued.logs
     assert p_queued.started_at is None and p_queued.completed_at
