@@ -19,7 +19,8 @@ end-to-end time over the prediction's own ``metrics.predict_time``), the server'
 and seed (mean |a-b| / mean |b| of the decoded 8-bit pixels; with random weights the pictures are
 noise, so take it from real weights). Ratios against the baseline come last.
 
-``--device cpu`` runs the same GPU report on the CPU (a smoke test of this script with the tiny model).
+``--device cpu`` runs the same GPU report on the CPU (a smoke test of this script with the tiny model;
+``--reference-case 0.25mp`` makes its first request and error check a quarter of the work).
 
 On the CPU it measures what the server adds: the same prediction run by the pipeline directly, by
 ``Engine.predict`` and through HTTP, on the tiny model.
@@ -227,7 +228,7 @@ def server_mode(args, mode: str, cases, workdir: Path, images: dict) -> dict:
     server = Server(args.weights, flags, workdir, args.start_timeout, args.device)
     out = {"cold_start": server.cold_start, "cases": {}, "overhead": {}}
     try:
-        first, _, _ = server.predict(request_input(*CASES["1mp"][:2], 1, args.steps, go_fast))
+        first, _, _ = server.predict(request_input(*CASES[args.reference_case][:2], 1, args.steps, go_fast))
         out["first_request"] = first
         for case in cases:
             side, mp, n = CASES[case]
@@ -239,7 +240,8 @@ def server_mode(args, mode: str, cases, workdir: Path, images: dict) -> dict:
             # What the server adds: the end-to-end time over the engine's own, in percent.
             out["overhead"][case] = 100 * median([(r[0] - r[2]) / r[2] for r in runs])
         # The error check: one lossless 1 MP output, compared with default's for the same input and seed.
-        _, outputs, _ = server.predict(request_input(*CASES["1mp"][:2], 1, args.steps, go_fast, fmt="png"))
+        _, outputs, _ = server.predict(request_input(*CASES[args.reference_case][:2], 1, args.steps, go_fast,
+                                                     fmt="png"))
         images[mode] = decode_output(outputs[0])
         out["peak"] = server.peak_gpu_bytes()
         out["speed"] = server.speed()
@@ -251,7 +253,8 @@ def server_mode(args, mode: str, cases, workdir: Path, images: dict) -> dict:
 def baseline(args, cases) -> dict:
     """diffusers' FluxFillPipeline.__call__, eager bf16, in a process of its own."""
     cmd = [sys.executable, __file__, "--baseline-worker", "--weights", args.weights, "--cases", ",".join(cases),
-           "--repeats", str(args.repeats), "--steps", str(args.steps), "--device", args.device]
+           "--repeats", str(args.repeats), "--steps", str(args.steps), "--device", args.device,
+           "--reference-case", args.reference_case]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.start_timeout + 3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -291,7 +294,7 @@ def baseline_worker(args) -> int:
         assert all(isinstance(i, Image.Image) for i in images)
         return time.monotonic() - t
 
-    out["first_request"] = call(*CASES["1mp"])
+    out["first_request"] = call(*CASES[args.reference_case])
     for case in [c for c in args.cases.split(",") if c]:
         call(*CASES[case])
         out["cases"][case] = median([call(*CASES[case]) for _ in range(args.repeats)])
@@ -418,6 +421,8 @@ def main(argv=None) -> int:
                    "as a smoke test of this script, with --weights of the tiny model)")
     p.add_argument("--modes", default="baseline," + ",".join(MODES), help="GPU: comma-separated modes (default: %(default)s)")
     p.add_argument("--cases", default=",".join(CASES), help="GPU: comma-separated cases (default: %(default)s)")
+    p.add_argument("--reference-case", default="1mp", choices=list(CASES),
+                   help="GPU: the case of the first request and of the error check (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help=f"steps a prediction (GPU {STEPS}, CPU 4)")
     p.add_argument("--repeats", type=int, default=2, help="GPU: timed runs a case (median)")
     p.add_argument("--runs", type=int, default=20, help="CPU: timed runs a size (median)")

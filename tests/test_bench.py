@@ -54,7 +54,8 @@ def test_gpu_report_runs_on_the_cpu(tiny_dir):
     the tables and ratios), run on the CPU so that a GPU session spends its time measuring."""
     proc = subprocess.run(
         [sys.executable, "bench/bench.py", "--device", "cpu", "--weights", str(tiny_dir), "--modes",
-         "baseline,eager,default,step-cache,fp8,offload", "--cases", "0.25mp", "--steps", "1", "--repeats", "1"],
+         "baseline,eager,default,step-cache,fp8,offload", "--cases", "0.25mp", "--reference-case", "0.25mp",
+         "--steps", "1", "--repeats", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

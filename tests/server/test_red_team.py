@@ -546,32 +546,6 @@ def test_a_slow_webhook_receiver_delays_only_its_own_webhooks(server_factory):
     assert waited < 1.0, waited
 
 
-# -- all of it at once ---------------------------------------------------------------------------
-
-def test_the_load_beside_a_hostile_mix_gets_no_5xx_loses_nothing_and_health_answers_within_a_second(server_factory):
-    """bench/load.py with its hostile mix, smaller: two tokens taking turns, bodies sent a byte at a
-    time, half headers, pictures that drip in and 15 MB data: URIs that are no picture."""
-    import asyncio
-
-    from bench.load import HOSTILE_SERVER_FLAGS, Hostile, run_load
-
-    tokens = ["load-token-a", "load-token-b"]
-    server = server_factory("--max-queue", "100", "--log-level", "warning", "--api-token", tokens[0],
-                            "--api-token", tokens[1], *HOSTILE_SERVER_FLAGS)
-    # One 15 MB create at a time: each holds the event loop for about 0.4 s on a small CPU (the
-    # input is encoded and written to the database on it), two at once come near the second.
-    mix = Hostile(slow_bodies=10, half_headers=50, drip_urls=2, huge_data_uris=1)
-    report = asyncio.run(run_load(server.url, total=100, concurrency=20, polls=2, tokens=tokens, hostile=mix,
-                                  drain_timeout_s=150))
-    print("\nload beside the hostile mix: 100 creates, 20 at once, two tokens\n" + "\n".join(report.lines()))
-    assert report.server_errors == 0 and report.transport_errors == []
-    assert report.lost == 0 and report.final_statuses == {"succeeded": report.created} and report.created > 0
-    assert report.hostile_final == {"failed": 3}  # each hostile prediction ended, in words
-    assert report.hostile["slow body: 408"] > 0 and report.hostile["half header: 408"] > 0
-    assert report.health_failures == 0 and report.health_slow == 0, max(report.health_ms)
-    assert report.ok
-
-
 def test_made_up_fetch_marks_are_not_ours_and_leave_no_record():
     """The fetch mark reaches every input URL's host; a made-up mark from it must neither be refused
     as ours nor grow the record of refusals."""

@@ -131,7 +131,7 @@ def test_list_is_paged_newest_first_with_absolute_urls(client, auth_server, pict
 
 
 def test_list_pages_follow_cursors(server_factory, picture):
-    server = server_factory("--max-queue", "500")
+    server = server_factory("--max-queue", "500", "--no-workers")  # the predictions wait: listing is the test
     img, mask = picture
     body = {"input": fast_input(img, mask, num_inference_steps=1)}
     made = [httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", json=body).json()["id"] for _ in range(105)]
@@ -306,7 +306,7 @@ def test_version_lookup_schema_and_health(auth_server, live_server):
 
 
 def test_queue_full_is_429_with_retry_after(server_factory, picture):
-    server = server_factory("--max-queue", "2")
+    server = server_factory("--max-queue", "2", "--no-workers")  # none of them leaves the queue
     img, mask = picture
     body = {"input": fast_input(img, mask, num_inference_steps=50, megapixels="1", num_outputs=4)}
     codes = [httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", json=body) for _ in range(5)]
@@ -541,7 +541,7 @@ def test_the_queue_accepts_thousands_and_only_an_overload_is_429(server_factory,
     from server.settings import Settings
 
     assert Settings().max_queue >= 1000
-    server = server_factory()
+    server = server_factory("--no-workers")  # they stay queued: taking them is the test
     img, mask = picture
     body = {"input": fast_input(img, mask, num_inference_steps=1)}
     with httpx.Client(base_url=server.url, timeout=30) as http:
