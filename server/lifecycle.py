@@ -291,16 +291,16 @@ class Lifecycle:
             output_bytes = self.files.outputs_size(run.id, output, output_run)
         facts = {"step": progress[0], "steps": progress[1]} if progress else {}
         return self.outlasting(lambda: self._end(run, Status.SUCCEEDED, output=output, output_run=output_run,
-                                                  logs=logs, predict_time=predict_time, output_bytes=output_bytes,
-                                                  seed=seed, **facts))
+                                                 logs=logs, predict_time=predict_time, output_bytes=output_bytes,
+                                                 seed=seed, **facts))
 
     def fail(self, run: PredictionRecord, error: str, logs: str, predict_time: float) -> bool:
         return self.outlasting(lambda: self._end(run, Status.FAILED, error=error, logs=logs,
-                                                  predict_time=predict_time, output_bytes=0))
+                                                 predict_time=predict_time, output_bytes=0))
 
     def end_canceled(self, run: PredictionRecord, logs: str, predict_time: float) -> bool:
         return self.outlasting(lambda: self._end(run, Status.CANCELED, logs=logs, predict_time=predict_time,
-                                                  output_bytes=0))
+                                                 output_bytes=0))
 
     @staticmethod
     def outlasting(write: Callable[[], Any], for_s: float = OUTCOME_RETRY_S):
