@@ -116,7 +116,9 @@ def test_the_forming_picture_is_in_view_with_its_step_and_time_left(browser, ser
         open_page(page, server.url + "/")
         page.evaluate(WATCH)
         # On a phone the form's Generate button is below the picture: clicking it scrolls down there.
-        generate(page, tmp_path, prompt="a kite over the hills", size=(160, 128), num_inference_steps=36, seed=5)
+        # Four outputs: long enough to be running still when Show input has been pressed twice.
+        generate(page, tmp_path, prompt="a kite over the hills", size=(160, 128), num_inference_steps=36, seed=5,
+                 num_outputs=4)
         # While it runs: the forming picture, wholly in the window, where the input was, and the
         # time left under it.
         page.wait_for_function("window.__frames.some(f => f.status === 'processing' && f.top >= 0"
