@@ -52,15 +52,15 @@ NO_SEGMENTER_HERE = ("this server has no segmenter to select a mask by words (ma
                      "(tiny: the demo models; or a SAM folder and a Grounding DINO folder, see weights.md), or send a "
                      "mask")
 
-
-def has_mask(record: PredictionRecord) -> bool:
-    """Whether a mask_prompt's mask is kept beside the prediction's outputs (its run succeeded)."""
-    return bool((record.input or {}).get("mask_prompt")) and record.output is not None and not record.data_removed
-
 log = logging.getLogger(__name__)
 ORPHAN_INPUTS_S = 3600.0  # on a shared database, stored inputs without a row this old are a crash's
 DEFAULT_PREDICT_S = 10.0  # the run time Retry-After assumes before any prediction has run
 RETENTION_BATCH = 1000  # predictions a retention sweep reads at a time
+
+
+def has_mask(record: PredictionRecord) -> bool:
+    """Whether a mask_prompt's mask is kept beside the prediction's outputs (its run succeeded)."""
+    return bool((record.input or {}).get("mask_prompt")) and record.output is not None and not record.data_removed
 
 
 def iso(ts: float | None) -> str | None:

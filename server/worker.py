@@ -240,7 +240,7 @@ class Worker(threading.Thread):
             raise LeaseLost()
         try:
             written = lifecycle.outlasting(lambda: service.files.write_outputs(pid, [*outputs, *beside], folder,
-                                                                                  cancelled))
+                                                                               cancelled))
             names = written[:len(outputs)]
             recorded = lifecycle.succeed(run, names, logs.text, time.monotonic() - started, output_run=folder,
                                          output_bytes=size, seed=outputs[0].seed if outputs else None,
