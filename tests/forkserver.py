@@ -158,8 +158,13 @@ def _child(request: dict) -> int:
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.closerange(3, 65536)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+    # The signals as a fresh interpreter has them (as `python -m server.cli` would): SIGPIPE and
+    # SIGXFSZ ignored (a write to a reset connection raises, never kills), Ctrl-C a KeyboardInterrupt.
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
     import io
 
     sys.stdin = open(0, closefd=False)
