@@ -158,11 +158,12 @@ def _child(request: dict) -> int:
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.closerange(3, 65536)
-    # The signals as a fresh interpreter has them (as `python -m server.cli` would): SIGPIPE and
-    # SIGXFSZ ignored (a write to a reset connection raises, never kills), Ctrl-C a KeyboardInterrupt.
+    # The signals as a fresh interpreter started by the test process has them (as `python -m
+    # server.cli` would): SIGPIPE and SIGXFSZ ignored (a write to a reset connection raises, never
+    # kills), SIGINT as the test process had it (a KeyboardInterrupt, or ignored in a background job).
     for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _STARTED_WITH_SIGINT)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
     import io
@@ -234,6 +235,8 @@ def _serve(statuses: Path) -> None:
         children.add(pid)
         print(pid, flush=True)
 
+
+_STARTED_WITH_SIGINT = signal.getsignal(signal.SIGINT)  # what a fresh interpreter here has
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is the test process's to handle

@@ -3,6 +3,7 @@ here, the signals they ignore and catch."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ def test_a_forked_server_ignores_and_catches_what_a_fresh_interpreter_does(serve
     fresh = signal_masks(subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"],
                                         capture_output=True, text=True, check=True).stdout)
     # A fresh interpreter ignores SIGPIPE: a write to a connection its client reset raises, where a
-    # server with SIGPIPE at its default dies at once. Every signal it ignores or catches, the server does.
-    assert fresh["SigIgn"] & ~forked["SigIgn"] == 0, (hex(fresh["SigIgn"]), hex(forked["SigIgn"]))
-    assert fresh["SigCgt"] & ~forked["SigCgt"] == 0, (hex(fresh["SigCgt"]), hex(forked["SigCgt"]))
+    # server with SIGPIPE at its default dies at once. No signal a fresh interpreter ignores or
+    # catches is at its default in the server (which may catch one the interpreter ignored, as
+    # uvicorn catches SIGINT in a background job).
+    handled = {name: mask["SigIgn"] | mask["SigCgt"] for name, mask in (("fresh", fresh), ("forked", forked))}
+    assert handled["fresh"] & ~handled["forked"] == 0, {name: hex(mask) for name, mask in handled.items()}
+    assert forked["SigIgn"] & (1 << (signal.SIGPIPE - 1))
