@@ -61,6 +61,8 @@ def respond(service: PredictionService, record: PredictionRecord, request_base: 
     prediction = render(service, record, request_base, body=body)
     if status is not None:
         prediction.status = status
+        if status is Status.STARTING:  # shown as it was queued, even if a worker took it since
+            prediction.started_at = None
     return body.response(prediction.model_dump(mode="json"), status_code, headers)
 
 
