@@ -270,7 +270,9 @@ def test_the_official_clients_stream_is_unchanged_while_previews_form(preview_se
 
 def test_get_preview_answers_the_forming_picture_then_404_once_it_ends(preview_server, big_picture):
     client = replicate.Client(base_url=preview_server.url, api_token="none")
-    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW))
+    # Polled between other tests' work on shared cores, where one pass of the loop has taken over a
+    # second: four outputs make the run outlast that (a few seconds on the tiny model).
+    prediction = client.predictions.create(model=MODEL, input=fast_input(*big_picture, **SLOW, num_outputs=4))
     url = f"{preview_server.url}/v1/predictions/{prediction.id}/preview"
     seen = None
     deadline = time.monotonic() + 120
