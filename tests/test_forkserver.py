@@ -3,6 +3,7 @@ here, the signals they ignore and catch."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 
 from tests.forkserver import ForkedProcess
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc"),
+              pytest.mark.skipif(os.environ.get("FLUX_FILL_TEST_FORK") == "0", reason="servers are not forked")]
 
 
 def signal_masks(status: str) -> dict[str, int]:
