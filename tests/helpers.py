@@ -159,6 +159,28 @@ def fast_input(img: Image.Image, mask: Image.Image | None = None, **extra) -> di
     return inp
 
 
+
+def wait_for(check, timeout: float = 30, every: float = 0.05):
+    """Call ``check`` until it returns something true (returned), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return found
+
+
+def response_bytes(response) -> bytes:
+    """The whole body of a Starlette response made in the test (a streamed one read to its end)."""
+    if not hasattr(response, "body_iterator"):
+        return response.body
+
+    async def read() -> bytes:
+        return b"".join([chunk async for chunk in response.body_iterator])
+
+    import asyncio
+
+    return asyncio.run(read())
+
 class ServerFactory:
     """Starts servers on the tiny model with extra options; ``stop_all`` stops every one. With
     ``database_for``, each data folder gets that database (the same one again for the same folder)."""

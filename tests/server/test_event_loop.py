@@ -138,8 +138,6 @@ def test_creates_with_sixty_megabyte_data_uris_leave_health_fast(server_factory)
 def test_the_load_beside_a_hostile_mix_gets_no_5xx_loses_nothing_and_health_answers_within_a_second(server_factory):
     """bench/load.py with its hostile mix, smaller: two tokens taking turns, bodies sent a byte at a
     time, half headers, pictures that drip in and 15 MB data: URIs that are no picture."""
-    import asyncio
-
     from bench.load import HOSTILE_SERVER_FLAGS, Hostile, run_load
 
     tokens = ["load-token-a", "load-token-b"]

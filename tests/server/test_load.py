@@ -4,11 +4,9 @@ Retry-After), and none is lost."""
 from __future__ import annotations
 
 import asyncio
-import time
-
 import httpx
 
-from tests.helpers import box_mask, fast_input, noise_image
+from tests.helpers import box_mask, fast_input, noise_image, wait_for
 
 MODEL = "black-forest-labs/flux-fill-dev"
 
@@ -22,8 +20,7 @@ def test_load_every_prediction_is_accepted_or_refused_and_none_lost(server_facto
     busy = httpx.post(f"{server.url}/v1/models/{MODEL}/predictions", timeout=30, json={"input": fast_input(
         noise_image(64, 64), box_mask(64, 64, (8, 8, 56, 56)), num_inference_steps=50, megapixels="1", num_outputs=4)})
     assert busy.status_code == 201, busy.text
-    while httpx.get(f"{server.url}/v1/predictions/{busy.json()['id']}").json()["status"] == "starting":
-        time.sleep(0.05)
+    wait_for(lambda: httpx.get(f"{server.url}/v1/predictions/{busy.json()['id']}").json()["status"] != "starting")
     report = asyncio.run(run_load(server.url, total=300, concurrency=50, polls=2, drain_timeout_s=110))
     print("\nload: 300 creates, 50 at once, --max-queue 100\n" + "\n".join(report.lines()))
     assert report.server_errors == 0 and report.transport_errors == []

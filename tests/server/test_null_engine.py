@@ -11,18 +11,10 @@ import pytest
 
 from inference.inputs import parse_input
 from inference.null import NAME, NullEngine
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, wait_for
 
 MODEL = "black-forest-labs/flux-fill-dev"
 INPUT = {"prompt": "a red door", "image": "https://example.com/house.png", "output_format": "png"}
-
-
-def wait_for(check, timeout: float = 30, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-    return found
 
 
 def test_the_null_engine_steps_previews_and_stops_as_a_model_does():

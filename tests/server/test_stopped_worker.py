@@ -15,18 +15,10 @@ import httpx
 import psycopg
 import pytest
 
-from tests.helpers import box_mask, fast_input, noise_image
+from tests.helpers import box_mask, fast_input, noise_image, wait_for
 
 MODEL = "black-forest-labs/flux-fill-dev"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def wait_for(check, timeout: float = 120, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-    return found
 
 
 def served(api, prediction: dict) -> list[tuple]:
@@ -46,7 +38,8 @@ def test_a_run_stopped_past_its_lease_never_replaces_the_outputs_of_the_run_that
     created = httpx.post(f"{apis[0].url}/v1/models/{MODEL}/predictions", timeout=30,
                          json={"input": fast_input(img, mask, num_inference_steps=40, num_outputs=2)}).json()
     pid = created["id"]
-    wait_for(lambda: httpx.get(f"{apis[0].url}/v1/predictions/{pid}", timeout=30).json()["status"] == "processing")
+    wait_for(lambda: httpx.get(f"{apis[0].url}/v1/predictions/{pid}", timeout=30).json()["status"] == "processing",
+             timeout=120)
     with psycopg.connect(postgres_url) as holder:
         holder.execute("LOCK TABLE blobs IN EXCLUSIVE MODE")  # every write of a file waits from now on
 
@@ -55,7 +48,7 @@ def test_a_run_stopped_past_its_lease_never_replaces_the_outputs_of_the_run_that
                 return db.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                   "AND query LIKE 'DELETE FROM blobs%%'").fetchone() is not None
 
-        wait_for(waiting_to_save)  # the first worker made its outputs and waits to write them
+        wait_for(waiting_to_save, timeout=120)  # the first worker made its outputs and waits to write them
         os.killpg(first.process.pid, signal.SIGSTOP)
         holder.rollback()  # the lock goes; the stopped worker's write waits on the worker itself
     try:

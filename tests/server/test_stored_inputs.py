@@ -8,7 +8,6 @@ serving a stored data URI) are checked as tables.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -21,7 +20,7 @@ import pytest
 import replicate
 
 from server import bodies, stored_inputs
-from tests.helpers import Receiver, box_mask, data_uri, fast_input, noise_image, png_bytes
+from tests.helpers import Receiver, box_mask, data_uri, fast_input, noise_image, png_bytes, response_bytes
 
 MODEL = "black-forest-labs/flux-fill-dev"
 MODEL_PATH = f"/v1/models/{MODEL}/predictions"
@@ -86,14 +85,6 @@ def test_split_and_fill_give_back_the_input_exactly(sent, stored_paths):
     assert json.dumps(sent) == before  # neither the sent input nor the row's copy is changed
 
 
-def collect(response) -> bytes:
-    async def read():
-        return b"".join([chunk async for chunk in response.body_iterator])
-    if hasattr(response, "body_iterator"):
-        return asyncio.run(read())
-    return response.body
-
-
 @pytest.mark.parametrize("text", ["", "plain", "é\"\\\n\t\x00\x1f\u2028😀" * 997, "a" * 10_000])
 def test_a_streamed_body_is_byte_for_byte_the_json_of_the_whole(tmp_path, monkeypatch, text):
     monkeypatch.setattr(bodies, "CHUNK", 7)  # many chunk boundaries, inside multi-byte characters too
@@ -108,7 +99,7 @@ def test_a_streamed_body_is_byte_for_byte_the_json_of_the_whole(tmp_path, monkey
                    bodies.text_file(tmp_path / "missing"))}
     whole = {"input": {"image": text, "n": 30, "f": 1.0},
              "output": ["data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()], "gone": ""}
-    got = collect(strings.response(content))
+    got = response_bytes(strings.response(content))
     assert got == json.dumps(whole, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from server.admission import Admission
@@ -14,17 +13,7 @@ from server.protocol import PredictionRequest, Status
 from server.replicate import answers
 from server.settings import Settings
 from server.store import SqliteStore
-from tests.helpers import box_mask, fast_input, noise_image
-
-
-def answer_body(response) -> dict:
-    if hasattr(response, "body"):
-        return json.loads(response.body)
-
-    async def read() -> bytes:
-        return b"".join([chunk async for chunk in response.body_iterator])
-
-    return json.loads(asyncio.run(read()))
+from tests.helpers import box_mask, fast_input, noise_image, response_bytes
 
 
 def test_a_create_answered_after_a_worker_took_the_prediction_shows_it_queued(tmp_path):
@@ -39,9 +28,10 @@ def test_a_create_answered_after_a_worker_took_the_prediction_shows_it_queued(tm
     taken = store.get_prediction(created.id)
     assert taken.status == Status.PROCESSING and taken.started_at is not None
 
-    shown = answer_body(answers.respond(service, taken, "http://127.0.0.1:5000", 201, {}, Status.STARTING))
+    shown = json.loads(response_bytes(answers.respond(service, taken, "http://127.0.0.1:5000", 201, {},
+                                                       Status.STARTING)))
     assert shown["status"] == "starting" and shown["id"] == created.id
     assert not {"started_at", "completed_at", "metrics"} & set(shown)
     # the same record, asked for by GET, is what it is
-    got = answer_body(answers.respond(service, taken, "http://127.0.0.1:5000"))
+    got = json.loads(response_bytes(answers.respond(service, taken, "http://127.0.0.1:5000")))
     assert got["status"] == "processing" and got["started_at"]
